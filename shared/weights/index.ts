@@ -1,0 +1,43 @@
+// Entry point of the weight readers: format detection, hashing, and re-exports.
+import { closeSync, openSync, readSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { openSafetensors } from './safetensors.ts';
+import { WeightsError, type WeightFile } from './types.ts';
+
+export * from './types.ts';
+export { openSafetensors, writeSafetensors, SafetensorsFile } from './safetensors.ts';
+export type { TensorToWrite, TensorData, WritableDType } from './safetensors.ts';
+
+/** Opens safetensors or a torch.save zip checkpoint, chosen by the file's first bytes. */
+export function openWeights(path: string): WeightFile {
+  const fd = openSync(path, 'r');
+  const head = new Uint8Array(8);
+  let n: number;
+  try {
+    n = readSync(fd, head, 0, 8, 0);
+  } finally {
+    closeSync(fd);
+  }
+  if (n >= 2 && head[0] === 0x50 && head[1] === 0x4b) throw new WeightsError(`${path}: torch checkpoints are not supported yet`);
+  if (n < 8) throw new WeightsError(`${path}: file too short (${n} bytes) to be safetensors or a torch checkpoint`);
+  return openSafetensors(path);
+}
+
+/** sha256 hex of a file, read in chunks so multi-GB weights never sit in memory. */
+export function sha256File(path: string): string {
+  const h = createHash('sha256');
+  const fd = openSync(path, 'r');
+  try {
+    const buf = new Uint8Array(1 << 22);
+    let pos = 0;
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, pos);
+      if (n <= 0) break;
+      h.update(buf.subarray(0, n));
+      pos += n;
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return h.digest('hex');
+}
