@@ -1,0 +1,276 @@
+// A small ONNX graph builder: values carry dtype and shape (a symbolic batch dimension is a string),
+// so every op helper infers its output shape and the graph can count its own multiply-accumulates.
+// Weights are lazy: `load()` runs only when the writer streams that initializer to disk.
+
+export type DType = 'float32' | 'float16' | 'int64' | 'int32' | 'bool';
+export type Dim = number | string;
+
+export interface Value {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly shape: readonly Dim[];
+}
+
+export type AttrValue = number | string | number[] | { float: number } | { floats: number[] };
+
+export interface Node {
+  opType: string;
+  inputs: string[];
+  outputs: string[];
+  name: string;
+  attrs: Record<string, AttrValue>;
+}
+
+export interface Initializer {
+  name: string;
+  dtype: 'float32' | 'int64';
+  shape: number[];
+  /** Produces the data when the writer gets to it; called exactly once. */
+  load: () => Float32Array | BigInt64Array;
+  /** Float weights may be stored as float16 (and cast back at load) when the writer is asked to. */
+  castable: boolean;
+}
+
+export class GraphError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'GraphError';
+  }
+}
+
+function numel(shape: readonly Dim[]): number {
+  let n = 1;
+  for (const d of shape) n *= typeof d === 'number' ? d : 1; // symbolic dims count once: MACs per batch item
+  return n;
+}
+
+function broadcast(a: readonly Dim[], b: readonly Dim[], op: string): Dim[] {
+  const n = Math.max(a.length, b.length);
+  const out: Dim[] = [];
+  for (let i = 0; i < n; i++) {
+    const da = i < n - a.length ? 1 : a[i - (n - a.length)];
+    const db = i < n - b.length ? 1 : b[i - (n - b.length)];
+    if (da === db || db === 1) out.push(da);
+    else if (da === 1) out.push(db);
+    else throw new GraphError(`${op}: shapes [${a.join(',')}] and [${b.join(',')}] do not broadcast`);
+  }
+  return out;
+}
+
+export class Graph {
+  readonly nodes: Node[] = [];
+  readonly initializers: Initializer[] = [];
+  readonly inputs: Value[] = [];
+  readonly outputs: Value[] = [];
+  /** Multiply-accumulates per batch item of MatMul/Gemm/Conv nodes, by node name. */
+  readonly macs = new Map<string, number>();
+  private counter = 0;
+  private readonly names = new Set<string>();
+
+  constructor(readonly name: string) {}
+
+  private fresh(hint: string): string {
+    let name = `${hint}_${this.counter++}`;
+    while (this.names.has(name)) name = `${hint}_${this.counter++}`;
+    this.names.add(name);
+    return name;
+  }
+
+  private claim(name: string): string {
+    if (this.names.has(name)) throw new GraphError(`duplicate value name "${name}"`);
+    this.names.add(name);
+    return name;
+  }
+
+  input(name: string, dtype: DType, shape: Dim[]): Value {
+    const v = { name: this.claim(name), dtype, shape };
+    this.inputs.push(v);
+    return v;
+  }
+
+  /** Marks `v` as a graph output called `name` (through an Identity when the names differ). */
+  output(v: Value, name: string): Value {
+    const out = v.name === name ? v : this.op('Identity', [v], { name, dtype: v.dtype, shape: v.shape });
+    this.outputs.push(out);
+    return out;
+  }
+
+  weight(name: string, shape: number[], load: () => Float32Array): Value {
+    this.initializers.push({ name: this.claim(name), dtype: 'float32', shape, load, castable: true });
+    return { name, dtype: 'float32', shape };
+  }
+
+  constFloat(values: ArrayLike<number>, shape: number[] = [values.length], hint = 'const'): Value {
+    const name = this.fresh(hint);
+    const data = Float32Array.from(values);
+    this.initializers.push({ name, dtype: 'float32', shape, load: () => data, castable: false });
+    return { name, dtype: 'float32', shape };
+  }
+
+  constInt64(values: ArrayLike<number>, shape: number[] = [values.length], hint = 'const'): Value {
+    const name = this.fresh(hint);
+    const data = BigInt64Array.from(Array.from(values, (x) => BigInt(x)));
+    this.initializers.push({ name, dtype: 'int64', shape, load: () => data, castable: false });
+    return { name, dtype: 'int64', shape };
+  }
+
+  /** Generic node with an explicitly given output; prefer the typed helpers below. */
+  op(
+    opType: string,
+    inputs: (Value | null)[],
+    out: { name?: string; dtype: DType; shape: readonly Dim[] },
+    attrs: Record<string, AttrValue> = {},
+  ): Value {
+    const name = out.name ? this.claim(out.name) : this.fresh(opType.toLowerCase());
+    this.nodes.push({
+      opType,
+      inputs: inputs.map((v) => (v ? v.name : '')),
+      outputs: [name],
+      name: `${name}_node`,
+      attrs,
+    });
+    return { name, dtype: out.dtype, shape: out.shape };
+  }
+
+  // ---- elementwise -------------------------------------------------------------------------
+  private binary(opType: string, a: Value, b: Value): Value {
+    return this.op(opType, [a, b], { dtype: a.dtype, shape: broadcast(a.shape, b.shape, opType) });
+  }
+  add(a: Value, b: Value): Value { return this.binary('Add', a, b); }
+  sub(a: Value, b: Value): Value { return this.binary('Sub', a, b); }
+  mul(a: Value, b: Value): Value { return this.binary('Mul', a, b); }
+  div(a: Value, b: Value): Value { return this.binary('Div', a, b); }
+  pow(a: Value, b: Value): Value { return this.binary('Pow', a, b); }
+
+  unary(opType: string, x: Value, attrs: Record<string, AttrValue> = {}): Value {
+    return this.op(opType, [x], { dtype: x.dtype, shape: x.shape }, attrs);
+  }
+  sigmoid(x: Value): Value { return this.unary('Sigmoid', x); }
+  tanh(x: Value): Value { return this.unary('Tanh', x); }
+  silu(x: Value): Value { return this.mul(x, this.sigmoid(x)); }
+  softmax(x: Value, axis = -1): Value { return this.unary('Softmax', x, { axis }); }
+
+  cast(x: Value, to: DType): Value {
+    return this.op('Cast', [x], { dtype: to, shape: x.shape }, { to: ONNX_DTYPE[to] });
+  }
+
+  // ---- linear algebra ----------------------------------------------------------------------
+  matmul(a: Value, b: Value): Value {
+    if (a.shape.length < 2 || b.shape.length < 2) throw new GraphError('matmul: operands must be at least 2-D');
+    const [m, k] = a.shape.slice(-2);
+    const [k2, n] = b.shape.slice(-2);
+    if (typeof k === 'number' && typeof k2 === 'number' && k !== k2) {
+      throw new GraphError(`matmul: inner dimensions differ ([${a.shape.join(',')}] x [${b.shape.join(',')}])`);
+    }
+    const batch = broadcast(a.shape.slice(0, -2), b.shape.slice(0, -2), 'MatMul');
+    const out = this.op('MatMul', [a, b], { dtype: a.dtype, shape: [...batch, m, n] });
+    this.macs.set(out.name, numel([...batch, m, n]) * (typeof k === 'number' ? k : 1));
+    return out;
+  }
+
+  /**
+   * A torch.nn.Linear weight ([out, in] in the checkpoint) stored transposed as [in, out], so the
+   * graph multiplies with a plain MatMul and no runtime Transpose.
+   */
+  linearWeight(name: string, outFeatures: number, inFeatures: number, load: () => Float32Array): Value {
+    return this.weight(name, [inFeatures, outFeatures], () => transpose2d(load(), outFeatures, inFeatures));
+  }
+
+  /** x[..., in] · W + b with W from `linearWeight` ([in, out]). */
+  linear(x: Value, weightT: Value, bias: Value | null): Value {
+    const y = this.matmul(x, weightT);
+    return bias ? this.add(y, bias) : y;
+  }
+
+  conv(
+    x: Value,
+    w: Value,
+    b: Value | null,
+    opts: { strides?: number[]; pads?: number[]; group?: number } = {},
+  ): Value {
+    const [n, , h, wd] = x.shape;
+    const [cout, cinPerGroup, kh, kw] = w.shape as number[];
+    const strides = opts.strides ?? [1, 1];
+    const pads = opts.pads ?? [0, 0, 0, 0];
+    const dim = (size: Dim, k: number, s: number, p0: number, p1: number): Dim =>
+      typeof size === 'number' ? Math.floor((size + p0 + p1 - k) / s) + 1 : size;
+    const oh = dim(h, kh, strides[0], pads[0], pads[2]);
+    const ow = dim(wd, kw, strides[1], pads[1], pads[3]);
+    const attrs: Record<string, AttrValue> = { kernel_shape: [kh, kw], strides, pads };
+    if (opts.group) attrs.group = opts.group;
+    const out = this.op('Conv', b ? [x, w, b] : [x, w], { dtype: x.dtype, shape: [n, cout, oh, ow] }, attrs);
+    this.macs.set(out.name, numel([cout, oh, ow]) * cinPerGroup * kh * kw);
+    return out;
+  }
+
+  // ---- shape ops ---------------------------------------------------------------------------
+  /** ONNX Reshape semantics: 0 copies the input dim, -1 is inferred (at most one). */
+  reshape(x: Value, target: number[]): Value {
+    const shape: Dim[] = target.map((d, i) => (d === 0 ? x.shape[i] : d));
+    const minus = shape.indexOf(-1);
+    if (minus >= 0) {
+      const known = numel(shape.filter((_, i) => i !== minus));
+      const total = numel(x.shape);
+      const symbolic = x.shape.find((d) => typeof d === 'string');
+      const copied = target.some((d, i) => d === 0 && typeof x.shape[i] === 'string');
+      shape[minus] = symbolic !== undefined && !copied ? symbolic : total / known;
+    }
+    return this.op('Reshape', [x, this.constInt64(target, [target.length], 'shape')], { dtype: x.dtype, shape });
+  }
+
+  transpose(x: Value, perm: number[]): Value {
+    return this.op('Transpose', [x], { dtype: x.dtype, shape: perm.map((p) => x.shape[p]) }, { perm });
+  }
+
+  unsqueeze(x: Value, axes: number[]): Value {
+    const shape = [...x.shape];
+    for (const a of [...axes].sort((p, q) => p - q)) shape.splice(a < 0 ? shape.length + a + 1 : a, 0, 1);
+    return this.op('Unsqueeze', [x, this.constInt64(axes, [axes.length], 'axes')], { dtype: x.dtype, shape });
+  }
+
+  concat(xs: Value[], axis: number): Value {
+    const ax = axis < 0 ? xs[0].shape.length + axis : axis;
+    const shape = [...xs[0].shape];
+    const sizes = xs.map((v) => v.shape[ax]);
+    shape[ax] = sizes.every((s) => typeof s === 'number') ? (sizes as number[]).reduce((p, q) => p + q, 0) : sizes[0];
+    return this.op('Concat', xs, { dtype: xs[0].dtype, shape }, { axis });
+  }
+
+  /** Static slice along one axis. */
+  slice(x: Value, axis: number, start: number, end: number): Value {
+    const ax = axis < 0 ? x.shape.length + axis : axis;
+    const shape = [...x.shape];
+    shape[ax] = end - start;
+    return this.op(
+      'Slice',
+      [x, this.constInt64([start], [1], 'starts'), this.constInt64([end], [1], 'ends'), this.constInt64([ax], [1], 'slice_axes')],
+      { dtype: x.dtype, shape },
+    );
+  }
+
+  /** Splits `x` into equal chunks along `axis` (like torch.chunk with an even split). */
+  chunk(x: Value, chunks: number, axis: number): Value[] {
+    const ax = axis < 0 ? x.shape.length + axis : axis;
+    const size = x.shape[ax];
+    if (typeof size !== 'number' || size % chunks !== 0) {
+      throw new GraphError(`chunk: dimension ${ax} of [${x.shape.join(',')}] does not split into ${chunks}`);
+    }
+    const step = size / chunks;
+    return Array.from({ length: chunks }, (_, i) => this.slice(x, ax, i * step, (i + 1) * step));
+  }
+
+  gather(table: Value, indices: Value, axis = 0): Value {
+    const shape = [...table.shape.slice(0, axis), ...indices.shape, ...table.shape.slice(axis + 1)];
+    return this.op('Gather', [table, indices], { dtype: table.dtype, shape }, { axis });
+  }
+}
+
+function transpose2d(src: Float32Array, rows: number, cols: number): Float32Array {
+  if (src.length !== rows * cols) throw new GraphError(`expected ${rows}x${cols} values, got ${src.length}`);
+  const out = new Float32Array(src.length);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = src[r * cols + c];
+  return out;
+}
+
+/** ONNX TensorProto.DataType numbers. */
+export const ONNX_DTYPE: Record<DType, number> = { float32: 1, int32: 6, int64: 7, bool: 9, float16: 10 };

@@ -1,0 +1,85 @@
+import { mkdtempSync, rmSync, statSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as ort from 'onnxruntime-node';
+import { afterAll, describe, expect, it } from 'vitest';
+import { f32ToF16Bits } from '../../shared/onnx/float16.ts';
+import { Graph } from '../../shared/onnx/graph.ts';
+import { writeOnnx } from '../../shared/onnx/write.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'ditpipe-onnx-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+// y = silu(x · W + b), with W given in torch's [out, in] layout.
+function linearGraph(): { g: Graph; w: Float32Array; b: Float32Array } {
+  const g = new Graph('linear');
+  const w = Float32Array.from({ length: 6 }, (_, i) => (i - 2.5) / 3); // [out=3, in=2]
+  const b = Float32Array.from([0.25, -0.5, 1]);
+  const x = g.input('x', 'float32', ['B', 2]);
+  const y = g.silu(g.linear(x, g.linearWeight('w', 3, 2, () => w), g.weight('b', [3], () => b)));
+  g.output(y, 'y');
+  return { g, w, b };
+}
+
+function reference(x: number[], w: Float32Array, b: Float32Array): number[] {
+  return [0, 1, 2].map((o) => {
+    const v = x[0] * w[o * 2] + x[1] * w[o * 2 + 1] + b[o];
+    return v / (1 + Math.exp(-v));
+  });
+}
+
+async function run(path: string, x: number[][]): Promise<Float32Array> {
+  const s = await ort.InferenceSession.create(path);
+  try {
+    const out = await s.run({ x: new ort.Tensor('float32', Float32Array.from(x.flat()), [x.length, 2]) });
+    return out.y.data as Float32Array;
+  } finally {
+    await s.release();
+  }
+}
+
+describe('ONNX writer', () => {
+  it('writes an embedded model that onnxruntime runs with a dynamic batch', async () => {
+    const { g, w, b } = linearGraph();
+    const path = join(dir, 'embedded.onnx');
+    const res = writeOnnx(g, path);
+    expect(res.externalData).toBeNull();
+    expect(res.params).toBe(9);
+    expect(g.macs.size).toBe(1);
+    expect([...g.macs.values()][0]).toBe(6);
+    const xs = [[1, 2], [-0.5, 3], [0, 0]];
+    const y = await run(path, xs);
+    xs.forEach((x, i) => reference(x, w, b).forEach((v, o) => expect(y[i * 3 + o]).toBeCloseTo(v, 6)));
+  });
+
+  it('streams weights to an external data file above the threshold', async () => {
+    const { g, w, b } = linearGraph();
+    const path = join(dir, 'external.onnx');
+    const res = writeOnnx(g, path, { externalDataThresholdBytes: 0 });
+    expect(res.externalData).toBe('external.onnx.data');
+    expect(existsSync(`${path}.data`)).toBe(true);
+    expect(statSync(`${path}.data`).size).toBe(9 * 4);
+    const y = await run(path, [[1, 2]]);
+    reference([1, 2], w, b).forEach((v, o) => expect(y[o]).toBeCloseTo(v, 6));
+  });
+
+  it('stores float16 weights and casts them back inside the graph', async () => {
+    const { g, w, b } = linearGraph();
+    const path = join(dir, 'half.onnx');
+    const res = writeOnnx(g, path, { weightDtype: 'float16' });
+    expect(res.weightBytes).toBe(9 * 2);
+    const y = await run(path, [[1, 2]]);
+    reference([1, 2], w, b).forEach((v, o) => expect(y[o]).toBeCloseTo(v, 2));
+  });
+
+  it('converts float32 to float16 with round-to-nearest-even', () => {
+    expect(f32ToF16Bits(1)).toBe(0x3c00);
+    expect(f32ToF16Bits(-2)).toBe(0xc000);
+    expect(f32ToF16Bits(65504)).toBe(0x7bff);
+    expect(f32ToF16Bits(65520)).toBe(0x7c00); // rounds up to inf
+    expect(f32ToF16Bits(1 + 2 ** -11)).toBe(0x3c00); // tie → even
+    expect(f32ToF16Bits(1 + 3 * 2 ** -11)).toBe(0x3c02); // tie → even (up)
+    expect(f32ToF16Bits(2 ** -24)).toBe(0x0001); // smallest subnormal
+    expect(f32ToF16Bits(Number.NaN) & 0x7c00).toBe(0x7c00);
+  });
+});
