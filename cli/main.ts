@@ -1,0 +1,22 @@
+// `ditpipe` command line: each area registers its own subcommands here.
+import { Command } from 'commander';
+
+const program = new Command('ditpipe')
+  .description('Class-conditional DiT image generation as a distributed pipeline (scheduler, denoiser, decoder over NATS).')
+  .showHelpAfterError()
+  .exitOverride();
+
+// Subcommand modules export a `Command`; keep this list sorted.
+const modules: Array<() => Promise<{ command: Command }>> = [];
+
+for (const load of modules) program.addCommand((await load()).command);
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  // commander throws for --help/--version (exitCode 0) and usage errors (already printed).
+  const code = (err as { exitCode?: number }).exitCode;
+  if (typeof code === 'number') process.exit(code);
+  console.error(`ditpipe: ${err instanceof Error ? err.message : String(err)}`);
+  process.exit(1);
+}
