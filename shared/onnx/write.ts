@@ -4,7 +4,7 @@
 import { closeSync, openSync, writeSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
-import { f32ToF16 } from './float16.ts';
+import { f32ToF16Bits } from '../weights/decode.ts';
 import { Graph, ONNX_DTYPE, type AttrValue, type Node, type Value } from './graph.ts';
 
 export const IR_VERSION = 8;
@@ -124,7 +124,7 @@ export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): 
       }
       const half = f16 && init.castable;
       const storedName = half ? `${init.name}__f16` : init.name;
-      const bytes = toBytes(half ? f32ToF16(loaded as Float32Array) : loaded);
+      const bytes = toBytes(half ? f32ToF16Bits(loaded as Float32Array) : loaded);
       if (half) {
         castNodes.push({ opType: 'Cast', inputs: [storedName], outputs: [init.name], name: `${init.name}__cast`, attrs: { to: 1 } });
       }

@@ -3,7 +3,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { afterAll, describe, expect, it } from 'vitest';
-import { f32ToF16Bits } from '../../shared/onnx/float16.ts';
 import { Graph } from '../../shared/onnx/graph.ts';
 import { writeOnnx } from '../../shared/onnx/write.ts';
 
@@ -70,16 +69,5 @@ describe('ONNX writer', () => {
     expect(res.weightBytes).toBe(9 * 2);
     const y = await run(path, [[1, 2]]);
     reference([1, 2], w, b).forEach((v, o) => expect(y[o]).toBeCloseTo(v, 2));
-  });
-
-  it('converts float32 to float16 with round-to-nearest-even', () => {
-    expect(f32ToF16Bits(1)).toBe(0x3c00);
-    expect(f32ToF16Bits(-2)).toBe(0xc000);
-    expect(f32ToF16Bits(65504)).toBe(0x7bff);
-    expect(f32ToF16Bits(65520)).toBe(0x7c00); // rounds up to inf
-    expect(f32ToF16Bits(1 + 2 ** -11)).toBe(0x3c00); // tie → even
-    expect(f32ToF16Bits(1 + 3 * 2 ** -11)).toBe(0x3c02); // tie → even (up)
-    expect(f32ToF16Bits(2 ** -24)).toBe(0x0001); // smallest subnormal
-    expect(f32ToF16Bits(Number.NaN) & 0x7c00).toBe(0x7c00);
   });
 });
