@@ -2,14 +2,18 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { openSafetensors } from './safetensors.ts';
+import { openTorchCheckpoint } from './torch.ts';
 import { WeightsError, type WeightFile } from './types.ts';
+import type { TorchOpenOptions } from './torch.ts';
 
 export * from './types.ts';
 export { openSafetensors, writeSafetensors, SafetensorsFile } from './safetensors.ts';
 export type { TensorToWrite, TensorData, WritableDType } from './safetensors.ts';
+export { openTorchCheckpoint, TorchCheckpoint } from './torch.ts';
+export type { TorchOpenOptions } from './torch.ts';
 
 /** Opens safetensors or a torch.save zip checkpoint, chosen by the file's first bytes. */
-export function openWeights(path: string): WeightFile {
+export function openWeights(path: string, opts?: TorchOpenOptions): WeightFile {
   const fd = openSync(path, 'r');
   const head = new Uint8Array(8);
   let n: number;
@@ -18,7 +22,9 @@ export function openWeights(path: string): WeightFile {
   } finally {
     closeSync(fd);
   }
-  if (n >= 2 && head[0] === 0x50 && head[1] === 0x4b) throw new WeightsError(`${path}: torch checkpoints are not supported yet`);
+  if (n >= 2 && head[0] === 0x50 && head[1] === 0x4b) return openTorchCheckpoint(path, opts);
+  // Pre-1.6 torch.save wrote a bare pickle stream (protocol 2 header 0x80 0x02).
+  if (n >= 2 && head[0] === 0x80 && head[1] <= 5) throw new WeightsError(`${path}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with torch >= 1.6 or convert to safetensors`);
   if (n < 8) throw new WeightsError(`${path}: file too short (${n} bytes) to be safetensors or a torch checkpoint`);
   return openSafetensors(path);
 }
