@@ -89,7 +89,7 @@ function isStorageRef(v: unknown): v is StorageRef {
 }
 
 function qualName(g: PyGlobal): string {
-  return `${g.module} ${g.name}`;
+  return `${g.module}.${g.name}`;
 }
 
 function describe(v: StackItem): string {
@@ -116,8 +116,8 @@ function intList(v: PyValue, what: string): number[] {
 /** Applies an allow-listed callable to its arguments, producing inert data. */
 function callGlobal(fn: PyValue, args: PyValue): PyValue {
   if (!isGlobal(fn)) throw new UnsafePickleError(`pickle calls a non-global (${describe(fn)}); refused`);
-  const q = qualName(fn);
-  if (!Array.isArray(args)) throw new WeightsError(`pickle call of '${q}' without an argument tuple`);
+  const q = `${fn.module} ${fn.name}`;
+  if (!Array.isArray(args)) throw new WeightsError(`pickle call of '${qualName(fn)}' without an argument tuple`);
   switch (q) {
     case 'collections OrderedDict': {
       const m = new Map<PyValue, PyValue>();
@@ -153,7 +153,7 @@ function callGlobal(fn: PyValue, args: PyValue): PyValue {
       return callGlobal(func, inner);
     }
     default:
-      throw new UnsafePickleError(`pickle calls global '${q}', which is not a tensor/dict rebuild function; refused`);
+      throw new UnsafePickleError(`pickle calls global '${qualName(fn)}', which is not a tensor/dict rebuild function; refused`);
   }
 }
 
