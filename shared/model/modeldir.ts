@@ -63,6 +63,8 @@ export const modelJsonSchema = z.discriminatedUnion('kind', [
     config: ditConfigSchema,
     /** Optional human names for the class labels, index = label. */
     classNames: z.array(z.string()).optional(),
+    /** Name of the VAE decoder whose latent space the model samples in, when known. */
+    vae: z.string().optional(),
   }),
   z.object({
     kind: z.literal('vae-decoder'),

@@ -1,17 +1,20 @@
 // Worker thread that owns one onnxruntime InferenceSession. `session.run` is synchronous inside the
 // native binding, so it lives here, off the event loop that serves NATS, gRPC health and metrics.
-// Plain JavaScript on purpose: workers do not inherit the tsx loader of the main thread.
+// Optional post-processing (PNG encoding of decoded images) runs here too, for the same reason.
 import { parentPort, workerData } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
+import { encodePngs } from '../image/png.ts';
+import type { WorkerData, WorkerReply, WorkerRequest, WireTensor } from './protocol.ts';
 
-const { modelPath, executionProvider, intraOpThreads } = workerData;
+const port = parentPort;
+if (!port) throw new Error('ort-worker must run in a worker thread');
+const { modelPath, executionProvider, intraOpThreads } = workerData as WorkerData;
 
-function toWire(tensor) {
-  const data = tensor.data;
-  return { type: tensor.type, dims: Array.from(tensor.dims), data };
+function toWire(t: ort.Tensor): WireTensor {
+  return { type: t.type as WireTensor['type'], dims: Array.from(t.dims), data: t.data as WireTensor['data'] };
 }
 
-let session;
+let session: ort.InferenceSession | undefined;
 try {
   session = await ort.InferenceSession.create(modelPath, {
     executionProviders: [executionProvider],
@@ -19,30 +22,34 @@ try {
     interOpNumThreads: 1,
     graphOptimizationLevel: 'all',
   });
-  parentPort.postMessage({ kind: 'ready', inputNames: session.inputNames, outputNames: session.outputNames });
+  port.postMessage({ kind: 'ready', inputNames: [...session.inputNames], outputNames: [...session.outputNames] } satisfies WorkerReply);
 } catch (err) {
-  parentPort.postMessage({ kind: 'failed', message: err instanceof Error ? err.message : String(err) });
+  port.postMessage({ kind: 'failed', message: err instanceof Error ? err.message : String(err) } satisfies WorkerReply);
 }
 
-parentPort.on('message', async (msg) => {
+port.on('message', (msg: WorkerRequest) => {
   if (msg.kind === 'close') {
-    await session?.release();
-    parentPort.close();
+    void (async () => {
+      await session?.release();
+      port.close();
+    })();
     return;
   }
-  const started = performance.now();
-  try {
-    const feeds = {};
-    for (const [name, t] of Object.entries(msg.feeds)) feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
-    const out = await session.run(feeds);
-    const outputs = {};
-    const transfer = [];
-    for (const [name, t] of Object.entries(out)) {
-      outputs[name] = toWire(t);
-      transfer.push(t.data.buffer);
+  void (async () => {
+    const started = performance.now();
+    try {
+      if (!session) throw new Error('no session');
+      const feeds: Record<string, ort.Tensor> = {};
+      for (const [name, t] of Object.entries(msg.feeds)) feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
+      const out = await session.run(feeds);
+      const outputs: Record<string, WireTensor> = {};
+      for (const [name, t] of Object.entries(out)) outputs[name] = toWire(t);
+      const ms = performance.now() - started;
+      const pngs = msg.png ? encodePngs(outputs[msg.png.output]) : undefined;
+      const transfer = [...Object.values(outputs).map((t) => t.data.buffer as ArrayBuffer), ...(pngs ?? []).map((p) => p.buffer as ArrayBuffer)];
+      port.postMessage({ kind: 'result', id: msg.id, outputs, ms, pngs } satisfies WorkerReply, transfer);
+    } catch (err) {
+      port.postMessage({ kind: 'error', id: msg.id, message: err instanceof Error ? err.message : String(err) } satisfies WorkerReply);
     }
-    parentPort.postMessage({ kind: 'result', id: msg.id, outputs, ms: performance.now() - started }, transfer);
-  } catch (err) {
-    parentPort.postMessage({ kind: 'error', id: msg.id, message: err instanceof Error ? err.message : String(err) });
-  }
+  })();
 });

@@ -2,20 +2,14 @@
 // session: callers batch work before they call `run` (the denoiser and decoder do).
 import { Worker } from 'node:worker_threads';
 
-export type ExecutionProvider = 'cpu' | 'cuda';
+import type { ExecutionProvider, WireTensor, WorkerReply, WorkerRequest } from './protocol.ts';
+
+export type { ExecutionProvider, TensorData, WireTensor } from './protocol.ts';
 
 export interface SessionOptions {
   executionProvider?: ExecutionProvider;
   /** onnxruntime intra-op threads; 0 lets onnxruntime choose (all cores). */
   intraOpThreads?: number;
-}
-
-export type TensorData = Float32Array | BigInt64Array | Int32Array;
-
-export interface WireTensor {
-  type: 'float32' | 'int64' | 'int32';
-  dims: number[];
-  data: TensorData;
 }
 
 export class SessionError extends Error {
@@ -25,14 +19,18 @@ export class SessionError extends Error {
   }
 }
 
-type WorkerMessage =
-  | { kind: 'ready'; inputNames: string[]; outputNames: string[] }
-  | { kind: 'failed'; message: string }
-  | { kind: 'result'; id: number; outputs: Record<string, WireTensor>; ms: number }
-  | { kind: 'error'; id: number; message: string };
+type WorkerMessage = WorkerReply;
+
+export interface RunResult {
+  outputs: Record<string, WireTensor>;
+  /** Duration of the forward pass on the worker. */
+  ms: number;
+  /** PNG files, one per image, when the run asked for them. */
+  pngs?: Uint8Array[];
+}
 
 interface Pending {
-  resolve: (r: { outputs: Record<string, WireTensor>; ms: number }) => void;
+  resolve: (r: RunResult) => void;
   reject: (e: Error) => void;
 }
 
@@ -51,7 +49,7 @@ export class WorkerSession {
       const p = this.pending.get(msg.id);
       if (!p) return;
       this.pending.delete(msg.id);
-      if (msg.kind === 'result') p.resolve({ outputs: msg.outputs, ms: msg.ms });
+      if (msg.kind === 'result') p.resolve({ outputs: msg.outputs, ms: msg.ms, pngs: msg.pngs });
       else p.reject(new SessionError(msg.message));
     });
     worker.on('error', (err) => this.failAll(err));
@@ -60,8 +58,13 @@ export class WorkerSession {
 
   static async create(modelPath: string, opts: SessionOptions = {}): Promise<WorkerSession> {
     const executionProvider = opts.executionProvider ?? 'cpu';
-    const worker = new Worker(new URL('./ort-worker.mjs', import.meta.url), {
-      workerData: { modelPath, executionProvider, intraOpThreads: opts.intraOpThreads ?? 0 },
+    const worker = new Worker(new URL('./ts-worker.mjs', import.meta.url), {
+      workerData: {
+        modelPath,
+        executionProvider,
+        intraOpThreads: opts.intraOpThreads ?? 0,
+        __module: new URL('./ort-worker.ts', import.meta.url).href,
+      },
     });
     const first = await new Promise<WorkerMessage>((resolve, reject) => {
       worker.once('message', resolve);
@@ -81,14 +84,18 @@ export class WorkerSession {
     return new WorkerSession(worker, first.inputNames, first.outputNames);
   }
 
-  /** Runs one forward pass; input buffers are transferred to the worker (do not reuse them). */
-  run(feeds: Record<string, WireTensor>): Promise<{ outputs: Record<string, WireTensor>; ms: number }> {
+  /**
+   * Runs one forward pass; input buffers are transferred to the worker (do not reuse them). With
+   * `png`, the named output ([N, 1 or 3, H, W] float images) is also encoded as PNGs on the worker.
+   */
+  run(feeds: Record<string, WireTensor>, opts: { png?: { output: string } } = {}): Promise<RunResult> {
     if (this.closed) return Promise.reject(new SessionError('session is closed'));
     const id = this.nextId++;
     const transfer = Object.values(feeds).map((t) => t.data.buffer as ArrayBuffer);
+    const msg: WorkerRequest = { kind: 'run', id, feeds, png: opts.png };
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ kind: 'run', id, feeds }, transfer);
+      this.worker.postMessage(msg, transfer);
     });
   }
 

@@ -1,0 +1,79 @@
+// Prometheus metrics of all three services, defined in one place so names and help texts stay
+// consistent. Each service instance gets its own registry (tests run several in one process);
+// `npm start` merges them on one /metrics endpoint. No default process metrics: prom-client's
+// names ending in `_total` for gauges fail `promtool check metrics`.
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+
+const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
+const ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+export function denoiserMetrics(registry = new Registry()) {
+  const r = [registry];
+  return {
+    registry,
+    modelGflops: new Gauge({ name: 'ditpipe_model_gflops', help: 'Multiply-accumulates per forward pass at batch 1, in units of 1e9 (the DiT paper\'s "Gflops").', labelNames: ['model'], registers: r }),
+    samplingGflops: new Counter({ name: 'ditpipe_sampling_gflops_total', help: 'Sampling compute spent: forward rows (guidance rows included) times the model\'s Gflops per row.', labelNames: ['model'], registers: r }),
+    forwardRows: new Counter({ name: 'ditpipe_denoiser_forward_rows_total', help: 'Rows run through the model (guidance rows included).', labelNames: ['model'], registers: r }),
+    steps: new Counter({ name: 'ditpipe_denoiser_steps_total', help: 'Denoise steps answered, by outcome.', labelNames: ['model', 'outcome'], registers: r }),
+    stepSeconds: new Histogram({ name: 'ditpipe_denoiser_step_seconds', help: 'Time from a step\'s arrival to its answer.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
+    forwardSeconds: new Histogram({ name: 'ditpipe_denoiser_forward_seconds', help: 'Duration of one batched forward pass.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
+    batchRows: new Histogram({ name: 'ditpipe_denoiser_batch_rows', help: 'Rows per forward pass (guidance rows included).', labelNames: ['model'], buckets: ROW_BUCKETS, registers: r }),
+    queueSeconds: new Histogram({ name: 'ditpipe_denoiser_queue_wait_seconds', help: 'Time a step waited for its forward pass to start.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
+    queuedRows: new Gauge({ name: 'ditpipe_denoiser_queued_rows', help: 'Rows waiting for a forward pass.', labelNames: ['model'], registers: r }),
+  };
+}
+export type DenoiserMetrics = ReturnType<typeof denoiserMetrics>;
+
+export function decoderMetrics(registry = new Registry()) {
+  const r = [registry];
+  return {
+    registry,
+    decodeSeconds: new Histogram({ name: 'ditpipe_decoder_decode_seconds', help: 'Duration of one batched decode (forward pass and image encoding).', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
+    batchSize: new Histogram({ name: 'ditpipe_decoder_batch_size', help: 'Images per decode batch.', labelNames: ['model'], buckets: ROW_BUCKETS, registers: r }),
+    images: new Counter({ name: 'ditpipe_decoder_images_total', help: 'Images decoded.', labelNames: ['model'], registers: r }),
+    queueSeconds: new Histogram({ name: 'ditpipe_decoder_queue_wait_seconds', help: 'Time latents waited for their decode batch to start.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
+  };
+}
+export type DecoderMetrics = ReturnType<typeof decoderMetrics>;
+
+export function schedulerMetrics(registry = new Registry()) {
+  const r = [registry];
+  return {
+    registry,
+    requestSeconds: new Histogram({ name: 'ditpipe_request_seconds', help: 'Generate request latency, by outcome (gRPC status name).', labelNames: ['model', 'outcome'], buckets: LATENCY_BUCKETS, registers: r }),
+    requestsInFlight: new Gauge({ name: 'ditpipe_requests_in_flight', help: 'Generate requests being served.', registers: r }),
+    samplesInFlight: new Gauge({ name: 'ditpipe_samples_in_flight', help: 'Images being sampled or decoded (admission control counts these).', registers: r }),
+    rejected: new Counter({ name: 'ditpipe_requests_rejected_total', help: 'Requests refused before sampling, by reason (invalid_argument, resource_exhausted, not_found, unavailable).', labelNames: ['reason'], registers: r }),
+    stepsDispatched: new Counter({ name: 'ditpipe_steps_dispatched_total', help: 'Denoise steps sent to the denoiser pool (retries excluded).', labelNames: ['model'], registers: r }),
+    retries: new Counter({ name: 'ditpipe_retries_total', help: 'Calls retried on another replica after UNAVAILABLE or a timeout.', labelNames: ['service'], registers: r }),
+    imageTflops: new Histogram({ name: 'ditpipe_image_tflops', help: 'Sampling compute per generated image: steps times model rows per sample (2 with guidance) times Gflops, in Tflops (multiply-accumulates).', labelNames: ['model'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250], registers: r }),
+    images: new Counter({ name: 'ditpipe_images_total', help: 'Images returned to clients.', labelNames: ['model'], registers: r }),
+  };
+}
+export type SchedulerMetrics = ReturnType<typeof schedulerMetrics>;
+
+/** Serves the merged registries as Prometheus text on `GET /metrics`; port 0 picks a free port. */
+export async function serveMetrics(registries: Registry[], port: number, host = '0.0.0.0'): Promise<{ server: Server; port: number; close: () => Promise<void> }> {
+  const merged = Registry.merge(registries);
+  const server = createServer((req, res) => {
+    if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try GET /metrics\n');
+      return;
+    }
+    merged.metrics().then(
+      (text) => res.writeHead(200, { 'content-type': merged.contentType }).end(text),
+      (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${String(err)}\n`),
+    );
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => resolve());
+  });
+  return {
+    server,
+    port: (server.address() as AddressInfo).port,
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+}
