@@ -7,7 +7,9 @@ const program = new Command('ditpipe')
   .exitOverride();
 
 // Subcommand modules export a `Command`; keep this list sorted.
-const modules: Array<() => Promise<{ command: Command }>> = [];
+const modules: Array<() => Promise<{ command: Command }>> = [
+  () => import('./model.ts'),
+];
 
 for (const load of modules) program.addCommand((await load()).command);
 

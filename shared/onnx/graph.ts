@@ -29,6 +29,8 @@ export interface Initializer {
   load: () => Float32Array | BigInt64Array;
   /** Float weights may be stored as float16 (and cast back at load) when the writer is asked to. */
   castable: boolean;
+  /** Counts towards the model's parameter count (false for constants and fixed buffers). */
+  param: boolean;
 }
 
 export class GraphError extends Error {
@@ -95,22 +97,23 @@ export class Graph {
     return out;
   }
 
-  weight(name: string, shape: number[], load: () => Float32Array): Value {
-    this.initializers.push({ name: this.claim(name), dtype: 'float32', shape, load, castable: true });
+  /** A float weight; `param: false` for fixed tensors that a model's parameter count leaves out (e.g. DiT's pos_embed). */
+  weight(name: string, shape: number[], load: () => Float32Array, opts: { param?: boolean } = {}): Value {
+    this.initializers.push({ name: this.claim(name), dtype: 'float32', shape, load, castable: true, param: opts.param ?? true });
     return { name, dtype: 'float32', shape };
   }
 
   constFloat(values: ArrayLike<number>, shape: number[] = [values.length], hint = 'const'): Value {
     const name = this.fresh(hint);
     const data = Float32Array.from(values);
-    this.initializers.push({ name, dtype: 'float32', shape, load: () => data, castable: false });
+    this.initializers.push({ name, dtype: 'float32', shape, load: () => data, castable: false, param: false });
     return { name, dtype: 'float32', shape };
   }
 
   constInt64(values: ArrayLike<number>, shape: number[] = [values.length], hint = 'const'): Value {
     const name = this.fresh(hint);
     const data = BigInt64Array.from(Array.from(values, (x) => BigInt(x)));
-    this.initializers.push({ name, dtype: 'int64', shape, load: () => data, castable: false });
+    this.initializers.push({ name, dtype: 'int64', shape, load: () => data, castable: false, param: false });
     return { name, dtype: 'int64', shape };
   }
 
@@ -257,6 +260,14 @@ export class Graph {
     }
     const step = size / chunks;
     return Array.from({ length: chunks }, (_, i) => this.slice(x, ax, i * step, (i + 1) * step));
+  }
+
+  /** LayerNormalization over the last axis without affine parameters (scale fixed at 1, no bias). */
+  layerNorm(x: Value, epsilon: number): Value {
+    const d = x.shape[x.shape.length - 1];
+    if (typeof d !== 'number') throw new GraphError('layerNorm: last dimension must be static');
+    const ones = this.constFloat(new Float32Array(d).fill(1), [d], 'ln_scale');
+    return this.op('LayerNormalization', [x, ones], { dtype: x.dtype, shape: x.shape }, { axis: -1, epsilon: { float: epsilon } });
   }
 
   gather(table: Value, indices: Value, axis = 0): Value {

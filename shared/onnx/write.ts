@@ -96,7 +96,7 @@ export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): 
   for (const init of graph.initializers) {
     const n = init.shape.reduce((p, q) => p * q, 1);
     weightBytes += n * elemBytes(init.dtype, init.castable);
-    if (init.castable) params += n;
+    if (init.param) params += n;
   }
   const external = weightBytes > threshold;
   const dataName = `${basename(path)}.data`;

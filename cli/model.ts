@@ -1,0 +1,210 @@
+// `ditpipe model …`: build model directories from published weights, inspect them, make test weights.
+import { existsSync, readFileSync } from 'node:fs';
+import { Command, Option } from 'commander';
+import cliProgress from 'cli-progress';
+import { buildDitModel, DitConfigError, parseDitConfig, UnsupportedDtypeError, type DitConfig } from '../shared/model/dit.ts';
+import { initDitWeights, type DitInit } from '../shared/model/dit-init.ts';
+import { ditConfigSchema, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
+import { ditPreset } from '../shared/model/presets.ts';
+
+/** Builders registered under `model build` besides `dit`; each module exports its subcommand as `command`. */
+const builders: Array<() => Promise<{ command: Command }>> = [
+  // () => import('./model-vae.ts'),
+];
+
+/** `--config` takes a JSON file or inline JSON (starting with `{`). */
+function readConfigArg(arg: string): Partial<DitConfig> {
+  const inline = arg.trimStart().startsWith('{');
+  let raw: unknown;
+  try {
+    raw = JSON.parse(inline ? arg : readFileSync(arg, 'utf8'));
+  } catch (err) {
+    throw new DitConfigError(`--config ${inline ? '(inline)' : arg}: ${(err as Error).message}`);
+  }
+  return parseDitConfig(raw, `--config ${inline ? '(inline)' : arg}`);
+}
+
+/** One label per line, or a JSON array of strings. */
+function readClassNames(path: string): string[] {
+  if (!existsSync(path)) throw new DitConfigError(`--class-names ${path}: no such file`);
+  const text = readFileSync(path, 'utf8');
+  if (text.trimStart().startsWith('[')) {
+    const parsed: unknown = JSON.parse(text);
+    if (!Array.isArray(parsed) || !parsed.every((s) => typeof s === 'string')) {
+      throw new DitConfigError(`--class-names ${path}: expected a JSON array of strings`);
+    }
+    return parsed;
+  }
+  return text.split(/\r?\n/).map((s) => s.trim()).filter((s, i, all) => s.length > 0 || i < all.length - 1);
+}
+
+function positiveInt(flag: string): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!Number.isSafeInteger(n) || n <= 0) throw new DitConfigError(`${flag} must be a positive integer, got "${v}"`);
+    return n;
+  };
+}
+
+/** A progress reporter: a bar on a terminal, a line per ~10% otherwise (logs, CI). */
+function progress(label: string): { update: (done: number, total: number) => void; stop: () => void } {
+  if (process.stderr.isTTY) {
+    const bar = new cliProgress.SingleBar(
+      { format: `${label} [{bar}] {value}/{total} tensors`, stream: process.stderr, hideCursor: true },
+      cliProgress.Presets.shades_classic,
+    );
+    let started = false;
+    return {
+      update: (done, total) => {
+        if (!started) bar.start(total, 0);
+        started = true;
+        bar.update(done);
+      },
+      stop: () => {
+        if (started) bar.stop();
+      },
+    };
+  }
+  let lastDecile = -1;
+  return {
+    update: (done, total) => {
+      const decile = Math.floor((10 * done) / total);
+      if (decile !== lastDecile) {
+        lastDecile = decile;
+        process.stderr.write(`${label}: ${done}/${total} tensors\n`);
+      }
+    },
+    stop: () => {},
+  };
+}
+
+interface BuildDitCli {
+  weights: string;
+  format: 'auto' | 'original' | 'diffusers';
+  preset?: string;
+  config?: string;
+  inputSize?: number;
+  dtype: string;
+  name?: string;
+  classNames?: string;
+  out: string;
+  quiet?: boolean;
+}
+
+const buildDit = new Command('dit')
+  .description('Build a DiT model directory (ONNX + model.json) from original or diffusers weights, with the original DiT numerics')
+  .requiredOption('--weights <file>', 'DiT weights: safetensors or torch.save checkpoint (original or diffusers names)')
+  .addOption(new Option('--format <format>', 'tensor naming scheme').choices(['auto', 'original', 'diffusers']).default('auto'))
+  .option('--preset <name>', 'DiT-S/B/L/XL × /2 /4 /8, e.g. DiT-XL/2 (sets num_heads; shapes must match the weights)')
+  .option('--config <json>', 'DiT constructor arguments (input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes, learn_sigma), any subset: a JSON file or inline JSON')
+  .option('--input-size <n>', 'latent size (image size / 8); default: from pos_embed', positiveInt('--input-size'))
+  .option('--dtype <dtype>', 'weight storage dtype: f32 or f16 (compute stays float32)', 'f32')
+  .option('--name <name>', 'model name services advertise (default: the output directory name)')
+  .option('--class-names <file>', 'class names, one per line or a JSON array, stored in model.json')
+  .option('--quiet', 'no progress output')
+  .requiredOption('--out <dir>', 'output model directory')
+  .action((o: BuildDitCli) => {
+    if (o.dtype !== 'f32' && o.dtype !== 'f16') throw new UnsupportedDtypeError(o.dtype);
+    if (o.preset) ditPreset(o.preset); // unknown preset: fail before opening anything
+    const log = (m: string): void => {
+      if (!o.quiet) process.stderr.write(`${m}\n`);
+    };
+    const bar = o.quiet ? null : progress('writing weights');
+    const m = buildDitModel({
+      weights: o.weights,
+      out: o.out,
+      format: o.format,
+      preset: o.preset,
+      config: o.config ? readConfigArg(o.config) : undefined,
+      inputSize: o.inputSize,
+      dtype: o.dtype,
+      name: o.name,
+      classNames: o.classNames ? readClassNames(o.classNames) : undefined,
+      onNote: log,
+      onWarning: (w) => process.stderr.write(`warning: ${w}\n`),
+      onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
+    });
+    bar?.stop();
+    const c = m.meta.config as DitConfig;
+    console.log(
+      `${m.dir}: dit "${m.meta.name}" (${m.meta.source.format}), ${m.meta.params.toLocaleString('en-US')} params, ` +
+        `${m.meta.gflops.toFixed(2)} Gflops (multiply-accumulates) per forward at ${c.input_size}×${c.input_size} latents, weights ${m.meta.weightDtype}`,
+    );
+  });
+
+interface InitDitCli {
+  preset?: string;
+  config?: string;
+  inputSize?: number;
+  seed: number;
+  init: DitInit;
+  out: string;
+}
+
+function nonNegInt(v: string): number {
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < 0) throw new DitConfigError(`--seed must be a non-negative integer, got "${v}"`);
+  return n;
+}
+
+const initDit = new Command('dit')
+  .description('Write DiT weights (original names) without a checkpoint: the paper\'s init or random non-zero weights')
+  .option('--preset <name>', 'DiT-S/2 … DiT-XL/8')
+  .option('--config <json>', 'DiT constructor arguments, a JSON file or inline JSON (over the preset, or complete)')
+  .option('--input-size <n>', 'latent size (overrides the preset/config)', positiveInt('--input-size'))
+  .option('--seed <n>', 'random seed', nonNegInt, 0)
+  .addOption(new Option('--init <kind>', 'original: the paper\'s initialisation (zero adaLN/final layer); random: every weight non-zero').choices(['original', 'random']).default('random'))
+  .requiredOption('--out <file>', 'output .safetensors file')
+  .action((o: InitDitCli) => {
+    if (!o.preset && !o.config) throw new DitConfigError('give --preset or --config');
+    const merged = { ...(o.preset ? ditPreset(o.preset) : {}), ...(o.config ? readConfigArg(o.config) : {}), ...(o.inputSize ? { input_size: o.inputSize } : {}) };
+    const parsed = ditConfigSchema.safeParse(merged);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      throw new DitConfigError(`config field "${issue.path.join('.')}": ${issue.message}`);
+    }
+    const bar = progress('initialising');
+    const res = initDitWeights(parsed.data, o.out, { init: o.init, seed: o.seed, onProgress: (d, t) => bar.update(d, t) });
+    bar.stop();
+    console.log(`${o.out}: ${res.tensors} tensors, ${res.params.toLocaleString('en-US')} params (${o.init} init, seed ${o.seed}), ${(res.bytes / 2 ** 20).toFixed(1)} MiB`);
+  });
+
+function describe(meta: ModelJson, dir: string): string {
+  const io = (v: ModelJson['inputs'][number]): string => `  ${v.name}: ${v.dtype} [${v.shape.join(', ')}]`;
+  const lines = [
+    `${dir}`,
+    `kind:     ${meta.kind}`,
+    `name:     ${meta.name}`,
+    `config:   ${JSON.stringify(meta.config)}`,
+    `params:   ${meta.params.toLocaleString('en-US')}`,
+    `Gflops:   ${meta.gflops.toFixed(3)} per forward at batch 1 (multiply-accumulates, the DiT paper's convention)`,
+    `weights:  ${meta.weightDtype}${meta.externalData ? ` (external data: ${meta.externalData})` : ''}`,
+    `source:   ${meta.source.file} (${meta.source.format}), sha256 ${meta.source.sha256}`,
+    'inputs:',
+    ...meta.inputs.map(io),
+    'outputs:',
+    ...meta.outputs.map(io),
+  ];
+  if (meta.kind === 'vae-decoder') lines.push(`scaling factor: ${meta.scalingFactor}`);
+  if (meta.kind === 'dit' && meta.classNames) lines.push(`classes:  ${meta.classNames.length} named (${meta.classNames.slice(0, 3).join(', ')}${meta.classNames.length > 3 ? ', …' : ''})`);
+  lines.push(`built by: ${meta.createdBy}`);
+  return lines.join('\n');
+}
+
+const info = new Command('info')
+  .description('Show a model directory: params, Gflops per forward, inputs/outputs, source weights')
+  .argument('<dir>', 'model directory')
+  .option('--json', 'print model.json')
+  .action((dir: string, o: { json?: boolean }) => {
+    const m = readModelDir(dir);
+    console.log(o.json ? JSON.stringify(m.meta, null, 2) : describe(m.meta, dir));
+  });
+
+const build = new Command('build').description('Compile published weights into a model directory').addCommand(buildDit);
+for (const load of builders) build.addCommand((await load()).command);
+
+export const command = new Command('model')
+  .description('Build, inspect and initialise models')
+  .addCommand(build)
+  .addCommand(info)
+  .addCommand(new Command('init').description('Write weights without a checkpoint (tests, benchmarks)').addCommand(initDit));
