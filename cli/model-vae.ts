@@ -20,7 +20,7 @@ export interface BuildVaeOptions {
   weights: string;
   out: string;
   format?: VaeFormat | 'auto';
-  /** Path of a JSON file with diffusers `AutoencoderKL` config names. */
+  /** JSON file (or inline JSON) with diffusers `AutoencoderKL` config names. */
   config?: string;
   scalingFactor?: number;
   name?: string;
@@ -29,19 +29,22 @@ export interface BuildVaeOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
-function readConfigFile(path: string): VaeConfigJson {
+/** `--config` takes a JSON file or inline JSON (starting with `{`), like `model build dit`. */
+function readConfigArg(arg: string): VaeConfigJson {
+  const inline = arg.trimStart().startsWith('{');
+  const source = `--config ${inline ? '(inline)' : arg}`;
   let raw: unknown;
   try {
-    raw = JSON.parse(readFileSync(path, 'utf8'));
+    raw = JSON.parse(inline ? arg : readFileSync(arg, 'utf8'));
   } catch (err) {
-    throw new VaeConfigError(`--config ${path}: ${(err as Error).message}`);
+    throw new VaeConfigError(`${source}: ${(err as Error).message}`);
   }
-  return parseVaeConfigJson(raw, `--config ${path}`);
+  return parseVaeConfigJson(raw, source);
 }
 
 /** What the CLI action does, callable without a process (tests, `npm start`'s model cache). */
 export function buildVaeModel(opts: BuildVaeOptions): ModelDir<VaeModelJson> {
-  const given = opts.config ? readConfigFile(opts.config) : { config: {} };
+  const given = opts.config ? readConfigArg(opts.config) : { config: {} };
   const scalingFactor = opts.scalingFactor ?? given.scalingFactor ?? DEFAULT_SCALING_FACTOR;
   if (!(scalingFactor > 0) || !Number.isFinite(scalingFactor)) {
     throw new VaeConfigError(`--scaling-factor must be a positive number, got ${scalingFactor}`);
@@ -94,7 +97,7 @@ export const command = new Command('vae')
   .description('Build a VAE decoder model directory from diffusers or LDM (CompVis) weights')
   .requiredOption('--weights <file>', 'VAE weights (safetensors or torch checkpoint); encoder tensors are ignored')
   .addOption(new Option('--format <format>', 'tensor naming scheme').choices(['auto', 'diffusers', 'ldm']).default('auto'))
-  .option('--config <json>', 'diffusers AutoencoderKL config.json (norm_num_groups, scaling_factor, ...); shapes are read from the weights otherwise')
+  .option('--config <json>', 'diffusers AutoencoderKL config.json, file or inline JSON (norm_num_groups, scaling_factor, ...); the rest is read from the weight shapes')
   .option('--scaling-factor <x>', `latent scaling factor (default: the config's scaling_factor, else ${DEFAULT_SCALING_FACTOR})`, positiveNumber('--scaling-factor'))
   .option('--name <name>', 'model name services advertise (default: the output directory name)')
   .addOption(new Option('--dtype <dtype>', 'weight storage dtype').choices(['f32', 'f16']).default('f32'))
