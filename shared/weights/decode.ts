@@ -1,10 +1,27 @@
 // Raw little-endian tensor bytes → typed arrays, and positioned reads from a file descriptor.
-import { readSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 import { endianness } from 'node:os';
 import { DTYPE_SIZE, WeightsError, type WeightDType } from './types.ts';
 
 // Typed-array views use host byte order; the files are little-endian.
 const HOST_LE = endianness() === 'LE';
+
+/** Opens a weights file for reading; a missing or unreadable file becomes a WeightsError naming the path. */
+export function openForRead(path: string): number {
+  let fd: number;
+  try {
+    fd = openSync(path, 'r');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'file not found' : code === 'EISDIR' ? 'is a directory' : (e as Error).message;
+    throw new WeightsError(`${path}: cannot open weights file: ${why}`);
+  }
+  if (!fstatSync(fd).isFile()) {
+    closeSync(fd);
+    throw new WeightsError(`${path}: cannot open weights file: not a regular file`);
+  }
+  return fd;
+}
 
 /** Reads exactly `dst.byteLength` bytes at `position`, in bounded chunks (readSync caps one call at 2 GiB). */
 export function readFully(fd: number, dst: Uint8Array, position: number, what: string): void {

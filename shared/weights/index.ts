@@ -1,5 +1,6 @@
 // Entry point of the weight readers: format detection, hashing, and re-exports.
-import { closeSync, openSync, readSync } from 'node:fs';
+import { closeSync, readSync } from 'node:fs';
+import { openForRead } from './decode.ts';
 import { createHash } from 'node:crypto';
 import { openSafetensors } from './safetensors.ts';
 import { openTorchCheckpoint } from './torch.ts';
@@ -14,11 +15,11 @@ export type { TorchOpenOptions } from './torch.ts';
 
 /** Opens safetensors or a torch.save zip checkpoint, chosen by the file's first bytes. */
 export function openWeights(path: string, opts?: TorchOpenOptions): WeightFile {
-  const fd = openSync(path, 'r');
-  const head = new Uint8Array(8);
+  const fd = openForRead(path);
+  const head = new Uint8Array(9);
   let n: number;
   try {
-    n = readSync(fd, head, 0, 8, 0);
+    n = readSync(fd, head, 0, head.length, 0);
   } finally {
     closeSync(fd);
   }
@@ -26,13 +27,15 @@ export function openWeights(path: string, opts?: TorchOpenOptions): WeightFile {
   // Pre-1.6 torch.save wrote a bare pickle stream (protocol 2 header 0x80 0x02).
   if (n >= 2 && head[0] === 0x80 && head[1] <= 5) throw new WeightsError(`${path}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with torch >= 1.6 or convert to safetensors`);
   if (n < 8) throw new WeightsError(`${path}: file too short (${n} bytes) to be safetensors or a torch checkpoint`);
+  // A safetensors header is a JSON object, so byte 8 is '{'.
+  if (n === 9 && head[8] !== 0x7b) throw new WeightsError(`${path}: neither safetensors (no JSON header after the 8-byte length) nor a torch.save zip checkpoint`);
   return openSafetensors(path);
 }
 
 /** sha256 hex of a file, read in chunks so multi-GB weights never sit in memory. */
 export function sha256File(path: string): string {
   const h = createHash('sha256');
-  const fd = openSync(path, 'r');
+  const fd = openForRead(path);
   try {
     const buf = new Uint8Array(1 << 22);
     let pos = 0;

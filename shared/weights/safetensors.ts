@@ -1,6 +1,6 @@
 // safetensors reader (lazy: header parsed at open, each tensor read on demand by position) and streaming writer.
 import { closeSync, fstatSync, openSync, writeSync } from 'node:fs';
-import { bytesToF32, bytesToI64, f32ToF16Bits, readFully } from './decode.ts';
+import { bytesToF32, bytesToI64, f32ToF16Bits, openForRead, readFully } from './decode.ts';
 import {
   DTYPE_SIZE,
   isWeightDType,
@@ -29,7 +29,7 @@ export class SafetensorsFile implements WeightFile {
   private readonly dataStart: number;
 
   constructor(readonly path: string) {
-    this.fd = openSync(path, 'r');
+    this.fd = openForRead(path);
     try {
       const size = fstatSync(this.fd).size;
       if (size < 8) throw new WeightsError(`${path}: truncated safetensors file (${size} bytes, need at least 8 for the header length)`);

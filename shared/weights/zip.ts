@@ -1,8 +1,8 @@
 // Minimal zip reader for torch.save archives: central directory (with ZIP64), stored or deflated entries,
 // read by position so a multi-GB checkpoint is never loaded whole.
-import { closeSync, fstatSync, openSync } from 'node:fs';
+import { closeSync, fstatSync } from 'node:fs';
 import { crc32, inflateRawSync } from 'node:zlib';
-import { readFully } from './decode.ts';
+import { openForRead, readFully } from './decode.ts';
 import { WeightsError } from './types.ts';
 
 export interface ZipEntry {
@@ -33,7 +33,7 @@ export class ZipReader {
   private readonly dataOffsets = new Map<string, number>();
 
   constructor(readonly path: string) {
-    this.fd = openSync(path, 'r');
+    this.fd = openForRead(path);
     try {
       this.size = fstatSync(this.fd).size;
       this.readCentralDirectory();

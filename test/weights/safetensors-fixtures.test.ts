@@ -125,6 +125,9 @@ describe('safetensors bad inputs', () => {
   });
   it('not a weights file at all', () => {
     expect(() => openWeights(fixture('not-weights.bin'))).toThrow(WeightsError);
+    expect(() => openWeights(fixture('not-weights.bin'))).toThrow(/not-weights\.bin: neither safetensors .* nor a torch\.save zip/);
+    expect(() => openWeights(join(dir, 'absent.safetensors'))).toThrow(/absent\.safetensors: cannot open weights file: file not found/);
+    expect(() => openSafetensors(dir)).toThrow(WeightsError);
   });
   it('reads after close fail clearly', () => {
     const f = openSafetensors(fixture('mixed.safetensors'));
