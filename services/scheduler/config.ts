@@ -1,0 +1,44 @@
+// Scheduler configuration: validated once, defaults filled; the rest of the service sees only this.
+import { z } from 'zod';
+import { InvalidArgumentError } from '../../shared/errors.ts';
+
+const name = z.string().regex(/^[A-Za-z0-9_-]+$/, 'letters, digits, "-" and "_" only');
+
+const schema = z.object({
+  /** DiT model names to serve (denoisers announce them on the bus). At least one. */
+  models: z.array(name).min(1),
+  /** VAE name per model when the model's own model.json does not name one. */
+  vae: z.record(z.string(), name).default({}),
+  /** Admission control: most images being sampled or decoded at once; more → RESOURCE_EXHAUSTED. */
+  maxSamplesInFlight: z.number().int().min(1).default(256),
+  /** Most images one request may ask for. */
+  maxImagesPerRequest: z.number().int().min(1).max(1024).default(64),
+  /** Default steps per sampler when a request leaves num_steps unset. */
+  defaultSteps: z
+    .object({ ddpm: z.number().int().min(1).max(1000), ddim: z.number().int().min(1).max(1000), dpmpp: z.number().int().min(1).max(1000) })
+    .default({ ddpm: 250, ddim: 50, dpmpp: 20 }),
+  /** Default classifier-free guidance scale (the DiT sampling script's default). */
+  defaultCfgScale: z.number().min(1).default(4),
+  /** One attempt of a denoise step; a step that takes longer is retried on another replica. */
+  stepTimeoutMs: z.number().int().min(1).default(30_000),
+  /** Retries of a step (or decode) after UNAVAILABLE or an attempt timeout. */
+  retries: z.number().int().min(0).max(100).default(3),
+  /** One attempt of a decode call. */
+  decodeTimeoutMs: z.number().int().min(1).default(60_000),
+  /** How long model descriptions from the denoisers stay cached. */
+  modelInfoTtlMs: z.number().int().min(0).default(5_000),
+});
+
+export type SchedulerConfig = z.output<typeof schema>;
+export type SchedulerConfigInput = z.input<typeof schema>;
+
+/** Validates and completes the configuration; errors name the field. */
+export function compileSchedulerConfig(input: SchedulerConfigInput): SchedulerConfig {
+  const r = schema.safeParse(input);
+  if (!r.success) {
+    const issue = r.error.issues[0];
+    const field = issue.path.join('.');
+    throw new InvalidArgumentError(`scheduler config: ${field}: ${issue.message}`, { field });
+  }
+  return r.data;
+}

@@ -1,0 +1,333 @@
+// The scheduler: owns the sampling loop of every request. It validates and admits a request, draws
+// its starting noise, sends one denoise step at a time to the denoiser pool (steps of many requests
+// meet in the denoisers' batches), applies the reverse-diffusion update, then has the decoder pool
+// turn the final latents into images. All request state lives here; replicas hold none.
+import { randomBytes, randomUUID } from 'node:crypto';
+import { DiffusionInputError } from '../../shared/diffusion/errors.ts';
+import { guidanceRows } from '../../shared/diffusion/guidance.ts';
+import { advance, next, result, start, type SamplerName } from '../../shared/diffusion/state.ts';
+import {
+  CancelledError,
+  DeadlineExceededError,
+  InvalidArgumentError,
+  ResourceExhaustedError,
+  codeName,
+  toDitpipeError,
+} from '../../shared/errors.ts';
+import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
+import { ImageFormat } from '../../shared/gen/ditpipe/v1/decoder.ts';
+import {
+  OutputFormat,
+  SamplerKind,
+  type GenerateEvent,
+  type GenerateRequest,
+  type GenerateResponse,
+  type Image,
+  type Timings,
+} from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
+import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
+import type { Transport } from '../../shared/transport/types.ts';
+import { DecoderDefinition } from '../../shared/gen/ditpipe/v1/decoder.ts';
+import { DenoiserDefinition } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { Catalog, type ServedModel } from './catalog.ts';
+import type { SchedulerConfig } from './config.ts';
+
+/** A request after validation: everything the loop needs, nothing left to check. */
+interface Plan {
+  id: string;
+  model: ServedModel;
+  labels: number[];
+  sampler: SamplerName;
+  numSteps: number;
+  cfgScale: number;
+  guidance: GuidanceChannels;
+  eta: number;
+  seed: bigint;
+  raw: boolean;
+}
+
+export interface GenerateOptions {
+  /** Aborted when the client cancels or its deadline passes. */
+  signal?: AbortSignal;
+  /** Epoch milliseconds after which the client no longer waits. */
+  deadline?: number;
+  /** Receives accepted, progress and image events as they happen (GenerateStream). */
+  onEvent?: (event: GenerateEvent) => void;
+}
+
+const SAMPLERS: Record<number, SamplerName> = {
+  [SamplerKind.SAMPLER_KIND_UNSPECIFIED]: 'ddpm',
+  [SamplerKind.SAMPLER_KIND_DDPM]: 'ddpm',
+  [SamplerKind.SAMPLER_KIND_DDIM]: 'ddim',
+  [SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP]: 'dpmpp',
+};
+
+function timings(t: Partial<Timings>): Timings {
+  return { queueMs: 0, denoiseMs: 0, decodeMs: 0, totalMs: 0, ...t };
+}
+
+export class Scheduler {
+  readonly catalog: Catalog;
+  readonly metrics: SchedulerMetrics;
+  private samplesInFlight = 0;
+  private readonly active = new Set<Promise<unknown>>();
+  private stopping = false;
+
+  constructor(
+    readonly config: SchedulerConfig,
+    transport: Transport,
+    metrics: SchedulerMetrics = schedulerMetrics(),
+  ) {
+    this.metrics = metrics;
+    this.catalog = new Catalog(transport, config, { denoiser: DenoiserDefinition, decoder: DecoderDefinition });
+  }
+
+  /** Images being sampled or decoded right now. */
+  get inFlight(): number {
+    return this.samplesInFlight;
+  }
+
+  async generate(req: GenerateRequest, opts: GenerateOptions = {}): Promise<GenerateResponse> {
+    const arrived = performance.now();
+    const run = this.run(req, opts, arrived);
+    this.active.add(run);
+    try {
+      return await run;
+    } finally {
+      this.active.delete(run);
+    }
+  }
+
+  private async run(req: GenerateRequest, opts: GenerateOptions, arrived: number): Promise<GenerateResponse> {
+    let plan: Plan;
+    try {
+      if (this.stopping) throw new ResourceExhaustedError('the scheduler is shutting down; retry on another scheduler');
+      plan = await this.plan(req);
+      this.admit(plan.labels.length);
+    } catch (err) {
+      const e = toDitpipeError(err);
+      this.metrics.rejected.inc({ reason: codeName(e.code).toLowerCase() });
+      throw e;
+    }
+    const n = plan.labels.length;
+    const labels = { model: plan.model.name };
+    this.metrics.requestsInFlight.inc();
+    this.metrics.samplesInFlight.inc(n);
+    try {
+      const res = await this.sample(plan, opts, arrived);
+      this.metrics.requestSeconds.observe({ ...labels, outcome: 'OK' }, res.timings!.totalMs / 1000);
+      return res;
+    } catch (err) {
+      const e = toDitpipeError(err);
+      this.metrics.requestSeconds.observe({ ...labels, outcome: codeName(e.code) }, (performance.now() - arrived) / 1000);
+      throw e;
+    } finally {
+      this.samplesInFlight -= n;
+      this.metrics.requestsInFlight.dec();
+      this.metrics.samplesInFlight.dec(n);
+    }
+  }
+
+  private admit(n: number): void {
+    if (this.samplesInFlight + n > this.config.maxSamplesInFlight) {
+      throw new ResourceExhaustedError(
+        `scheduler is at capacity: ${this.samplesInFlight} of ${this.config.maxSamplesInFlight} samples in flight, request needs ${n}; retry later`,
+      );
+    }
+    this.samplesInFlight += n;
+  }
+
+  /** Validates every field; errors are INVALID_ARGUMENT naming the field (NOT_FOUND for an unknown model). */
+  private async plan(req: GenerateRequest): Promise<Plan> {
+    if (!req.model) throw new InvalidArgumentError('model is required (see ListModels)', { field: 'model' });
+    const n = req.classLabels.length;
+    if (n === 0) throw new InvalidArgumentError('class_labels must name at least one class', { field: 'class_labels' });
+    if (n > this.config.maxImagesPerRequest) {
+      throw new InvalidArgumentError(`class_labels asks for ${n} images; at most ${this.config.maxImagesPerRequest} per request`, { field: 'class_labels' });
+    }
+    const sampler = SAMPLERS[req.sampler];
+    if (!sampler) throw new InvalidArgumentError(`sampler: unknown value ${req.sampler}`, { field: 'sampler' });
+    const numSteps = req.numSteps ?? this.config.defaultSteps[sampler];
+    if (!Number.isInteger(numSteps) || numSteps < 1 || numSteps > 1000) {
+      throw new InvalidArgumentError(`num_steps must be within 1..1000, got ${numSteps}`, { field: 'num_steps' });
+    }
+    const cfgScale = req.cfgScale ?? this.config.defaultCfgScale;
+    if (!Number.isFinite(cfgScale) || cfgScale < 1) {
+      throw new InvalidArgumentError(`cfg_scale must be finite and >= 1 (1 = no guidance), got ${cfgScale}`, { field: 'cfg_scale' });
+    }
+    const g = req.guidanceChannels;
+    if (g !== GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED && g !== GuidanceChannels.GUIDANCE_CHANNELS_THREE && g !== GuidanceChannels.GUIDANCE_CHANNELS_ALL) {
+      throw new InvalidArgumentError(`guidance_channels: unknown value ${g}`, { field: 'guidance_channels' });
+    }
+    const eta = req.eta ?? 0;
+    if (!Number.isFinite(eta) || eta < 0 || eta > 1) throw new InvalidArgumentError(`eta must be within 0..1, got ${eta}`, { field: 'eta' });
+    if (req.eta !== undefined && eta !== 0 && sampler !== 'ddim') {
+      throw new InvalidArgumentError(`eta applies to SAMPLER_KIND_DDIM only; got eta ${eta} with ${SamplerKind[req.sampler]}`, { field: 'eta' });
+    }
+    const fmt = req.outputFormat;
+    if (fmt !== OutputFormat.OUTPUT_FORMAT_UNSPECIFIED && fmt !== OutputFormat.OUTPUT_FORMAT_PNG && fmt !== OutputFormat.OUTPUT_FORMAT_RAW_LATENT) {
+      throw new InvalidArgumentError(`output_format: unknown value ${fmt}`, { field: 'output_format' });
+    }
+    const model = await this.catalog.get(req.model);
+    const numClasses = model.denoiser.config?.numClasses ?? 0;
+    const labels = req.classLabels.map((l, i) => {
+      const field = `class_labels[${i}]`;
+      if (l.index !== undefined) {
+        if (!Number.isInteger(l.index) || l.index < 0 || l.index >= numClasses) {
+          throw new InvalidArgumentError(`${field}: class index must be within 0..${numClasses - 1} for model "${model.name}", got ${l.index}`, { field });
+        }
+        return l.index;
+      }
+      if (l.name !== undefined) {
+        const idx = model.classIndex.get(l.name.toLowerCase());
+        if (idx === undefined) {
+          const known = model.denoiser.classNames.length ? `known: ${model.denoiser.classNames.join(', ')}` : 'this model has no class names; use indices';
+          throw new InvalidArgumentError(`${field}: unknown class name "${l.name}" (${known})`, { field });
+        }
+        return idx;
+      }
+      throw new InvalidArgumentError(`${field}: set index or name`, { field });
+    });
+    const seed = req.seed ?? randomBytes(8).readBigUInt64LE();
+    return {
+      id: randomUUID(),
+      model,
+      labels,
+      sampler,
+      numSteps,
+      cfgScale,
+      guidance: g === GuidanceChannels.GUIDANCE_CHANNELS_ALL ? g : GuidanceChannels.GUIDANCE_CHANNELS_THREE,
+      eta,
+      seed,
+      raw: fmt === OutputFormat.OUTPUT_FORMAT_RAW_LATENT,
+    };
+  }
+
+  private checkAlive(opts: GenerateOptions): void {
+    if (opts.signal?.aborted) {
+      if (opts.deadline !== undefined && Date.now() >= opts.deadline) throw new DeadlineExceededError('the request deadline passed');
+      throw new CancelledError('the client cancelled the request');
+    }
+    if (opts.deadline !== undefined && Date.now() >= opts.deadline) throw new DeadlineExceededError('the request deadline passed');
+  }
+
+  private remaining(opts: GenerateOptions, cap: number): number {
+    return opts.deadline === undefined ? cap : Math.max(1, Math.min(cap * (this.config.retries + 1), opts.deadline - Date.now()));
+  }
+
+  private async sample(plan: Plan, opts: GenerateOptions, arrived: number): Promise<GenerateResponse> {
+    const { model } = plan;
+    const c = model.denoiser.config!;
+    const n = plan.labels.length;
+    let state;
+    try {
+      state = start({
+        sampler: plan.sampler,
+        numSteps: plan.numSteps,
+        shape: [c.inChannels, c.inputSize, c.inputSize],
+        count: n,
+        learnSigma: c.learnSigma,
+        seed: plan.seed,
+        eta: plan.eta,
+      });
+    } catch (err) {
+      if (err instanceof DiffusionInputError) throw new InvalidArgumentError(err.message, { field: err.field });
+      throw err;
+    }
+    const queueMs = performance.now() - arrived;
+    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs } });
+    const denoiser = this.catalog.denoiserClient(model.name);
+    const labels = { model: model.name };
+    const y = plan.labels;
+    const onRetry = (): void => this.metrics.retries.inc({ service: 'denoiser' });
+    const denoiseStart = performance.now();
+    for (let p = next(state); p !== null; p = next(state)) {
+      this.checkAlive(opts);
+      this.metrics.stepsDispatched.inc(labels);
+      const res = await denoiser.denoise(
+        {
+          model: model.name,
+          x: f32Tensor([n, c.inChannels, c.inputSize, c.inputSize], p.x),
+          t: Array.from(p.t, (v) => BigInt(v)),
+          y,
+          cfgScale: plan.cfgScale,
+          guidanceChannels: plan.guidance,
+          requestId: plan.id,
+          stepIndex: p.step,
+        },
+        { signal: opts.signal, attemptTimeoutMs: this.config.stepTimeoutMs, timeoutMs: this.remaining(opts, this.config.stepTimeoutMs), onRetry },
+      );
+      const outChannels = c.learnSigma ? 2 * c.inChannels : c.inChannels;
+      const out = readF32Tensor(res.out, 'out', [n, outChannels, c.inputSize, c.inputSize]);
+      advance(state, out.data);
+      opts.onEvent?.({ progress: { step: p.step + 1, numSteps: plan.numSteps } });
+    }
+    const denoiseMs = performance.now() - denoiseStart;
+    const tflops = (plan.numSteps * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops) / 1000;
+    for (let i = 0; i < n; i++) this.metrics.imageTflops.observe(labels, tflops);
+
+    const latents = result(state);
+    const per = c.inChannels * c.inputSize * c.inputSize;
+    const images: Image[] = new Array<Image>(n);
+    const names = model.denoiser.classNames;
+    const base = (i: number): Image => ({
+      png: Buffer.alloc(0),
+      latent: undefined,
+      classLabel: plan.labels[i],
+      className: names[plan.labels[i]] ?? '',
+      seed: plan.seed,
+      sampleIndex: i,
+      width: c.inputSize,
+      height: c.inputSize,
+    });
+    let decodeMs = 0;
+    if (plan.raw) {
+      for (let i = 0; i < n; i++) {
+        images[i] = { ...base(i), latent: f32Tensor([c.inChannels, c.inputSize, c.inputSize], latents.slice(i * per, (i + 1) * per)) };
+        opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, totalMs: performance.now() - arrived }) } });
+      }
+    } else {
+      this.checkAlive(opts);
+      const { vae, info } = await this.catalog.decoderFor(model);
+      const decoder = this.catalog.decoderClient(vae);
+      const decodeStart = performance.now();
+      // One call per image: images stream out as they finish and spread over the decoder replicas.
+      await Promise.all(
+        plan.labels.map(async (_, i) => {
+          const started = performance.now();
+          const res = await decoder.decode(
+            { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * per, (i + 1) * per)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
+            {
+              signal: opts.signal,
+              attemptTimeoutMs: this.config.decodeTimeoutMs,
+              timeoutMs: this.remaining(opts, this.config.decodeTimeoutMs),
+              onRetry: () => this.metrics.retries.inc({ service: 'decoder' }),
+            },
+          );
+          const side = c.inputSize * info.upsample;
+          images[i] = { ...base(i), png: res.png[0], width: side, height: side };
+          opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }) } });
+        }),
+      );
+      decodeMs = performance.now() - decodeStart;
+    }
+    this.metrics.images.inc(labels, n);
+    const all = timings({ queueMs, denoiseMs, decodeMs, totalMs: performance.now() - arrived });
+    opts.onEvent?.({ completed: { timings: all, numImages: n } });
+    return { images, timings: all, requestId: plan.id, model: model.name, seed: plan.seed, numSteps: plan.numSteps };
+  }
+
+  /** Refuses new requests and waits up to graceMs for those in flight. */
+  async drain(graceMs: number): Promise<void> {
+    this.stopping = true;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.allSettled([...this.active]),
+      new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, graceMs);
+      }),
+    ]);
+    clearTimeout(timer);
+  }
+}
