@@ -128,7 +128,7 @@ const buildDit = new Command('dit')
     const c = m.meta.config as DitConfig;
     console.log(
       `${m.dir}: dit "${m.meta.name}" (${m.meta.source.format}), ${m.meta.params.toLocaleString('en-US')} params, ` +
-        `${m.meta.gflops.toFixed(2)} Gflops (multiply-accumulates) per forward at ${c.input_size}×${c.input_size} latents, weights ${m.meta.weightDtype}`,
+        `${m.meta.gflops.toPrecision(4)} Gflops (multiply-accumulates) per forward at ${c.input_size}×${c.input_size} latents, weights ${m.meta.weightDtype}`,
     );
   });
 

@@ -24,7 +24,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, dirname, join, resolve as resolvePath } from 'node:path';
 import { Graph, type Value } from '../onnx/graph.ts';
-import { openWeights, sha256File, WeightsError, type WeightFile } from '../weights/index.ts';
+import { MissingTensorError, openWeights, sha256File, WeightsError, type WeightFile } from '../weights/index.ts';
 import {
   DitTensors,
   FREQ_EMBED,
@@ -135,7 +135,7 @@ export function resolveDitConfig(file: WeightFile, req: DitConfigRequest = {}): 
   const sidecar = format === 'diffusers' ? readDiffusersConfig(file.path) : {};
 
   const patchW = tensors.shape('x_embedder.proj.weight');
-  if (!patchW) throw new WeightsError(`${file.path}: missing tensor '${tensors.sourceNames('x_embedder.proj.weight')[0]}'`);
+  if (!patchW) throw new MissingTensorError(tensors.sourceNames('x_embedder.proj.weight')[0], file.path);
   if (patchW.length !== 4 || patchW[2] !== patchW[3]) {
     throw new WeightsError(`${file.path}: tensor '${tensors.sourceNames('x_embedder.proj.weight')[0]}' has shape [${patchW.join(', ')}]; expected a square [hidden, C, p, p] conv kernel`);
   }
@@ -162,7 +162,8 @@ export function resolveDitConfig(file: WeightFile, req: DitConfigRequest = {}): 
         return v;
       }
     }
-    throw new DitConfigError(`cannot determine ${key}: give it with --config${key === 'input_size' ? ' or --input-size' : ''} or --preset`);
+    const why = key === 'num_heads' ? ' (weight shapes do not tell the head count and the width is not a preset width)' : '';
+    throw new DitConfigError(`cannot determine ${key}${why}: give it with --config${key === 'input_size' ? ' or --input-size' : ''} or --preset`);
   };
   // Shape-derived fields: explicit values first so that a disagreement surfaces as a named shape mismatch.
   const fromShapes = <K extends 'patch_size' | 'in_channels' | 'hidden_size' | 'depth' | 'num_classes' | 'learn_sigma'>(key: K) =>
