@@ -9,7 +9,7 @@ import { ditPreset } from '../shared/model/presets.ts';
 
 /** Builders registered under `model build` besides `dit`; each module exports its subcommand as `command`. */
 const builders: Array<() => Promise<{ command: Command }>> = [
-  // () => import('./model-vae.ts'),
+  () => import('./model-vae.ts'),
 ];
 
 /** `--config` takes a JSON file or inline JSON (starting with `{`). */
