@@ -191,7 +191,7 @@ export function resolveDitConfig(file: WeightFile, req: DitConfigRequest = {}): 
     learn_sigma: fromShapes('learn_sigma'),
   };
   validateDitConfig(config);
-  return { config, format, notes };
+  return { config, format, notes: [notes[0], `config: ${notes.slice(1).join(', ')}`] };
 }
 
 /** input_size/num_heads from a diffusers `config.json` beside the weights, when there is one. */

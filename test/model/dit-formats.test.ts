@@ -1,5 +1,5 @@
 // The same golden weights under diffusers names and as torch.save checkpoints build to the same model.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -88,5 +88,25 @@ describe('torch.save checkpoints', () => {
     const io = goldenIo(gc.dir);
     const m = buildDitModel({ weights: join(gc.dir, 'checkpoint-train-layout.pt'), out: join(tmp, 'pt-train'), config: gc.config });
     expect(maxAbsDiff(await runDit(m.onnxPath, io.x, io.xShape, io.t, io.y), io.out)).toBeLessThanOrEqual(1e-4);
+  });
+});
+
+describe('diffusers config.json beside the weights', () => {
+  it('supplies input_size (sample_size) and num_heads (num_attention_heads)', () => {
+    const gc = byName('dit-tiny-p2');
+    const dir = join(tmp, 'transformer');
+    mkdirSync(dir);
+    const w = join(dir, 'diffusion_pytorch_model.safetensors');
+    writeDiffusersFixture(join(gc.dir, 'weights.safetensors'), w, gc.config.depth);
+    writeFileSync(join(dir, 'config.json'), JSON.stringify({ _class_name: 'DiTTransformer2DModel', sample_size: 8, num_attention_heads: 4, attention_head_dim: 16 }));
+    const f = openWeights(w);
+    try {
+      const r = resolveDitConfig(f);
+      expect(r.config).toEqual(gc.config);
+      expect(r.notes[1]).toContain('input_size = 8 (config.json)');
+      expect(r.notes[1]).toContain('num_heads = 4 (config.json)');
+    } finally {
+      f.close();
+    }
   });
 });
