@@ -95,7 +95,7 @@ export interface DecodeRequest {
 
 export interface DecodeResponse {
   /** PNG file bytes per image, in input order (IMAGE_FORMAT_PNG); empty otherwise. */
-  png: Buffer[];
+  png: Uint8Array[];
   /** Decoded float images [N, C_img, H, W] (IMAGE_FORMAT_RAW); unset otherwise. */
   raw?:
     | Tensor
@@ -295,7 +295,7 @@ export const DecodeResponse: MessageFns<DecodeResponse> = {
               break;
             }
 
-            message.png.push(Buffer.from(reader.bytes()));
+            message.png.push(reader.bytes());
             continue;
           }
           case 2: {
@@ -336,7 +336,7 @@ export const DecodeResponse: MessageFns<DecodeResponse> = {
 
   fromJSON(object: any): DecodeResponse {
     return {
-      png: globalThis.Array.isArray(object?.png) ? object.png.map((e: any) => Buffer.from(bytesFromBase64(e))) : [],
+      png: globalThis.Array.isArray(object?.png) ? object.png.map((e: any) => bytesFromBase64(e)) : [],
       raw: isSet(object.raw) ? Tensor.fromJSON(object.raw) : undefined,
       decodeMs: isSet(object.decodeMs)
         ? globalThis.Number(object.decodeMs)
@@ -783,11 +783,28 @@ export const DecoderClient = makeGenericClientConstructor(DecoderService, "ditpi
 };
 
 function bytesFromBase64(b64: string): Uint8Array {
-  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+  if ((globalThis as any).Buffer) {
+    return Uint8Array.from((globalThis as any).Buffer.from(b64, "base64"));
+  } else {
+    const bin = globalThis.atob(b64);
+    const arr = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; ++i) {
+      arr[i] = bin.charCodeAt(i);
+    }
+    return arr;
+  }
 }
 
 function base64FromBytes(arr: Uint8Array): string {
-  return globalThis.Buffer.from(arr).toString("base64");
+  if ((globalThis as any).Buffer) {
+    return (globalThis as any).Buffer.from(arr).toString("base64");
+  } else {
+    const bin: string[] = [];
+    arr.forEach((byte) => {
+      bin.push(globalThis.String.fromCharCode(byte));
+    });
+    return globalThis.btoa(bin.join(""));
+  }
 }
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {

@@ -198,7 +198,7 @@ export interface Timings {
 /** One generated image. */
 export interface Image {
   /** PNG file bytes (OUTPUT_FORMAT_PNG); empty otherwise. */
-  png: Buffer;
+  png: Uint8Array;
   /** The final latent [C, h, w] float32 (OUTPUT_FORMAT_RAW_LATENT); unset otherwise. */
   latent?:
     | Tensor
@@ -760,7 +760,7 @@ export const Timings: MessageFns<Timings> = {
 
 function createBaseImage(): Image {
   return {
-    png: Buffer.alloc(0),
+    png: new Uint8Array(0),
     latent: undefined,
     classLabel: 0,
     className: "",
@@ -821,7 +821,7 @@ export const Image: MessageFns<Image> = {
               break;
             }
 
-            message.png = Buffer.from(reader.bytes());
+            message.png = reader.bytes();
             continue;
           }
           case 2: {
@@ -894,7 +894,7 @@ export const Image: MessageFns<Image> = {
 
   fromJSON(object: any): Image {
     return {
-      png: isSet(object.png) ? Buffer.from(bytesFromBase64(object.png)) : Buffer.alloc(0),
+      png: isSet(object.png) ? bytesFromBase64(object.png) : new Uint8Array(0),
       latent: isSet(object.latent) ? Tensor.fromJSON(object.latent) : undefined,
       classLabel: isSet(object.classLabel)
         ? globalThis.Number(object.classLabel)
@@ -951,7 +951,7 @@ export const Image: MessageFns<Image> = {
   },
   fromPartial(object: DeepPartial<Image>): Image {
     const message = createBaseImage();
-    message.png = object.png ?? Buffer.alloc(0);
+    message.png = object.png ?? new Uint8Array(0);
     message.latent = (object.latent !== undefined && object.latent !== null)
       ? Tensor.fromPartial(object.latent)
       : undefined;
@@ -2200,11 +2200,28 @@ export const SamplerClient = makeGenericClientConstructor(SamplerService, "ditpi
 };
 
 function bytesFromBase64(b64: string): Uint8Array {
-  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+  if ((globalThis as any).Buffer) {
+    return Uint8Array.from((globalThis as any).Buffer.from(b64, "base64"));
+  } else {
+    const bin = globalThis.atob(b64);
+    const arr = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; ++i) {
+      arr[i] = bin.charCodeAt(i);
+    }
+    return arr;
+  }
 }
 
 function base64FromBytes(arr: Uint8Array): string {
-  return globalThis.Buffer.from(arr).toString("base64");
+  if ((globalThis as any).Buffer) {
+    return (globalThis as any).Buffer.from(arr).toString("base64");
+  } else {
+    const bin: string[] = [];
+    arr.forEach((byte) => {
+      bin.push(globalThis.String.fromCharCode(byte));
+    });
+    return globalThis.btoa(bin.join(""));
+  }
 }
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
