@@ -60,6 +60,43 @@ describe('nats only', () => {
     await nc.drain();
   });
 
+  it('a replica whose connection dies mid-request: the idempotent call is retried on the other one', async () => {
+    const ncHung = await connectNats({ servers: server.url, name: 'hung' });
+    const ncOk = await connectNats({ servers: server.url, name: 'ok' });
+    const ncClient = await connectNats({ servers: server.url, name: 'client' });
+    connections.push(ncHung, ncOk, ncClient);
+    let hungCalls = 0;
+    let okCalls = 0;
+    let died!: () => void;
+    const diedPromise = new Promise<void>((r) => {
+      died = r;
+    });
+    await serveOnNats(ncHung, DenoiserDefinition, {
+      denoise: async () => {
+        hungCalls++;
+        // The process "dies": its connection closes without answering.
+        await ncHung.close();
+        died();
+        return DenoiseResponse.create({ batchRows: -1 });
+      },
+      info: echoImpl.info,
+    }, { scope: 'crash' });
+    const client = natsClient(ncClient, DenoiserDefinition, { scope: 'crash', retries: 3, attemptTimeoutMs: 300 });
+    // Only the doomed replica listens when the call goes out, so it surely gets the first attempt.
+    const call = client.denoise({ model: 'm', t: [5n], y: [1], guidanceChannels: 0, requestId: '', stepIndex: 0 });
+    await diedPromise;
+    await serveOnNats(ncOk, DenoiserDefinition, {
+      denoise: () => {
+        okCalls++;
+        return DenoiseResponse.create({ batchRows: 1 });
+      },
+      info: echoImpl.info,
+    }, { scope: 'crash' });
+    expect((await call).batchRows).toBe(1);
+    expect([hungCalls, okCalls]).toEqual([1, 1]);
+    await Promise.all([ncOk.drain(), ncClient.drain()]);
+  });
+
   it('validates connection options, naming the field', async () => {
     await expect(connectNats({ servers: [] })).rejects.toThrow(/at least one server URL/);
     const e = await connectNats({ servers: server.url, user: 'a' }).catch((err: unknown) => err);
