@@ -65,10 +65,10 @@ describe.each(goldenCases())('golden $name', (gc) => {
     expect(m16.meta.weightDtype).toBe('float16');
     expect(m16.meta.params).toBe(gc.params);
     const got = await runDit(m16.onnxPath, io.x, io.xShape, io.t, io.y);
-    // Random golden weights of order 1 rounded to 11 bits: errors of a few 1e-3 on outputs of order 1.
+    // Weights rounded to 11 significant bits: ~1.5e-3 on outputs of order 4 here.
     const d = maxAbsDiff(got, io.out);
     expect(d).toBeGreaterThan(0);
-    expect(d).toBeLessThanOrEqual(3e-2);
+    expect(d).toBeLessThanOrEqual(1e-2);
   });
 });
 
