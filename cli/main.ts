@@ -6,12 +6,16 @@ const program = new Command('ditpipe')
   .showHelpAfterError()
   .exitOverride();
 
-// Subcommand modules export a `Command`; keep this list sorted.
-const modules: Array<() => Promise<{ command: Command }>> = [
+// Subcommand modules export a `command` or several `commands`; keep this list sorted.
+const modules: Array<() => Promise<{ command?: Command; commands?: Command[] }>> = [
   () => import('./model.ts'),
+  () => import('./serve.ts'),
 ];
 
-for (const load of modules) program.addCommand((await load()).command);
+for (const load of modules) {
+  const m = await load();
+  for (const c of m.commands ?? (m.command ? [m.command] : [])) program.addCommand(c);
+}
 
 try {
   await program.parseAsync(process.argv);

@@ -1,5 +1,6 @@
 // The public Sampler API on grpc-js: maps calls onto the Scheduler, client cancellation and
 // deadlines onto an AbortSignal, and typed errors onto gRPC statuses.
+import { setMaxListeners } from 'node:events';
 import type { ServerUnaryCall, ServerWritableStream, sendUnaryData } from '@grpc/grpc-js';
 import { toServiceError } from '../../shared/errors.ts';
 import type {
@@ -17,6 +18,8 @@ type AnyCall = ServerUnaryCall<GenerateRequest, GenerateResponse> | ServerWritab
 /** An AbortSignal that fires when the client cancels or its deadline passes, and the deadline (epoch ms). */
 function callSignal(call: AnyCall): { signal: AbortSignal; deadline: number | undefined; dispose: () => void } {
   const ac = new AbortController();
+  // Every step and decode call of the request listens on it (one per image for decodes).
+  setMaxListeners(0, ac.signal);
   const onCancel = (): void => ac.abort(new Error('cancelled by the client'));
   call.on('cancelled', onCancel);
   const d = call.getDeadline();

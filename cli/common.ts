@@ -1,0 +1,119 @@
+// Options and plumbing shared by the service commands: NATS connection flags (each with an env
+// var), logging, metrics endpoint, and ordered shutdown on SIGTERM/SIGINT.
+import { Option, type Command } from 'commander';
+import { pino, type Logger } from 'pino';
+import type { Registry } from 'prom-client';
+import { serveMetrics } from '../shared/metrics.ts';
+import { connectNats, natsTransport, type NatsConnectOptions } from '../shared/transport/nats.ts';
+import type { Transport } from '../shared/transport/types.ts';
+
+export interface NatsFlags {
+  natsUrl?: string;
+  natsUser?: string;
+  natsPassword?: string;
+  natsToken?: string;
+  natsCreds?: string;
+  natsTlsCa?: string;
+  natsTlsCert?: string;
+  natsTlsKey?: string;
+}
+
+export function addNatsOptions(cmd: Command, required: boolean): Command {
+  const url = new Option('--nats-url <urls>', `NATS server URL(s), comma-separated${required ? '' : '; unset runs every service in this process on an in-process bus'}`).env('NATS_URL');
+  if (required) url.makeOptionMandatory();
+  return cmd
+    .addOption(url)
+    .addOption(new Option('--nats-user <user>', 'NATS user (with --nats-password)').env('NATS_USER'))
+    .addOption(new Option('--nats-password <password>', 'NATS password').env('NATS_PASSWORD'))
+    .addOption(new Option('--nats-token <token>', 'NATS token').env('NATS_TOKEN'))
+    .addOption(new Option('--nats-creds <file>', 'NATS credentials file (JWT + nkey seed)').env('NATS_CREDS'))
+    .addOption(new Option('--nats-tls-ca <file>', 'CA certificate to verify the NATS server').env('NATS_TLS_CA'))
+    .addOption(new Option('--nats-tls-cert <file>', 'client certificate for NATS mutual TLS').env('NATS_TLS_CERT'))
+    .addOption(new Option('--nats-tls-key <file>', 'client key for NATS mutual TLS').env('NATS_TLS_KEY'));
+}
+
+export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string): NatsConnectOptions {
+  const tls = f.natsTlsCa || f.natsTlsCert || f.natsTlsKey ? { caFile: f.natsTlsCa, certFile: f.natsTlsCert, keyFile: f.natsTlsKey } : undefined;
+  return {
+    servers: f.natsUrl,
+    name,
+    user: f.natsUser,
+    password: f.natsPassword,
+    token: f.natsToken,
+    credsFile: f.natsCreds,
+    tls,
+    waitOnFirstConnect: true,
+  };
+}
+
+export async function natsFromFlags(f: NatsFlags & { natsUrl: string }, name: string): Promise<Transport> {
+  return natsTransport(await connectNats(natsOptions(f, name)));
+}
+
+export function intArg(flag: string, min: number, max = Number.MAX_SAFE_INTEGER): (v: string) => number {
+  return (v) => {
+    const x = Number(v);
+    if (!Number.isInteger(x) || x < min || x > max) throw new Error(`${flag} must be an integer within ${min}..${max}, got "${v}"`);
+    return x;
+  };
+}
+
+export function numberArg(flag: string, min: number): (v: string) => number {
+  return (v) => {
+    const x = Number(v);
+    if (!Number.isFinite(x) || x < min) throw new Error(`${flag} must be a number >= ${min}, got "${v}"`);
+    return x;
+  };
+}
+
+export function addServiceOptions(cmd: Command, defaults: { metricsPort: number }): Command {
+  return cmd
+    .addOption(new Option('--metrics-port <port>', 'port of the Prometheus /metrics endpoint (0 = any free port, -1 = off)').env('DITPIPE_METRICS_PORT').default(defaults.metricsPort).argParser(intArg('--metrics-port', -1, 65535)))
+    .addOption(new Option('--shutdown-grace <ms>', 'time in-flight work gets to finish on SIGTERM').env('DITPIPE_SHUTDOWN_GRACE_MS').default(10_000).argParser(intArg('--shutdown-grace', 0)))
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).env('DITPIPE_LOG_LEVEL').default('info'));
+}
+
+export function logger(name: string, level: string): Logger {
+  return pino({ name, level }, pino.destination(2));
+}
+
+/**
+ * Runs until SIGTERM/SIGINT, then stops the parts in the given order (each gets the grace period),
+ * closes the transport and exits. A second signal exits at once.
+ */
+export async function serveUntilSignal(opts: {
+  log: Logger;
+  parts: Array<{ name: string; stop: (graceMs: number) => Promise<void> }>;
+  transport: Transport;
+  registries: Registry[];
+  metricsPort: number;
+  graceMs: number;
+}): Promise<void> {
+  const metrics = opts.metricsPort >= 0 ? await serveMetrics(opts.registries, opts.metricsPort) : null;
+  if (metrics) opts.log.info({ port: metrics.port }, `metrics on http://0.0.0.0:${metrics.port}/metrics`);
+  let stopping = false;
+  const stop = async (signal: string): Promise<void> => {
+    if (stopping) {
+      opts.log.warn({ signal }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    stopping = true;
+    opts.log.info({ signal, graceMs: opts.graceMs }, 'shutting down');
+    for (const p of opts.parts) {
+      await p.stop(opts.graceMs);
+      opts.log.info(`${p.name} stopped`);
+    }
+    await opts.transport.close({ graceMs: opts.graceMs });
+    await metrics?.close();
+    opts.log.info('stopped');
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+  void opts.transport.closed.then((err) => {
+    if (err && !stopping) {
+      opts.log.fatal({ err: err.message }, 'transport closed for good');
+      process.exit(1);
+    }
+  });
+}

@@ -1,0 +1,105 @@
+// `ditpipe scheduler|denoiser|decoder`: one service per process, talking over NATS.
+import { Command, Option } from 'commander';
+import { compileDecoderConfig } from '../services/decoder/config.ts';
+import { startDecoderService } from '../services/decoder/service.ts';
+import { compileDenoiserConfig, parseSimulate } from '../services/denoiser/config.ts';
+import { startDenoiserService } from '../services/denoiser/service.ts';
+import { compileSchedulerConfig } from '../services/scheduler/config.ts';
+import { startSchedulerService } from '../services/scheduler/service.ts';
+import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
+import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, numberArg, serveUntilSignal, type NatsFlags } from './common.ts';
+
+interface ServiceFlags extends NatsFlags {
+  natsUrl: string;
+  metricsPort: number;
+  shutdownGrace: number;
+  logLevel: string;
+}
+
+function list(v: string): string[] {
+  return v.split(',').map((s) => s.trim()).filter(Boolean);
+}
+
+const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), true), { metricsPort: 9464 })
+  .description('Serve the public Sampler gRPC API; run the sampling loops and send steps to the denoiser pool over NATS.')
+  .addOption(new Option('--models <names>', 'DiT model names to serve, comma-separated (denoisers serve them)').env('DITPIPE_MODELS').makeOptionMandatory().argParser(list))
+  .addOption(new Option('--vae <model=vae,...>', 'VAE per model when its model.json names none').env('DITPIPE_VAE'))
+  .addOption(new Option('--grpc-port <port>', 'gRPC port (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
+  .addOption(new Option('--host <addr>', 'address to bind gRPC to').env('DITPIPE_HOST').default('0.0.0.0'))
+  .addOption(new Option('--max-samples-in-flight <n>', 'admission limit: images sampled at once, then RESOURCE_EXHAUSTED').env('DITPIPE_MAX_SAMPLES_IN_FLIGHT').default(256).argParser(intArg('--max-samples-in-flight', 1)))
+  .addOption(new Option('--max-images-per-request <n>', 'most images one request may ask for').env('DITPIPE_MAX_IMAGES_PER_REQUEST').default(64).argParser(intArg('--max-images-per-request', 1, 1024)))
+  .addOption(new Option('--step-timeout <ms>', 'one attempt of a denoise step; then it is retried on another replica').env('DITPIPE_STEP_TIMEOUT_MS').default(30_000).argParser(intArg('--step-timeout', 1)))
+  .addOption(new Option('--retries <n>', 'retries of a step or decode after UNAVAILABLE or a timeout').env('DITPIPE_RETRIES').default(3).argParser(intArg('--retries', 0, 100)))
+  .addOption(new Option('--default-cfg <scale>', 'guidance scale when a request sets none').env('DITPIPE_DEFAULT_CFG').default(4).argParser(numberArg('--default-cfg', 1)))
+  .action(async (o: ServiceFlags & { models: string[]; vae?: string; grpcPort: number; host: string; maxSamplesInFlight: number; maxImagesPerRequest: number; stepTimeout: number; retries: number; defaultCfg: number }) => {
+    const log = logger('scheduler', o.logLevel);
+    const vae = Object.fromEntries((o.vae ? list(o.vae) : []).map((kv) => kv.split('=') as [string, string]));
+    const config = compileSchedulerConfig({
+      models: o.models,
+      vae,
+      maxSamplesInFlight: o.maxSamplesInFlight,
+      maxImagesPerRequest: o.maxImagesPerRequest,
+      stepTimeoutMs: o.stepTimeout,
+      retries: o.retries,
+      defaultCfgScale: o.defaultCfg,
+    });
+    const transport = await natsFromFlags(o, 'ditpipe-scheduler');
+    const metrics = schedulerMetrics();
+    const svc = await startSchedulerService(config, transport, { grpcPort: o.grpcPort, host: o.host, metrics });
+    log.info({ port: svc.grpc.port, models: config.models }, `Sampler API on ${o.host}:${svc.grpc.port}`);
+    await serveUntilSignal({ log, parts: [{ name: 'scheduler', stop: (g) => svc.stop(g) }], transport, registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+  });
+
+const replicaOptions = (cmd: Command, grpcPort: number): Command =>
+  addServiceOptions(addNatsOptions(cmd, true), { metricsPort: 9464 })
+    .requiredOption('--model-dir <dir>', 'model directory (model.json + model.onnx)')
+    .addOption(new Option('--name <name>', 'name to serve the model under (default: model.json name)'))
+    .addOption(new Option('--grpc-port <port>', 'gRPC port for health checks and direct calls (0 = any free port, -1 = off)').default(grpcPort).argParser(intArg('--grpc-port', -1, 65535)))
+    .addOption(new Option('--execution-provider <ep>', 'onnxruntime execution provider').choices(['cpu', 'cuda']).env('DITPIPE_EXECUTION_PROVIDER').default('cpu'))
+    .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)));
+
+const denoiser = replicaOptions(new Command('denoiser'), 50052)
+  .description('Serve denoise steps of one DiT model over NATS, batching steps from many requests into each forward pass.')
+  .addOption(new Option('--max-batch-rows <n>', 'rows per forward pass (guidance rows count)').env('DITPIPE_MAX_BATCH_ROWS').default(64).argParser(intArg('--max-batch-rows', 1, 4096)))
+  .addOption(new Option('--max-wait <ms>', 'longest wait for more steps before a forward pass').env('DITPIPE_MAX_WAIT_MS').default(2).argParser(numberArg('--max-wait', 0)))
+  .addOption(new Option('--simulate <base+perRow>', 'do not run the model: sleep base + perRow × rows ms per pass and answer zeros (capacity tests)').env('DITPIPE_SIMULATE'))
+  .action(async (o: ServiceFlags & { modelDir: string; name?: string; grpcPort: number; executionProvider: 'cpu' | 'cuda'; threads: number; maxBatchRows: number; maxWait: number; simulate?: string }) => {
+    const log = logger('denoiser', o.logLevel);
+    const config = compileDenoiserConfig({
+      modelDir: o.modelDir,
+      name: o.name,
+      executionProvider: o.executionProvider,
+      intraOpThreads: o.threads,
+      maxBatchRows: o.maxBatchRows,
+      maxWaitMs: o.maxWait,
+      simulate: o.simulate ? parseSimulate(o.simulate) : undefined,
+    });
+    const transport = await natsFromFlags(o, 'ditpipe-denoiser');
+    const metrics = denoiserMetrics();
+    const svc = await startDenoiserService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
+    log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.denoiser.name}`);
+    await serveUntilSignal({ log, parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }], transport, registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+  });
+
+const decoder = replicaOptions(new Command('decoder'), 50053)
+  .description('Serve VAE decoding of sampled latents into PNGs over NATS, batching latents from many requests.')
+  .addOption(new Option('--max-batch <n>', 'images per decode pass').env('DITPIPE_MAX_BATCH').default(16).argParser(intArg('--max-batch', 1, 1024)))
+  .addOption(new Option('--max-wait <ms>', 'longest wait for more latents before a decode').env('DITPIPE_MAX_WAIT_MS').default(5).argParser(numberArg('--max-wait', 0)))
+  .action(async (o: ServiceFlags & { modelDir: string; name?: string; grpcPort: number; executionProvider: 'cpu' | 'cuda'; threads: number; maxBatch: number; maxWait: number }) => {
+    const log = logger('decoder', o.logLevel);
+    const config = compileDecoderConfig({
+      modelDir: o.modelDir,
+      name: o.name,
+      executionProvider: o.executionProvider,
+      intraOpThreads: o.threads,
+      maxBatch: o.maxBatch,
+      maxWaitMs: o.maxWait,
+    });
+    const transport = await natsFromFlags(o, 'ditpipe-decoder');
+    const metrics = decoderMetrics();
+    const svc = await startDecoderService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
+    log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.decoder.name}`);
+    await serveUntilSignal({ log, parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }], transport, registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+  });
+
+export const commands = [scheduler, denoiser, decoder];

@@ -1,0 +1,82 @@
+// Starts the three services in this process on a real transport (in-process bus or a real
+// nats-server), each on its own connection like separate processes, with gRPC on port 0.
+import { compileDecoderConfig } from '../../services/decoder/config.ts';
+import { startDecoderService } from '../../services/decoder/service.ts';
+import { compileDenoiserConfig, type DenoiserConfigInput } from '../../services/denoiser/config.ts';
+import { startDenoiserService } from '../../services/denoiser/service.ts';
+import { compileSchedulerConfig, type SchedulerConfigInput } from '../../services/scheduler/config.ts';
+import { startSchedulerService } from '../../services/scheduler/service.ts';
+import { SamplerApi } from '../../shared/client.ts';
+import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
+import type { RunningReplica } from '../../shared/server/replica.ts';
+import { InProcBus } from '../../shared/transport/inproc.ts';
+import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
+import type { Transport } from '../../shared/transport/types.ts';
+import { DIT_NAME, testModels, VAE_NAME } from './models.ts';
+
+export type TransportKind = { kind: 'inproc'; bus?: InProcBus } | { kind: 'nats'; url: string };
+
+export interface PipelineOptions {
+  transport: TransportKind;
+  denoisers?: number;
+  decoders?: number;
+  scheduler?: Partial<SchedulerConfigInput>;
+  denoiser?: Partial<DenoiserConfigInput>;
+}
+
+export interface Pipeline {
+  api: SamplerApi;
+  address: string;
+  schedulerMetrics: SchedulerMetrics;
+  denoiserMetrics: DenoiserMetrics[];
+  denoisers: RunningReplica[];
+  connect(name: string): Promise<Transport>;
+  stop(): Promise<void>;
+}
+
+export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
+  const { ditDir, vaeDir } = testModels();
+  const bus = opts.transport.kind === 'inproc' ? (opts.transport.bus ?? new InProcBus()) : null;
+  const url = opts.transport.kind === 'nats' ? opts.transport.url : '';
+  const transports: Transport[] = [];
+  const connect = async (name: string): Promise<Transport> => {
+    const t = bus ? bus.connect(name) : natsTransport(await connectNats({ servers: url, name }));
+    transports.push(t);
+    return t;
+  };
+  const dMetrics: DenoiserMetrics[] = [];
+  const denoisers: RunningReplica[] = [];
+  for (let i = 0; i < (opts.denoisers ?? 1); i++) {
+    const m = denoiserMetrics();
+    dMetrics.push(m);
+    denoisers.push(
+      await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1, ...opts.denoiser }), await connect(`denoiser-${i}`), { metrics: m }),
+    );
+  }
+  const decoders: RunningReplica[] = [];
+  for (let i = 0; i < (opts.decoders ?? 1); i++) {
+    decoders.push(await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), await connect(`decoder-${i}`), { metrics: decoderMetrics() }));
+  }
+  const sMetrics = schedulerMetrics();
+  const scheduler = await startSchedulerService(
+    compileSchedulerConfig({ models: [DIT_NAME], vae: { [DIT_NAME]: VAE_NAME }, ...opts.scheduler }),
+    await connect('scheduler'),
+    { grpcPort: 0, host: '127.0.0.1', metrics: sMetrics },
+  );
+  const address = `127.0.0.1:${scheduler.grpc.port}`;
+  const api = new SamplerApi(address);
+  return {
+    api,
+    address,
+    schedulerMetrics: sMetrics,
+    denoiserMetrics: dMetrics,
+    denoisers,
+    connect,
+    async stop() {
+      api.close();
+      await scheduler.stop(2_000);
+      await Promise.all([...denoisers, ...decoders].map((r) => r.stop(2_000)));
+      await Promise.all(transports.map((t) => t.close({ graceMs: 1_000 })));
+    },
+  };
+}

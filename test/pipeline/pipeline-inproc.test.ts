@@ -1,0 +1,3 @@
+import { pipelineSuite } from './suite.ts';
+
+pipelineSuite('the in-process bus', () => ({ kind: 'inproc' }));
