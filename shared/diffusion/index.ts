@@ -1,0 +1,35 @@
+export { DiffusionInputError } from './errors.ts';
+export { betaSchedule, diffusionTables, type DiffusionTables, type ScheduleName } from './schedule.ts';
+export {
+  respacedBetas,
+  roundHalfEven,
+  spaceTimesteps,
+  spacedDiffusion,
+  type DiffusionSpec,
+  type SpacedDiffusion,
+} from './respace.ts';
+export {
+  ddimStep,
+  ddpmStep,
+  dpmppMemory,
+  dpmppStep,
+  type DdimOptions,
+  type DdpmOptions,
+  type DpmppMemory,
+  type StepLayout,
+  type VarianceType,
+} from './samplers.ts';
+export { combineGuidance, guidanceRows, guidedChannels, type GuidanceOptions } from './guidance.ts';
+export { fillNormal, philox4x32, seedKey, STREAM_INITIAL, STREAM_STEP } from './philox.ts';
+export {
+  advance,
+  isDone,
+  next,
+  result,
+  start,
+  type InjectedNoise,
+  type PendingStep,
+  type SampleRequest,
+  type SamplerName,
+  type SamplerState,
+} from './state.ts';

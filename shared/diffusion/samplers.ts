@@ -1,0 +1,240 @@
+// Reverse-diffusion steps over float32 latents [count, C, H, W].
+//
+// DDPM and DDIM follow the original `GaussianDiffusion.p_sample` / `ddim_sample`: the original
+// extracts float64 table entries and converts them to float32 (`_extract_into_tensor(...).float()`),
+// so these steps round each coefficient to float32 too, then do the per-element arithmetic in float64
+// and store float32. DPM-Solver++ is not in the original and uses the float64 coefficients as they are.
+import { DiffusionInputError } from './errors.ts';
+import type { SpacedDiffusion } from './respace.ts';
+
+/** Tensor layout of one step: `count` samples of `channels`×`plane` latents; the model gives `outChannels`. */
+export interface StepLayout {
+  readonly count: number;
+  readonly channels: number;
+  readonly plane: number;
+  /** `channels` (eps only) or 2·`channels` (eps, then the learned variance values in [-1, 1]). */
+  readonly outChannels: number;
+}
+
+export type VarianceType = 'learned-range' | 'fixed-large' | 'fixed-small';
+
+const f32 = Math.fround;
+
+function checkStep(d: SpacedDiffusion, index: number, layout: StepLayout, x: Float32Array, modelOut: Float32Array, out: Float32Array): void {
+  if (!Number.isInteger(index) || index < 0 || index >= d.numTimesteps) {
+    throw new DiffusionInputError('step', `respaced index ${index} is outside 0..${d.numTimesteps - 1}`);
+  }
+  const { count, channels, plane, outChannels } = layout;
+  if (outChannels !== channels && outChannels !== 2 * channels) {
+    throw new DiffusionInputError('modelOutput', `has ${outChannels} channels; expected ${channels} or ${2 * channels}`);
+  }
+  const n = count * channels * plane;
+  if (x.length !== n) throw new DiffusionInputError('x', `has ${x.length} elements; expected ${n}`);
+  if (out.length !== n) throw new DiffusionInputError('out', `has ${out.length} elements; expected ${n}`);
+  const m = count * outChannels * plane;
+  if (modelOut.length !== m) {
+    throw new DiffusionInputError(
+      'modelOutput',
+      `has ${modelOut.length} elements; expected ${m} = [${count}, ${outChannels}, ${plane}]`,
+    );
+  }
+}
+
+export interface DdpmOptions {
+  readonly variance: VarianceType;
+  readonly clipDenoised?: boolean;
+}
+
+/**
+ * One ancestral step x_t → x_{t-1} at respaced index `index` (p_sample). `noise` is the standard
+ * normal draw for this step ([count, C, H, W]); it is not read at index 0 (the last step adds none)
+ * and may be null there. `out` may be `x` (the update is element-wise).
+ */
+export function ddpmStep(
+  d: SpacedDiffusion,
+  index: number,
+  x: Float32Array,
+  modelOut: Float32Array,
+  noise: Float32Array | null,
+  layout: StepLayout,
+  opts: DdpmOptions,
+  out: Float32Array,
+): void {
+  checkStep(d, index, layout, x, modelOut, out);
+  const { count, channels, plane, outChannels } = layout;
+  const addNoise = index !== 0;
+  if (addNoise && (noise === null || noise.length !== x.length)) {
+    throw new DiffusionInputError('noise', `needs ${x.length} elements at step index ${index}`);
+  }
+  const learned = opts.variance === 'learned-range';
+  if (learned && outChannels !== 2 * channels) {
+    throw new DiffusionInputError('modelOutput', `learned-range variance needs ${2 * channels} channels, got ${outChannels}`);
+  }
+  const clip = opts.clipDenoised === true;
+  const sr = f32(d.sqrtRecipAlphasCumprod[index]);
+  const srm1 = f32(d.sqrtRecipm1AlphasCumprod[index]);
+  const c1 = f32(d.posteriorMeanCoef1[index]);
+  const c2 = f32(d.posteriorMeanCoef2[index]);
+  const minLog = f32(d.posteriorLogVarianceClipped[index]);
+  const maxLog = f32(d.logBetas[index]);
+  const fixedLog =
+    opts.variance === 'fixed-large'
+      ? f32(d.fixedLargeLogVariance[index])
+      : f32(d.posteriorLogVarianceClipped[index]);
+  const fixedStd = Math.exp(0.5 * fixedLog);
+  // exp(0.5·(frac·max + (1−frac)·min)) = exp(0.5·min) · exp(0.5·frac·(max − min)), frac = (v+1)/2.
+  const halfMin = 0.5 * minLog;
+  const quarterSpan = 0.25 * (maxLog - minLog);
+  const nz = noise ?? out;
+  for (let s = 0; s < count; s++) {
+    for (let c = 0; c < channels; c++) {
+      const xo = (s * channels + c) * plane;
+      const eo = (s * outChannels + c) * plane;
+      const vo = eo + channels * plane;
+      for (let p = 0; p < plane; p++) {
+        const xt = x[xo + p];
+        let x0 = sr * xt - srm1 * modelOut[eo + p];
+        if (clip) x0 = x0 < -1 ? -1 : x0 > 1 ? 1 : x0;
+        let v = c1 * x0 + c2 * xt;
+        if (addNoise) {
+          const std = learned ? Math.exp(halfMin + quarterSpan * (modelOut[vo + p] + 1)) : fixedStd;
+          v += std * nz[xo + p];
+        }
+        out[xo + p] = v;
+      }
+    }
+  }
+}
+
+export interface DdimOptions {
+  readonly eta: number;
+  readonly clipDenoised?: boolean;
+}
+
+/** One DDIM step (ddim_sample). `noise` is read only when eta > 0 and index > 0. `out` may be `x`. */
+export function ddimStep(
+  d: SpacedDiffusion,
+  index: number,
+  x: Float32Array,
+  modelOut: Float32Array,
+  noise: Float32Array | null,
+  layout: StepLayout,
+  opts: DdimOptions,
+  out: Float32Array,
+): void {
+  checkStep(d, index, layout, x, modelOut, out);
+  if (!(Number.isFinite(opts.eta) && opts.eta >= 0)) {
+    throw new DiffusionInputError('eta', `must be a finite number >= 0, got ${opts.eta}`);
+  }
+  const { count, channels, plane, outChannels } = layout;
+  const sr = f32(d.sqrtRecipAlphasCumprod[index]);
+  const srm1 = f32(d.sqrtRecipm1AlphasCumprod[index]);
+  const ab = f32(d.alphasCumprod[index]);
+  const abPrev = f32(d.alphasCumprodPrev[index]);
+  const sigma = opts.eta * Math.sqrt((1 - abPrev) / (1 - ab)) * Math.sqrt(1 - ab / abPrev);
+  const addNoise = index !== 0 && sigma !== 0;
+  if (addNoise && (noise === null || noise.length !== x.length)) {
+    throw new DiffusionInputError('noise', `needs ${x.length} elements at step index ${index}`);
+  }
+  const sqrtAbPrev = Math.sqrt(abPrev);
+  // max(0, ·) guards the rounding when eta makes the direction term vanish.
+  const dirCoef = Math.sqrt(Math.max(0, 1 - abPrev - sigma * sigma));
+  const clip = opts.clipDenoised === true;
+  const nz = noise ?? out;
+  for (let s = 0; s < count; s++) {
+    for (let c = 0; c < channels; c++) {
+      const xo = (s * channels + c) * plane;
+      const eo = (s * outChannels + c) * plane;
+      for (let p = 0; p < plane; p++) {
+        const xt = x[xo + p];
+        let x0 = sr * xt - srm1 * modelOut[eo + p];
+        if (clip) x0 = x0 < -1 ? -1 : x0 > 1 ? 1 : x0;
+        // The original re-derives eps from the (possibly clipped) x0 prediction.
+        const eps = (sr * xt - x0) / srm1;
+        let v = x0 * sqrtAbPrev + dirCoef * eps;
+        if (addNoise) v += sigma * nz[xo + p];
+        out[xo + p] = v;
+      }
+    }
+  }
+}
+
+/** Multistep memory of DPM-Solver++(2M): the previous data prediction and step size in λ. */
+export interface DpmppMemory {
+  /** x0 prediction of the previous step, [count, C, H, W]. */
+  readonly prevX0: Float32Array;
+  /** λ-step of the previous step; NaN before the first step. */
+  prevH: number;
+}
+
+export function dpmppMemory(elements: number): DpmppMemory {
+  return { prevX0: new Float32Array(elements), prevH: Number.NaN };
+}
+
+/**
+ * One DPM-Solver++(2M) step (Lu et al. 2022, data prediction, multistep second order) from the
+ * respaced timestep `index` to the previous one (ᾱ_prev; at index 0 that is ᾱ = 1, the clean
+ * sample). With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_t − λ_s:
+ *   x_t = (σ_t/σ_s)·x_s − α_t·(e^{−h} − 1)·D,
+ * D = (1 + 1/(2r))·x0_s − 1/(2r)·x0_prev with r = h_prev/h, and D = x0_s (first order) on the
+ * first step (no history) and on the last two: into the lowest kept timestep and from there to
+ * the clean sample (σ = 0, h infinite). That is the solver's "lower order final" rule: with the
+ * evenly spaced timesteps of the original respacing, the step into timestep 0 is several times
+ * longer in λ than the one before (r ≈ 0.2 at 10–25 steps), where the 2M extrapolation loses
+ * accuracy instead of gaining it. Updates `mem`; `out` may be `x`.
+ */
+export function dpmppStep(
+  d: SpacedDiffusion,
+  index: number,
+  x: Float32Array,
+  modelOut: Float32Array,
+  layout: StepLayout,
+  mem: DpmppMemory,
+  opts: { readonly clipDenoised?: boolean },
+  out: Float32Array,
+): void {
+  checkStep(d, index, layout, x, modelOut, out);
+  if (mem.prevX0.length !== x.length) {
+    throw new DiffusionInputError('memory', `prevX0 has ${mem.prevX0.length} elements; expected ${x.length}`);
+  }
+  const { count, channels, plane, outChannels } = layout;
+  const abS = d.alphasCumprod[index];
+  const abT = d.alphasCumprodPrev[index];
+  const alphaS = Math.sqrt(abS);
+  const sigmaS = Math.sqrt(1 - abS);
+  const alphaT = Math.sqrt(abT);
+  const sigmaT = Math.sqrt(1 - abT);
+  const sr = 1 / alphaS;
+  const srm1 = sigmaS / alphaS;
+  // e^{−h} = (σ_t/α_t)/(σ_s/α_s), finite (0) at the clean end where h = ∞.
+  const expMinusH = (sigmaT * alphaS) / (alphaT * sigmaS);
+  const h = -Math.log(expMinusH);
+  const secondOrder = Number.isFinite(mem.prevH) && index >= 2;
+  const ratio = sigmaT / sigmaS;
+  const coef = -alphaT * (expMinusH - 1);
+  let w0 = 1;
+  let w1 = 0;
+  if (secondOrder) {
+    const halfInvR = h / (2 * mem.prevH);
+    w0 = 1 + halfInvR;
+    w1 = -halfInvR;
+  }
+  const clip = opts.clipDenoised === true;
+  const prev = mem.prevX0;
+  for (let s = 0; s < count; s++) {
+    for (let c = 0; c < channels; c++) {
+      const xo = (s * channels + c) * plane;
+      const eo = (s * outChannels + c) * plane;
+      for (let p = 0; p < plane; p++) {
+        const i = xo + p;
+        const xs = x[i];
+        let x0 = sr * xs - srm1 * modelOut[eo + p];
+        if (clip) x0 = x0 < -1 ? -1 : x0 > 1 ? 1 : x0;
+        const dd = w0 * x0 + w1 * prev[i];
+        prev[i] = x0;
+        out[i] = ratio * xs + coef * dd;
+      }
+    }
+  }
+  mem.prevH = h;
+}
