@@ -51,6 +51,15 @@ describe('safetensors reader on golden files', () => {
     }
   });
 
+  it('auto-detects safetensors whose header length starts with 0x80 (not a legacy pickle)', () => {
+    const path = join(GOLDEN, '../dit-256tok-p2/io.safetensors');
+    expect(readFileSync(path)[0]).toBe(0x80);
+    const f = openWeights(path);
+    expect(f.format).toBe('safetensors');
+    expect(f.info('x').shape).toEqual([4, 4, 32, 32]);
+    f.close();
+  });
+
   it('reads I64 and F32 tensors of io.safetensors', () => {
     const path = join(GOLDEN, 'io.safetensors');
     const ref = naive(path);
