@@ -4,7 +4,7 @@ import { InvalidArgumentError } from './errors.ts';
 import { DType, type Tensor } from './gen/ditpipe/v1/tensor.ts';
 
 export function f32Tensor(shape: readonly number[], data: Float32Array): Tensor {
-  return { shape: [...shape], dtype: DType.DTYPE_FLOAT32, data: Buffer.from(data.buffer, data.byteOffset, data.byteLength) };
+  return { shape: [...shape], dtype: DType.DTYPE_FLOAT32, data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
 }
 
 /**

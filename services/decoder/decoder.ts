@@ -92,7 +92,7 @@ export class Decoder {
     this.metrics.queueSeconds.observe(labels, done.queueMs / 1000);
     const r = done.result;
     return {
-      png: r.pngs.map((p) => Buffer.from(p.buffer, p.byteOffset, p.byteLength)),
+      png: r.pngs,
       raw: r.raw ? f32Tensor(r.shape, r.raw) : undefined,
       decodeMs: r.ms,
       batchSize: done.batchRows,

@@ -54,7 +54,8 @@ export function samplerGrpcImpl(scheduler: Scheduler): SamplerServer {
         .generate(call.request, { signal, deadline, onEvent: (e) => { if (!call.cancelled) call.write(e); } })
         .then(
           () => call.end(),
-          (err: unknown) => { if (!call.cancelled) call.destroy(toServiceError(err)); },
+          // grpc-js sends the status of a stream only through an 'error' event (destroy() would not).
+          (err: unknown) => { if (!call.cancelled) call.emit('error', toServiceError(err)); },
         )
         .finally(dispose);
     },

@@ -272,7 +272,7 @@ export class Scheduler {
     const images: Image[] = new Array<Image>(n);
     const names = model.denoiser.classNames;
     const base = (i: number): Image => ({
-      png: Buffer.alloc(0),
+      png: new Uint8Array(0),
       latent: undefined,
       classLabel: plan.labels[i],
       className: names[plan.labels[i]] ?? '',
