@@ -1,9 +1,12 @@
 // Reverse-diffusion steps over float32 latents [count, C, H, W].
 //
-// DDPM and DDIM follow the original `GaussianDiffusion.p_sample` / `ddim_sample`: the original
-// extracts float64 table entries and converts them to float32 (`_extract_into_tensor(...).float()`),
-// so these steps round each coefficient to float32 too, then do the per-element arithmetic in float64
-// and store float32. DPM-Solver++ is not in the original and uses the float64 coefficients as they are.
+// DDPM and DDIM reproduce the original `GaussianDiffusion.p_sample` / `ddim_sample` operation by
+// operation in float32, as torch runs them: the float64 tables are converted to float32 when
+// extracted (`_extract_into_tensor(...).float()`), and every tensor operation rounds to float32
+// (`f32` below, in the original's evaluation order). Latents reach magnitudes of 10^3 while the x0
+// prediction is larger still, so float64 arithmetic would drift from the original by ~1e-6
+// relative per step, about 1e-3 absolute over a run. DPM-Solver++ is not in the original and
+// computes in float64.
 import { DiffusionInputError } from './errors.ts';
 import type { SpacedDiffusion } from './respace.ts';
 
@@ -78,13 +81,8 @@ export function ddpmStep(
   const minLog = f32(d.posteriorLogVarianceClipped[index]);
   const maxLog = f32(d.logBetas[index]);
   const fixedLog =
-    opts.variance === 'fixed-large'
-      ? f32(d.fixedLargeLogVariance[index])
-      : f32(d.posteriorLogVarianceClipped[index]);
-  const fixedStd = Math.exp(0.5 * fixedLog);
-  // exp(0.5·(frac·max + (1−frac)·min)) = exp(0.5·min) · exp(0.5·frac·(max − min)), frac = (v+1)/2.
-  const halfMin = 0.5 * minLog;
-  const quarterSpan = 0.25 * (maxLog - minLog);
+    opts.variance === 'fixed-large' ? f32(d.fixedLargeLogVariance[index]) : f32(d.posteriorLogVarianceClipped[index]);
+  const fixedStd = f32(Math.exp(f32(0.5 * fixedLog)));
   const nz = noise ?? out;
   for (let s = 0; s < count; s++) {
     for (let c = 0; c < channels; c++) {
@@ -93,12 +91,18 @@ export function ddpmStep(
       const vo = eo + channels * plane;
       for (let p = 0; p < plane; p++) {
         const xt = x[xo + p];
-        let x0 = sr * xt - srm1 * modelOut[eo + p];
+        let x0 = f32(f32(sr * xt) - f32(srm1 * modelOut[eo + p]));
         if (clip) x0 = x0 < -1 ? -1 : x0 > 1 ? 1 : x0;
-        let v = c1 * x0 + c2 * xt;
+        let v = f32(f32(c1 * x0) + f32(c2 * xt));
         if (addNoise) {
-          const std = learned ? Math.exp(halfMin + quarterSpan * (modelOut[vo + p] + 1)) : fixedStd;
-          v += std * nz[xo + p];
+          let std = fixedStd;
+          if (learned) {
+            // frac = (v + 1)/2; log σ² = frac·max_log + (1 − frac)·min_log; σ = exp(½ log σ²).
+            const frac = f32(modelOut[vo + p] + 1) * 0.5;
+            const logVar = f32(f32(frac * maxLog) + f32(f32(1 - frac) * minLog));
+            std = f32(Math.exp(f32(0.5 * logVar)));
+          }
+          v = f32(v + f32(std * nz[xo + p]));
         }
         out[xo + p] = v;
       }
@@ -131,14 +135,17 @@ export function ddimStep(
   const srm1 = f32(d.sqrtRecipm1AlphasCumprod[index]);
   const ab = f32(d.alphasCumprod[index]);
   const abPrev = f32(d.alphasCumprodPrev[index]);
-  const sigma = opts.eta * Math.sqrt((1 - abPrev) / (1 - ab)) * Math.sqrt(1 - ab / abPrev);
+  // sigma = eta·sqrt((1 − ᾱ_prev)/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ_prev), each tensor op in float32.
+  const sigma = f32(
+    f32(opts.eta * f32(Math.sqrt(f32(f32(1 - abPrev) / f32(1 - ab))))) * f32(Math.sqrt(f32(1 - f32(ab / abPrev)))),
+  );
   const addNoise = index !== 0 && sigma !== 0;
   if (addNoise && (noise === null || noise.length !== x.length)) {
     throw new DiffusionInputError('noise', `needs ${x.length} elements at step index ${index}`);
   }
-  const sqrtAbPrev = Math.sqrt(abPrev);
+  const sqrtAbPrev = f32(Math.sqrt(abPrev));
   // max(0, ·) guards the rounding when eta makes the direction term vanish.
-  const dirCoef = Math.sqrt(Math.max(0, 1 - abPrev - sigma * sigma));
+  const dirCoef = f32(Math.sqrt(Math.max(0, f32(f32(1 - abPrev) - f32(sigma * sigma)))));
   const clip = opts.clipDenoised === true;
   const nz = noise ?? out;
   for (let s = 0; s < count; s++) {
@@ -147,12 +154,13 @@ export function ddimStep(
       const eo = (s * outChannels + c) * plane;
       for (let p = 0; p < plane; p++) {
         const xt = x[xo + p];
-        let x0 = sr * xt - srm1 * modelOut[eo + p];
+        const srx = f32(sr * xt);
+        let x0 = f32(srx - f32(srm1 * modelOut[eo + p]));
         if (clip) x0 = x0 < -1 ? -1 : x0 > 1 ? 1 : x0;
         // The original re-derives eps from the (possibly clipped) x0 prediction.
-        const eps = (sr * xt - x0) / srm1;
-        let v = x0 * sqrtAbPrev + dirCoef * eps;
-        if (addNoise) v += sigma * nz[xo + p];
+        const eps = f32(f32(srx - x0) / srm1);
+        let v = f32(f32(x0 * sqrtAbPrev) + f32(dirCoef * eps));
+        if (addNoise) v = f32(v + f32(sigma * nz[xo + p]));
         out[xo + p] = v;
       }
     }
