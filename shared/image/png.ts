@@ -32,30 +32,3 @@ export function decodePng(png: Uint8Array): Pixels {
   const d = decode(png);
   return { width: d.width, height: d.height, channels: d.channels, data: Uint8Array.from(d.data as ArrayLike<number>) };
 }
-
-/**
- * Tiles equally sized images into one (row-major, `cols` per row) with a `gap`-pixel border of
- * `background`; images with fewer channels than the grid are expanded to gray RGB.
- */
-export function gridPixels(images: Pixels[], cols: number, gap = 2, background = 255): Pixels {
-  if (images.length === 0) throw new RangeError('a grid needs at least one image');
-  const { width: w, height: h } = images[0];
-  const channels = Math.max(...images.map((i) => i.channels));
-  const rows = Math.ceil(images.length / cols);
-  const width = cols * w + (cols + 1) * gap;
-  const height = rows * h + (rows + 1) * gap;
-  const data = new Uint8Array(width * height * channels).fill(background);
-  images.forEach((img, k) => {
-    if (img.width !== w || img.height !== h) throw new RangeError('grid images must all have the same size');
-    const ox = gap + (k % cols) * (w + gap);
-    const oy = gap + Math.floor(k / cols) * (h + gap);
-    for (let y = 0; y < h; y++) {
-      for (let x = 0; x < w; x++) {
-        const dst = ((oy + y) * width + ox + x) * channels;
-        const src = (y * w + x) * img.channels;
-        for (let ch = 0; ch < channels; ch++) data[dst + ch] = img.data[src + (img.channels === 1 ? 0 : ch)];
-      }
-    }
-  });
-  return { width, height, channels, data };
-}
