@@ -79,12 +79,12 @@ export function logger(name: string, level: string): Logger {
 
 /**
  * Runs until SIGTERM/SIGINT, then stops the parts in the given order (each gets the grace period),
- * closes the transport and exits. A second signal exits at once.
+ * closes the transports and exits. A second signal exits at once.
  */
 export async function serveUntilSignal(opts: {
   log: Logger;
   parts: Array<{ name: string; stop: (graceMs: number) => Promise<void> }>;
-  transport: Transport;
+  transports: Transport[];
   registries: Registry[];
   metricsPort: number;
   graceMs: number;
@@ -103,17 +103,19 @@ export async function serveUntilSignal(opts: {
       await p.stop(opts.graceMs);
       opts.log.info(`${p.name} stopped`);
     }
-    await opts.transport.close({ graceMs: opts.graceMs });
+    await Promise.all(opts.transports.map((t) => t.close({ graceMs: opts.graceMs })));
     await metrics?.close();
     opts.log.info('stopped');
     process.exit(0);
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
-  void opts.transport.closed.then((err) => {
-    if (err && !stopping) {
-      opts.log.fatal({ err: err.message }, 'transport closed for good');
-      process.exit(1);
-    }
-  });
+  for (const t of opts.transports) {
+    void t.closed.then((err) => {
+      if (err && !stopping) {
+        opts.log.fatal({ err: err.message }, 'transport closed for good');
+        process.exit(1);
+      }
+    });
+  }
 }

@@ -8,8 +8,11 @@ const program = new Command('ditpipe')
 
 // Subcommand modules export a `command` or several `commands`; keep this list sorted.
 const modules: Array<() => Promise<{ command?: Command; commands?: Command[] }>> = [
+  () => import('./generate.ts'),
   () => import('./model.ts'),
+  () => import('./sample.ts'),
   () => import('./serve.ts'),
+  () => import('./start.ts'),
 ];
 
 for (const load of modules) {

@@ -87,6 +87,7 @@ interface BuildDitCli {
   dtype: string;
   name?: string;
   classNames?: string;
+  vae?: string;
   out: string;
   quiet?: boolean;
 }
@@ -101,6 +102,7 @@ const buildDit = new Command('dit')
   .option('--dtype <dtype>', 'weight storage dtype: f32 or f16 (compute stays float32)', 'f32')
   .option('--name <name>', 'model name services advertise (default: the output directory name)')
   .option('--class-names <file>', 'class names, one per line or a JSON array, stored in model.json')
+  .option('--vae <name>', 'name of the VAE decoder this model samples for (schedulers pair them by it)')
   .option('--quiet', 'no progress output')
   .requiredOption('--out <dir>', 'output model directory')
   .action((o: BuildDitCli) => {
@@ -120,6 +122,7 @@ const buildDit = new Command('dit')
       dtype: o.dtype,
       name: o.name,
       classNames: o.classNames ? readClassNames(o.classNames) : undefined,
+      vae: o.vae,
       onNote: log,
       onWarning: (w) => process.stderr.write(`warning: ${w}\n`),
       onProgress: bar ? (done, total) => bar.update(done, total) : undefined,

@@ -47,7 +47,7 @@ const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), tru
     const metrics = schedulerMetrics();
     const svc = await startSchedulerService(config, transport, { grpcPort: o.grpcPort, host: o.host, metrics });
     log.info({ port: svc.grpc.port, models: config.models }, `Sampler API on ${o.host}:${svc.grpc.port}`);
-    await serveUntilSignal({ log, parts: [{ name: 'scheduler', stop: (g) => svc.stop(g) }], transport, registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+    await serveUntilSignal({ log, parts: [{ name: 'scheduler', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
 
 const replicaOptions = (cmd: Command, grpcPort: number): Command =>
@@ -78,7 +78,7 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
     const metrics = denoiserMetrics();
     const svc = await startDenoiserService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
     log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.denoiser.name}`);
-    await serveUntilSignal({ log, parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }], transport, registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+    await serveUntilSignal({ log, parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
 
 const decoder = replicaOptions(new Command('decoder'), 50053)
@@ -99,7 +99,7 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
     const metrics = decoderMetrics();
     const svc = await startDecoderService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
     log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.decoder.name}`);
-    await serveUntilSignal({ log, parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }], transport, registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+    await serveUntilSignal({ log, parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
 
 export const commands = [scheduler, denoiser, decoder];

@@ -353,6 +353,8 @@ export interface BuildDitModelOptions extends DitConfigRequest {
   dtype?: 'f32' | 'f16';
   name?: string;
   classNames?: string[];
+  /** Name of the VAE whose latent space the model samples in (recorded in model.json). */
+  vae?: string;
   /** Weight bytes above which the ONNX weights go to an external data file (default: the writer's). */
   externalDataThresholdBytes?: number;
   onWarning?: (message: string) => void;
@@ -390,6 +392,7 @@ export function buildDitModel(opts: BuildDitModelOptions): ModelDir {
         name,
         config,
         ...(opts.classNames ? { classNames: opts.classNames } : {}),
+        ...(opts.vae ? { vae: opts.vae } : {}),
         source: { file: basename(opts.weights), format: `${format}/${file.format}`, sha256 },
       },
       {

@@ -1,0 +1,56 @@
+// The default model of `npm start` and `ditpipe up`: the Fashion-MNIST latent DiT and its VAE,
+// trained by models/fashion-mnist/ and committed as safetensors. ditpipe's own compiler turns them
+// into model directories under .cache/models, rebuilt only when the weights change.
+import { existsSync, readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { readModelDir } from '../shared/model/modeldir.ts';
+import { buildDitModel } from '../shared/model/dit.ts';
+import { sha256File } from '../shared/weights/index.ts';
+import { buildVaeModel } from './model-vae.ts';
+
+export const ROOT = resolve(import.meta.dirname, '..');
+export const DEFAULT_WEIGHTS_DIR = join(ROOT, 'models/fashion-mnist');
+export const DEFAULT_CACHE_DIR = join(ROOT, '.cache/models');
+export const DEFAULT_DIT_NAME = 'fashion-mnist';
+export const DEFAULT_VAE_NAME = 'fashion-mnist-vae';
+
+export interface DefaultModels {
+  ditDir: string;
+  vaeDir: string;
+  dit: string;
+  vae: string;
+}
+
+function upToDate(dir: string, weights: string): boolean {
+  try {
+    return readModelDir(dir).meta.source.sha256 === sha256File(weights);
+  } catch {
+    return false;
+  }
+}
+
+/** Builds (or reuses) the default model directories; `log` receives one line per step. */
+export function ensureDefaultModels(opts: { weightsDir?: string; cacheDir?: string; log?: (line: string) => void } = {}): DefaultModels {
+  const src = opts.weightsDir ?? DEFAULT_WEIGHTS_DIR;
+  const cache = opts.cacheDir ?? DEFAULT_CACHE_DIR;
+  const log = opts.log ?? (() => undefined);
+  const files = ['dit.safetensors', 'dit.json', 'vae.safetensors', 'vae.json'].map((f) => join(src, f));
+  const missing = files.filter((f) => !existsSync(f));
+  if (missing.length > 0) {
+    throw new Error(`default model weights missing: ${missing.join(', ')} (train them with models/fashion-mnist/run.sh, or pass --model-dir/--vae-dir)`);
+  }
+  const [ditWeights, ditJson, vaeWeights, vaeJson] = files;
+  const ditDir = join(cache, DEFAULT_DIT_NAME);
+  const vaeDir = join(cache, DEFAULT_VAE_NAME);
+  if (!upToDate(vaeDir, vaeWeights)) {
+    log(`building the VAE decoder from ${vaeWeights} → ${vaeDir}`);
+    const meta = JSON.parse(readFileSync(vaeJson, 'utf8')) as { config: Record<string, unknown>; scaling_factor: number };
+    buildVaeModel({ weights: vaeWeights, out: vaeDir, name: DEFAULT_VAE_NAME, config: JSON.stringify({ ...meta.config, scaling_factor: meta.scaling_factor }) });
+  }
+  if (!upToDate(ditDir, ditWeights)) {
+    log(`building the DiT from ${ditWeights} → ${ditDir}`);
+    const meta = JSON.parse(readFileSync(ditJson, 'utf8')) as { config: Record<string, unknown>; class_names: string[] };
+    buildDitModel({ weights: ditWeights, out: ditDir, name: DEFAULT_DIT_NAME, config: meta.config, classNames: meta.class_names, vae: DEFAULT_VAE_NAME });
+  }
+  return { ditDir, vaeDir, dit: DEFAULT_DIT_NAME, vae: DEFAULT_VAE_NAME };
+}

@@ -1,0 +1,130 @@
+// `ditpipe start` (what `npm start` runs): the whole pipeline in one process — scheduler, denoiser
+// and decoder on an in-process bus (or on NATS when NATS_URL is set) — serving the public gRPC API,
+// then a first sample grid so a new user sees images at once.
+import { join, resolve } from 'node:path';
+import { Command, Option } from 'commander';
+import { compileDecoderConfig } from '../services/decoder/config.ts';
+import { startDecoderService } from '../services/decoder/service.ts';
+import { compileDenoiserConfig } from '../services/denoiser/config.ts';
+import { startDenoiserService } from '../services/denoiser/service.ts';
+import { compileSchedulerConfig } from '../services/scheduler/config.ts';
+import { startSchedulerService } from '../services/scheduler/service.ts';
+import { SamplerApi } from '../shared/client.ts';
+import { SamplerKind } from '../shared/gen/ditpipe/v1/sampler.ts';
+import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
+import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
+import { InProcBus } from '../shared/transport/inproc.ts';
+import type { Transport } from '../shared/transport/types.ts';
+import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import { ensureDefaultModels } from './default-model.ts';
+import { generateToDir } from './generate.ts';
+
+interface Flags extends NatsFlags {
+  modelDir?: string;
+  vaeDir?: string;
+  grpcPort: number;
+  host: string;
+  metricsPort: number;
+  shutdownGrace: number;
+  logLevel: string;
+  threads: number;
+  grid: boolean;
+  gridOut: string;
+  gridSamples: number;
+  gridSteps: number;
+  exitAfterGrid?: boolean;
+}
+
+export const command = addServiceOptions(addNatsOptions(new Command('start'), false), { metricsPort: 9464 })
+  .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC, and write a sample grid.')
+  .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)'))
+  .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
+  .addOption(new Option('--grpc-port <port>', 'gRPC port of the Sampler API (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
+  .addOption(new Option('--host <addr>', 'address to bind gRPC to').env('DITPIPE_HOST').default('127.0.0.1'))
+  .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)))
+  .option('--no-grid', 'do not write the sample grid at start')
+  .addOption(new Option('--grid-out <dir>', 'where the sample grid goes').default('out/samples'))
+  .addOption(new Option('--grid-samples <n>', 'samples per class in the grid').default(4).argParser(intArg('--grid-samples', 1, 16)))
+  .addOption(new Option('--grid-steps <n>', 'DDIM steps for the grid').default(50).argParser(intArg('--grid-steps', 1, 1000)))
+  .option('--exit-after-grid', 'stop once the grid is written (smoke tests)')
+  .action(async (o: Flags) => {
+    const log = logger('ditpipe', o.logLevel);
+    let ditDir = o.modelDir;
+    let vaeDir = o.vaeDir;
+    if (!ditDir || !vaeDir) {
+      const d = ensureDefaultModels({ log: (l) => log.info(l) });
+      ditDir ??= d.ditDir;
+      vaeDir ??= d.vaeDir;
+    }
+    const dit = readDitModelDir(ditDir).meta;
+    const vae = readVaeModelDir(vaeDir).meta;
+
+    const bus = o.natsUrl ? null : new InProcBus({ maxPayload: 8 * 1024 * 1024 });
+    const connect = (name: string): Promise<Transport> =>
+      bus ? Promise.resolve(bus.connect(name)) : natsFromFlags({ ...o, natsUrl: o.natsUrl as string }, `ditpipe-${name}`);
+    log.info(bus ? 'transport: in-process bus (set NATS_URL to use NATS)' : `transport: NATS at ${o.natsUrl}`);
+
+    const dm = denoiserMetrics();
+    const vm = decoderMetrics();
+    const sm = schedulerMetrics();
+    const denoiserT = await connect('denoiser');
+    const decoderT = await connect('decoder');
+    const schedulerT = await connect('scheduler');
+    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, { metrics: dm });
+    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, { metrics: vm });
+    const scheduler = await startSchedulerService(
+      compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
+      schedulerT,
+      { grpcPort: o.grpcPort, host: o.host, metrics: sm },
+    );
+    const address = `${o.host === '0.0.0.0' ? '127.0.0.1' : o.host}:${scheduler.grpc.port}`;
+    log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `Sampler API on ${o.host}:${scheduler.grpc.port}`);
+
+    const parts = [
+      { name: 'scheduler', stop: (g: number) => scheduler.stop(g) },
+      { name: 'denoiser', stop: (g: number) => denoiser.stop(g) },
+      { name: 'decoder', stop: (g: number) => decoder.stop(g) },
+    ];
+    const closeAll = async (): Promise<void> => {
+      for (const p of parts) await p.stop(o.shutdownGrace);
+      await Promise.all([denoiserT, decoderT, schedulerT].map((t) => t.close({ graceMs: o.shutdownGrace })));
+    };
+
+    if (o.grid) {
+      const classes = dit.config.num_classes;
+      const shown = Math.min(classes, 10);
+      const labels = Array.from({ length: shown }, (_, c) => Array.from({ length: o.gridSamples }, () => ({ index: c }))).flat();
+      const out = resolve(o.gridOut);
+      log.info(`sampling a grid: ${shown} classes × ${o.gridSamples} samples, DDIM ${o.gridSteps} steps, cfg 4`);
+      const api = new SamplerApi(address);
+      try {
+        const started = Date.now();
+        const res = await generateToDir({
+          api,
+          out,
+          title: `${dit.name}: DDIM ${o.gridSteps} steps, cfg 4, seed 0`,
+          request: { model: dit.name, classLabels: labels, sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: o.gridSteps, cfgScale: 4, seed: 0n },
+          onProgress: (step, total) => {
+            if (step % 10 === 0 || step === total) log.info(`grid: step ${step}/${total}`);
+          },
+        });
+        log.info(`wrote ${res.images.length} samples in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+        console.log(`sample grid: ${res.grid}`);
+      } finally {
+        api.close();
+      }
+      if (o.exitAfterGrid) {
+        await closeAll();
+        return;
+      }
+    }
+    console.log(`serving ditpipe.v1.Sampler on ${address} — try: node bin/ditpipe.js generate --server ${address} --class ${dit.classNames?.[5] ?? 5} --num 4 --out ${join('out', 'generate')}`);
+    await serveUntilSignal({
+      log,
+      parts,
+      transports: [denoiserT, decoderT, schedulerT],
+      registries: [sm.registry, dm.registry, vm.registry],
+      metricsPort: o.metricsPort,
+      graceMs: o.shutdownGrace,
+    });
+  });
