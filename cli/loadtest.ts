@@ -1,0 +1,61 @@
+// `ditpipe loadtest run <campaign.yaml>`: drives the public gRPC API with a campaign and writes
+// JSON + HTML reports. Exit status: 0 all SLOs met, 2 an SLO missed (or the run was interrupted),
+// 1 the campaign is invalid or the run could not start.
+import { join } from 'node:path';
+import { Command, Option } from 'commander';
+import { CampaignError, loadCampaign } from '../loadtest/campaign.ts';
+import { textSummary, writeReport } from '../loadtest/report.ts';
+import { LoadtestError, runCampaign } from '../loadtest/runner.ts';
+
+export const EXIT_SLO_MISSED = 2;
+
+const run = new Command('run')
+  .description('run a load-testing campaign (YAML) against a ditpipe scheduler and write JSON + HTML reports')
+  .argument('<campaign.yaml>', 'campaign file (see docs/loadtest.md)')
+  .option('--out <dir>', 'directory for the reports (<name>-<time>.json/.html)', 'loadtest-results')
+  .option('--json <file>', 'JSON report path (overrides --out)')
+  .option('--html <file>', 'HTML report path (overrides --out)')
+  .option('--target <host:port>', 'override the campaign target address')
+  .addOption(new Option('--allow-remote', 'allow targets and metrics endpoints other than loopback and target.allowHosts').default(false))
+  .option('--no-status', 'no live status line on stderr')
+  .action(async (file: string, o: { out: string; json?: string; html?: string; target?: string; allowRemote: boolean; status: boolean }) => {
+    let campaign;
+    try {
+      campaign = loadCampaign(file);
+      if (o.target) campaign.target.address = o.target;
+    } catch (err) {
+      if (err instanceof CampaignError) {
+        console.error(err.message);
+        process.exit(1);
+      }
+      throw err;
+    }
+    const ac = new AbortController();
+    const onSignal = (): void => {
+      process.stderr.write('\nstopping: cancelling in-flight requests (Ctrl-C again to quit now)\n');
+      ac.abort();
+      process.once('SIGINT', () => process.exit(130));
+    };
+    process.once('SIGINT', onSignal);
+    let report;
+    try {
+      report = await runCampaign(campaign, { allowRemote: o.allowRemote, file, status: o.status ? process.stderr : null, signal: ac.signal });
+    } catch (err) {
+      if (err instanceof LoadtestError) {
+        console.error(`ditpipe loadtest: ${err.message}`);
+        process.exit(1);
+      }
+      throw err;
+    } finally {
+      process.off('SIGINT', onSignal);
+    }
+    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+    const base = join(o.out, `${campaign.name.replace(/[^A-Za-z0-9_.-]/g, '_')}-${stamp}`);
+    const paths = { json: o.json ?? `${base}.json`, html: o.html ?? `${base}.html` };
+    writeReport(report, paths);
+    console.log(textSummary(report));
+    console.log(`report: ${paths.json}\nhtml:   ${paths.html}`);
+    if (!report.sloMet) process.exitCode = EXIT_SLO_MISSED;
+  });
+
+export const command = new Command('loadtest').description('load-testing campaigns against the Sampler API').addCommand(run);
