@@ -9,10 +9,12 @@ const program = new Command('ditpipe')
 // Subcommand modules export a `command` or several `commands`; keep this list sorted.
 const modules: Array<() => Promise<{ command?: Command; commands?: Command[] }>> = [
   () => import('./generate.ts'),
+  () => import('./loadtest.ts'),
   () => import('./model.ts'),
   () => import('./sample.ts'),
   () => import('./serve.ts'),
   () => import('./start.ts'),
+  () => import('./up.ts'),
 ];
 
 for (const load of modules) {
