@@ -167,6 +167,7 @@ export function validateCampaign(input: unknown, source = 'campaign'): Campaign 
         const keys = i.keys.map((k) => `"${k}"`).join(', ');
         return { field: i.path.length ? `${base}.${i.keys[0]}` : i.keys[0], message: `unknown field${i.keys.length > 1 ? 's' : ''} ${keys}${i.path.length ? ` in ${base}` : ''}` };
       }
+      if (i.code === 'invalid_key') return { field: base, message: i.issues[0]?.message ?? i.message };
       const message = i.code === 'invalid_type' && valueAt(input, i.path) === undefined ? 'required' : i.message;
       return { field: base, message };
     });
@@ -176,7 +177,7 @@ export function validateCampaign(input: unknown, source = 'campaign'): Campaign 
   c.phases.forEach((p, i) => (p.name ??= `phase-${i + 1}`));
   const names = new Set<string>();
   c.phases.forEach((p, i) => {
-    if (names.has(p.name!)) throw new CampaignError(`${source}: invalid campaign:\n  phases[${i}].name: "${p.name}" is used by an earlier phase`, [{ field: `phases[${i}].name`, message: 'duplicate' }]);
+    if (names.has(p.name!)) throw new CampaignError(`${source}: invalid campaign:\n  phases[${i}].name: "${p.name}" is used by an earlier phase`, [{ field: `phases[${i}].name`, message: `"${p.name}" is used by an earlier phase` }]);
     names.add(p.name!);
   });
   return c;

@@ -117,15 +117,16 @@ function sloTable(p: PhaseReport): string {
 }
 
 export function renderHtml(r: Report): string {
-  const lat: Series[] = [
-    { name: 'p50', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t, t.p50])) },
-    { name: 'p99', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t, t.p99])) },
-  ];
+  // Buckets are drawn at their midpoints.
   const width = (p: PhaseReport): number => (p.timeseries.length > 1 ? p.timeseries[1].t - p.timeseries[0].t : Math.max(1, p.wallMs / 1000));
+  const lat: Series[] = [
+    { name: 'p50', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t + width(p) / 2, t.p50])) },
+    { name: 'p99', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t + width(p) / 2, t.p99])) },
+  ];
   const thr: Series[] = [
-    { name: 'requests/s', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t, t.ok / width(p)])) },
-    { name: 'images/s', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t, t.images / width(p)])) },
-    { name: 'errors/s', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t, t.errors / width(p)])) },
+    { name: 'ok requests/s', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t + width(p) / 2, t.ok / width(p)])) },
+    { name: 'images/s', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t + width(p) / 2, t.images / width(p)])) },
+    { name: 'errors/s', points: r.phases.flatMap((p) => p.timeseries.map((t): [number, number | null] => [t.t + width(p) / 2, t.errors / width(p)])) },
   ];
   const status = Object.entries(r.statusCodeDistribution).map(([k, v]) => `${esc(k)}: ${v}`).join(', ');
   const errors = Object.entries(r.errorDistribution).slice(0, 20).map(([k, v]) => `<li>${v} × ${esc(k)}</li>`).join('');
