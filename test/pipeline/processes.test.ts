@@ -1,0 +1,115 @@
+// The pipeline as deployed: nats-server plus scheduler, denoisers and decoder as separate
+// `ditpipe` processes, driven over gRPC; including a denoiser killed in the middle of a request.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SamplerApi } from '../../shared/client.ts';
+import { Code } from '../../shared/errors.ts';
+import { startNatsServer, assertNoNatsServersRunning, type NatsServerHandle } from '../helpers/nats.ts';
+import { DIT_NAME, testModels, VAE_NAME } from '../helpers/models.ts';
+import { startPipeline } from '../helpers/pipeline.ts';
+import { liveServiceProcesses, spawnService, type ServiceProcess } from '../helpers/processes.ts';
+
+let nats: NatsServerHandle;
+let procs: ServiceProcess[] = [];
+let denoisers: ServiceProcess[] = [];
+let api: SamplerApi;
+let metricsUrl = '';
+
+const request = { model: DIT_NAME, classLabels: [{ index: 3 }, { name: 'seven' }], numSteps: 6, cfgScale: 4, seed: 1234n };
+
+async function scrape(name: string): Promise<number> {
+  const text = await (await fetch(metricsUrl)).text();
+  return text
+    .split('\n')
+    .filter((l) => l.startsWith(name))
+    .reduce((s, l) => s + Number(l.split(' ').pop()), 0);
+}
+
+beforeAll(async () => {
+  const { ditDir, vaeDir } = testModels();
+  nats = await startNatsServer();
+  const common = ['--nats-url', nats.url, '--metrics-port', '-1', '--shutdown-grace', '2000'];
+  denoisers = [0, 1].map((i) => spawnService(`denoiser-${i}`, ['denoiser', ...common, '--model-dir', ditDir, '--grpc-port', '-1', '--threads', '1', '--max-wait', '1']));
+  const decoder = spawnService('decoder', ['decoder', ...common, '--model-dir', vaeDir, '--grpc-port', '-1', '--threads', '1']);
+  const scheduler = spawnService('scheduler', [
+    'scheduler', '--nats-url', nats.url, '--models', DIT_NAME, '--vae', `${DIT_NAME}=${VAE_NAME}`, '--grpc-port', '0', '--host', '127.0.0.1',
+    '--metrics-port', '0', '--step-timeout', '1500', '--retries', '5',
+  ]);
+  procs = [...denoisers, decoder, scheduler];
+  await Promise.all([...denoisers, decoder].map((p) => p.waitFor(/^serving /)));
+  const ready = await scheduler.waitFor(/^Sampler API on/);
+  const metrics = await scheduler.waitFor(/^metrics on/);
+  api = new SamplerApi(`127.0.0.1:${Number(ready.port)}`);
+  metricsUrl = `http://127.0.0.1:${Number(metrics.port)}/metrics`;
+}, 180_000);
+
+afterAll(async () => {
+  api?.close();
+  const codes = await Promise.all(procs.map((p) => p.stop()));
+  await nats?.stop();
+  assertNoNatsServersRunning();
+  expect(liveServiceProcesses()).toBe(0);
+  // Every process that was not killed on purpose shut down cleanly on SIGTERM.
+  procs.forEach((p, i) => {
+    if (p !== denoisers[0]) expect(codes[i], `${p.name}: ${p.log()}`).toBe(0);
+  });
+});
+
+describe('separate processes over NATS', () => {
+  it('serve a request end to end, byte-identical to the in-process pipeline', async () => {
+    const res = await api.generate(request, { timeoutMs: 60_000 });
+    expect(res.images).toHaveLength(2);
+    const inproc = await startPipeline({ transport: { kind: 'inproc' } });
+    try {
+      const ref = await inproc.api.generate(request);
+      res.images.forEach((img, i) => expect(Buffer.from(img.png).equals(ref.images[i].png)).toBe(true));
+    } finally {
+      await inproc.stop();
+    }
+    const models = await api.listModels();
+    expect(models[0].replicas).toBe(2);
+  });
+
+  it('finish a request whose denoiser replica is killed mid-request', async () => {
+    const ref = await api.generate({ ...request, numSteps: 60 });
+    let steps = 0;
+    let killed = false;
+    const images = [];
+    for await (const ev of api.generateStream({ ...request, numSteps: 60 }, { timeoutMs: 120_000 })) {
+      if (ev.progress && ++steps === 10 && !killed) {
+        killed = true;
+        denoisers[0].proc.kill('SIGKILL');
+      }
+      if (ev.image?.image) images.push(ev.image.image);
+    }
+    expect(killed).toBe(true);
+    expect(steps).toBe(60);
+    images.sort((a, b) => a.sampleIndex - b.sampleIndex);
+    images.forEach((img, i) => expect(Buffer.from(img.png).equals(ref.images[i].png)).toBe(true));
+    expect((await api.listModels())[0].replicas).toBe(1);
+    // The pool kept serving: a new request needs no retry.
+    expect((await api.generate(request)).images).toHaveLength(2);
+  });
+
+  it('retry a step whose replica hangs, on the other replica', async () => {
+    // A stopped (not dead) replica keeps its NATS subscription until the server's ping timeout, so
+    // steps routed to it time out and must be retried elsewhere.
+    const { ditDir } = testModels();
+    const hung = spawnService('denoiser-hung', ['denoiser', '--nats-url', nats.url, '--metrics-port', '-1', '--model-dir', ditDir, '--grpc-port', '-1', '--threads', '1']);
+    procs.push(hung);
+    await hung.waitFor(/^serving /);
+    hung.proc.kill('SIGSTOP');
+    try {
+      const before = await scrape('ditpipe_retries_total');
+      const res = await api.generate({ ...request, numSteps: 12 }, { timeoutMs: 120_000 });
+      expect(res.images).toHaveLength(2);
+      expect(await scrape('ditpipe_retries_total')).toBeGreaterThan(before);
+    } finally {
+      hung.proc.kill('SIGCONT');
+    }
+  });
+
+  it('answer bad requests with INVALID_ARGUMENT over the wire and keep serving', async () => {
+    await expect(api.generate({ ...request, numSteps: 0 })).rejects.toMatchObject({ code: Code.INVALID_ARGUMENT });
+    expect((await api.generate(request)).images).toHaveLength(2);
+  });
+});
