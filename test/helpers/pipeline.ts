@@ -7,7 +7,7 @@ import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig, type SchedulerConfigInput } from '../../services/scheduler/config.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
 import { SamplerApi } from '../../shared/client.ts';
-import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
+import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DecoderMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
 import type { RunningReplica } from '../../shared/server/replica.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
@@ -29,6 +29,7 @@ export interface Pipeline {
   address: string;
   schedulerMetrics: SchedulerMetrics;
   denoiserMetrics: DenoiserMetrics[];
+  decoderMetrics: DecoderMetrics[];
   denoisers: RunningReplica[];
   connect(name: string): Promise<Transport>;
   stop(): Promise<void>;
@@ -54,8 +55,11 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     );
   }
   const decoders: RunningReplica[] = [];
+  const vMetrics: DecoderMetrics[] = [];
   for (let i = 0; i < (opts.decoders ?? 1); i++) {
-    decoders.push(await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), await connect(`decoder-${i}`), { metrics: decoderMetrics() }));
+    const m = decoderMetrics();
+    vMetrics.push(m);
+    decoders.push(await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), await connect(`decoder-${i}`), { metrics: m }));
   }
   const sMetrics = schedulerMetrics();
   const scheduler = await startSchedulerService(
@@ -70,6 +74,7 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     address,
     schedulerMetrics: sMetrics,
     denoiserMetrics: dMetrics,
+    decoderMetrics: vMetrics,
     denoisers,
     connect,
     async stop() {

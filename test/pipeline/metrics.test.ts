@@ -1,0 +1,44 @@
+// /metrics of all three services, scraped over HTTP during a run, is valid Prometheus exposition
+// (`promtool check metrics`, Debian package prometheus) and carries the documented series.
+import { spawnSync } from 'node:child_process';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { serveMetrics } from '../../shared/metrics.ts';
+import { DIT_NAME } from '../helpers/models.ts';
+import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
+
+let p: Pipeline;
+let server: Awaited<ReturnType<typeof serveMetrics>>;
+
+beforeAll(async () => {
+  p = await startPipeline({ transport: { kind: 'inproc' } });
+  server = await serveMetrics([p.schedulerMetrics.registry, p.denoiserMetrics[0].registry, p.decoderMetrics[0].registry], 0, '127.0.0.1');
+});
+afterAll(async () => {
+  await server?.close();
+  await p?.stop();
+});
+
+describe('/metrics', () => {
+  it('passes promtool and shows model versus sampling compute during a run', async () => {
+    const run = p.api.generate({ model: DIT_NAME, classLabels: [{ index: 1 }, { index: 2 }], numSteps: 30, cfgScale: 4, seed: 5n });
+    // Scrape while the request is in flight.
+    await expect.poll(async () => (await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text()).includes('ditpipe_requests_in_flight 1'), { timeout: 10_000, interval: 20 }).toBe(true);
+    await run;
+    const res = await fetch(`http://127.0.0.1:${server.port}/metrics`);
+    expect(res.headers.get('content-type')).toMatch(/text\/plain/);
+    const text = await res.text();
+    for (const name of [
+      'ditpipe_model_gflops', 'ditpipe_sampling_gflops_total', 'ditpipe_image_tflops_bucket', 'ditpipe_denoiser_step_seconds_bucket',
+      'ditpipe_denoiser_forward_seconds_bucket', 'ditpipe_denoiser_batch_rows_bucket', 'ditpipe_denoiser_queue_wait_seconds_bucket',
+      'ditpipe_decoder_decode_seconds_bucket', 'ditpipe_decoder_batch_size_bucket', 'ditpipe_request_seconds_bucket', 'ditpipe_requests_in_flight',
+      'ditpipe_samples_in_flight', 'ditpipe_retries_total', 'ditpipe_requests_rejected_total', 'ditpipe_steps_dispatched_total',
+    ]) {
+      expect(text, name).toContain(name);
+    }
+    const check = spawnSync('promtool', ['check', 'metrics'], { input: text, encoding: 'utf8' });
+    expect(check.error, 'promtool (Debian package prometheus) must be installed').toBeUndefined();
+    expect(`${check.stdout}${check.stderr}`.trim()).toBe('');
+    expect(check.status).toBe(0);
+    expect((await fetch(`http://127.0.0.1:${server.port}/nope`)).status).toBe(404);
+  });
+});
