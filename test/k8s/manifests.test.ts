@@ -513,6 +513,7 @@ describe('k8s manifests', () => {
     expect(await checkSet('k8s/jobs', [...base, ...jobs])).toEqual([]);
 
     const built = { dit: new Map<string, string>(), vae: new Map<string, string>() }; // --out → --name
+    const pairedVae = new Map<string, string>(); // DiT name → its --vae
     for (const job of jobs) {
       const pod = podSpec(job)!;
       for (const c of [...(pod.initContainers ?? []), ...pod.containers].filter(isDitpipe)) {
@@ -522,6 +523,8 @@ describe('k8s manifests', () => {
           const out = r.args.get('--out')!;
           const name = r.args.get('--name') ?? basename(out);
           built[kind === 'model build dit' ? 'dit' : 'vae'].set(out, name);
+          const vae = r.args.get('--vae');
+          if (kind === 'model build dit' && vae) pairedVae.set(name, vae);
           expect(r.args.get('--weights'), `${c.name} --weights`).toMatch(/^\/models\//);
         }
       }
@@ -539,7 +542,10 @@ describe('k8s manifests', () => {
     expect(models).toContain(den.args.get('--name') ?? ditName);
     const vaeMap = Object.fromEntries((effective(sch, '--vae') ?? '').split(',').filter(Boolean).map((kv) => kv.split('=')));
     for (const m of Object.keys(vaeMap)) expect(models, `DITPIPE_VAE names model ${m}`).toContain(m);
-    expect(vaeMap[ditName!]).toBe(dec.args.get('--name') ?? vaeName);
+    // The scheduler pairs a model with model.json's VAE, else DITPIPE_VAE: either way, the decoder's.
+    const served = dec.args.get('--name') ?? vaeName;
+    expect(pairedVae.get(ditName!) ?? vaeMap[ditName!], `VAE of ${ditName}`).toBe(served);
+    if (vaeMap[ditName!] !== undefined) expect(vaeMap[ditName!]).toBe(served);
   });
 
   it('NATS gets an explicit max_payload that nats-server accepts', async () => {
