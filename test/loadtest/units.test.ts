@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { CampaignError, isLoopback, parseDuration, remoteHosts, validateCampaign, type CampaignInput } from '../../loadtest/campaign.ts';
+import { CampaignError, isLoopback, parseDuration, remoteHosts, validateCampaign } from '../../loadtest/campaign.ts';
 import { histogramQuantile, parsePrometheusText, serverFigures, type Scrape } from '../../loadtest/prom.ts';
 import { LoadtestError, runCampaign, split } from '../../loadtest/runner.ts';
 import { ghzCode, ghzSummary } from '../../loadtest/stats.ts';
@@ -184,7 +184,7 @@ describe('arrivals and the mix', () => {
   });
 
   it('draws requests by weight with reproducible classes', () => {
-    const mix = validateCampaign({ ...good(), mix: [{ model: 'm', weight: 3, images: 2, classes: [1, 'Sandal'] }, { model: 'm', weight: 1, classes: { 7: 1 }, cfg: 2, output: 'latent' }] } satisfies CampaignInput).mix;
+    const mix = validateCampaign({ ...good(), mix: [{ model: 'm', weight: 3, images: 2, classes: [1, 'Sandal'] }, { model: 'm', weight: 1, classes: { 7: 1 }, cfg: 2, output: 'latent' }] }).mix;
     const rand = prng(5);
     const counts = [0, 0];
     for (let i = 0; i < 4000; i++) counts[drawRequest(mix, { m: 10 }, rand).mix]++;
@@ -206,5 +206,14 @@ describe('arrivals and the mix', () => {
     expect(s).toMatchObject({ count: 3, total: 1e9, average: 20e6, fastest: 10e6, slowest: 30e6, rps: 3, statusCodeDistribution: { OK: 2, Unavailable: 1 }, errorDistribution: { 'rpc error: code = Unavailable desc = boom': 1 } });
     expect(s.histogram).toHaveLength(10);
     expect(s.histogram[9]).toMatchObject({ mark: 0.03, count: 1 });
+  });
+});
+
+describe('shipped campaigns', () => {
+  it.each(['smoke.yaml', 'scale-sim.yaml'])('%s is valid and loopback-only', async (f) => {
+    const { loadCampaign } = await import('../../loadtest/campaign.ts');
+    const c = loadCampaign(join(ROOT, 'loadtest/campaigns', f));
+    expect(remoteHosts(c)).toEqual([]);
+    expect(c.phases.length).toBeGreaterThan(0);
   });
 });
