@@ -1,7 +1,7 @@
 // Sampling-core cost per reverse step per sample for a 4×32×32 latent (DiT at 256×256), and what
 // a step allocates. Prints JSON. Run: `npx tsx bench/diffusion.ts [--count N] [--rounds R]`.
-// Timings are the minimum and median over rounds, because the machine is shared and the minimum is
-// the figure least disturbed by other load.
+// Timings are the minimum and median over many short timed windows: the machine is shared, and the
+// minimum is the figure least disturbed by other load.
 import { cpus } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { advance, combineGuidance, fillNormal, next, seedKey, start, type SamplerName } from '../shared/diffusion/index.ts';
@@ -49,15 +49,15 @@ function timeCase(c: Case) {
     const t0 = performance.now();
     const s = start(request(c, BigInt(r)));
     const t1 = performance.now();
-    let steps = 0;
+    // Each step timed on its own (a short window is less often disturbed by other load); the
+    // last step is left out because it draws no noise.
     for (let p = next(s); p; p = next(s)) {
+      const a = performance.now();
       advance(s, out);
-      steps++;
+      const b = performance.now();
+      if (r >= 3 && next(s) !== null) perStep.push(((b - a) * 1000) / count);
     }
-    const t2 = performance.now();
-    if (r < 3) continue; // JIT warm-up
-    perStart.push(((t1 - t0) * 1000) / count);
-    perStep.push(((t2 - t1) * 1000) / steps / count);
+    if (r >= 3) perStart.push(((t1 - t0) * 1000) / count);
   }
   return { us_per_step_per_sample: stats(perStep), us_start_per_sample: stats(perStart) };
 }

@@ -61,13 +61,12 @@ export function combineGuidance(modelOut: Float32Array, opts: GuidanceOptions, d
   }
   const guided = guidedChannels(opts) * plane;
   const s = Math.fround(scale);
-  const f = Math.fround;
   for (let r = 0; r < rows; r++) {
     const co = r * rowSize;
     const uo = half + co;
     for (let i = 0; i < guided; i++) {
       const u = modelOut[uo + i];
-      out[co + i] = u + f(s * f(modelOut[co + i] - u));
+      out[co + i] = u + Math.fround(s * Math.fround(modelOut[co + i] - u));
     }
     if (out !== modelOut) out.set(modelOut.subarray(co + guided, co + rowSize), co + guided);
   }
