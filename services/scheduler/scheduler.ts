@@ -63,6 +63,9 @@ const SAMPLERS: Record<number, SamplerName> = {
   [SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP]: 'dpmpp',
 };
 
+/** Clock skew allowed between grpc-js's deadline timer and ours. */
+const DEADLINE_SLACK_MS = 50;
+
 function timings(t: Partial<Timings>): Timings {
   return { queueMs: 0, denoiseMs: 0, decodeMs: 0, totalMs: 0, ...t };
 }
@@ -119,7 +122,11 @@ export class Scheduler {
       this.metrics.requestSeconds.observe({ ...labels, outcome: 'OK' }, res.timings!.totalMs / 1000);
       return res;
     } catch (err) {
-      const e = toDitpipeError(err);
+      let e = toDitpipeError(err);
+      // gRPC reports a passed deadline as a cancellation of the call; name it for what it is.
+      if (e instanceof CancelledError && opts.deadline !== undefined && Date.now() >= opts.deadline - DEADLINE_SLACK_MS) {
+        e = new DeadlineExceededError('the request deadline passed', { cause: e });
+      }
       this.metrics.requestSeconds.observe({ ...labels, outcome: codeName(e.code) }, (performance.now() - arrived) / 1000);
       throw e;
     } finally {
@@ -212,8 +219,10 @@ export class Scheduler {
     if (opts.deadline !== undefined && Date.now() >= opts.deadline) throw new DeadlineExceededError('the request deadline passed');
   }
 
-  private remaining(opts: GenerateOptions, cap: number): number {
-    return opts.deadline === undefined ? cap : Math.max(1, Math.min(cap * (this.config.retries + 1), opts.deadline - Date.now()));
+  /** Budget of one call with its retries: every attempt may use `attempt` ms, within the client's deadline. */
+  private callBudget(opts: GenerateOptions, attempt: number): number {
+    const all = attempt * (this.config.retries + 1);
+    return opts.deadline === undefined ? all : Math.max(1, Math.min(all, opts.deadline - Date.now()));
   }
 
   private async sample(plan: Plan, opts: GenerateOptions, arrived: number): Promise<GenerateResponse> {
@@ -256,7 +265,7 @@ export class Scheduler {
           requestId: plan.id,
           stepIndex: p.step,
         },
-        { signal: opts.signal, attemptTimeoutMs: this.config.stepTimeoutMs, timeoutMs: this.remaining(opts, this.config.stepTimeoutMs), onRetry },
+        { signal: opts.signal, attemptTimeoutMs: this.config.stepTimeoutMs, timeoutMs: this.callBudget(opts, this.config.stepTimeoutMs), onRetry },
       );
       const outChannels = c.learnSigma ? 2 * c.inChannels : c.inChannels;
       const out = readF32Tensor(res.out, 'out', [n, outChannels, c.inputSize, c.inputSize]);
@@ -301,7 +310,7 @@ export class Scheduler {
             {
               signal: opts.signal,
               attemptTimeoutMs: this.config.decodeTimeoutMs,
-              timeoutMs: this.remaining(opts, this.config.decodeTimeoutMs),
+              timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
               onRetry: () => this.metrics.retries.inc({ service: 'decoder' }),
             },
           );

@@ -123,6 +123,19 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       expect(outcome).toMatch(/outcome="CANCELLED"/);
     });
 
+    it('stops dispatching steps when the client deadline passes', async () => {
+      const dispatched = (): Promise<number> => counter(p.schedulerMetrics.registry, 'ditpipe_steps_dispatched_total');
+      const before = await dispatched();
+      const err = await rejects(p.api.generate(base({ numSteps: 1000, cfgScale: 1 }), { timeoutMs: 300 }));
+      expect(err.code).toBe(Code.DEADLINE_EXCEEDED);
+      await expect.poll(async () => (await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight')).includes('ditpipe_samples_in_flight 0'), { timeout: 10_000 }).toBe(true);
+      const after = await dispatched();
+      await new Promise((r) => setTimeout(r, 300));
+      expect(await dispatched()).toBe(after);
+      expect(after - before).toBeLessThan(1000);
+      expect(await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_request_seconds')).toMatch(/outcome="DEADLINE_EXCEEDED"/);
+    });
+
     const bad: Array<[string, Partial<GenerateRequest>, string]> = [
       ['no model', { model: '' }, 'model'],
       ['no labels', { classLabels: [] }, 'class_labels'],
