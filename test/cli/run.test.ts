@@ -1,0 +1,83 @@
+// The run commands as a user runs them: `ditpipe start` (in-process and on NATS_URL), `ditpipe up`
+// with `ditpipe generate` against it, and an ordered Ctrl-C.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { decodePng } from '../../shared/image/png.ts';
+import { readFileSync } from 'node:fs';
+import { assertNoNatsServersRunning, startNatsServer } from '../helpers/nats.ts';
+import { testModels } from '../helpers/models.ts';
+
+const BIN = resolve(import.meta.dirname, '../../bin/ditpipe.js');
+const dir = mkdtempSync(join(tmpdir(), 'ditpipe-cli-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function run(args: string[], env: Record<string, string> = {}): { status: number | null; out: string } {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 240_000 });
+  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+}
+
+describe('ditpipe start', () => {
+  const { ditDir, vaeDir } = testModels();
+  const args = (out: string): string[] => [
+    'start', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '0', '--metrics-port', '-1', '--grid-samples', '2', '--grid-steps', '4', '--grid-out', out, '--exit-after-grid',
+  ];
+
+  it('runs the pipeline in one process and writes a labelled grid', () => {
+    const out = join(dir, 'inproc');
+    const r = run(args(out), { NATS_URL: '' });
+    expect(r.status, r.out).toBe(0);
+    expect(r.out).toContain('in-process bus');
+    expect(r.out).toContain(`sample grid: ${join(out, 'grid.png')}`);
+    expect(readdirSync(out).filter((f) => f.endsWith('.png'))).toHaveLength(21); // 10 classes × 2 + grid
+    const grid = decodePng(readFileSync(join(out, 'grid.png')));
+    expect(grid.height).toBeGreaterThan(10 * 32);
+  });
+
+  it('uses NATS when NATS_URL is set, with the same images', async () => {
+    const nats = await startNatsServer();
+    try {
+      const out = join(dir, 'nats');
+      const r = run(args(out), { NATS_URL: nats.url });
+      expect(r.status, r.out).toBe(0);
+      expect(r.out).toContain(`transport: NATS at ${nats.url}`);
+      for (const f of readdirSync(out).filter((n) => n !== 'grid.png')) {
+        expect(readFileSync(join(out, f)).equals(readFileSync(join(dir, 'inproc', f))), f).toBe(true);
+      }
+    } finally {
+      await nats.stop();
+    }
+    assertNoNatsServersRunning();
+  });
+});
+
+describe('ditpipe up + generate', () => {
+  it('starts a cluster of processes, serves generate, and stops in order on SIGINT', async () => {
+    const { ditDir, vaeDir } = testModels();
+    const up = spawn(process.execPath, [BIN, 'up', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '50071', '--nats-port', '0', '--metrics-port', '-1', '--denoisers', '2'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let log = '';
+    up.stderr.on('data', (c: Buffer) => (log += c.toString()));
+    const exited = new Promise<number | null>((r) => up.once('exit', (code) => r(code)));
+    try {
+      await expect.poll(() => log, { timeout: 120_000, interval: 250 }).toMatch(/\[scheduler\].*Sampler API on/);
+      await expect.poll(() => (log.match(/\[(denoiser|decoder)-\d\].*"msg":"serving /g) ?? []).length, { timeout: 120_000, interval: 250 }).toBe(3);
+      const out = join(dir, 'gen');
+      const g = run(['generate', '--server', '127.0.0.1:50071', '--class', '1,three', '--num', '2', '--steps', '5', '--sampler', 'dpmpp', '--seed', '7', '--out', out]);
+      expect(g.status, g.out).toBe(0);
+      expect(g.out).toMatch(/4 image\(s\) from dit-tiny, seed 7/);
+      expect(readdirSync(out).sort()).toEqual(['000-one.png', '001-one.png', '002-three.png', '003-three.png', 'grid.png']);
+      expect(existsSync(join(out, 'grid.png'))).toBe(true);
+    } finally {
+      up.kill('SIGINT');
+    }
+    expect(await exited).toBe(0);
+    const order = ['[up] SIGINT', '[scheduler]', '[up] stopped'].map((s) => log.lastIndexOf(s));
+    expect(order[0]).toBeLessThan(order[2]);
+    expect(log).toMatch(/\[denoiser-0\].*"msg":"stopped"/);
+    expect(log.indexOf('"name":"scheduler","msg":"stopped"')).toBeLessThan(log.indexOf('"name":"denoiser","msg":"stopped"'));
+  });
+});
