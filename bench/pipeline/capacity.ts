@@ -7,6 +7,8 @@
 //   node --import tsx bench/pipeline/capacity.ts [--denoisers 16] [--concurrency 256] [--steps 50]
 //     [--simulate 0+0] [--input-size 8,32] [--warmup 3] [--seconds 10] [--cfg 4] [--cpu-prof DIR]
 //
+// --cpu-prof DIR: V8 CPU profiles of the scheduler and of the first denoiser, top self-time functions in the JSON.
+//
 // The simulated model's model.json is a DiT-S/2 built at each input size (simulate never loads the
 // ONNX). Prints one JSON object on stdout.
 import { readdirSync, readFileSync, statSync } from 'node:fs';
@@ -31,15 +33,15 @@ export interface CapacityOptions {
 
 const TICK_S = 0.01; // /proc/<pid>/stat times are in clock ticks; USER_HZ is 100 on Linux
 
-/** User + system CPU seconds of a process so far (0 once it is gone). */
-function cpuSeconds(pid: number | undefined): number {
-  if (pid === undefined) return 0;
+/** [user, system] CPU seconds of a process so far ([0, 0] once it is gone). */
+function cpuSeconds(pid: number | undefined): [number, number] {
+  if (pid === undefined) return [0, 0];
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) * TICK_S; // utime, stime (fields 14, 15)
+    return [Number(fields[11]) * TICK_S, Number(fields[12]) * TICK_S]; // utime, stime (fields 14, 15)
   } catch {
-    return 0;
+    return [0, 0];
   }
 }
 
@@ -52,7 +54,8 @@ async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<str
     denoisers: o.denoisers,
     denoiserArgs: ['--simulate', o.simulate],
     schedulerArgs: ['--max-samples-in-flight', String(Math.max(256, o.concurrency))],
-    schedulerNodeArgs: o.cpuProf ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProf}`] : [],
+    schedulerNodeArgs: o.cpuProf ? ['--cpu-prof', `--cpu-prof-dir=${join(o.cpuProf, `scheduler-${inputSize}`)}`] : [],
+    firstDenoiserNodeArgs: o.cpuProf ? ['--cpu-prof', `--cpu-prof-dir=${join(o.cpuProf, `denoiser-${inputSize}`)}`] : [],
   });
   const api = new SamplerApi(cluster.address);
   let stop = false;
@@ -86,7 +89,16 @@ async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<str
       nats: [cluster.nats.pid],
       client: [process.pid],
     };
-    const cpu = (): Record<string, number> => Object.fromEntries(Object.entries(pids).map(([k, ps]) => [k, ps.reduce((a: number, p) => a + cpuSeconds(p), 0)]));
+    const cpu = (): Record<string, [number, number]> =>
+      Object.fromEntries(
+        Object.entries(pids).map(([k, ps]) => [
+          k,
+          ps.reduce<[number, number]>((a, p) => {
+            const [u, sy] = cpuSeconds(p);
+            return [a[0] + u, a[1] + sy];
+          }, [0, 0]),
+        ]),
+      );
     const m0 = await cluster.scheduler.metrics();
     const c0 = cpu();
     const t0 = performance.now();
@@ -100,7 +112,9 @@ async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<str
     const stepsPerS = steps / seconds;
     const requests = metric(m1, 'ditpipe_request_seconds_count') - metric(m0, 'ditpipe_request_seconds_count');
     const latency = (metric(m1, 'ditpipe_request_seconds_sum') - metric(m0, 'ditpipe_request_seconds_sum')) / requests;
-    const cpuShare = Object.fromEntries(Object.keys(c0).map((k) => [k, round((c1[k] - c0[k]) / seconds, 2)]));
+    const busy = (k: string): number => (c1[k][0] + c1[k][1] - c0[k][0] - c0[k][1]) / seconds;
+    const cpuShare = Object.fromEntries(Object.keys(c0).map((k) => [k, round(busy(k), 2)]));
+    const sysShare = Object.fromEntries(Object.keys(c0).map((k) => [k, round((c1[k][1] - c0[k][1]) / seconds, 2)]));
     const res = {
       latent: `4x${inputSize}x${inputSize}`,
       steps_per_s: Math.round(stepsPerS),
@@ -108,10 +122,13 @@ async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<str
       met: stepsPerS >= 5000,
       window_s: round(seconds, 2),
       requests_completed_in_window: requests,
-      mean_request_latency_s: round(latency, 3),
-      scheduler_us_cpu_per_step: round(((c1.scheduler - c0.scheduler) / steps) * 1e6, 1),
+      mean_request_latency_s: requests > 0 ? round(latency, 3) : null,
+      scheduler_us_cpu_per_step: round(((busy('scheduler') * seconds) / steps) * 1e6, 1),
+      denoisers_us_cpu_per_step: round(((busy('denoisers') * seconds) / steps) * 1e6, 1),
       // Cores each part kept busy during the window (1.0 = one core); the machine has machine().nproc.
       cpu_cores_busy: cpuShare,
+      // Of which in the kernel (system time).
+      cpu_cores_busy_sys: sysShare,
       requests_completed_total: completed,
       requests_failed: failed,
       ...(firstError ? { first_error: firstError } : {}),
@@ -133,7 +150,8 @@ interface ProfileNode {
 
 /** Self time by function of the newest V8 .cpuprofile in `dir`, most expensive first. */
 export function profileTop(dir: string, top = 20): { file: string; functions: Array<{ fn: string; self_pct: number }> } {
-  const files = readdirSync(dir).filter((f) => f.endsWith('.cpuprofile'));
+  // CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile: thread 0 is the main thread (others are tsx's loader).
+  const files = readdirSync(dir).filter((f) => /\.\d+\.0\.\d+\.cpuprofile$/.test(f));
   if (files.length === 0) throw new Error(`no .cpuprofile in ${dir}`);
   const file = join(dir, files.sort((a, b) => statSync(join(dir, b)).mtimeMs - statSync(join(dir, a)).mtimeMs)[0]);
   const prof = JSON.parse(readFileSync(file, 'utf8')) as { nodes: ProfileNode[] };
@@ -157,7 +175,10 @@ export async function runCapacity(o: CapacityOptions): Promise<Record<string, un
   const cases: Array<Record<string, unknown>> = [];
   for (const size of o.inputSizes) {
     const c = await runOne(o, size);
-    if (o.cpuProf) c.scheduler_profile = profileTop(o.cpuProf);
+    if (o.cpuProf) {
+      c.scheduler_profile = profileTop(join(o.cpuProf, `scheduler-${size}`));
+      c.denoiser0_profile = profileTop(join(o.cpuProf, `denoiser-${size}`));
+    }
     cases.push(c);
   }
   return {

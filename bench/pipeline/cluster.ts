@@ -134,6 +134,8 @@ export interface ClusterOptions {
   denoiserArgs?: string[];
   schedulerArgs?: string[];
   schedulerNodeArgs?: string[];
+  /** Node flags for the first denoiser only (e.g. --cpu-prof). */
+  firstDenoiserNodeArgs?: string[];
 }
 
 /** nats-server + denoisers + one scheduler, each its own process; no decoder (raw-latent output). */
@@ -145,8 +147,10 @@ export async function startCluster(o: ClusterOptions): Promise<Cluster> {
     const denoisers: ServiceProcess[] = [];
     for (let i = 0; i < o.denoisers; i += 4) {
       const batch = await Promise.all(
-        Array.from({ length: Math.min(4, o.denoisers - i) }, () =>
-          startService('denoiser', ['--nats-url', nats.url, '--model-dir', o.modelDir, '--name', o.model, '--grpc-port', '-1', ...(o.denoiserArgs ?? [])]),
+        Array.from({ length: Math.min(4, o.denoisers - i) }, (_, k) =>
+          startService('denoiser', ['--nats-url', nats.url, '--model-dir', o.modelDir, '--name', o.model, '--grpc-port', '-1', ...(o.denoiserArgs ?? [])], {
+            nodeArgs: i + k === 0 ? o.firstDenoiserNodeArgs : undefined,
+          }),
         ),
       );
       denoisers.push(...batch);
