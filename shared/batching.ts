@@ -35,6 +35,7 @@ export class Batcher<J, R> {
   private timer: NodeJS.Timeout | null = null;
   private idle: Array<() => void> = [];
   private queued = 0;
+  private lastPassEnd = -Infinity;
 
   /** `run` receives the jobs of one pass and returns their results in the same order. */
   constructor(
@@ -73,7 +74,11 @@ export class Batcher<J, R> {
       if (!this.running && this.queue.length === 0) this.notifyIdle();
       return;
     }
-    const waited = performance.now() - this.queue[0].enqueuedAt;
+    // The wait counts from the later of the oldest job's arrival and the end of the last pass: the
+    // steps that pass just answered come back within a few milliseconds, and starting at once with
+    // only the jobs that queued during the pass would split the requests into two groups that take
+    // turns, each filling half a batch.
+    const waited = performance.now() - Math.max(this.queue[0].enqueuedAt, this.lastPassEnd);
     if (this.queued >= this.opts.maxRows || waited >= this.opts.maxWaitMs) {
       this.startPass();
     } else if (!this.timer) {
@@ -121,6 +126,7 @@ export class Batcher<J, R> {
       )
       .finally(() => {
         this.running = false;
+        this.lastPassEnd = performance.now();
         this.schedule();
       });
   }
