@@ -46,7 +46,7 @@ export function schedulerMetrics(registry = new Registry()) {
     requestsInFlight: new Gauge({ name: 'ditpipe_requests_in_flight', help: 'Generate requests being served.', registers: r }),
     samplesInFlight: new Gauge({ name: 'ditpipe_samples_in_flight', help: 'Images being sampled or decoded (admission control counts these).', registers: r }),
     rejected: new Counter({ name: 'ditpipe_requests_rejected_total', help: 'Requests refused before sampling, by reason (invalid_argument, resource_exhausted, not_found, unavailable).', labelNames: ['reason'], registers: r }),
-    stepsDispatched: new Counter({ name: 'ditpipe_steps_dispatched_total', help: 'Denoise steps sent to the denoiser pool (retries excluded).', labelNames: ['model'], registers: r }),
+    stepsDispatched: new Counter({ name: 'ditpipe_steps_dispatched_total', help: 'Denoise calls sent to the denoiser pool (retries excluded); a step of a large request is split into calls that fit a replica\'s row budget.', labelNames: ['model'], registers: r }),
     retries: new Counter({ name: 'ditpipe_retries_total', help: 'Calls retried on another replica after UNAVAILABLE or a timeout.', labelNames: ['service'], registers: r }),
     imageTflops: new Histogram({ name: 'ditpipe_image_tflops', help: 'Sampling compute per generated image: steps times model rows per sample (2 with guidance) times Gflops, in Tflops (multiply-accumulates).', labelNames: ['model'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250], registers: r }),
     images: new Counter({ name: 'ditpipe_images_total', help: 'Images returned to clients.', labelNames: ['model'], registers: r }),

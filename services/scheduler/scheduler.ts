@@ -248,36 +248,53 @@ export class Scheduler {
     opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs } });
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
-    const y = plan.labels;
     const onRetry = (): void => this.metrics.retries.inc({ service: 'denoiser' });
     const denoiseStart = performance.now();
+    const outChannels = c.learnSigma ? 2 * c.inChannels : c.inChannels;
+    const inPer = c.inChannels * c.inputSize * c.inputSize;
+    const outPer = outChannels * c.inputSize * c.inputSize;
+    // A step of many samples is split into calls that fit one replica's row budget (guidance rows
+    // count); the calls run concurrently, so a large request also spreads over the replicas.
+    const rowBudget = model.denoiser.maxBatchRows || Number.POSITIVE_INFINITY;
+    const chunk = Math.max(1, Math.floor(rowBudget / guidanceRows(1, plan.cfgScale)));
+    const modelOut = new Float32Array(n * outPer);
     for (let p = next(state); p !== null; p = next(state)) {
       this.checkAlive(opts);
-      this.metrics.stepsDispatched.inc(labels);
-      const res = await denoiser.denoise(
-        {
-          model: model.name,
-          x: f32Tensor([n, c.inChannels, c.inputSize, c.inputSize], p.x),
-          t: Array.from(p.t, (v) => BigInt(v)),
-          y,
-          cfgScale: plan.cfgScale,
-          guidanceChannels: plan.guidance,
-          requestId: plan.id,
-          stepIndex: p.step,
-        },
-        { signal: opts.signal, attemptTimeoutMs: this.config.stepTimeoutMs, timeoutMs: this.callBudget(opts, this.config.stepTimeoutMs), onRetry },
-      );
-      const outChannels = c.learnSigma ? 2 * c.inChannels : c.inChannels;
-      const out = readF32Tensor(res.out, 'out', [n, outChannels, c.inputSize, c.inputSize]);
-      advance(state, out.data);
-      opts.onEvent?.({ progress: { step: p.step + 1, numSteps: plan.numSteps } });
+      const step = p;
+      const t = Array.from(step.t, (v) => BigInt(v));
+      const calls: Array<Promise<void>> = [];
+      for (let a = 0; a < n; a += chunk) {
+        const b = Math.min(n, a + chunk);
+        this.metrics.stepsDispatched.inc(labels);
+        calls.push(
+          denoiser
+            .denoise(
+              {
+                model: model.name,
+                x: f32Tensor([b - a, c.inChannels, c.inputSize, c.inputSize], step.x.subarray(a * inPer, b * inPer)),
+                t: t.slice(a, b),
+                y: plan.labels.slice(a, b),
+                cfgScale: plan.cfgScale,
+                guidanceChannels: plan.guidance,
+                requestId: plan.id,
+                stepIndex: step.step,
+              },
+              { signal: opts.signal, attemptTimeoutMs: this.config.stepTimeoutMs, timeoutMs: this.callBudget(opts, this.config.stepTimeoutMs), onRetry },
+            )
+            .then((res) => {
+              modelOut.set(readF32Tensor(res.out, 'out', [b - a, outChannels, c.inputSize, c.inputSize]).data, a * outPer);
+            }),
+        );
+      }
+      await Promise.all(calls);
+      advance(state, modelOut);
+      opts.onEvent?.({ progress: { step: step.step + 1, numSteps: plan.numSteps } });
     }
     const denoiseMs = performance.now() - denoiseStart;
     const tflops = (plan.numSteps * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops) / 1000;
     for (let i = 0; i < n; i++) this.metrics.imageTflops.observe(labels, tflops);
 
     const latents = result(state);
-    const per = c.inChannels * c.inputSize * c.inputSize;
     const images: Image[] = new Array<Image>(n);
     const names = model.denoiser.classNames;
     const base = (i: number): Image => ({
@@ -293,7 +310,7 @@ export class Scheduler {
     let decodeMs = 0;
     if (plan.raw) {
       for (let i = 0; i < n; i++) {
-        images[i] = { ...base(i), latent: f32Tensor([c.inChannels, c.inputSize, c.inputSize], latents.slice(i * per, (i + 1) * per)) };
+        images[i] = { ...base(i), latent: f32Tensor([c.inChannels, c.inputSize, c.inputSize], latents.slice(i * inPer, (i + 1) * inPer)) };
         opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, totalMs: performance.now() - arrived }) } });
       }
     } else {
@@ -301,12 +318,12 @@ export class Scheduler {
       const { vae, info } = await this.catalog.decoderFor(model);
       const decoder = this.catalog.decoderClient(vae);
       const decodeStart = performance.now();
-      // One call per image: images stream out as they finish and spread over the decoder replicas.
+      // One call inPer image: images stream out as they finish and spread over the decoder replicas.
       await Promise.all(
         plan.labels.map(async (_, i) => {
           const started = performance.now();
           const res = await decoder.decode(
-            { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * per, (i + 1) * per)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
+            { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * inPer, (i + 1) * inPer)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
             {
               signal: opts.signal,
               attemptTimeoutMs: this.config.decodeTimeoutMs,

@@ -41,7 +41,7 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
   describe(`pipeline over ${label}`, () => {
     let p: Pipeline;
     beforeAll(async () => {
-      p = await startPipeline({ transport: transport(), scheduler: { maxSamplesInFlight: 24 } });
+      p = await startPipeline({ transport: transport(), scheduler: { maxSamplesInFlight: 24 }, denoiser: { maxBatchRows: 32 } });
     });
     afterAll(async () => {
       await p?.stop();
@@ -177,6 +177,21 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       expect((await p.api.generate(base())).images).toHaveLength(2);
       const rejected = await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_requests_rejected_total');
       expect(rejected).toMatch(/reason="resource_exhausted"\} [2-9]/);
+    });
+
+    it('splits a step larger than a replica\'s row budget into calls that fit, with the same images', async () => {
+      const labels = Array.from({ length: 20 }, (_, i) => ({ index: i % 10 }));
+      const res = await p.api.generate(base({ classLabels: labels, numSteps: 3 }));
+      expect(res.images).toHaveLength(20);
+      const rows = await p.denoiserMetrics[0].registry.getSingleMetricAsString('ditpipe_denoiser_batch_rows');
+      // 20 samples × 2 guidance rows = 40 > this denoiser's budget of 32: never one pass above 32.
+      const le32 = Number(/batch_rows_bucket\{le="32",model="dit-tiny"\} (\d+)/.exec(rows)?.[1]);
+      const all = Number(/batch_rows_count\{model="dit-tiny"\} (\d+)/.exec(rows)?.[1]);
+      expect(all).toBeGreaterThan(0);
+      expect(le32).toBe(all);
+      // Image 3 (label 3) is the same as when asked alone with the same seed and sample index 3.
+      const alone = await p.api.generate(base({ classLabels: labels.slice(0, 4), numSteps: 3 }));
+      expect(same(res.images[3].png, alone.images[3].png)).toBe(true);
     });
 
     it('counts sampling compute as steps × rows × Gflops', async () => {
