@@ -5,6 +5,7 @@
 //   overhead  bench/pipeline/overhead.ts  pipeline vs a direct onnxruntime loop (DiT-S/2, 50 steps)
 //   batching  bench/pipeline/batching.ts  images/s and rows per forward at 1, 4, 16 concurrent requests
 //   capacity  bench/pipeline/capacity.ts  scheduler steps/s against 16 simulated denoisers
+//   scale     bench/pipeline/scale.ts     steps/s and latency as simulated denoisers go 1 → 64 (about 12 min)
 //   diffusion bench/diffusion.ts          sampling-core cost per step (own process)
 //   model-build bench/model-build.ts      peak RSS of compiling DiT-XL/2 (own process)
 import { spawnSync } from 'node:child_process';
@@ -13,6 +14,7 @@ import { batchingOptions, runBatching } from './pipeline/batching.ts';
 import { capacityOptions, runCapacity } from './pipeline/capacity.ts';
 import { log, machine, ROOT } from './pipeline/cluster.ts';
 import { overheadOptions, runOverhead } from './pipeline/overhead.ts';
+import { runScale, scaleOptions } from './pipeline/scale.ts';
 
 type Bench = (argv: string[]) => Promise<unknown>;
 
@@ -30,6 +32,7 @@ const benches: Record<string, Bench> = {
   overhead: (argv) => runOverhead(overheadOptions(argv)),
   batching: (argv) => runBatching(batchingOptions(argv)),
   capacity: (argv) => runCapacity(capacityOptions(argv)),
+  scale: (argv) => runScale(scaleOptions(argv)),
   diffusion: script('bench/diffusion.ts'),
   'model-build': script('bench/model-build.ts'),
 };
