@@ -30,10 +30,13 @@ export class SamplerApi {
 
   generate(req: Partial<GenerateRequest>, o: CallOpts = {}): Promise<GenerateResponse> {
     return new Promise((resolve, reject) => {
-      const call = this.raw.generate(request(req), new Metadata(), this.options(o), (err: ServiceError | null, res?: GenerateResponse) =>
-        err ? reject(fromServiceError(err)) : resolve(res as GenerateResponse),
-      );
-      o.signal?.addEventListener('abort', () => call.cancel(), { once: true });
+      const onAbort = (): void => call.cancel();
+      const call = this.raw.generate(request(req), new Metadata(), this.options(o), (err: ServiceError | null, res?: GenerateResponse) => {
+        o.signal?.removeEventListener('abort', onAbort);
+        if (err) reject(fromServiceError(err));
+        else resolve(res as GenerateResponse);
+      });
+      o.signal?.addEventListener('abort', onAbort, { once: true });
     });
   }
 

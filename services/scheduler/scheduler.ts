@@ -318,7 +318,7 @@ export class Scheduler {
       const { vae, info } = await this.catalog.decoderFor(model);
       const decoder = this.catalog.decoderClient(vae);
       const decodeStart = performance.now();
-      // One call inPer image: images stream out as they finish and spread over the decoder replicas.
+      // One call per image: images stream out as they finish and spread over the decoder replicas.
       await Promise.all(
         plan.labels.map(async (_, i) => {
           const started = performance.now();
