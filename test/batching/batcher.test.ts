@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { Batcher } from '../../shared/batching.ts';
 import { CancelledError, ResourceExhaustedError } from '../../shared/errors.ts';
 
-function recorder(passMs: number): { batcher: Batcher<string, string>; passes: string[][] } {
+function recorder(passMs: number, maxWaitMs = 5): { batcher: Batcher<string, string>; passes: string[][] } {
   const passes: string[][] = [];
   const batcher = new Batcher<string, string>(
     async (jobs) => {
@@ -11,7 +11,7 @@ function recorder(passMs: number): { batcher: Batcher<string, string>; passes: s
       await sleep(passMs);
       return jobs.map((j) => `${j}!`);
     },
-    { maxRows: 4, maxWaitMs: 5 },
+    { maxRows: 4, maxWaitMs },
   );
   return { batcher, passes };
 }
@@ -43,8 +43,10 @@ describe('Batcher', () => {
   });
 
   it('keeps two interleaved requests in the same passes (steps that come back just after a pass join the next one)', async () => {
-    const { batcher, passes } = recorder(20);
-    // Two "requests" stepping in a loop; each resubmits 1-3 ms after its answer, B starts 10 ms late.
+    // Margins are wide (25 ms window, 40 ms passes) so a loaded test machine does not blur them.
+    const { batcher, passes } = recorder(40, 25);
+    // Two "requests" stepping in a loop; each resubmits 1-3 ms after its answer. B arrives while
+    // A's first pass runs, so without the fix the two would alternate in passes of one.
     const loop = async (name: string, delay: number): Promise<void> => {
       await sleep(delay);
       for (let step = 0; step < 6; step++) {
@@ -52,7 +54,7 @@ describe('Batcher', () => {
         await sleep(1 + (name === 'b' ? 2 : 0));
       }
     };
-    await Promise.all([loop('a', 0), loop('b', 10)]);
+    await Promise.all([loop('a', 0), loop('b', 30)]);
     const shared = passes.filter((p) => p.length === 2).length;
     expect(shared).toBeGreaterThanOrEqual(4);
     expect(passes.length).toBeLessThanOrEqual(8);
