@@ -17,9 +17,10 @@ $PY train.py vae --seed 0 --steps 4000 --batch 64 --lr 5e-4 --kl-weight 1e-6 \
 date
 $PY train.py encode --seed 0 --batch 500 --max-minutes 6
 date
+# One thread: on a shared 2-core machine two OpenMP threads ran 14× slower than one.
 $PY train.py dit --seed 0 --steps 40000 --batch 64 --lr 1e-4 --hidden 128 --depth 4 --heads 4 \
-  --ema-decay 0.998 --fp16 $U $R
+  --ema-decay 0.998 --fp16 --threads 1 $U $R
 date
-$PY train.py classifier --seed 0 --steps 2000 --batch 128 --lr 1e-3 --max-minutes 12 $R
+$PY train.py classifier --seed 0 --steps 3000 --batch 128 --lr 1e-3 --max-minutes 12 --threads 1 $R
 date
 echo "ALL STAGES DONE"

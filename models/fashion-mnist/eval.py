@@ -1,0 +1,73 @@
+#!/usr/bin/python3
+"""Scores generated sets (from eval_generate.ts) with the separately trained classifier:
+class accuracy (does the classifier see the class that was asked for?) and the Frechet distance
+between the classifier's penultimate features of the generated images and of the 10k test images.
+
+  /usr/bin/python3 models/fashion-mnist/eval.py models/fashion-mnist/runs/eval/*.safetensors
+"""
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from nets import Classifier  # noqa: E402
+from train import load_safetensors, load_split  # noqa: E402
+
+
+def features_and_logits(net, x):
+    feats, logits = [], []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], 1000):
+            f = net.features(x[i:i + 1000])
+            feats.append(f.double())
+            logits.append(net.fc2(f))
+    return torch.cat(feats), torch.cat(logits)
+
+
+def sqrtm_psd(m):
+    w, v = torch.linalg.eigh(m)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet(f1, f2):
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    r1 = sqrtm_psd(s1)
+    cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
+
+
+def main():
+    torch.manual_seed(0)
+    net = Classifier()
+    net.load_state_dict(load_safetensors(os.path.join(HERE, "classifier.safetensors")))
+    net.eval()
+    xt, yt = load_split("test")
+    ft, lt = features_and_logits(net, xt)
+    test_acc = float((lt.argmax(1) == yt).float().mean())
+    # Reference: FD between two halves of the real test set (the floor for this feature space).
+    half = ft.shape[0] // 2
+    rows = [{"set": "test images (classifier check)", "n": int(xt.shape[0]), "class_accuracy": test_acc,
+             "frechet_distance": frechet(ft[:half], ft[half:]), "note": "FD between the two halves of the test set"}]
+    for path in sys.argv[1:]:
+        d = load_safetensors(path)
+        x = d["images"].float().unsqueeze(1) / 127.5 - 1.0
+        y = d["labels"]
+        f, logits = features_and_logits(net, x)
+        rows.append({"set": os.path.basename(path).removesuffix(".safetensors"), "n": int(x.shape[0]),
+                     "class_accuracy": float((logits.argmax(1) == y).float().mean()), "frechet_distance": frechet(f, ft)})
+    print("| set | images | class accuracy | Frechet distance (classifier features) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['set']} | {r['n']} | {r['class_accuracy'] * 100:.1f}% | {r['frechet_distance']:.2f} |")
+    out = os.path.join(HERE, "eval.json")
+    with open(out, "w") as fh:
+        json.dump(rows, fh, indent=1)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

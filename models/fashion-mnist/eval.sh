@@ -1,0 +1,25 @@
+#!/bin/sh
+# Evaluation through ditpipe's real services: `ditpipe up` (nats-server plus separate scheduler,
+# denoiser and decoder processes), generation over gRPC (eval_generate.ts), then scoring with the
+# separately trained classifier (eval.py). PER_CLASS images per class and configuration.
+#   PER_CLASS=1000 sh models/fashion-mnist/eval.sh
+set -e
+cd "$(dirname "$0")/../.."
+PER_CLASS=${PER_CLASS:-1000}
+CONFIGS=${CONFIGS:-ddpm250-cfg1,ddpm250-cfg1.5,ddpm250-cfg4,ddim50-cfg1,ddim50-cfg1.5,ddim50-cfg4}
+OUT=models/fashion-mnist/runs/eval
+PORT=${PORT:-50091}
+mkdir -p "$OUT"
+node bin/ditpipe.js up --denoisers 1 --decoders 1 --grpc-port "$PORT" --nats-port 0 --metrics-port -1 --threads 1 > "$OUT/up.log" 2>&1 &
+UP=$!
+trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
+i=0
+until grep -q "Sampler API on" "$OUT/up.log"; do
+  i=$((i + 1)); [ $i -gt 180 ] && { echo "ditpipe up did not start; see $OUT/up.log" >&2; exit 1; }
+  sleep 1
+done
+sleep 2
+date
+node --import tsx models/fashion-mnist/eval_generate.ts --server 127.0.0.1:"$PORT" --per-class "$PER_CLASS" --configs "$CONFIGS" --out "$OUT"
+date
+/usr/bin/python3 models/fashion-mnist/eval.py "$OUT"/*.safetensors

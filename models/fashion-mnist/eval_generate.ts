@@ -1,0 +1,86 @@
+// Generates the evaluation sets through ditpipe itself: a running scheduler (gRPC, real services),
+// one set per sampler configuration, balanced over the 10 classes, each written as
+// <out>/<config>.safetensors with `images` U8 [N, 28, 28] (the 32×32 decode cropped by the 2-px
+// padding the VAE was trained with) and `labels` I64 [N], for eval.py to score.
+//
+//   node --import tsx models/fashion-mnist/eval_generate.ts --server 127.0.0.1:50051 --per-class 1000 --out models/fashion-mnist/runs/eval
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { SamplerApi } from '../../shared/client.ts';
+import { SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { decodePng } from '../../shared/image/png.ts';
+import { writeSafetensors } from '../../shared/weights/index.ts';
+
+const { values } = parseArgs({
+  options: {
+    server: { type: 'string', default: '127.0.0.1:50051' },
+    model: { type: 'string', default: 'fashion-mnist' },
+    'per-class': { type: 'string', default: '1000' },
+    configs: { type: 'string', default: 'ddpm250-cfg1,ddpm250-cfg1.5,ddpm250-cfg4,ddim50-cfg1,ddim50-cfg1.5,ddim50-cfg4' },
+    batch: { type: 'string', default: '50' },
+    'in-flight': { type: 'string', default: '4' },
+    seed: { type: 'string', default: '1000' },
+    out: { type: 'string', default: 'models/fashion-mnist/runs/eval' },
+  },
+});
+
+const perClass = Number(values['per-class']);
+const batch = Number(values.batch);
+const inFlight = Number(values['in-flight']);
+const CROP = 2;
+
+interface Config {
+  name: string;
+  sampler: SamplerKind;
+  steps: number;
+  cfg: number;
+}
+
+function parseConfig(name: string): Config {
+  const m = /^(ddpm|ddim|dpmpp)(\d+)-cfg([\d.]+)$/.exec(name);
+  if (!m) throw new Error(`config "${name}": expected e.g. ddpm250-cfg4`);
+  const sampler = { ddpm: SamplerKind.SAMPLER_KIND_DDPM, ddim: SamplerKind.SAMPLER_KIND_DDIM, dpmpp: SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP }[m[1] as 'ddpm'];
+  return { name, sampler, steps: Number(m[2]), cfg: Number(m[3]) };
+}
+
+const api = new SamplerApi(values.server);
+mkdirSync(values.out, { recursive: true });
+for (const cfg of values.configs.split(',').map(parseConfig)) {
+  const total = perClass * 10;
+  const labels = Array.from({ length: total }, (_, i) => i % 10);
+  const images = new Uint8Array(total * 28 * 28);
+  const started = Date.now();
+  let done = 0;
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < total) {
+      const first = next;
+      next = Math.min(total, next + batch);
+      const res = await api.generate({
+        model: values.model,
+        classLabels: labels.slice(first, next).map((index) => ({ index })),
+        sampler: cfg.sampler,
+        numSteps: cfg.steps,
+        cfgScale: cfg.cfg,
+        // One seed per batch, so every image of the set has its own noise stream.
+        seed: BigInt(values.seed) * 1_000_000n + BigInt(first),
+      });
+      res.images.forEach((img, k) => {
+        const px = decodePng(img.png);
+        if (px.channels !== 1 || px.width !== 32) throw new Error(`expected 32×32 grayscale, got ${px.width}×${px.height}×${px.channels}`);
+        const dst = (first + k) * 28 * 28;
+        for (let y = 0; y < 28; y++) images.set(px.data.subarray((y + CROP) * 32 + CROP, (y + CROP) * 32 + CROP + 28), dst + y * 28);
+      });
+      done += res.images.length;
+      process.stderr.write(`\r${cfg.name}: ${done}/${total} images, ${((Date.now() - started) / 1000).toFixed(0)} s`);
+    }
+  };
+  await Promise.all(Array.from({ length: inFlight }, worker));
+  process.stderr.write('\n');
+  writeSafetensors(join(values.out, `${cfg.name}.safetensors`), [
+    { name: 'images', dtype: 'U8', shape: [total, 28, 28], data: images },
+    { name: 'labels', dtype: 'I64', shape: [total], data: BigInt64Array.from(labels, (l) => BigInt(l)) },
+  ], { config: cfg.name, steps: String(cfg.steps), cfg: String(cfg.cfg), seconds: String((Date.now() - started) / 1000) });
+}
+api.close();
