@@ -1,5 +1,6 @@
 // Options and plumbing shared by the service commands: NATS connection flags (each with an env
 // var), logging, metrics endpoint, and ordered shutdown on SIGTERM/SIGINT.
+import { readFileSync } from 'node:fs';
 import { Option, type Command } from 'commander';
 import { pino, type Logger } from 'pino';
 import type { Registry } from 'prom-client';
@@ -48,6 +49,20 @@ export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string): N
 
 export async function natsFromFlags(f: NatsFlags & { natsUrl: string }, name: string): Promise<Transport> {
   return natsTransport(await connectNats(natsOptions(f, name)));
+}
+
+/**
+ * A `--config`-style argument: inline JSON (starting with `{`) or a JSON file. Returns the parsed
+ * value and how to name the source in errors; `fail` builds the caller's error type.
+ */
+export function readJsonArg(flag: string, arg: string, fail: (message: string) => Error): { raw: unknown; source: string } {
+  const inline = arg.trimStart().startsWith('{');
+  const source = `${flag} ${inline ? '(inline)' : arg}`;
+  try {
+    return { raw: JSON.parse(inline ? arg : readFileSync(arg, 'utf8')), source };
+  } catch (err) {
+    throw fail(`${source}: ${(err as Error).message}`);
+  }
 }
 
 export function intArg(flag: string, min: number, max = Number.MAX_SAFE_INTEGER): (v: string) => number {

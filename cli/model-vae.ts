@@ -1,6 +1,5 @@
 // `ditpipe model build vae`: compiles a VAE decoder checkpoint (diffusers or LDM names) into a
 // model directory. Registered under `model build` by cli/model.ts.
-import { readFileSync } from 'node:fs';
 import { basename, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import cliProgress from 'cli-progress';
@@ -15,6 +14,7 @@ import {
   type VaeFormat,
 } from '../shared/model/vae.ts';
 import { openWeights, sha256File } from '../shared/weights/index.ts';
+import { readJsonArg } from './common.ts';
 
 export interface BuildVaeOptions {
   weights: string;
@@ -31,14 +31,7 @@ export interface BuildVaeOptions {
 
 /** `--config` takes a JSON file or inline JSON (starting with `{`), like `model build dit`. */
 function readConfigArg(arg: string): VaeConfigJson {
-  const inline = arg.trimStart().startsWith('{');
-  const source = `--config ${inline ? '(inline)' : arg}`;
-  let raw: unknown;
-  try {
-    raw = JSON.parse(inline ? arg : readFileSync(arg, 'utf8'));
-  } catch (err) {
-    throw new VaeConfigError(`${source}: ${(err as Error).message}`);
-  }
+  const { raw, source } = readJsonArg('--config', arg, (m) => new VaeConfigError(m));
   return parseVaeConfigJson(raw, source);
 }
 

@@ -6,6 +6,7 @@ import { buildDitModel, DitConfigError, parseDitConfig, UnsupportedDtypeError, t
 import { initDitWeights, type DitInit } from '../shared/model/dit-init.ts';
 import { ditConfigSchema, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
 import { ditPreset } from '../shared/model/presets.ts';
+import { readJsonArg } from './common.ts';
 
 /** Builders registered under `model build` besides `dit`; each module exports its subcommand as `command`. */
 const builders: Array<() => Promise<{ command: Command }>> = [
@@ -14,14 +15,8 @@ const builders: Array<() => Promise<{ command: Command }>> = [
 
 /** `--config` takes a JSON file or inline JSON (starting with `{`). */
 function readConfigArg(arg: string): Partial<DitConfig> {
-  const inline = arg.trimStart().startsWith('{');
-  let raw: unknown;
-  try {
-    raw = JSON.parse(inline ? arg : readFileSync(arg, 'utf8'));
-  } catch (err) {
-    throw new DitConfigError(`--config ${inline ? '(inline)' : arg}: ${(err as Error).message}`);
-  }
-  return parseDitConfig(raw, `--config ${inline ? '(inline)' : arg}`);
+  const { raw, source } = readJsonArg('--config', arg, (m) => new DitConfigError(m));
+  return parseDitConfig(raw, source);
 }
 
 /** One label per line, or a JSON array of strings. */
