@@ -1,16 +1,17 @@
 // Generates the evaluation sets through ditpipe itself: a running scheduler (gRPC, real services),
 // one set per sampler configuration, balanced over the 10 classes, each written as
 // <out>/<config>.safetensors with `images` U8 [N, 28, 28] (the 32×32 decode cropped by the 2-px
-// padding the VAE was trained with) and `labels` I64 [N], for eval.py to score.
+// padding the VAE was trained with) and `labels` I64 [N], for eval.py to score. A set already
+// written with the same size is kept, so a long run that stops can be started again.
 //
 //   node --import tsx models/fashion-mnist/eval_generate.ts --server 127.0.0.1:50051 --per-class 1000 --out models/fashion-mnist/runs/eval
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { SamplerApi } from '../../shared/client.ts';
 import { SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { decodePng } from '../../shared/image/png.ts';
-import { writeSafetensors } from '../../shared/weights/index.ts';
+import { openSafetensors, writeSafetensors } from '../../shared/weights/index.ts';
 
 const { values } = parseArgs({
   options: {
@@ -19,7 +20,7 @@ const { values } = parseArgs({
     'per-class': { type: 'string', default: '1000' },
     configs: { type: 'string', default: 'ddpm250-cfg1,ddpm250-cfg1.5,ddpm250-cfg4,ddim50-cfg1,ddim50-cfg1.5,ddim50-cfg4' },
     batch: { type: 'string', default: '50' },
-    'in-flight': { type: 'string', default: '4' },
+    'in-flight': { type: 'string', default: '8' },
     seed: { type: 'string', default: '1000' },
     out: { type: 'string', default: 'models/fashion-mnist/runs/eval' },
   },
@@ -44,10 +45,24 @@ function parseConfig(name: string): Config {
   return { name, sampler, steps: Number(m[2]), cfg: Number(m[3]) };
 }
 
+function keptSize(path: string): number {
+  const f = openSafetensors(path);
+  try {
+    return f.info('images').shape[0];
+  } finally {
+    f.close();
+  }
+}
+
 const api = new SamplerApi(values.server);
 mkdirSync(values.out, { recursive: true });
 for (const cfg of values.configs.split(',').map(parseConfig)) {
   const total = perClass * 10;
+  const path = join(values.out, `${cfg.name}.safetensors`);
+  if (existsSync(path) && keptSize(path) === total) {
+    process.stderr.write(`${cfg.name}: ${path} already holds ${total} images; kept\n`);
+    continue;
+  }
   const labels = Array.from({ length: total }, (_, i) => i % 10);
   const images = new Uint8Array(total * 28 * 28);
   const started = Date.now();
@@ -78,7 +93,7 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
   };
   await Promise.all(Array.from({ length: inFlight }, worker));
   process.stderr.write('\n');
-  writeSafetensors(join(values.out, `${cfg.name}.safetensors`), [
+  writeSafetensors(path, [
     { name: 'images', dtype: 'U8', shape: [total, 28, 28], data: images },
     { name: 'labels', dtype: 'I64', shape: [total], data: BigInt64Array.from(labels, (l) => BigInt(l)) },
   ], { config: cfg.name, steps: String(cfg.steps), cfg: String(cfg.cfg), seconds: String((Date.now() - started) / 1000) });
