@@ -20,7 +20,7 @@ const { values } = parseArgs({
     'per-class': { type: 'string', default: '1000' },
     configs: { type: 'string', default: 'ddpm250-cfg1,ddpm250-cfg1.5,ddpm250-cfg4,ddim50-cfg1,ddim50-cfg1.5,ddim50-cfg4' },
     batch: { type: 'string', default: '50' },
-    'in-flight': { type: 'string', default: '8' },
+    'in-flight': { type: 'string', default: '5' }, // 5 × 50 images stays under the scheduler's default admission limit (256)
     seed: { type: 'string', default: '1000' },
     out: { type: 'string', default: 'models/fashion-mnist/runs/eval' },
   },
