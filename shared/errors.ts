@@ -1,8 +1,8 @@
 // Errors of ditpipe: one class per failure mode, each carrying a gRPC status code.
 //
 // Errors cross process boundaries as data: over gRPC as a status (code + details, plus the
-// `ditpipe-error` metadata key naming the class), over NATS as headers (see
-// shared/transport/rpc.ts). `errorFromStatus()` rebuilds the typed error on the other side, so
+// `ditpipe-error` metadata key naming the class and, for INVALID_ARGUMENT, `ditpipe-field` naming
+// the request field), over NATS as headers (see shared/transport/rpc.ts). `errorFromStatus()` rebuilds the typed error on the other side, so
 // `err instanceof UnavailableError` works wherever the error was raised.
 //
 //   throw new InvalidArgumentError('cfg_scale must be finite and >= 1, got NaN', { field: 'cfg_scale' });
@@ -199,13 +199,13 @@ export class StatusError extends DitpipeError {
 }
 
 /**
- * Rebuilds a typed error from a status code, message and (optional) kind from the wire.
+ * Rebuilds a typed error from a status code, message and (optional) kind and field from the wire.
  * The kind picks a subclass where one code has several (PayloadTooLarge vs ResourceExhausted).
  */
-export function errorFromStatus(code: number, message: string, kind?: string): DitpipeError {
+export function errorFromStatus(code: number, message: string, kind?: string, field?: string): DitpipeError {
   switch (code) {
     case Code.INVALID_ARGUMENT:
-      return new InvalidArgumentError(message);
+      return new InvalidArgumentError(message, { field: field || undefined });
     case Code.NOT_FOUND:
       return new NotFoundError(message);
     case Code.RESOURCE_EXHAUSTED:
@@ -241,12 +241,21 @@ export function toDitpipeError(err: unknown): DitpipeError {
 
 /** Metadata key carrying DitpipeError.kind over gRPC. */
 export const GRPC_KIND_KEY = 'ditpipe-error';
+/** Metadata key carrying InvalidArgumentError.field over gRPC (absent when the field is unknown). */
+export const GRPC_FIELD_KEY = 'ditpipe-field';
+
+/** The request field an error is about, if it names one. */
+export function errorField(err: DitpipeError): string | undefined {
+  return err instanceof InvalidArgumentError ? err.field : undefined;
+}
 
 /** Converts any error into a grpc-js ServiceError for a handler's callback or `call.destroy()`. */
 export function toServiceError(err: unknown): ServiceError {
   const e = toDitpipeError(err);
   const metadata = new Metadata();
   metadata.set(GRPC_KIND_KEY, e.kind);
+  const field = errorField(e);
+  if (field !== undefined) metadata.set(GRPC_FIELD_KEY, field);
   const out = new Error(`${codeName(e.code)}: ${e.message}`) as ServiceError;
   out.code = e.code;
   out.details = e.message;
@@ -256,7 +265,9 @@ export function toServiceError(err: unknown): ServiceError {
 
 /** Rebuilds the typed error from a grpc-js client error. */
 export function fromServiceError(err: ServiceError): DitpipeError {
-  const kindValue = err.metadata?.get(GRPC_KIND_KEY)[0];
-  const kind = typeof kindValue === 'string' ? kindValue : undefined;
-  return errorFromStatus(err.code, err.details, kind);
+  const text = (key: string): string | undefined => {
+    const value = err.metadata?.get(key)[0];
+    return typeof value === 'string' ? value : undefined;
+  };
+  return errorFromStatus(err.code, err.details, text(GRPC_KIND_KEY), text(GRPC_FIELD_KEY));
 }

@@ -10,12 +10,14 @@
 //            ctx.signal when it passes)
 //   reply    OK:    body = protobuf-encoded response, no headers
 //            error: empty body, headers Ditpipe-Status (numeric gRPC code), Ditpipe-Message
-//                   (percent-encoded like gRPC's grpc-message), Ditpipe-Error (error kind)
+//                   (percent-encoded like gRPC's grpc-message), Ditpipe-Error (error kind),
+//                   Ditpipe-Field (the request field of an INVALID_ARGUMENT, when known)
 // Size limits count body plus headers (as NATS's max_payload does) and are checked before sending.
 import {
   CancelledError,
   DeadlineExceededError,
   type DitpipeError,
+  errorField,
   errorFromStatus,
   InternalError,
   InvalidArgumentError,
@@ -73,6 +75,7 @@ export interface Bus {
 export const H_STATUS = 'Ditpipe-Status';
 export const H_MESSAGE = 'Ditpipe-Message';
 export const H_KIND = 'Ditpipe-Error';
+export const H_FIELD = 'Ditpipe-Field';
 export const H_TIMEOUT = 'Ditpipe-Timeout-Ms';
 
 export const DEFAULT_PREFIX = 'ditpipe.v1';
@@ -152,10 +155,10 @@ function positive(value: number | undefined, field: string): number | undefined 
 export function errorReply(err: unknown): BusMessage {
   const e = toDitpipeError(err);
   const message = e.message.length > MAX_ERROR_MESSAGE ? `${e.message.slice(0, MAX_ERROR_MESSAGE)}…` : e.message;
-  return {
-    data: new Uint8Array(0),
-    headers: { [H_STATUS]: String(e.code), [H_MESSAGE]: encodeURIComponent(message), [H_KIND]: e.kind },
-  };
+  const headers: Record<string, string> = { [H_STATUS]: String(e.code), [H_MESSAGE]: encodeURIComponent(message), [H_KIND]: e.kind };
+  const field = errorField(e);
+  if (field !== undefined) headers[H_FIELD] = field;
+  return { data: new Uint8Array(0), headers };
 }
 
 /** The error carried by a reply, or undefined for an OK reply. */
@@ -168,7 +171,7 @@ export function replyError(msg: BusMessage): DitpipeError | undefined {
   } catch {
     // Not percent-encoded by a foreign sender: keep it as it came.
   }
-  return errorFromStatus(Number(status), message, msg.headers[H_KIND]);
+  return errorFromStatus(Number(status), message, msg.headers[H_KIND], msg.headers[H_FIELD]);
 }
 
 /** Sleeps ms; rejects with CancelledError when signal aborts. Leaves no timer behind either way. */
@@ -225,7 +228,7 @@ function abortable<T>(p: Promise<T>, signal: AbortSignal | undefined, what: stri
 
 /** Same class as err with more context in the message. */
 function withContext(err: DitpipeError, context: string): DitpipeError {
-  const e = errorFromStatus(err.code, `${err.message} ${context}`, err.kind);
+  const e = errorFromStatus(err.code, `${err.message} ${context}`, err.kind, errorField(err));
   if (err instanceof PayloadTooLargeError) {
     return new PayloadTooLargeError(e.message, { size: err.size, limit: err.limit, cause: err });
   }

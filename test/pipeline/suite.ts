@@ -2,7 +2,7 @@
 // real services, real onnxruntime on the golden tiny DiT and VAE, real gRPC on port 0.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { request } from '../../shared/client.ts';
-import { Code, type DitpipeError } from '../../shared/errors.ts';
+import { Code, type DitpipeError, type InvalidArgumentError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
 import { OutputFormat, SamplerKind, type GenerateEvent, type GenerateRequest } from '../../shared/gen/ditpipe/v1/sampler.ts';
@@ -159,6 +159,7 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       const err = await rejects(p.api.generate(base(over)));
       expect(err.code).toBe(Code.INVALID_ARGUMENT);
       expect(err.message).toContain(field);
+      expect((err as InvalidArgumentError).field).toBe(field);
     });
 
     it('answers NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED past admission, and keeps serving', async () => {

@@ -17,7 +17,7 @@ let health: ReturnType<typeof addHealthAndReflection>;
 let modelsCall = 0;
 
 const sampler: SamplerServer = {
-  generate: (_call, callback) => callback(toServiceError(new InvalidArgumentError('class_labels[0]: 12 is not a class of model m (10 classes)'))),
+  generate: (_call, callback) => callback(toServiceError(new InvalidArgumentError('class_labels[0]: 12 is not a class of model m (10 classes)', { field: 'class_labels[0]' }))),
   generateStream: (call) => {
     call.emit('error', toServiceError(new PayloadTooLargeError('too big')));
   },
@@ -138,6 +138,9 @@ describe('typed errors over gRPC', () => {
       const typed = fromServiceError(err);
       expect(typed).toBeInstanceOf(InvalidArgumentError);
       expect(typed.message).toBe('class_labels[0]: 12 is not a class of model m (10 classes)');
+      // Clients in any language read the field from the `ditpipe-field` trailer.
+      expect(err.metadata.get('ditpipe-field')).toEqual(['class_labels[0]']);
+      expect((typed as InvalidArgumentError).field).toBe('class_labels[0]');
 
       const streamErr = await new Promise<grpc.ServiceError>((resolve) => {
         const s = client.generateStream({ model: 'm', classLabels: [], sampler: 0, guidanceChannels: 0, outputFormat: 0 });

@@ -189,6 +189,7 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       expect(e1).toBeInstanceOf(InvalidArgumentError);
       expect((e1 as InvalidArgumentError).code).toBe(Code.INVALID_ARGUMENT);
       expect((e1 as Error).message).toBe('cfg_scale must be finite and >= 1, got NaN');
+      expect((e1 as InvalidArgumentError).field).toBe('cfg_scale');
       const e2 = await denoiser.denoise(request()).catch((e: unknown) => e);
       expect(e2).toBeInstanceOf(NotFoundError);
       expect((e2 as NotFoundError).code).toBe(Code.NOT_FOUND);

@@ -31,8 +31,10 @@ export const protobufFileName = "ditpipe/v1/sampler.proto";
  * Public API of ditpipe: class-conditional image generation with DiT.
  *
  * Served over gRPC by the scheduler. Every request field is validated; a bad value
- * gets INVALID_ARGUMENT with a message naming the field. When the scheduler has no
- * room for more samples in flight it answers RESOURCE_EXHAUSTED.
+ * gets INVALID_ARGUMENT with a message naming the field, and the field path (e.g.
+ * "cfg_scale", "class_labels[3]") also comes alone in the `ditpipe-field` trailer.
+ * Every error carries its class in the `ditpipe-error` trailer. When the scheduler
+ * has no room for more samples in flight it answers RESOURCE_EXHAUSTED.
  */
 
 /** Reverse-diffusion sampler. */
