@@ -2,9 +2,16 @@
 // a gRPC server for health probes and direct calls. Shutdown order: health NOT_SERVING → stop
 // taking calls (unsubscribe) and let those in flight finish within the grace period → release the
 // service's resources (`close`) → close gRPC.
+//
+// While running, the gRPC health status (overall and the service's) follows the bus server's
+// liveness: a replica with a call stuck past its caller's deadline reports NOT_SERVING, so the
+// Kubernetes liveness probe restarts it, and SERVING again once that call returns.
 import type { ServiceDefinition as GrpcServiceDefinition } from '@grpc/grpc-js';
 import type { RpcServer, ServiceDefinition, ServiceImpl, Transport } from '../transport/types.ts';
 import { grpcHandlers, startGrpcServer, type RunningGrpcServer } from './grpc.ts';
+
+/** How often the health status is brought in line with the bus server's liveness. */
+const HEALTH_SYNC_MS = 500;
 
 export interface RunningReplica {
   server: RpcServer;
@@ -32,11 +39,22 @@ export async function mountReplica<D extends ServiceDefinition>(transport: Trans
           port: spec.grpcPort,
         });
   let stopped: Promise<void> | null = null;
+  let serving = true;
+  const sync = grpc
+    ? setInterval(() => {
+        if (stopped || server.live === serving) return;
+        serving = server.live;
+        const status = serving ? 'SERVING' : 'NOT_SERVING';
+        grpc.health.setStatus('', status);
+        grpc.health.setStatus(spec.definition.fullName, status);
+      }, HEALTH_SYNC_MS).unref()
+    : undefined;
   return {
     server,
     grpc,
     stop(graceMs = 10_000) {
       stopped ??= (async () => {
+        clearInterval(sync);
         grpc?.health.setStatus('', 'NOT_SERVING');
         await server.stop(graceMs);
         await spec.close();

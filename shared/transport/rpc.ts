@@ -13,6 +13,17 @@
 //                   (percent-encoded like gRPC's grpc-message), Ditpipe-Error (error kind),
 //                   Ditpipe-Field (the request field of an INVALID_ARGUMENT, when known)
 // Size limits count body plus headers (as NATS's max_payload does) and are checked before sending.
+//
+// Retries avoid hung replicas. A replica frozen mid-call (SIGSTOP, a stuck GPU driver) keeps its
+// queue-group subscription until the NATS server notices, so a retry through the queue group
+// could land on it again. Each replica therefore also answers, for every idempotent method S:
+//   S.live             a probe with no queue group: an empty reply with header Ditpipe-Instance,
+//                      sent only while none of its calls has overstayed its caller's deadline by
+//                      more than stuckGraceMs
+//   S.at.<instance>    the same method on this replica alone
+// Before each retry the client probes S.live and sends the attempt to the first replica that
+// answers; with no answer in time it falls back to the queue group.
+import { randomUUID } from 'node:crypto';
 import {
   CancelledError,
   DeadlineExceededError,
@@ -77,6 +88,7 @@ export const H_MESSAGE = 'Ditpipe-Message';
 export const H_KIND = 'Ditpipe-Error';
 export const H_FIELD = 'Ditpipe-Field';
 export const H_TIMEOUT = 'Ditpipe-Timeout-Ms';
+export const H_INSTANCE = 'Ditpipe-Instance';
 
 export const DEFAULT_PREFIX = 'ditpipe.v1';
 export const DEFAULT_TIMEOUT_MS = 30_000;
@@ -85,6 +97,9 @@ export const DEFAULT_BACKOFF_MS = 25;
 const MAX_BACKOFF_MS = 1_000;
 const DEFAULT_GRACE_MS = 10_000;
 const DEFAULT_COLLECT_MS = 250;
+const DEFAULT_STUCK_GRACE_MS = 1_000;
+/** Longest wait for a liveness probe before a retry (at most half the time left). */
+const PROBE_MS = 250;
 /** Error messages are cut to this many characters so an error reply always fits. */
 const MAX_ERROR_MESSAGE = 2_000;
 
@@ -130,6 +145,16 @@ export function methodSubject(definition: ServiceDefinition, method: MethodDefin
 /** Subject on which every replica answers a NO_SIDE_EFFECTS method (no queue group). */
 export function collectSubject(methodSubj: string): string {
   return `${methodSubj}.all`;
+}
+
+/** Probe subject every live replica of an idempotent method answers (no queue group). */
+export function liveSubject(methodSubj: string): string {
+  return `${methodSubj}.live`;
+}
+
+/** Subject of one replica's instance of a method. */
+export function directSubject(methodSubj: string, instance: string): string {
+  return `${methodSubj}.at.${instance}`;
 }
 
 function isUnary(m: MethodDefinition): boolean {
@@ -238,6 +263,8 @@ function withContext(err: DitpipeError, context: string): DitpipeError {
 interface Active {
   controller: AbortController;
   answer: (msg: BusMessage) => void;
+  /** The caller's deadline (epoch ms; Infinity when it sent none). */
+  deadline: number;
 }
 
 /** Mounts the unary methods of `definition` on the bus. */
@@ -249,6 +276,13 @@ export async function serveOnBus<D extends ServiceDefinition>(
 ): Promise<RpcServer> {
   const serverLimit = positive(opts.maxPayload, 'maxPayload') ?? Number.POSITIVE_INFINITY;
   const queue = opts.queue ?? `ditpipe.${definition.name.toLowerCase()}.${checkToken(opts.scope, 'scope')}`;
+  const stuckGraceMs = opts.stuckGraceMs ?? DEFAULT_STUCK_GRACE_MS;
+  if (!(Number.isFinite(stuckGraceMs) && stuckGraceMs >= 0)) {
+    throw new InvalidArgumentError(`stuckGraceMs must be a non-negative number of milliseconds, got ${String(opts.stuckGraceMs)}`, {
+      field: 'stuckGraceMs',
+    });
+  }
+  const instance = randomUUID().replaceAll('-', '');
   const handlers = impl as unknown as Record<string, unknown>;
   const methods: Array<[string, MethodDefinition]> = Object.entries(definition.methods).filter(([, m]) => isUnary(m));
   for (const [key] of methods) {
@@ -280,6 +314,7 @@ export async function serveOnBus<D extends ServiceDefinition>(
     let answered = false;
     const entry: Active = {
       controller,
+      deadline,
       answer: (m) => {
         if (answered) return;
         answered = true;
@@ -322,21 +357,40 @@ export async function serveOnBus<D extends ServiceDefinition>(
       });
   };
 
+  let stopping: Promise<void> | undefined;
+  /** Not stopping, and no call has overstayed its caller's deadline by more than the grace. */
+  const live = (): boolean => {
+    if (stopping) return false;
+    const now = Date.now();
+    for (const entry of active) if (now > entry.deadline + stuckGraceMs) return false;
+    return true;
+  };
+  const probeReply: BusMessage = { data: new Uint8Array(0), headers: { [H_INSTANCE]: instance } };
+
   const subjects: string[] = [];
   const subs: BusSubscription[] = [];
   const subscribeAll = async (): Promise<void> => {
-    const collectable: string[] = [];
+    const plain: string[] = [];
     for (const [key, method] of methods) {
       const subject = methodSubject(definition, method, opts);
       subjects.push(subject);
       subs.push(await bus.subscribe(subject, queue, (m, r) => handle(key, method, subject, m, r)));
       if (method.options.idempotencyLevel === 'NO_SIDE_EFFECTS') {
         const all = collectSubject(subject);
-        collectable.push(all);
+        plain.push(all);
         subs.push(await bus.subscribe(all, undefined, (m, r) => handle(key, method, all, m, r)));
       }
+      if (isIdempotent(method)) {
+        const probe = liveSubject(subject);
+        const direct = directSubject(subject, instance);
+        plain.push(probe, direct);
+        subs.push(await bus.subscribe(probe, undefined, (_m, r) => {
+          if (live()) r(probeReply);
+        }));
+        subs.push(await bus.subscribe(direct, undefined, (m, r) => handle(key, method, subject, m, r)));
+      }
     }
-    subjects.push(...collectable);
+    subjects.push(...plain);
   };
   try {
     await subscribeAll();
@@ -345,7 +399,6 @@ export async function serveOnBus<D extends ServiceDefinition>(
     throw err;
   }
 
-  let stopping: Promise<void> | undefined;
   const stop = (graceMs = DEFAULT_GRACE_MS): Promise<void> => {
     stopping ??= (async () => {
       await Promise.allSettled(subs.map((s) => s.drain()));
@@ -370,6 +423,10 @@ export async function serveOnBus<D extends ServiceDefinition>(
 
   return {
     subjects,
+    instance,
+    get live() {
+      return live();
+    },
     get inFlight() {
       return active.size;
     },
@@ -417,6 +474,20 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
     return data;
   };
 
+  /** Direct subject of the first replica answering the liveness probe, or undefined when none does in time. */
+  const liveReplica = async (subject: string, deadline: number, signal: AbortSignal | undefined, what: string): Promise<string | undefined> => {
+    const waitMs = Math.min(PROBE_MS, (deadline - Date.now()) / 2);
+    if (waitMs < 1) return undefined;
+    try {
+      const reply = await abortable(bus.request(liveSubject(subject), { data: new Uint8Array(0), headers: {} }, waitMs), signal, what);
+      const instance = reply.headers[H_INSTANCE];
+      return instance ? directSubject(subject, instance) : undefined;
+    } catch (e) {
+      if (e instanceof CancelledError && signal?.aborted) throw e;
+      return undefined; // nobody alive answered (or an older replica without probes): use the queue group
+    }
+  };
+
   const call = async (key: string, request: unknown, callOpts: CallOptions = {}): Promise<unknown> => {
     const { method, subject } = lookup(key);
     const what = `${definition.name}.${method.name}`;
@@ -429,6 +500,8 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
     const data = encodeChecked(what, method, request, { [H_TIMEOUT]: String(Math.ceil(timeoutMs)) });
 
     for (let attempt = 0; ; attempt++) {
+      // A retry goes to a replica that just proved alive, so a hung one is not picked again.
+      const target = attempt === 0 ? subject : ((await liveReplica(subject, deadline, callOpts.signal, what)) ?? subject);
       const remaining = deadline - Date.now();
       if (remaining <= 0) {
         throw new DeadlineExceededError(`${what} on ${subject}: no answer within ${timeoutMs} ms (${attempt} attempts)`);
@@ -437,7 +510,7 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
       let err: DitpipeError;
       try {
         const reply = await abortable(
-          bus.request(subject, { data, headers: { [H_TIMEOUT]: String(Math.ceil(thisAttempt)) } }, thisAttempt),
+          bus.request(target, { data, headers: { [H_TIMEOUT]: String(Math.ceil(thisAttempt)) } }, thisAttempt),
           callOpts.signal,
           what,
         );

@@ -137,6 +137,12 @@ export interface ServeOptions extends SubjectOptions {
   maxPayload?: number;
   /** Called with errors that cannot be answered to a caller (reply publish failed, handler threw after deadline). */
   onError?: (err: unknown, method: string) => void;
+  /**
+   * A replica stops answering liveness probes (so retries avoid it) while one of its calls has
+   * run this many milliseconds past its caller's deadline: a stuck model, not a slow one
+   * (default 1 000).
+   */
+  stuckGraceMs?: number;
 }
 
 export interface ClientOptions extends SubjectOptions {
@@ -154,8 +160,16 @@ export interface ClientOptions extends SubjectOptions {
 
 /** A service mounted on a transport. */
 export interface RpcServer {
-  /** Subjects served (queue-group subjects first, then `.all` ones). */
+  /**
+   * Subjects served: the queue-group subjects first, then for each method the `.all` subject
+   * (NO_SIDE_EFFECTS methods), the `.live` probe and the `.at.<instance>` direct subject
+   * (idempotent methods), in that order.
+   */
   readonly subjects: readonly string[];
+  /** Random id of this replica, the last token of its direct subjects. */
+  readonly instance: string;
+  /** Whether it answers liveness probes: not stopping, and no call stuck past its deadline (see ServeOptions.stuckGraceMs). */
+  readonly live: boolean;
   /** Calls being handled right now. */
   readonly inFlight: number;
   /**

@@ -125,10 +125,15 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       const client = await connect('client');
       const impl = doubler('a');
       const srv = await server.serve(DenoiserDefinition, impl, { scope: SCOPE });
+      expect(srv.instance).toMatch(/^[0-9a-f]{32}$/);
       expect(srv.subjects).toEqual([
         'ditpipe.v1.denoiser.dit-test.denoise',
         'ditpipe.v1.denoiser.dit-test.info',
+        'ditpipe.v1.denoiser.dit-test.denoise.live',
+        `ditpipe.v1.denoiser.dit-test.denoise.at.${srv.instance}`,
         'ditpipe.v1.denoiser.dit-test.info.all',
+        'ditpipe.v1.denoiser.dit-test.info.live',
+        `ditpipe.v1.denoiser.dit-test.info.at.${srv.instance}`,
       ]);
       const denoiser = client.client(DenoiserDefinition, { scope: SCOPE, timeoutMs: 5_000 });
       expect(denoiser.subjectOf('denoise')).toBe('ditpipe.v1.denoiser.dit-test.denoise');
@@ -253,6 +258,33 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       // The hung call got its deadline; the stopping replica finishes without waiting the grace.
       await stopping;
       expect(hungServer.inFlight).toBe(0);
+    });
+
+    it('sends retries only to replicas that answer the liveness probe, never back to a stuck one', async () => {
+      // Two replicas whose model is stuck (the handler ignores its deadline, as a frozen GPU call
+      // would) stay subscribed to the queue group; one healthy replica serves beside them.
+      const stuck = (id: string): ReturnType<typeof doubler> => doubler(id, () => new Promise<void>(() => undefined));
+      const a = stuck('stuck-a');
+      const b = stuck('stuck-b');
+      const healthy = doubler('healthy');
+      const opts = { scope: SCOPE, stuckGraceMs: 0 };
+      await (await connect('stuck-a')).serve(DenoiserDefinition, a, opts);
+      await (await connect('stuck-b')).serve(DenoiserDefinition, b, opts);
+      await (await connect('healthy')).serve(DenoiserDefinition, healthy, opts);
+      const client = await connect('client');
+      // Let both stuck replicas overstay a caller's deadline before the calls under test.
+      const primer = client.client(DenoiserDefinition, { scope: SCOPE, retries: 0, timeoutMs: 50 });
+      while (a.calls === 0 || b.calls === 0) await primer.denoise(request(1)).catch(() => undefined);
+      await new Promise((r) => setTimeout(r, 20));
+      const before = { stuck: a.calls + b.calls, healthy: healthy.calls };
+
+      // One retry each. Through the queue group, two thirds of the retries would hit a stuck
+      // replica again and fail; through the probe every retry reaches the healthy one.
+      const denoiser = client.client(DenoiserDefinition, { scope: SCOPE, retries: 1 });
+      const results = await Promise.all(Array.from({ length: 12 }, () => denoiser.denoise(request(1), { timeoutMs: 5_000, attemptTimeoutMs: 200 })));
+      expect(results.map((r) => r.batchRows)).toEqual(Array(12).fill(1));
+      expect(a.calls + b.calls - before.stuck).toBeGreaterThan(0); // first attempts did land on them
+      expect(healthy.calls - before.healthy).toBe(12); // and every call was answered by the healthy one
     });
 
     it('retries idempotent calls after UNAVAILABLE, never non-idempotent ones', async () => {

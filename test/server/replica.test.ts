@@ -1,0 +1,92 @@
+// A replica's gRPC health follows its liveness on the bus: a call stuck past its caller's
+// deadline turns health NOT_SERVING (so Kubernetes' liveness probe restarts the pod), and it turns
+// back to SERVING once that call returns. Real nats-server, real gRPC health checks.
+import * as grpc from '@grpc/grpc-js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { DeadlineExceededError } from '../../shared/errors.ts';
+import { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo, DenoiserService } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { mountReplica, type RunningReplica } from '../../shared/server/replica.ts';
+import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
+import type { Transport } from '../../shared/transport/types.ts';
+import { type NatsServerHandle, startNatsServer } from '../helpers/nats.ts';
+
+let nats: NatsServerHandle;
+const transports: Transport[] = [];
+
+beforeAll(async () => {
+  nats = await startNatsServer();
+});
+afterAll(async () => {
+  await Promise.all(transports.map((t) => t.close({ graceMs: 100 })));
+  await nats.stop();
+});
+
+async function transport(name: string): Promise<Transport> {
+  const t = natsTransport(await connectNats({ servers: nats.url, name }));
+  transports.push(t);
+  return t;
+}
+
+/** grpc.health.v1.Health/Check: 1 SERVING, 2 NOT_SERVING. */
+async function health(port: number, service: string): Promise<number> {
+  const client = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+  const name = Buffer.from(service);
+  try {
+    const reply = await new Promise<Buffer>((resolve, reject) => {
+      client.makeUnaryRequest(
+        '/grpc.health.v1.Health/Check',
+        (b: Buffer) => b,
+        (b: Buffer) => b,
+        Buffer.concat([Buffer.from([0x0a, name.length]), name]),
+        (err, value) => (err || !value ? reject(err ?? new Error('no reply')) : resolve(value)),
+      );
+    });
+    expect(reply[0]).toBe(0x08); // field 1, varint
+    return reply[1];
+  } finally {
+    client.close();
+  }
+}
+
+describe('replica health follows bus liveness', () => {
+  it('reports NOT_SERVING while a call is stuck past its deadline, SERVING again once it returns', async () => {
+    let release: () => void = () => undefined;
+    const stuck = new Promise<void>((r) => {
+      release = r;
+    });
+    const replica: RunningReplica = await mountReplica(await transport('replica'), {
+      definition: DenoiserDefinition,
+      grpcDefinition: DenoiserService,
+      impl: {
+        // Ignores its deadline, as a model call that hangs would.
+        denoise: async (): Promise<DenoiseResponse> => {
+          await stuck;
+          return DenoiseResponse.create({ batchRows: 1 });
+        },
+        info: () => DenoiserInfo.create({ model: 'health-test' }),
+      },
+      scope: 'health-test',
+      grpcPort: 0,
+      close: async () => undefined,
+    });
+    try {
+      const port = replica.grpc?.port ?? 0;
+      expect(await health(port, '')).toBe(1);
+      const client = (await transport('client')).client(DenoiserDefinition, { scope: 'health-test', retries: 0 });
+      const err = await client.denoise(DenoiseRequest.create({ model: 'health-test' }), { timeoutMs: 100 }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(DeadlineExceededError);
+      // Past the deadline plus the 1 s grace, the replica is stuck: no probe answers, health down.
+      await expect.poll(() => health(port, ''), { timeout: 5_000, interval: 100 }).toBe(2);
+      expect(await health(port, 'ditpipe.v1.Denoiser')).toBe(2);
+      expect(replica.server.live).toBe(false);
+      release();
+      await expect.poll(() => health(port, ''), { timeout: 5_000, interval: 100 }).toBe(1);
+      expect(await health(port, 'ditpipe.v1.Denoiser')).toBe(1);
+      expect(replica.server.live).toBe(true);
+    } finally {
+      release();
+      await replica.stop(500);
+    }
+  });
+});
