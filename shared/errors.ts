@@ -2,8 +2,9 @@
 //
 // Errors cross process boundaries as data: over gRPC as a status (code + details, plus the
 // `ditpipe-error` metadata key naming the class and, for INVALID_ARGUMENT, `ditpipe-field` naming
-// the request field), over NATS as headers (see shared/transport/rpc.ts). `errorFromStatus()` rebuilds the typed error on the other side, so
-// `err instanceof UnavailableError` works wherever the error was raised.
+// the request field), over NATS as headers (see shared/transport/rpc.ts). `errorFromStatus()`
+// rebuilds the typed error on the other side, so `err instanceof UnavailableError` works wherever
+// the error was raised.
 //
 //   throw new InvalidArgumentError('cfg_scale must be finite and >= 1, got NaN', { field: 'cfg_scale' });
 //   callback(toServiceError(err));            // grpc-js unary handler

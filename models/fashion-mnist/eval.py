@@ -18,7 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from nets import Classifier  # noqa: E402
-from train import PAD, build_vae, load_safetensors, load_split, pad32  # noqa: E402
+from train import PAD, load_safetensors, load_split, load_vae, pad32  # noqa: E402
 
 
 def features_and_logits(net, x):
@@ -33,10 +33,7 @@ def features_and_logits(net, x):
 
 def vae_round_trip(x):
     """Test images through the committed VAE, quantized the way served images are."""
-    meta = json.load(open(os.path.join(HERE, "vae.json")))
-    vae = build_vae(meta["config"])
-    vae.load_state_dict(load_safetensors(os.path.join(HERE, "vae.safetensors")))
-    vae.eval()
+    vae, _ = load_vae(HERE)
     out = []
     with torch.no_grad():
         for i in range(0, x.shape[0], 250):

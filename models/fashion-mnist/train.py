@@ -205,6 +205,15 @@ def build_vae(cfg):
                          layers_per_block=cfg["layers_per_block"], norm_num_groups=cfg["norm_num_groups"])
 
 
+def load_vae(folder):
+    """The committed (or freshly trained) VAE from folder/vae.json + vae.safetensors, in eval mode."""
+    meta = json.load(open(os.path.join(folder, "vae.json")))
+    vae = build_vae(meta["config"])
+    vae.load_state_dict(load_safetensors(os.path.join(folder, "vae.safetensors")))
+    vae.eval()
+    return vae, meta
+
+
 def nparams(m):
     return sum(p.numel() for p in m.parameters())
 
@@ -256,11 +265,7 @@ def cmd_vae(args):
 
 @torch.no_grad()
 def cmd_encode(args):
-    meta = json.load(open(os.path.join(args.out, "vae.json")))
-    cfg = meta["config"]
-    vae = build_vae(cfg)
-    vae.load_state_dict(load_safetensors(os.path.join(args.out, "vae.safetensors")))
-    vae.eval()
+    vae, meta = load_vae(args.out)
     t0 = time.time()
     x, y = load_split("train")
     means, stds = [], []
