@@ -18,23 +18,48 @@ function doubler(): string {
   return path;
 }
 
+/**
+ * x [B, 256] through 64 MatMuls by the identity, then doubled: exactly 2x, and about 1 GMAC per
+ * 64-row batch, so a forward takes long enough that a blocked event loop would show.
+ */
+function slowDoubler(): string {
+  const n = 256;
+  const g = new Graph('slow_double');
+  const eye = g.constFloat(Float32Array.from({ length: n * n }, (_, i) => (i % (n + 1) === 0 ? 1 : 0)), [n, n], 'eye');
+  let y = g.input('x', 'float32', ['B', n]);
+  for (let i = 0; i < 64; i++) y = g.matmul(y, eye);
+  g.output(g.mul(y, g.constFloat([2])), 'y');
+  const path = join(dir, 'slow_double.onnx');
+  writeOnnx(g, path);
+  return path;
+}
+
 describe('WorkerSession', () => {
   it('runs forwards on a worker thread while the event loop stays free', async () => {
-    const s = await WorkerSession.create(doubler(), { intraOpThreads: 1 });
+    const s = await WorkerSession.create(slowDoubler(), { intraOpThreads: 1 });
     expect(s.inputNames).toEqual(['x']);
+    // Count event-loop turns while the forwards run. A forward on this thread would block the loop
+    // for its whole length (onnxruntime only defers the start with setImmediate), leaving a turn
+    // or two per call; on a worker the loop keeps turning throughout.
     let ticks = 0;
-    const timer = setInterval(() => ticks++, 0);
-    const results = await Promise.all(
-      [1, 2, 3].map((k) => s.run({ x: { type: 'float32', dims: [2, 3], data: Float32Array.from({ length: 6 }, (_, i) => i * k) } })),
-    );
-    clearInterval(timer);
+    let spinning = true;
+    const spin = (): void => {
+      if (!spinning) return;
+      ticks++;
+      setImmediate(spin);
+    };
+    setImmediate(spin);
+    const rows = 64;
+    const feed = (k: number) => Float32Array.from({ length: rows * 256 }, (_, i) => ((i % 7) - 3) * k);
+    const results = await Promise.all([1, 2, 3].map((k) => s.run({ x: { type: 'float32', dims: [rows, 256], data: feed(k) } })));
+    spinning = false;
     results.forEach((r, idx) => {
-      expect(Array.from(r.outputs.y.data as Float32Array)).toEqual(Array.from({ length: 6 }, (_, i) => 2 * i * (idx + 1)));
-      expect(r.outputs.y.dims).toEqual([2, 3]);
+      expect(Array.from(r.outputs.y.data as Float32Array)).toEqual(Array.from(feed(idx + 1), (v) => 2 * v));
+      expect(r.outputs.y.dims).toEqual([rows, 256]);
     });
-    expect(ticks).toBeGreaterThan(0);
+    expect(ticks).toBeGreaterThan(50);
     await s.close();
-    await expect(s.run({ x: { type: 'float32', dims: [1, 3], data: new Float32Array(3) } })).rejects.toThrow(/closed/);
+    await expect(s.run({ x: { type: 'float32', dims: [1, 256], data: new Float32Array(256) } })).rejects.toThrow(/closed/);
   });
 
   it('reports a bad feed as an error and keeps serving', async () => {
