@@ -8,10 +8,12 @@
 //   scale     bench/pipeline/scale.ts     steps/s and latency as simulated denoisers go 1 → 64 (about 12 min)
 //   diffusion bench/diffusion.ts          sampling-core cost per step (own process)
 //   model-build bench/model-build.ts      peak RSS of compiling DiT-XL/2 (own process)
+//   forward   bench/model-forward.ts      DiT forward ms and rows/s by batch; compares model dirs
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { batchingOptions, runBatching } from './pipeline/batching.ts';
 import { capacityOptions, runCapacity } from './pipeline/capacity.ts';
+import { forwardOptions, runForward } from './model-forward.ts';
 import { log, machine, ROOT } from './pipeline/cluster.ts';
 import { overheadOptions, runOverhead } from './pipeline/overhead.ts';
 import { runScale, scaleOptions } from './pipeline/scale.ts';
@@ -35,6 +37,7 @@ const benches: Record<string, Bench> = {
   scale: (argv) => runScale(scaleOptions(argv)),
   diffusion: script('bench/diffusion.ts'),
   'model-build': script('bench/model-build.ts'),
+  forward: (argv) => runForward(forwardOptions(argv)),
 };
 
 const [name, ...rest] = process.argv.slice(2);

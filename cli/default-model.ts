@@ -1,9 +1,10 @@
 // The default model of `npm start` and `ditpipe up`: the Fashion-MNIST latent DiT and its VAE,
 // trained by models/fashion-mnist/ and committed as safetensors. ditpipe's own compiler turns them
-// into model directories under .cache/models, rebuilt only when the weights change.
+// into model directories under .cache/models, rebuilt when the weights or the compiler's graphs
+// (GRAPH_REVISION) change.
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { readModelDir } from '../shared/model/modeldir.ts';
+import { GRAPH_REVISION, readModelDir } from '../shared/model/modeldir.ts';
 import { buildDitModel } from '../shared/model/dit.ts';
 import { sha256File } from '../shared/weights/index.ts';
 import { buildVaeModel } from './model-vae.ts';
@@ -23,7 +24,8 @@ export interface DefaultModels {
 
 function upToDate(dir: string, weights: string): boolean {
   try {
-    return readModelDir(dir).meta.source.sha256 === sha256File(weights);
+    const { meta } = readModelDir(dir);
+    return meta.source.sha256 === sha256File(weights) && (meta.graphRevision ?? 1) === GRAPH_REVISION;
   } catch {
     return false;
   }

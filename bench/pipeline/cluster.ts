@@ -5,11 +5,13 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
 import { cpus, freemem, loadavg, tmpdir, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
+import { GRAPH_REVISION } from '../../shared/model/modeldir.ts';
 import { startNatsServer, type NatsServerHandle } from '../../test/helpers/nats.ts';
 
 export const ROOT = resolve(import.meta.dirname, '../..');
 const BIN = join(ROOT, 'bin/ditpipe.js');
-export const CACHE = join(tmpdir(), `ditpipe-bench-models-${process.getuid?.() ?? 0}-v1`);
+/** Keyed by the compiler's graph revision: a benchmark never runs graphs an older compiler wrote. */
+export const CACHE = join(tmpdir(), `ditpipe-bench-models-${process.getuid?.() ?? 0}-rev${GRAPH_REVISION}`);
 
 export function log(msg: string): void {
   process.stderr.write(`[bench] ${msg}\n`);

@@ -11,7 +11,9 @@
  * - adaLN-Zero chunks (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), final layer
  *   (shift, scale); modulate(x, shift, scale) = x·(1 + scale) + shift;
  * - attention as timm's: qkv → [B, N, 3, heads, hd], softmax(q·hd^−½ · kᵀ)·v → proj;
- * - MLP GELU with the tanh approximation (composed: opset 17 has no Gelu);
+ * - MLP GELU with the tanh approximation (composed, since opset 17 has no Gelu, in the form that
+ *   onnxruntime fuses into one FastGelu kernel);
+ * - every Linear as one Gemm with its bias, on rows flattened from [B, N, ·] (Graph.linear);
  * - unpatchify as `reshape(N, h, w, p, p, c)` then `nhwpqc → nchpwq`.
  *
  * diffusers `DiTTransformer2DModel` checkpoints are mapped onto the same graph. Where the diffusers
@@ -275,9 +277,11 @@ export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitG
     const half = scalar(0.5, 'gelu_half');
     const kappa = scalar(0.044715, 'gelu_kappa');
     const beta = scalar(Math.sqrt(2 / Math.PI), 'gelu_beta');
-    // torch's tanh GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+    const three = scalar(3, 'gelu_cube');
+    // torch's tanh GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), written in the exact form
+    // (x³ as Pow, this order of operands) that onnxruntime fuses into one FastGelu kernel.
     return (x: Value): Value => {
-      const x3 = g.mul(g.mul(x, x), x);
+      const x3 = g.pow(x, three);
       const inner = g.mul(beta, g.add(x, g.mul(kappa, x3)));
       return g.mul(g.mul(half, x), g.add(one, g.tanh(inner)));
     };

@@ -54,6 +54,11 @@ const common = {
   externalData: z.string().nullable(),
   source: z.object({ file: z.string(), format: z.string(), sha256: z.string().regex(/^[0-9a-f]{64}$/) }),
   createdBy: z.string(),
+  /**
+   * Revision of the graphs the compiler emits (GRAPH_REVISION when written; absent means 1). Same
+   * weights, same numbers to float rounding; a newer revision may run faster. Caches rebuild on it.
+   */
+  graphRevision: z.number().int().positive().optional(),
 };
 
 export const modelJsonSchema = z.discriminatedUnion('kind', [
@@ -123,10 +128,16 @@ export function readVaeModelDir(dir: string): ModelDir<VaeModelJson> {
   return m as ModelDir<VaeModelJson>;
 }
 
+/**
+ * Bumped whenever the compiler emits different graphs for the same weights. 2: linear layers as
+ * Gemm with the bias inside, tanh-GELU in the form onnxruntime fuses to FastGelu.
+ */
+export const GRAPH_REVISION = 2;
+
 /** What a graph builder knows; `writeModelDir` adds what writing the graph tells. */
 export type ModelJsonDraft =
-  | Omit<DitModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy'>
-  | Omit<VaeModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy'>;
+  | Omit<DitModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy' | 'graphRevision'>
+  | Omit<VaeModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy' | 'graphRevision'>;
 
 /** Multiply-accumulates per forward at batch 1, ×1e-9. */
 export function graphGflops(graph: Graph): number {
@@ -152,6 +163,7 @@ export function writeModelDir(dir: string, graph: Graph, draft: ModelJsonDraft, 
     onnx: MODEL_ONNX,
     externalData: res.externalData,
     createdBy: 'ditpipe 0.1.0',
+    graphRevision: GRAPH_REVISION,
   });
   writeFileSync(join(dir, MODEL_JSON), `${JSON.stringify(meta, null, 2)}\n`);
   return { dir, onnxPath, meta };

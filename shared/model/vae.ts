@@ -255,16 +255,19 @@ class Builder {
     };
     const h = this.groupNorm(x, n.norm, c);
     const seq = this.g.transpose(this.g.reshape(h, [0, c, -1]), [0, 2, 1]); // [B, HW, C]
-    const q = proj(n.q);
-    const k = proj(n.k);
-    const v = proj(n.v);
+    // The projections run as 2-D Gemms on [B·HW, C]; HW may be symbolic, so the way back to
+    // [B, HW, C] is seq's runtime shape.
+    const seqShape = this.shapeOf(seq);
+    const project = (rows: Value, p: { w: Value; b: Value }): Value =>
+      this.g.op('Reshape', [this.g.linear(rows, p.w, p.b), seqShape], { dtype: 'float32', shape: seq.shape });
+    const flat = this.g.reshape(seq, [-1, c]);
+    const qs = project(flat, proj(n.q));
+    const ks = project(flat, proj(n.k));
+    const vs = project(flat, proj(n.v));
     const o = proj(n.out);
-    const qs = this.g.linear(seq, q.w, q.b);
-    const ks = this.g.linear(seq, k.w, k.b);
-    const vs = this.g.linear(seq, v.w, v.b);
     const scores = this.g.mul(this.g.matmul(qs, this.g.transpose(ks, [0, 2, 1])), this.g.constFloat([1 / Math.sqrt(c)], [1], 'attn_scale'));
     const attn = this.g.matmul(this.g.softmax(scores, -1), vs);
-    const out = this.g.transpose(this.g.linear(attn, o.w, o.b), [0, 2, 1]); // [B, C, HW]
+    const out = this.g.transpose(project(this.g.reshape(attn, [-1, c]), o), [0, 2, 1]); // [B, C, HW]
     const back = this.g.op('Reshape', [out, this.shapeOf(x)], { dtype: 'float32', shape: x.shape });
     return this.g.add(back, x);
   }

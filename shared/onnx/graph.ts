@@ -40,9 +40,16 @@ export class GraphError extends Error {
   }
 }
 
+/**
+ * Elements per batch item: a symbolic dim counts once, except for the numeric factors of a
+ * flattened one ('64*B' counts 64), so MACs stay per batch item through a flatten.
+ */
 function numel(shape: readonly Dim[]): number {
   let n = 1;
-  for (const d of shape) n *= typeof d === 'number' ? d : 1; // symbolic dims count once: MACs per batch item
+  for (const d of shape) {
+    if (typeof d === 'number') n *= d;
+    else for (const part of d.split('*')) if (/^\d+$/.test(part)) n *= Number(part);
+  }
   return n;
 }
 
@@ -179,10 +186,32 @@ export class Graph {
     return this.weight(name, [inFeatures, outFeatures], () => transpose2d(load(), outFeatures, inFeatures));
   }
 
-  /** x[..., in] · W + b with W from `linearWeight` ([in, out]). */
+  /**
+   * x[..., in] · W + b with W from `linearWeight` ([in, out]). With a bias it is one Gemm (the bias
+   * is added inside the GEMM, not in a separate pass over the output), on x flattened to 2-D when
+   * it has more axes; the flatten and unflatten are Reshapes, which onnxruntime does without a copy.
+   * onnxruntime fuses MatMul + Add into Gemm itself only when every dimension is static, and our
+   * batch dimension never is.
+   */
   linear(x: Value, weightT: Value, bias: Value | null): Value {
-    const y = this.matmul(x, weightT);
-    return bias ? this.add(y, bias) : y;
+    const inner = x.shape.slice(1, -1);
+    if (!bias || x.shape.length < 2 || !inner.every((d) => typeof d === 'number')) {
+      const y = this.matmul(x, weightT);
+      return bias ? this.add(y, bias) : y;
+    }
+    const [k, n] = weightT.shape as number[];
+    if (weightT.shape.length !== 2 || x.shape[x.shape.length - 1] !== k || bias.shape.length !== 1 || bias.shape[0] !== n) {
+      throw new GraphError(`linear: [${x.shape.join(',')}] x [${weightT.shape.join(',')}] + [${bias.shape.join(',')}] do not fit`);
+    }
+    const rows = (inner as number[]).reduce((p, q) => p * q, 1);
+    const batch = x.shape[0];
+    const flatRows: Dim = typeof batch === 'number' ? batch * rows : rows === 1 ? batch : `${rows}*${batch}`;
+    const flat = x.shape.length === 2 ? x : this.op('Reshape', [x, this.constInt64([-1, k], [2], 'shape')], { dtype: x.dtype, shape: [flatRows, k] });
+    const y = this.op('Gemm', [flat, weightT, bias], { dtype: x.dtype, shape: [flatRows, n] });
+    this.macs.set(y.name, numel([...x.shape.slice(0, -1), n]) * k);
+    if (x.shape.length === 2) return y;
+    const shape = [...x.shape.slice(0, -1), n];
+    return this.op('Reshape', [y, this.constInt64([-1, ...(inner as number[]), n], [shape.length], 'shape')], { dtype: x.dtype, shape });
   }
 
   conv(
@@ -212,11 +241,14 @@ export class Graph {
     const shape: Dim[] = target.map((d, i) => (d === 0 ? x.shape[i] : d));
     const minus = shape.indexOf(-1);
     if (minus >= 0) {
-      const known = numel(shape.filter((_, i) => i !== minus));
-      const total = numel(x.shape);
-      const symbolic = x.shape.find((d) => typeof d === 'string');
-      const copied = target.some((d, i) => d === 0 && typeof x.shape[i] === 'string');
-      shape[minus] = symbolic !== undefined && !copied ? symbolic : total / known;
+      // Dims copied through (0) cancel out. What is left of the input's static size, over the
+      // target's other sizes, is the -1 dim, times any symbolic input dims left over ('64*B').
+      const moved = x.shape.filter((_, i) => target[i] !== 0);
+      const leftover = moved.filter((d) => typeof d === 'string') as string[];
+      const total = (moved.filter((d) => typeof d === 'number') as number[]).reduce((p, q) => p * q, 1);
+      const known = target.filter((d, i) => i !== minus && d !== 0).reduce((p, q) => p * q, 1);
+      const factor = total / known;
+      shape[minus] = leftover.length === 0 ? factor : [...(factor === 1 ? [] : [factor]), ...leftover].join('*');
     }
     return this.op('Reshape', [x, this.constInt64(target, [target.length], 'shape')], { dtype: x.dtype, shape });
   }

@@ -6,13 +6,15 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { buildVaeModel } from '../../cli/model-vae.ts';
 import { buildDitModel } from '../../shared/model/dit.ts';
+import { GRAPH_REVISION } from '../../shared/model/modeldir.ts';
 
 export const GOLDEN = resolve(import.meta.dirname, '../../../shared/golden');
 export const DIT_NAME = 'dit-tiny';
 export const VAE_NAME = 'vae-tiny';
 export const CLASS_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'];
 
-const CACHE = join(tmpdir(), `ditpipe-test-models-${process.getuid?.() ?? 0}-v1`);
+// Keyed by the compiler's graph revision, so a machine never tests graphs an older compiler wrote.
+const CACHE = join(tmpdir(), `ditpipe-test-models-${process.getuid?.() ?? 0}-rev${GRAPH_REVISION}`);
 
 function cached(name: string, build: (dir: string) => void): string {
   const dir = join(CACHE, name);

@@ -1,6 +1,6 @@
 // The committed default model (models/fashion-mnist): its weights compile with ditpipe's own
 // compiler, and a fixed-seed generation through the real pipeline is identical across runs.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -13,7 +13,7 @@ import { startSchedulerService } from '../../services/scheduler/service.ts';
 import { SamplerApi } from '../../shared/client.ts';
 import { SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { decodePng } from '../../shared/image/png.ts';
-import { readDitModelDir, readVaeModelDir } from '../../shared/model/modeldir.ts';
+import { GRAPH_REVISION, readDitModelDir, readVaeModelDir } from '../../shared/model/modeldir.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
 import { ensureDefaultModels } from '../../cli/default-model.ts';
 
@@ -45,7 +45,9 @@ describe('the committed Fashion-MNIST model', () => {
   let dirs: { ditDir: string; vaeDir: string };
 
   it('compiles from the committed weights with its class names and VAE pairing', () => {
-    dirs = ensureDefaultModels({ cacheDir: cache });
+    const built: string[] = [];
+    dirs = ensureDefaultModels({ cacheDir: cache, log: (l) => built.push(l) });
+    expect(built).toEqual([expect.stringMatching(/^building the VAE decoder/), expect.stringMatching(/^building the DiT/)]);
     const dit = readDitModelDir(dirs.ditDir).meta;
     const vae = readVaeModelDir(dirs.vaeDir).meta;
     expect(dit.classNames).toEqual(FASHION);
@@ -53,9 +55,19 @@ describe('the committed Fashion-MNIST model', () => {
     expect(dit.vae).toBe(vae.name);
     expect(vae.config.out_channels).toBe(1);
     expect(vae.scalingFactor).toBeGreaterThan(0);
-    // Rebuilding is skipped while the weights are unchanged.
-    const again = ensureDefaultModels({ cacheDir: cache });
-    expect(again).toEqual(dirs);
+    expect(dit.graphRevision).toBe(GRAPH_REVISION);
+    // Rebuilding is skipped while the weights and the compiler's graphs are unchanged...
+    const again: string[] = [];
+    expect(ensureDefaultModels({ cacheDir: cache, log: (l) => again.push(l) })).toEqual(dirs);
+    expect(again).toEqual([]);
+    // ...and a model built by an older compiler (no graphRevision) is rebuilt.
+    const metaPath = join(dirs.ditDir, 'model.json');
+    const { graphRevision: _, ...old } = JSON.parse(readFileSync(metaPath, 'utf8')) as Record<string, unknown>;
+    writeFileSync(metaPath, JSON.stringify(old));
+    const stale: string[] = [];
+    ensureDefaultModels({ cacheDir: cache, log: (l) => stale.push(l) });
+    expect(stale).toEqual([expect.stringMatching(/^building the DiT/)]);
+    expect(readDitModelDir(dirs.ditDir).meta.graphRevision).toBe(GRAPH_REVISION);
   });
 
   it('generates the same grayscale images for a fixed seed, run after run', async () => {

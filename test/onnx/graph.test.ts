@@ -37,4 +37,37 @@ describe('Graph helpers', () => {
     g.output(g.add(g.mul(x, a), fixed), 'y');
     expect(writeOnnx(g, join(dir, 'p.onnx')).params).toBe(3);
   });
+
+  it('infers -1 in a reshape, symbolic where symbolic dims are folded in', () => {
+    const g = new Graph('r');
+    const x = g.input('x', 'float32', ['B', 8, 'h', 'w']);
+    expect(g.reshape(x, [0, 2, -1]).shape).toEqual(['B', 2, '4*h*w']);
+    expect(g.reshape(x, [0, 8, -1]).shape).toEqual(['B', 8, 'h*w']);
+    const s = g.input('s', 'float32', ['B', 16, 8]);
+    expect(g.reshape(s, [-1, 8]).shape).toEqual(['16*B', 8]);
+    expect(g.reshape(s, [0, -1]).shape).toEqual(['B', 128]);
+  });
+
+  it('linear is one Gemm on rows flattened from any leading axes, equal to x·W + b, counting MACs per batch item', async () => {
+    const g = new Graph('lin');
+    const x = g.input('x', 'float32', ['B', 3, 4]);
+    const wT = g.weight('w', [4, 2], () => Float32Array.of(1, 0, 0, 1, 1, 1, -1, 2));
+    const b = g.weight('b', [2], () => Float32Array.of(0.5, -1));
+    const y = g.linear(x, wT, b);
+    g.output(y, 'y');
+    expect(y.shape).toEqual(['B', 3, 2]);
+    expect(g.nodes.map((n) => n.opType).filter((op) => op !== 'Identity')).toEqual(['Reshape', 'Gemm', 'Reshape']);
+    expect([...g.macs.values()]).toEqual([3 * 4 * 2]);
+    const path = join(dir, 'lin.onnx');
+    writeOnnx(g, path);
+    const s = await ort.InferenceSession.create(path);
+    const xs = Float32Array.from({ length: 2 * 3 * 4 }, (_, i) => i - 7);
+    const out = (await s.run({ x: new ort.Tensor('float32', xs, [2, 3, 4]) })).y;
+    await s.release();
+    expect(out.dims).toEqual([2, 3, 2]);
+    const w = [[1, 0], [0, 1], [1, 1], [-1, 2]];
+    const want: number[] = [];
+    for (let r = 0; r < 6; r++) for (let o = 0; o < 2; o++) want.push([0, 1, 2, 3].reduce((acc, i) => acc + xs[4 * r + i] * w[i][o], o === 0 ? 0.5 : -1));
+    expect(Array.from(out.data as Float32Array)).toEqual(want);
+  });
 });
