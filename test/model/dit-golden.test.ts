@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { combineGuidance } from '../../shared/diffusion/guidance.ts';
 import { buildDitModel, sincosPosEmbed } from '../../shared/model/dit.ts';
-import { readDitModelDir } from '../../shared/model/modeldir.ts';
+import { GRAPH_REVISION, readDitModelDir } from '../../shared/model/modeldir.ts';
 import { openSafetensors } from '../../shared/weights/index.ts';
 import { cli, goldenCases, goldenIo, maxAbsDiff, runDit } from './dit-helpers.ts';
 
@@ -91,5 +91,6 @@ describe('the real CLI', () => {
     expect(info.stdout).toMatch(/Gflops:\s+0\.002 per forward at batch 1 \(multiply-accumulates/);
     expect(info.stdout).toContain('x: float32 [B, 4, 8, 8]');
     expect(info.stdout).toContain('weights.safetensors (original/safetensors)');
+    expect(info.stdout).toMatch(new RegExp(`built by: ditpipe [0-9.]+, graph revision ${GRAPH_REVISION}\\n`));
   });
 });
