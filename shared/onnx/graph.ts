@@ -203,11 +203,8 @@ export class Graph {
     if (weightT.shape.length !== 2 || x.shape[x.shape.length - 1] !== k || bias.shape.length !== 1 || bias.shape[0] !== n) {
       throw new GraphError(`linear: [${x.shape.join(',')}] x [${weightT.shape.join(',')}] + [${bias.shape.join(',')}] do not fit`);
     }
-    const rows = (inner as number[]).reduce((p, q) => p * q, 1);
-    const batch = x.shape[0];
-    const flatRows: Dim = typeof batch === 'number' ? batch * rows : rows === 1 ? batch : `${rows}*${batch}`;
-    const flat = x.shape.length === 2 ? x : this.op('Reshape', [x, this.constInt64([-1, k], [2], 'shape')], { dtype: x.dtype, shape: [flatRows, k] });
-    const y = this.op('Gemm', [flat, weightT, bias], { dtype: x.dtype, shape: [flatRows, n] });
+    const flat = x.shape.length === 2 ? x : this.reshape(x, [-1, k]);
+    const y = this.op('Gemm', [flat, weightT, bias], { dtype: x.dtype, shape: [flat.shape[0], n] });
     this.macs.set(y.name, numel([...x.shape.slice(0, -1), n]) * k);
     if (x.shape.length === 2) return y;
     const shape = [...x.shape.slice(0, -1), n];
