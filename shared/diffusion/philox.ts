@@ -1,4 +1,5 @@
 // Philox4x32-10 (Salmon et al., SC'11) and the normal transform specified in docs/noise.md.
+import { readFileSync } from 'node:fs';
 import { DiffusionInputError } from './errors.ts';
 
 const M0 = 0xd2511f53;
@@ -103,9 +104,34 @@ export function normalFromWord(w: number): number {
   return centralRational(q, q * q);
 }
 
-// Scratch for fillNormal (synchronous, so one module-level buffer serves every caller).
-let words = new Uint32Array(4096);
-let tails = new Int32Array(4097);
+// The bulk fill runs in WebAssembly SIMD (noise.wat): Philox words four blocks at a time and the
+// central rational two doubles at a time, bit-identical to philox4x32 and normalFromWord above.
+const wasm = new WebAssembly.Instance(new WebAssembly.Module(readFileSync(new URL('./noise.wasm', import.meta.url))), {}).exports as {
+  memory: WebAssembly.Memory;
+  philox(k0: number, k1: number, c1: number, c2: number, c3: number, blocks: number, dst: number): void;
+  normals(src: number, dst: number, n: number, tails: number, lowMax: number, highMin: number): number;
+};
+
+/** The largest word whose p falls below P_LOW and the smallest above P_HIGH, as normalFromWord decides. */
+function tailBounds(): [number, number] {
+  const side = (w: number): number => {
+    const p = (w + 0.5) * TWO_POW_M32;
+    return p < P_LOW ? -1 : p > P_HIGH ? 1 : 0;
+  };
+  let lowMax = Math.floor(P_LOW * 2 ** 32) + 2;
+  while (side(lowMax) !== -1) lowMax--;
+  let highMin = Math.floor(P_HIGH * 2 ** 32) - 2;
+  while (side(highMin) !== 1) highMin++;
+  return [lowMax, highMin];
+}
+const [LOW_MAX, HIGH_MIN] = tailBounds();
+
+/** Views of the whole wasm memory, made again only when it grows (growing replaces the buffer). */
+function memoryViews(): { words: Uint32Array; floats: Float32Array; ints: Int32Array } {
+  const b = wasm.memory.buffer;
+  return { words: new Uint32Array(b), floats: new Float32Array(b), ints: new Int32Array(b) };
+}
+let views = memoryViews();
 
 /**
  * Fills out[offset .. offset+length) with standard normals (float32) of one noise stream.
@@ -124,56 +150,24 @@ export function fillNormal(
   if (!(Number.isInteger(offset) && Number.isInteger(length) && offset >= 0 && length >= 0 && offset + length <= out.length)) {
     throw new DiffusionInputError('length', `range [${offset}, ${offset + length}) does not fit an array of ${out.length}`);
   }
+  // Wasm memory: words, then float32 normals, then tail indices; 16 bytes per block each, with
+  // the block count rounded up to the 4 the SIMD loops take at a time.
   const blocks = (length + 3) >>> 2;
-  if (words.length < 4 * blocks) {
-    words = new Uint32Array(4 * blocks);
-    tails = new Int32Array(4 * blocks + 1);
+  const region = ((blocks + 3) & ~3) * 16;
+  if (3 * region > wasm.memory.buffer.byteLength) {
+    wasm.memory.grow(Math.ceil((3 * region - wasm.memory.buffer.byteLength) / 65536));
+    views = memoryViews();
   }
-  const w = words;
-  const k0 = key[0] >>> 0;
-  const k1 = key[1] >>> 0;
-  const c1 = step >>> 0;
-  const c2 = sampleIndex >>> 0;
-  const c3 = stream >>> 0;
-  // Pass 1: Philox words (philox4x32 inlined; the call costs a third of the time here).
-  for (let block = 0, j = 0; block < blocks; block++) {
-    let x0 = block;
-    let x1 = c1;
-    let x2 = c2;
-    let x3 = c3;
-    let key0 = k0;
-    let key1 = k1;
-    for (let r = 0; r < 10; r++) {
-      const lo0 = Math.imul(x0, M0) >>> 0;
-      const hi0 = ((x0 * M0 - lo0) * TWO_POW_M32 + 0.5) >>> 0;
-      const lo1 = Math.imul(x2, M1) >>> 0;
-      const hi1 = ((x2 * M1 - lo1) * TWO_POW_M32 + 0.5) >>> 0;
-      x0 = (hi1 ^ x1 ^ key0) >>> 0;
-      x1 = lo1;
-      x2 = (hi0 ^ x3 ^ key1) >>> 0;
-      x3 = lo0;
-      key0 = (key0 + W0) >>> 0;
-      key1 = (key1 + W1) >>> 0;
-    }
-    w[j++] = x0;
-    w[j++] = x1;
-    w[j++] = x2;
-    w[j++] = x3;
-  }
-  // Pass 2: the central branch for every element; tail positions are collected without a branch
-  // (a mispredicted branch on 5% of random inputs costs more than the tails themselves).
-  const t = tails;
-  let nt = 0;
-  for (let e = 0; e < length; e++) {
-    const p = (w[e] + 0.5) * TWO_POW_M32;
-    const q = p - 0.5;
-    out[offset + e] = centralRational(q, q * q);
-    t[nt] = e;
-    nt += p < P_LOW || p > P_HIGH ? 1 : 0;
-  }
-  // Pass 3: tails.
+  wasm.philox(key[0] | 0, key[1] | 0, step | 0, sampleIndex | 0, stream | 0, blocks, 0);
+  const nt = wasm.normals(0, region, length, 2 * region, LOW_MAX | 0, HIGH_MIN | 0);
+  // Copied element by element: a subarray view per call would allocate on every step.
+  const { words, floats, ints } = views;
+  const normals = region >>> 2;
+  for (let e = 0; e < length; e++) out[offset + e] = floats[normals + e];
+  // The tails (about 5% of words) need log and sqrt, which WebAssembly lacks: computed here.
+  const tails = (2 * region) >>> 2;
   for (let j = 0; j < nt; j++) {
-    const e = t[j];
-    out[offset + e] = normalFromWord(w[e]);
+    const e = ints[tails + j];
+    if (e < length) out[offset + e] = normalFromWord(words[e]);
   }
 }

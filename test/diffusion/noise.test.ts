@@ -78,6 +78,32 @@ describe('noise streams', () => {
     expect(buf[15]).toBe(0);
   });
 
+  it('the SIMD fill equals the scalar definition (philox4x32, then normalFromWord) bit for bit', () => {
+    // Lengths around multiples of 4 and of the 4-block SIMD group, a latent, and one large enough
+    // to grow the WebAssembly memory; keys and counters with high bits set.
+    const block = new Uint32Array(4);
+    const cases: [bigint, number, number, number, number][] = [
+      [0n, 0, 0, STREAM_INITIAL, 1],
+      [1n, 1, 1, STREAM_STEP, 3],
+      [0xffffffffffffffffn, 0xffffffff, 0xfffffffe, STREAM_STEP, 15],
+      [123456789012345n, 7, 249, STREAM_STEP, 17],
+      [42n, 2 ** 31, 2 ** 31 + 5, STREAM_INITIAL, 4 * 32 * 32],
+      [2n ** 63n + 11n, 12, 999, STREAM_STEP, 4 * 32 * 32 - 1],
+      [777n, 3, 0, STREAM_INITIAL, 4 * 128 * 128 + 2],
+    ];
+    for (const [seed, sample, step, stream, length] of cases) {
+      const key = seedKey(seed);
+      const got = new Float32Array(length + 2);
+      fillNormal(got, 1, length, key, sample, step, stream);
+      const want = new Float32Array(length + 2);
+      for (let e = 0; e < length; e++) {
+        if (e % 4 === 0) philox4x32(e / 4, step, sample, stream, key[0], key[1], block);
+        want[1 + e] = normalFromWord(block[e % 4]);
+      }
+      expect(f32hex(got)).toEqual(f32hex(want));
+    }
+  });
+
   const N = 1 << 18;
   const draw = (seed: bigint, sample: number, step: number, stream: number) => {
     const a = new Float32Array(N);
