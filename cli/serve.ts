@@ -1,4 +1,5 @@
 // `ditpipe scheduler|denoiser|decoder`: one service per process, talking over NATS.
+import type { Logger } from 'pino';
 import { Command, Option } from 'commander';
 import { compileDecoderConfig } from '../services/decoder/config.ts';
 import { startDecoderService } from '../services/decoder/service.ts';
@@ -7,6 +8,7 @@ import { startDenoiserService } from '../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../services/scheduler/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
+import { GRAPH_REVISION, readModelDir } from '../shared/model/modeldir.ts';
 import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, numberArg, serveUntilSignal, type NatsFlags } from './common.ts';
 
 interface ServiceFlags extends NatsFlags {
@@ -78,6 +80,7 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
     const metrics = denoiserMetrics();
     const svc = await startDenoiserService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
     log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.denoiser.name}`);
+    warnOlderGraphs(log, o.modelDir);
     await serveUntilSignal({ log, parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
 
@@ -99,7 +102,18 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
     const metrics = decoderMetrics();
     const svc = await startDecoderService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
     log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.decoder.name}`);
+    warnOlderGraphs(log, o.modelDir);
     await serveUntilSignal({ log, parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
+
+/** A model directory compiled by an older ditpipe serves the same numbers, only slower: say so. */
+function warnOlderGraphs(log: Logger, modelDir: string): void {
+  const revision = readModelDir(modelDir).meta.graphRevision ?? 1;
+  if (revision >= GRAPH_REVISION) return;
+  log.warn(
+    { modelDir, graphRevision: revision, current: GRAPH_REVISION },
+    `${modelDir} was built by an older ditpipe (graph revision ${revision}, this one writes ${GRAPH_REVISION}): same numbers, but rebuilding it with "ditpipe model build" gives faster forward passes`,
+  );
+}
 
 export const commands = [scheduler, denoiser, decoder];

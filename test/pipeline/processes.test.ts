@@ -1,8 +1,12 @@
 // The pipeline as deployed: nats-server plus scheduler, denoisers and decoder as separate
 // `ditpipe` processes, driven over gRPC; including a denoiser killed in the middle of a request.
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SamplerApi } from '../../shared/client.ts';
 import { Code } from '../../shared/errors.ts';
+import { GRAPH_REVISION } from '../../shared/model/modeldir.ts';
 import { startNatsServer, assertNoNatsServersRunning, type NatsServerHandle } from '../helpers/nats.ts';
 import { DIT_NAME, testModels, VAE_NAME } from '../helpers/models.ts';
 import { startPipeline } from '../helpers/pipeline.ts';
@@ -106,6 +110,33 @@ describe('separate processes over NATS', () => {
       expect(await scrape('ditpipe_retries_total')).toBeGreaterThan(before);
     } finally {
       hung.proc.kill('SIGCONT');
+    }
+  });
+
+  it('a replica serving a model directory built by an older compiler warns that a rebuild is faster', async () => {
+    const { ditDir, vaeDir } = testModels();
+    const old = mkdtempSync(join(tmpdir(), 'ditpipe-old-graphs-'));
+    try {
+      const args = ['--nats-url', nats.url, '--metrics-port', '-1', '--grpc-port', '-1', '--threads', '1'];
+      const started = (['denoiser', 'decoder'] as const).map((kind) => {
+        const dir = join(old, kind);
+        cpSync(kind === 'denoiser' ? ditDir : vaeDir, dir, { recursive: true });
+        const metaPath = join(dir, 'model.json');
+        const { graphRevision: _, ...meta } = JSON.parse(readFileSync(metaPath, 'utf8')) as Record<string, unknown>;
+        writeFileSync(metaPath, JSON.stringify(meta));
+        const p = spawnService(`${kind}-old-graphs`, [kind, ...args, '--model-dir', dir]);
+        procs.push(p);
+        return { p, dir };
+      });
+      for (const { p, dir } of started) {
+        const warning = await p.waitFor(/built by an older ditpipe/);
+        expect(warning).toMatchObject({ level: 40, modelDir: dir, graphRevision: 1, current: GRAPH_REVISION });
+        await p.stop();
+      }
+      // The current build says nothing of the kind.
+      expect(denoisers[0].log()).not.toMatch(/built by an older ditpipe/);
+    } finally {
+      rmSync(old, { recursive: true, force: true });
     }
   });
 
