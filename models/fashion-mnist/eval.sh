@@ -5,8 +5,8 @@
 # already generated at that size are kept, so an interrupted run can simply be started again.
 #   PER_CLASS=1000 sh models/fashion-mnist/eval.sh
 # This DiT is compute-bound on onnxruntime (about 1,800 rows/s per core here with graph revision 2,
-# BENCHMARKS.md §5), so one denoiser
-# with both cores and 256-row passes is the fastest layout measured on this 2-core machine.
+# BENCHMARKS.md §5), so one denoiser with both cores and 256-row passes is the fastest layout
+# measured on this 2-core machine.
 set -e
 cd "$(dirname "$0")/../.."
 PER_CLASS=${PER_CLASS:-1000}
