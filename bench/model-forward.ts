@@ -11,7 +11,7 @@
 import { parseArgs } from 'node:util';
 import * as ort from 'onnxruntime-node';
 import { ensureDefaultModels } from '../cli/default-model.ts';
-import { readDitModelDir } from '../shared/model/modeldir.ts';
+import { graphRevisionOf, readDitModelDir } from '../shared/model/modeldir.ts';
 import { benchModel, log, machine, round } from './pipeline/cluster.ts';
 
 export interface ForwardOptions {
@@ -77,7 +77,7 @@ export async function runForward(o: ForwardOptions): Promise<unknown> {
       const row = {
         model: m.meta.name,
         dir: models[i].dir,
-        graphRevision: m.meta.graphRevision ?? 1,
+        graphRevision: graphRevisionOf(m.meta),
         gflops: round(m.meta.gflops, 4),
         batch: b,
         medianMs: round(medians[i], 2),

@@ -4,7 +4,7 @@
 // (GRAPH_REVISION) change.
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { GRAPH_REVISION, readModelDir } from '../shared/model/modeldir.ts';
+import { GRAPH_REVISION, graphRevisionOf, readModelDir } from '../shared/model/modeldir.ts';
 import { buildDitModel } from '../shared/model/dit.ts';
 import { sha256File } from '../shared/weights/index.ts';
 import { buildVaeModel } from './model-vae.ts';
@@ -25,7 +25,7 @@ export interface DefaultModels {
 function upToDate(dir: string, weights: string): boolean {
   try {
     const { meta } = readModelDir(dir);
-    return meta.source.sha256 === sha256File(weights) && (meta.graphRevision ?? 1) === GRAPH_REVISION;
+    return meta.source.sha256 === sha256File(weights) && graphRevisionOf(meta) === GRAPH_REVISION;
   } catch {
     return false;
   }

@@ -4,7 +4,7 @@ import { Command, Option } from 'commander';
 import cliProgress from 'cli-progress';
 import { buildDitModel, DitConfigError, parseDitConfig, UnsupportedDtypeError, type DitConfig } from '../shared/model/dit.ts';
 import { initDitWeights, type DitInit } from '../shared/model/dit-init.ts';
-import { ditConfigSchema, GRAPH_REVISION, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
+import { ditConfigSchema, GRAPH_REVISION, graphRevisionOf, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
 import { ditPreset } from '../shared/model/presets.ts';
 import { readJsonArg } from './common.ts';
 
@@ -185,7 +185,7 @@ function describe(meta: ModelJson, dir: string): string {
   ];
   if (meta.kind === 'vae-decoder') lines.push(`scaling factor: ${meta.scalingFactor}`);
   if (meta.kind === 'dit' && meta.classNames) lines.push(`classes:  ${meta.classNames.length} named (${meta.classNames.slice(0, 3).join(', ')}${meta.classNames.length > 3 ? ', …' : ''})`);
-  const rev = meta.graphRevision ?? 1;
+  const rev = graphRevisionOf(meta);
   const stale = rev < GRAPH_REVISION ? ` (this ditpipe writes revision ${GRAPH_REVISION}: rebuild for the faster graphs, same numbers)` : '';
   lines.push(`built by: ${meta.createdBy}, graph revision ${rev}${stale}`);
   return lines.join('\n');

@@ -8,7 +8,7 @@ import { startDenoiserService } from '../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../services/scheduler/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
-import { GRAPH_REVISION, readModelDir } from '../shared/model/modeldir.ts';
+import { GRAPH_REVISION, graphRevisionOf } from '../shared/model/modeldir.ts';
 import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, numberArg, serveUntilSignal, type NatsFlags } from './common.ts';
 
 interface ServiceFlags extends NatsFlags {
@@ -80,7 +80,7 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
     const metrics = denoiserMetrics();
     const svc = await startDenoiserService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
     log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.denoiser.name}`);
-    warnOlderGraphs(log, o.modelDir);
+    warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.denoiser.meta));
     await serveUntilSignal({ log, parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
 
@@ -102,13 +102,12 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
     const metrics = decoderMetrics();
     const svc = await startDecoderService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
     log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.decoder.name}`);
-    warnOlderGraphs(log, o.modelDir);
+    warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.decoder.meta));
     await serveUntilSignal({ log, parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
 
 /** A model directory compiled by an older ditpipe serves the same numbers, only slower: say so. */
-function warnOlderGraphs(log: Logger, modelDir: string): void {
-  const revision = readModelDir(modelDir).meta.graphRevision ?? 1;
+function warnOlderGraphs(log: Logger, modelDir: string, revision: number): void {
   if (revision >= GRAPH_REVISION) return;
   log.warn(
     { modelDir, graphRevision: revision, current: GRAPH_REVISION },

@@ -134,6 +134,11 @@ export function readVaeModelDir(dir: string): ModelDir<VaeModelJson> {
  */
 export const GRAPH_REVISION = 2;
 
+/** The graph revision a model directory was built with (directories from before the field: 1). */
+export function graphRevisionOf(meta: ModelJson): number {
+  return meta.graphRevision ?? 1;
+}
+
 /** What a graph builder knows; `writeModelDir` adds what writing the graph tells. */
 export type ModelJsonDraft =
   | Omit<DitModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy' | 'graphRevision'>
