@@ -6,7 +6,8 @@ import { pino, type Logger } from 'pino';
 import type { Registry } from 'prom-client';
 import { serveMetrics } from '../shared/metrics.ts';
 import { connectNats, natsTransport, type NatsConnectOptions } from '../shared/transport/nats.ts';
-import type { Transport } from '../shared/transport/types.ts';
+import type { QueueSettings, Transport } from '../shared/transport/types.ts';
+import { DEFAULT_QUEUE_SETTINGS, queueSettings } from '../shared/transport/work.ts';
 
 export interface NatsFlags {
   natsUrl?: string;
@@ -17,6 +18,11 @@ export interface NatsFlags {
   natsTlsCa?: string;
   natsTlsCert?: string;
   natsTlsKey?: string;
+  queueAckWait: number;
+  queueMaxDeliver: number;
+  queueMaxMessages: number;
+  queueMaxBytes: number;
+  queueMaxAge: number;
 }
 
 export function addNatsOptions(cmd: Command, required: boolean): Command {
@@ -30,7 +36,24 @@ export function addNatsOptions(cmd: Command, required: boolean): Command {
     .addOption(new Option('--nats-creds <file>', 'NATS credentials file (JWT + nkey seed)').env('NATS_CREDS'))
     .addOption(new Option('--nats-tls-ca <file>', 'CA certificate to verify the NATS server').env('NATS_TLS_CA'))
     .addOption(new Option('--nats-tls-cert <file>', 'client certificate for NATS mutual TLS').env('NATS_TLS_CERT'))
-    .addOption(new Option('--nats-tls-key <file>', 'client key for NATS mutual TLS').env('NATS_TLS_KEY'));
+    .addOption(new Option('--nats-tls-key <file>', 'client key for NATS mutual TLS').env('NATS_TLS_KEY'))
+    .addOption(new Option('--queue-ack-wait <ms>', 'work queues: a step or decode a replica took and stopped confirming goes to another replica after this long').env('DITPIPE_QUEUE_ACK_WAIT_MS').default(DEFAULT_QUEUE_SETTINGS.ackWaitMs).argParser(intArg('--queue-ack-wait', 100, 3_600_000)))
+    .addOption(new Option('--queue-max-deliver <n>', 'work queues: deliveries of one message (attempts) before it is given up').env('DITPIPE_QUEUE_MAX_DELIVER').default(DEFAULT_QUEUE_SETTINGS.maxDeliver).argParser(intArg('--queue-max-deliver', 1, 1000)))
+    .addOption(new Option('--queue-max-messages <n>', 'work queues: most messages a queue holds (then RESOURCE_EXHAUSTED)').env('DITPIPE_QUEUE_MAX_MESSAGES').default(DEFAULT_QUEUE_SETTINGS.maxMessages).argParser(intArg('--queue-max-messages', 1)))
+    .addOption(new Option('--queue-max-bytes <bytes>', 'work queues: most bytes a queue holds in the NATS server\'s memory (then RESOURCE_EXHAUSTED)').env('DITPIPE_QUEUE_MAX_BYTES').default(DEFAULT_QUEUE_SETTINGS.maxBytes).argParser(intArg('--queue-max-bytes', 1024)))
+    .addOption(new Option('--queue-max-age <ms>', 'work queues: messages older than this are dropped').env('DITPIPE_QUEUE_MAX_AGE_MS').default(DEFAULT_QUEUE_SETTINGS.maxAgeMs).argParser(intArg('--queue-max-age', 1000)));
+}
+
+/** The work queue settings the flags give (every service of a deployment must use the same). */
+export function queueFromFlags(f: NatsFlags): QueueSettings {
+  return queueSettings({
+    ackWaitMs: f.queueAckWait,
+    maxDeliver: f.queueMaxDeliver,
+    maxMessages: f.queueMaxMessages,
+    maxBytes: f.queueMaxBytes,
+    maxAgeMs: f.queueMaxAge,
+    duplicateWindowMs: Math.min(DEFAULT_QUEUE_SETTINGS.duplicateWindowMs, f.queueMaxAge),
+  });
 }
 
 export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string): NatsConnectOptions {

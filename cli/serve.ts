@@ -9,7 +9,7 @@ import { compileSchedulerConfig } from '../services/scheduler/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
 import { GRAPH_REVISION, graphRevisionOf } from '../shared/model/modeldir.ts';
-import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, numberArg, serveUntilSignal, type NatsFlags } from './common.ts';
+import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, numberArg, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
 
 interface ServiceFlags extends NatsFlags {
   natsUrl: string;
@@ -30,10 +30,10 @@ const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), tru
   .addOption(new Option('--host <addr>', 'address to bind gRPC to').env('DITPIPE_HOST').default('0.0.0.0'))
   .addOption(new Option('--max-samples-in-flight <n>', 'admission limit: images sampled at once, then RESOURCE_EXHAUSTED').env('DITPIPE_MAX_SAMPLES_IN_FLIGHT').default(256).argParser(intArg('--max-samples-in-flight', 1)))
   .addOption(new Option('--max-images-per-request <n>', 'most images one request may ask for').env('DITPIPE_MAX_IMAGES_PER_REQUEST').default(64).argParser(intArg('--max-images-per-request', 1, 1024)))
-  .addOption(new Option('--step-timeout <ms>', 'one attempt of a denoise step; then it is retried on another replica').env('DITPIPE_STEP_TIMEOUT_MS').default(30_000).argParser(intArg('--step-timeout', 1)))
-  .addOption(new Option('--retries <n>', 'retries of a step or decode after UNAVAILABLE or a timeout').env('DITPIPE_RETRIES').default(3).argParser(intArg('--retries', 0, 100)))
+  .addOption(new Option('--step-timeout <ms>', 'longest one denoiser may hold a step before the work queue gives it to another replica').env('DITPIPE_STEP_TIMEOUT_MS').default(30_000).argParser(intArg('--step-timeout', 1)))
+  .addOption(new Option('--decode-timeout <ms>', 'longest one decoder may hold a decode before the work queue gives it to another replica').env('DITPIPE_DECODE_TIMEOUT_MS').default(60_000).argParser(intArg('--decode-timeout', 1)))
   .addOption(new Option('--default-cfg <scale>', 'guidance scale when a request sets none').env('DITPIPE_DEFAULT_CFG').default(4).argParser(numberArg('--default-cfg', 1)))
-  .action(async (o: ServiceFlags & { models: string[]; vae?: string; grpcPort: number; host: string; maxSamplesInFlight: number; maxImagesPerRequest: number; stepTimeout: number; retries: number; defaultCfg: number }) => {
+  .action(async (o: ServiceFlags & { models: string[]; vae?: string; grpcPort: number; host: string; maxSamplesInFlight: number; maxImagesPerRequest: number; stepTimeout: number; decodeTimeout: number; defaultCfg: number }) => {
     const log = logger('scheduler', o.logLevel);
     const vae = Object.fromEntries((o.vae ? list(o.vae) : []).map((kv) => kv.split('=') as [string, string]));
     const config = compileSchedulerConfig({
@@ -42,12 +42,12 @@ const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), tru
       maxSamplesInFlight: o.maxSamplesInFlight,
       maxImagesPerRequest: o.maxImagesPerRequest,
       stepTimeoutMs: o.stepTimeout,
-      retries: o.retries,
+      decodeTimeoutMs: o.decodeTimeout,
       defaultCfgScale: o.defaultCfg,
     });
     const transport = await natsFromFlags(o, 'ditpipe-scheduler');
     const metrics = schedulerMetrics();
-    const svc = await startSchedulerService(config, transport, { grpcPort: o.grpcPort, host: o.host, metrics });
+    const svc = await startSchedulerService(config, transport, { grpcPort: o.grpcPort, host: o.host, metrics, queueSettings: queueFromFlags(o) });
     log.info({ port: svc.grpc.port, models: config.models }, `Sampler API on ${o.host}:${svc.grpc.port}`);
     await serveUntilSignal({ log, parts: [{ name: 'scheduler', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
@@ -78,8 +78,9 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
     });
     const transport = await natsFromFlags(o, 'ditpipe-denoiser');
     const metrics = denoiserMetrics();
-    const svc = await startDenoiserService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
-    log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.denoiser.name}`);
+    const svc = await startDenoiserService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics, queueSettings: queueFromFlags(o) });
+    const queue = svc.server.queues.denoise;
+    log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, stream: queue?.stream, consumer: queue?.consumer, grpcPort: svc.grpc?.port }, `serving ${svc.denoiser.name}`);
     warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.denoiser.meta));
     await serveUntilSignal({ log, parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
@@ -100,8 +101,9 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
     });
     const transport = await natsFromFlags(o, 'ditpipe-decoder');
     const metrics = decoderMetrics();
-    const svc = await startDecoderService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics });
-    log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, subjects: svc.server.subjects, grpcPort: svc.grpc?.port }, `serving ${svc.decoder.name}`);
+    const svc = await startDecoderService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics, queueSettings: queueFromFlags(o) });
+    const queue = svc.server.queues.decode;
+    log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, stream: queue?.stream, consumer: queue?.consumer, grpcPort: svc.grpc?.port }, `serving ${svc.decoder.name}`);
     warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.decoder.meta));
     await serveUntilSignal({ log, parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });

@@ -15,7 +15,7 @@ import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/met
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
 import { InProcBus } from '../shared/transport/inproc.ts';
 import type { Transport } from '../shared/transport/types.ts';
-import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
 import { ensureDefaultModels } from './default-model.ts';
 import { generateToDir } from './generate.ts';
 
@@ -70,12 +70,13 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
     const denoiserT = await connect('denoiser');
     const decoderT = await connect('decoder');
     const schedulerT = await connect('scheduler');
-    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, { metrics: dm });
-    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, { metrics: vm });
+    const queueSettings = queueFromFlags(o);
+    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, { metrics: dm, queueSettings });
+    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, { metrics: vm, queueSettings });
     const scheduler = await startSchedulerService(
       compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
       schedulerT,
-      { grpcPort: o.grpcPort, host: o.host, metrics: sm },
+      { grpcPort: o.grpcPort, host: o.host, metrics: sm, queueSettings },
     );
     const address = `${o.host === '0.0.0.0' ? '127.0.0.1' : o.host}:${scheduler.grpc.port}`;
     log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `Sampler API on ${o.host}:${scheduler.grpc.port}`);

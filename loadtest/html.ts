@@ -156,7 +156,7 @@ ${r.phases
   .map(
     (p, i) => `<section class="phase" data-phase="${esc(p.name)}"><h2>Phase ${esc(p.name)}</h2>${sloTable(p)}${histogramChart(p, i)}
 <p>Time to admission p50/p99: ${opt(p.timeToAcceptedMs?.p50, ' ms')} / ${opt(p.timeToAcceptedMs?.p99, ' ms')} · first step p50/p99: ${opt(p.timeToFirstStepMs?.p50, ' ms')} / ${opt(p.timeToFirstStepMs?.p99, ' ms')} · send lag p99: ${opt(p.sendLagMs?.p99, ' ms')}</p>
-${p.server ? `<p>Server: ${fmt(p.server.stepsPerSecond)} steps/s · ${fmt(p.server.samplingTflopsPerSecond)} sampling Tflops/s · ${opt(p.server.gflopsPerImage)} Gflops/image · mean batch rows ${opt(p.server.denoiserMeanBatchRows)} · forward mean ${opt(p.server.denoiserForwardMs.mean, ' ms')} · busy replicas ${fmt(p.server.denoiserBusyReplicas)} · decode mean/p99 ${opt(p.server.decodeMs.mean, ' ms')} / ${opt(p.server.decodeMs.p99, ' ms')} · retries ${esc(JSON.stringify(p.server.retries))}</p>` : ''}</section>`,
+${p.server ? `<p>Server: ${fmt(p.server.stepsPerSecond)} steps/s · ${fmt(p.server.samplingTflopsPerSecond)} sampling Tflops/s · ${opt(p.server.gflopsPerImage)} Gflops/image · mean batch rows ${opt(p.server.denoiserMeanBatchRows)} · forward mean ${opt(p.server.denoiserForwardMs.mean, ' ms')} · busy replicas ${fmt(p.server.denoiserBusyReplicas)} · decode mean/p99 ${opt(p.server.decodeMs.mean, ' ms')} / ${opt(p.server.decodeMs.p99, ' ms')} · redelivered steps/decodes ${fmt(p.server.redelivered.denoiser)} / ${fmt(p.server.redelivered.decoder)}</p>` : ''}</section>`,
   )
   .join('\n')}
 </body></html>

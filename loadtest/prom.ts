@@ -149,7 +149,8 @@ export interface ServerFigures {
   denoiserBusyReplicas: number;
   decodeMs: { mean: number | null; p50: number | null; p99: number | null };
   decodeMeanBatch: number | null;
-  retries: Record<string, number>;
+  /** Steps and decodes a replica took on a second or later delivery (another replica died, froze or overran). */
+  redelivered: { denoiser: number; decoder: number };
 }
 
 const ms = (s: number | null): number | null => (s === null ? null : s * 1000);
@@ -188,6 +189,9 @@ export function serverFigures(before: Scrape[], after: Scrape[], seconds: number
     denoiserBusyReplicas: seconds > 0 ? fwd.sum / seconds : 0,
     decodeMs: { mean: ms(decode.mean), p50: ms(decode.p50), p99: ms(decode.p99) },
     decodeMeanBatch: decBatch.mean,
-    retries: deltaBy(okBefore, ok, 'ditpipe_retries_total', 'service'),
+    redelivered: {
+      denoiser: delta(okBefore, ok, 'ditpipe_denoiser_redelivered_steps_total'),
+      decoder: delta(okBefore, ok, 'ditpipe_decoder_redelivered_decodes_total'),
+    },
   };
 }

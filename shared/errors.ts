@@ -115,6 +115,18 @@ export class UnavailableError extends DitpipeError {
   }
 }
 
+/**
+ * The work queue a call is sent to does not exist on the NATS server (not created yet, or lost
+ * with a restarted server's memory store). Callers create it and send again.
+ */
+export class NoQueueError extends UnavailableError {
+  override readonly kind: string = 'NoQueue';
+  constructor(message: string, opts: { cause?: unknown } = {}) {
+    super(message, opts);
+    this.name = 'NoQueueError';
+  }
+}
+
 /** The call's deadline passed before an answer came. */
 export class DeadlineExceededError extends DitpipeError {
   readonly code = Code.DEADLINE_EXCEEDED;
@@ -212,7 +224,7 @@ export function errorFromStatus(code: number, message: string, kind?: string, fi
     case Code.RESOURCE_EXHAUSTED:
       return kind === 'PayloadTooLarge' ? new PayloadTooLargeError(message) : new ResourceExhaustedError(message);
     case Code.UNAVAILABLE:
-      return new UnavailableError(message);
+      return kind === 'NoQueue' ? new NoQueueError(message) : new UnavailableError(message);
     case Code.DEADLINE_EXCEEDED:
       return new DeadlineExceededError(message);
     case Code.CANCELLED:

@@ -21,7 +21,9 @@ export function denoiserMetrics(registry = new Registry()) {
     forwardSeconds: new Histogram({ name: 'ditpipe_denoiser_forward_seconds', help: 'Duration of one batched forward pass.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
     batchRows: new Histogram({ name: 'ditpipe_denoiser_batch_rows', help: 'Rows per forward pass (guidance rows included).', labelNames: ['model'], buckets: ROW_BUCKETS, registers: r }),
     queueSeconds: new Histogram({ name: 'ditpipe_denoiser_queue_wait_seconds', help: 'Time a step waited for its forward pass to start.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
-    queuedRows: new Gauge({ name: 'ditpipe_denoiser_queued_rows', help: 'Rows waiting for a forward pass.', labelNames: ['model'], registers: r }),
+    queuedRows: new Gauge({ name: 'ditpipe_denoiser_queued_rows', help: 'Rows this replica took from the work queue (or got by direct gRPC calls) that wait for its next forward pass.', labelNames: ['model'], registers: r }),
+    redelivered: new Counter({ name: 'ditpipe_denoiser_redelivered_steps_total', help: 'Steps taken from the work queue on a second or later delivery (a replica before died, froze or held them past the attempt time).', labelNames: ['model'], registers: r }),
+    dropped: new Counter({ name: 'ditpipe_denoiser_dropped_steps_total', help: 'Steps taken from the work queue and not computed, by reason: cancelled (the caller gave up), deadline (passed before the step was reached), stopping (given back at shutdown).', labelNames: ['model', 'reason'], registers: r }),
   };
 }
 export type DenoiserMetrics = ReturnType<typeof denoiserMetrics>;
@@ -34,20 +36,38 @@ export function decoderMetrics(registry = new Registry()) {
     batchSize: new Histogram({ name: 'ditpipe_decoder_batch_size', help: 'Images per decode batch.', labelNames: ['model'], buckets: ROW_BUCKETS, registers: r }),
     images: new Counter({ name: 'ditpipe_decoder_images_total', help: 'Images decoded.', labelNames: ['model'], registers: r }),
     queueSeconds: new Histogram({ name: 'ditpipe_decoder_queue_wait_seconds', help: 'Time latents waited for their decode batch to start.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
+    redelivered: new Counter({ name: 'ditpipe_decoder_redelivered_decodes_total', help: 'Decodes taken from the work queue on a second or later delivery.', labelNames: ['model'], registers: r }),
+    dropped: new Counter({ name: 'ditpipe_decoder_dropped_decodes_total', help: 'Decodes taken from the work queue and not computed, by reason (cancelled, deadline, stopping).', labelNames: ['model', 'reason'], registers: r }),
   };
 }
 export type DecoderMetrics = ReturnType<typeof decoderMetrics>;
 
 export function schedulerMetrics(registry = new Registry()) {
   const r = [registry];
+  // The queue gauges are read from the work queues when scraped: one read serves both gauges.
+  let readQueues: (() => Promise<void>) | undefined;
+  let reading: Promise<void> | undefined;
+  const refresh = (): Promise<void> => {
+    reading ??= (readQueues?.() ?? Promise.resolve()).finally(() => {
+      reading = undefined;
+    });
+    return reading;
+  };
   return {
     registry,
+    /** Sets what refreshes the queue gauges at scrape time. */
+    onCollectQueues(read: () => Promise<void>): void {
+      readQueues = read;
+    },
     requestSeconds: new Histogram({ name: 'ditpipe_request_seconds', help: 'Generate request latency, by outcome (gRPC status name).', labelNames: ['model', 'outcome'], buckets: LATENCY_BUCKETS, registers: r }),
     requestsInFlight: new Gauge({ name: 'ditpipe_requests_in_flight', help: 'Generate requests being served.', registers: r }),
     samplesInFlight: new Gauge({ name: 'ditpipe_samples_in_flight', help: 'Images being sampled or decoded (admission control counts these).', registers: r }),
     rejected: new Counter({ name: 'ditpipe_requests_rejected_total', help: 'Requests refused before sampling, by reason (invalid_argument, resource_exhausted, not_found, unavailable).', labelNames: ['reason'], registers: r }),
     stepsDispatched: new Counter({ name: 'ditpipe_steps_dispatched_total', help: 'Denoise calls sent to the denoiser pool (retries excluded); a step of a large request is split into calls that fit a replica\'s row budget.', labelNames: ['model'], registers: r }),
-    retries: new Counter({ name: 'ditpipe_retries_total', help: 'Calls retried on another replica after UNAVAILABLE or a timeout.', labelNames: ['service'], registers: r }),
+    discardedAnswers: new Counter({ name: 'ditpipe_work_discarded_answers_total', help: 'Answers of denoisers or decoders dropped because the call was already answered (duplicate: a redelivered copy computed twice) or no longer awaited (late: cancelled or timed out).', labelNames: ['service', 'reason'], registers: r }),
+    resent: new Counter({ name: 'ditpipe_work_resent_messages_total', help: 'Work messages sent again after a NATS reconnect because calls in them were still unanswered.', labelNames: ['service'], registers: r }),
+    queuePending: new Gauge({ name: 'ditpipe_queue_pending_messages', help: 'Messages in a work queue that no replica has taken yet (read from the queue at scrape time): steps (queue "denoise") or decodes (queue "decode") waiting for a GPU.', labelNames: ['queue', 'model'], registers: r, collect: refresh }),
+    queueAckPending: new Gauge({ name: 'ditpipe_queue_taken_messages', help: 'Messages of a work queue taken by a replica and not yet acknowledged (read at scrape time).', labelNames: ['queue', 'model'], registers: r, collect: refresh }),
     imageTflops: new Histogram({ name: 'ditpipe_image_tflops', help: 'Sampling compute per generated image: steps times model rows per sample (2 with guidance) times Gflops, in Tflops (multiply-accumulates).', labelNames: ['model'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250], registers: r }),
     images: new Counter({ name: 'ditpipe_images_total', help: 'Images returned to clients.', labelNames: ['model'], registers: r }),
   };

@@ -1,5 +1,5 @@
 // The decoder: turns sampled latents into images with a VAE decoder. Latents from many requests
-// share a forward pass (batched per latent size); PNG encoding runs on the inference thread.
+// share a forward pass (latents of one size per pass); PNG encoding runs on the inference thread.
 import { randomUUID } from 'node:crypto';
 import { Batcher } from '../../shared/batching.ts';
 import { InvalidArgumentError, NotFoundError, UnavailableError } from '../../shared/errors.ts';
@@ -8,11 +8,13 @@ import { decoderMetrics, type DecoderMetrics } from '../../shared/metrics.ts';
 import { readVaeModelDir, type VaeModelJson } from '../../shared/model/modeldir.ts';
 import { WorkerSession } from '../../shared/runtime/session.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
-import type { CallContext, ServiceImpl } from '../../shared/transport/types.ts';
+import type { CallContext, ServiceImpl, WorkSource } from '../../shared/transport/types.ts';
 import type { DecoderConfig } from './config.ts';
 
 interface DecodeJob {
   n: number;
+  h: number;
+  w: number;
   latents: Float32Array;
   png: boolean;
 }
@@ -29,7 +31,7 @@ export class Decoder {
   readonly info: DecoderInfo;
   readonly metrics: DecoderMetrics;
   readonly upsample: number;
-  private readonly batchers = new Map<string, Batcher<DecodeJob, Decoded>>();
+  private readonly batcher: Batcher<DecodeJob, Decoded>;
   private stopping = false;
 
   private constructor(
@@ -53,12 +55,18 @@ export class Decoder {
       executionProvider: config.executionProvider,
       instanceId: randomUUID(),
     };
+    this.batcher = new Batcher((jobs, rows) => this.forward(jobs, rows), { maxRows: config.maxBatch, maxWaitMs: config.maxWaitMs, unit: 'images' });
   }
 
   static async create(config: DecoderConfig, metrics: DecoderMetrics = decoderMetrics()): Promise<Decoder> {
     const dir = readVaeModelDir(config.modelDir);
     const session = await WorkerSession.create(dir.onnxPath, { executionProvider: config.executionProvider, intraOpThreads: config.intraOpThreads });
     return new Decoder(config, dir.meta, session, metrics);
+  }
+
+  /** Takes decodes from the VAE's work queue whenever a decode pass can start. */
+  attach(source: WorkSource): void {
+    this.batcher.attach(source);
   }
 
   impl(): ServiceImpl<typeof DecoderDefinition> {
@@ -81,13 +89,8 @@ export class Decoder {
     if (png && this.meta.config.out_channels !== 1 && this.meta.config.out_channels !== 3) {
       throw new InvalidArgumentError(`format: PNG needs 1 or 3 image channels; this VAE makes ${this.meta.config.out_channels} (ask for IMAGE_FORMAT_RAW)`, { field: 'format' });
     }
-    const key = `${h}x${w}`;
-    let batcher = this.batchers.get(key);
-    if (!batcher) {
-      batcher = new Batcher((jobs, rows) => this.forward(jobs, rows, h, w), { maxRows: this.config.maxBatch, maxWaitMs: this.config.maxWaitMs, unit: 'images' });
-      this.batchers.set(key, batcher);
-    }
-    const done = await batcher.submit({ n, latents: data, png }, n, ctx?.signal);
+    // Latents of one size share a pass.
+    const done = await this.batcher.submit({ n, h, w, latents: data, png }, n, ctx?.signal, `${h}x${w}`);
     const labels = { model: this.name };
     this.metrics.queueSeconds.observe(labels, done.queueMs / 1000);
     const r = done.result;
@@ -99,7 +102,8 @@ export class Decoder {
     };
   }
 
-  private async forward(jobs: DecodeJob[], images: number, h: number, w: number): Promise<Decoded[]> {
+  private async forward(jobs: DecodeJob[], images: number): Promise<Decoded[]> {
+    const { h, w } = jobs[0];
     const c = this.meta.config.latent_channels;
     const size = c * h * w;
     const z = new Float32Array(images * size);
@@ -132,7 +136,7 @@ export class Decoder {
 
   async close(): Promise<void> {
     this.stopping = true;
-    await Promise.all([...this.batchers.values()].map((b) => b.whenIdle()));
+    await this.batcher.whenIdle();
     await this.session.close();
   }
 }

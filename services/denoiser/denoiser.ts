@@ -12,7 +12,7 @@ import { denoiserMetrics, type DenoiserMetrics } from '../../shared/metrics.ts';
 import { readDitModelDir, type DitModelJson } from '../../shared/model/modeldir.ts';
 import { WorkerSession } from '../../shared/runtime/session.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
-import type { CallContext, ServiceImpl } from '../../shared/transport/types.ts';
+import type { CallContext, ServiceImpl, WorkSource } from '../../shared/transport/types.ts';
 import type { DenoiserConfig } from './config.ts';
 
 interface StepJob {
@@ -83,6 +83,11 @@ export class Denoiser {
     return new Denoiser(config, dir.meta, session, metrics);
   }
 
+  /** Takes steps from the model's work queue whenever a forward pass can start. */
+  attach(source: WorkSource): void {
+    this.batcher.attach(source);
+  }
+
   /** Transport-neutral implementation of the Denoiser service. */
   impl(): ServiceImpl<typeof DenoiserDefinition> {
     return {
@@ -97,7 +102,9 @@ export class Denoiser {
     const job = this.validate(req);
     const labels = { model: this.name };
     try {
-      const done = await this.batcher.submit(job, guidanceRows(job.n, job.scale), ctx?.signal);
+      const pending = this.batcher.submit(job, guidanceRows(job.n, job.scale), ctx?.signal);
+      this.metrics.queuedRows.set(labels, this.batcher.queuedRows);
+      const done = await pending;
       this.metrics.steps.inc({ ...labels, outcome: 'ok' });
       this.metrics.queueSeconds.observe(labels, done.queueMs / 1000);
       this.metrics.stepSeconds.observe(labels, (performance.now() - started) / 1000);
@@ -174,6 +181,7 @@ export class Denoiser {
     }
     const forwardMs = performance.now() - started;
     const labels = { model: this.name };
+    this.metrics.queuedRows.set(labels, this.batcher.queuedRows);
     this.metrics.forwardSeconds.observe(labels, forwardMs / 1000);
     this.metrics.batchRows.observe(labels, rows);
     this.metrics.forwardRows.inc(labels, rows);
@@ -193,11 +201,6 @@ export class Denoiser {
       }, new Float32Array(j.n * outRow));
       return { out: guided, forwardMs };
     });
-  }
-
-  /** Rows waiting for a forward pass (for metrics and tests). */
-  get queuedRows(): number {
-    return this.batcher.queuedRows;
   }
 
   /** Refuses new steps, lets queued and running ones finish, then releases the model. */

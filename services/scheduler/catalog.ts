@@ -4,8 +4,14 @@ import { FailedPreconditionError, NotFoundError, UnavailableError, toDitpipeErro
 import type { DecoderDefinition, DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import type { DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import type { ModelInfo } from '../../shared/gen/ditpipe/v1/sampler.ts';
-import type { RpcClient, Transport } from '../../shared/transport/types.ts';
+import type { ClientWorkEvent, QueueSettings, RpcClient, Transport } from '../../shared/transport/types.ts';
 import type { SchedulerConfig } from './config.ts';
+
+export interface CatalogOptions {
+  queueSettings?: Partial<QueueSettings>;
+  /** Work events of the denoiser and decoder clients, for metrics. */
+  onWorkEvent?: (service: 'denoiser' | 'decoder', event: ClientWorkEvent) => void;
+}
 
 export interface ServedModel {
   name: string;
@@ -31,12 +37,19 @@ export class Catalog {
     private readonly transport: Transport,
     private readonly config: SchedulerConfig,
     private readonly definitions: { denoiser: typeof DenoiserDefinition; decoder: typeof DecoderDefinition },
+    private readonly opts: CatalogOptions = {},
   ) {}
 
   denoiserClient(model: string): RpcClient<typeof DenoiserDefinition> {
     let c = this.denoisers.get(model);
     if (!c) {
-      c = this.transport.client(this.definitions.denoiser, { scope: model, timeoutMs: this.config.stepTimeoutMs, retries: this.config.retries });
+      c = this.transport.client(this.definitions.denoiser, {
+        scope: model,
+        timeoutMs: this.config.stepTimeoutMs,
+        attemptTimeoutMs: this.config.stepTimeoutMs,
+        queueSettings: this.opts.queueSettings,
+        onWorkEvent: (ev) => this.opts.onWorkEvent?.('denoiser', ev),
+      });
       this.denoisers.set(model, c);
     }
     return c;
@@ -45,10 +58,21 @@ export class Catalog {
   decoderClient(vae: string): RpcClient<typeof DecoderDefinition> {
     let c = this.decoders.get(vae);
     if (!c) {
-      c = this.transport.client(this.definitions.decoder, { scope: vae, timeoutMs: this.config.decodeTimeoutMs, retries: this.config.retries });
+      c = this.transport.client(this.definitions.decoder, {
+        scope: vae,
+        timeoutMs: this.config.decodeTimeoutMs,
+        attemptTimeoutMs: this.config.decodeTimeoutMs,
+        queueSettings: this.opts.queueSettings,
+        onWorkEvent: (ev) => this.opts.onWorkEvent?.('decoder', ev),
+      });
       this.decoders.set(vae, c);
     }
     return c;
+  }
+
+  /** Models and VAEs whose clients exist, with their clients (for reading their queues). */
+  clients(): { denoisers: Map<string, RpcClient<typeof DenoiserDefinition>>; decoders: Map<string, RpcClient<typeof DecoderDefinition>> } {
+    return { denoisers: this.denoisers, decoders: this.decoders };
   }
 
   /** The model's description; NOT_FOUND for names not configured, UNAVAILABLE when no denoiser answers. */
@@ -106,9 +130,15 @@ export class Catalog {
       throw new FailedPreconditionError(`model "${model.name}" names no VAE (set one for the scheduler) — ask for OUTPUT_FORMAT_RAW_LATENT or configure a VAE`);
     }
     if (model.decoder) return { vae: model.vae, info: model.decoder };
-    const fresh = await this.get(model.name);
-    if (fresh.decoder) return { vae: fresh.vae, info: fresh.decoder };
-    throw new UnavailableError(`no decoder answers for VAE "${model.vae}" of model "${model.name}"`);
+    // No decoder answered when the description was cached: ask again now rather than trust that
+    // (a decoder that started a moment after the denoiser is there by now).
+    try {
+      const info = await this.decoderClient(model.vae).info({}, { timeoutMs: Math.min(this.config.decodeTimeoutMs, 2_000) });
+      model.decoder = info;
+      return { vae: model.vae, info };
+    } catch (err) {
+      throw new UnavailableError(`no decoder answers for VAE "${model.vae}" of model "${model.name}": ${toDitpipeError(err).message}`, { cause: err });
+    }
   }
 
   /** Every configured model with replica counts (models without a live denoiser are left out). */

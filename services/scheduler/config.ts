@@ -19,11 +19,13 @@ const schema = z.object({
     .default({ ddpm: 250, ddim: 50, dpmpp: 20 }),
   /** Default classifier-free guidance scale (the DiT sampling script's default). */
   defaultCfgScale: z.number().min(1).default(4),
-  /** One attempt of a denoise step; a step that takes longer is retried on another replica. */
+  /**
+   * The longest one denoiser may hold a step: past it, the work queue gives the step to another
+   * replica (and the replica counts as stuck). Without a client deadline a request waits for a
+   * step at most this times the queue's deliveries.
+   */
   stepTimeoutMs: z.number().int().min(1).default(30_000),
-  /** Retries of a step (or decode) after UNAVAILABLE or an attempt timeout. */
-  retries: z.number().int().min(0).max(100).default(3),
-  /** One attempt of a decode call. */
+  /** The same for one decode. */
   decodeTimeoutMs: z.number().int().min(1).default(60_000),
   /** How long model descriptions from the denoisers stay cached. */
   modelInfoTtlMs: z.number().int().min(0).default(5_000),

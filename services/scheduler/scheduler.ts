@@ -11,6 +11,7 @@ import {
   DeadlineExceededError,
   InvalidArgumentError,
   ResourceExhaustedError,
+  UnavailableError,
   codeName,
   toDitpipeError,
 } from '../../shared/errors.ts';
@@ -27,7 +28,8 @@ import {
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
-import type { Transport } from '../../shared/transport/types.ts';
+import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
+import { queueSettings } from '../../shared/transport/work.ts';
 import { DecoderDefinition } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import { DenoiserDefinition } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { Catalog, type ServedModel } from './catalog.ts';
@@ -76,14 +78,48 @@ export class Scheduler {
   private samplesInFlight = 0;
   private readonly active = new Set<Promise<unknown>>();
   private stopping = false;
+  /** Deliveries a call gets from the work queue (its attempts). */
+  private readonly maxDeliver: number;
 
   constructor(
     readonly config: SchedulerConfig,
-    transport: Transport,
+    private readonly transport: Transport,
     metrics: SchedulerMetrics = schedulerMetrics(),
+    opts: { queueSettings?: Partial<QueueSettings> } = {},
   ) {
     this.metrics = metrics;
-    this.catalog = new Catalog(transport, config, { denoiser: DenoiserDefinition, decoder: DecoderDefinition });
+    this.maxDeliver = queueSettings(opts.queueSettings).maxDeliver;
+    this.catalog = new Catalog(
+      transport,
+      config,
+      { denoiser: DenoiserDefinition, decoder: DecoderDefinition },
+      {
+        queueSettings: opts.queueSettings,
+        onWorkEvent: (service, ev) => {
+          if (ev.kind === 'discarded') metrics.discardedAnswers.inc({ service, reason: ev.reason });
+          else metrics.resent.inc({ service }, ev.messages);
+        },
+      },
+    );
+    metrics.onCollectQueues(() => this.readQueues());
+  }
+
+  /** Refreshes the queue gauges from the work queues of the models and VAEs in use. */
+  private async readQueues(): Promise<void> {
+    const { denoisers, decoders } = this.catalog.clients();
+    const read = async (queue: 'denoise' | 'decode', model: string, info: () => Promise<{ pending: number; ackPending: number }>): Promise<void> => {
+      try {
+        const i = await info();
+        this.metrics.queuePending.set({ queue, model }, i.pending);
+        this.metrics.queueAckPending.set({ queue, model }, i.ackPending);
+      } catch {
+        // Not created yet or no connection: leave the last value.
+      }
+    };
+    await Promise.all([
+      ...[...denoisers].map(([model, c]) => read('denoise', model, () => c.queueOf('denoise').info())),
+      ...[...decoders].map(([vae, c]) => read('decode', vae, () => c.queueOf('decode').info())),
+    ]);
   }
 
   /** Images being sampled or decoded right now. */
@@ -106,6 +142,8 @@ export class Scheduler {
     let plan: Plan;
     try {
       if (this.stopping) throw new ResourceExhaustedError('the scheduler is shutting down; retry on another scheduler');
+      // Fail fast while NATS is away: a new request could only wait out its deadline.
+      if (!this.transport.connected) throw new UnavailableError('the scheduler has lost its connection to NATS and is reconnecting; retry shortly');
       plan = await this.plan(req);
       this.admit(plan.labels.length);
     } catch (err) {
@@ -219,9 +257,9 @@ export class Scheduler {
     if (opts.deadline !== undefined && Date.now() >= opts.deadline) throw new DeadlineExceededError('the request deadline passed');
   }
 
-  /** Budget of one call with its retries: every attempt may use `attempt` ms, within the client's deadline. */
+  /** Budget of one call with its redeliveries: every delivery may use `attempt` ms, within the client's deadline. */
   private callBudget(opts: GenerateOptions, attempt: number): number {
-    const all = attempt * (this.config.retries + 1);
+    const all = attempt * this.maxDeliver;
     return opts.deadline === undefined ? all : Math.max(1, Math.min(all, opts.deadline - Date.now()));
   }
 
@@ -248,7 +286,6 @@ export class Scheduler {
     opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs } });
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
-    const onRetry = (): void => this.metrics.retries.inc({ service: 'denoiser' });
     const denoiseStart = performance.now();
     const outChannels = c.learnSigma ? 2 * c.inChannels : c.inChannels;
     const inPer = c.inChannels * c.inputSize * c.inputSize;
@@ -279,7 +316,11 @@ export class Scheduler {
                 requestId: plan.id,
                 stepIndex: step.step,
               },
-              { signal: opts.signal, attemptTimeoutMs: this.config.stepTimeoutMs, timeoutMs: this.callBudget(opts, this.config.stepTimeoutMs), onRetry },
+              {
+                signal: opts.signal,
+                attemptTimeoutMs: this.config.stepTimeoutMs,
+                timeoutMs: this.callBudget(opts, this.config.stepTimeoutMs),
+              },
             )
             .then((res) => {
               modelOut.set(readF32Tensor(res.out, 'out', [b - a, outChannels, c.inputSize, c.inputSize]).data, a * outPer);
@@ -328,7 +369,6 @@ export class Scheduler {
               signal: opts.signal,
               attemptTimeoutMs: this.config.decodeTimeoutMs,
               timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
-              onRetry: () => this.metrics.retries.inc({ service: 'decoder' }),
             },
           );
           const side = c.inputSize * info.upsample;

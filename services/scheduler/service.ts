@@ -5,7 +5,7 @@ import type { SchedulerMetrics } from '../../shared/metrics.ts';
 import { SamplerService } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { startGrpcServer, type RunningGrpcServer } from '../../shared/server/grpc.ts';
 import { SERVICE_NAMES } from '../../shared/transport/grpc.ts';
-import type { Transport } from '../../shared/transport/types.ts';
+import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
 import type { SchedulerConfig } from './config.ts';
 import { samplerGrpcImpl } from './grpc.ts';
 import { Scheduler } from './scheduler.ts';
@@ -19,9 +19,9 @@ export interface RunningScheduler {
 export async function startSchedulerService(
   config: SchedulerConfig,
   transport: Transport,
-  opts: { grpcPort: number; host?: string; metrics?: SchedulerMetrics },
+  opts: { grpcPort: number; host?: string; metrics?: SchedulerMetrics; queueSettings?: Partial<QueueSettings> },
 ): Promise<RunningScheduler> {
-  const scheduler = new Scheduler(config, transport, opts.metrics);
+  const scheduler = new Scheduler(config, transport, opts.metrics, { queueSettings: opts.queueSettings });
   const grpc = await startGrpcServer([{ fullName: SERVICE_NAMES.sampler, definition: SamplerService, impl: samplerGrpcImpl(scheduler) }], {
     port: opts.grpcPort,
     host: opts.host,

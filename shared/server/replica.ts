@@ -1,13 +1,13 @@
 // Mounts one replica of an internal service (Denoiser, Decoder) on a transport, and optionally on
 // a gRPC server for health probes and direct calls. Shutdown order: health NOT_SERVING → stop
-// taking calls (unsubscribe) and let those in flight finish within the grace period → release the
-// service's resources (`close`) → close gRPC.
+// taking work (no more pulls, unsubscribe) and let what it holds finish within the grace period,
+// giving the rest back to the queue → release the service's resources (`close`) → close gRPC.
 //
 // While running, the gRPC health status (overall and the service's) follows the bus server's
-// liveness: a replica with a call stuck past its caller's deadline reports NOT_SERVING, so the
-// Kubernetes liveness probe restarts it, and SERVING again once that call returns.
+// liveness: a replica holding work stuck past its attempt time reports NOT_SERVING, so the
+// Kubernetes liveness probe restarts it, and SERVING again once that work returns.
 import type { ServiceDefinition as GrpcServiceDefinition } from '@grpc/grpc-js';
-import type { RpcServer, ServiceDefinition, ServiceImpl, Transport } from '../transport/types.ts';
+import type { QueueSettings, RpcServer, ServiceDefinition, ServiceImpl, Transport, WorkEvent, WorkSource } from '../transport/types.ts';
 import { grpcHandlers, startGrpcServer, type RunningGrpcServer } from './grpc.ts';
 
 /** How often the health status is brought in line with the bus server's liveness. */
@@ -27,11 +27,20 @@ export interface ReplicaSpec<D extends ServiceDefinition> {
   scope: string;
   /** gRPC port; null or undefined serves no gRPC. */
   grpcPort?: number | null;
+  /** Who takes work for each work method (e.g. the service's batcher); see ServeOptions.drivers. */
+  drivers?: Record<string, (source: WorkSource) => void>;
+  queueSettings?: Partial<QueueSettings>;
+  onWorkEvent?: (event: WorkEvent) => void;
   close: () => Promise<void>;
 }
 
 export async function mountReplica<D extends ServiceDefinition>(transport: Transport, spec: ReplicaSpec<D>): Promise<RunningReplica> {
-  const server = await transport.serve(spec.definition, spec.impl, { scope: spec.scope });
+  const server = await transport.serve(spec.definition, spec.impl, {
+    scope: spec.scope,
+    drivers: spec.drivers,
+    queueSettings: spec.queueSettings,
+    onWorkEvent: spec.onWorkEvent,
+  });
   const grpc =
     spec.grpcPort === null || spec.grpcPort === undefined
       ? null

@@ -1,7 +1,8 @@
 // Starts a real nats-server (for `ditpipe up` and the integration tests): a random free port on
 // 127.0.0.1 unless one is given (the server picks it, so there is no race between choosing and
-// binding), optional max_payload and auth through a generated config file, ready when the server
-// logs that it is.
+// binding), JetStream with memory storage only (ditpipe's work queues; nothing is written to disk),
+// optional max_payload, monitoring port and auth through a generated config file, ready when the
+// server logs that it is.
 //
 //   const nats = await startNatsServer({ maxPayload: 64 * 1024, auth: { token: 's3cret' } });
 //   ... connectNats({ servers: nats.url, token: 's3cret' }) ...
@@ -23,6 +24,10 @@ export interface NatsServerOptions {
   maxPayload?: number;
   /** Require user/password or token authentication. */
   auth?: { user: string; password: string } | { token: string };
+  /** JetStream memory store in bytes, or false to run without JetStream (default 1 GiB). */
+  jetstream?: { maxMemory: number } | false;
+  /** HTTP monitoring port (what KEDA's nats-jetstream scaler reads); 0 = any free port (default: off). */
+  monitorPort?: number;
   /** Extra lines for the config file. */
   extraConfig?: string;
   /** Milliseconds to wait for readiness (default 10 000). */
@@ -35,6 +40,8 @@ export interface NatsServerHandle {
   readonly port: number;
   readonly pid: number;
   readonly configPath: string;
+  /** http://127.0.0.1:<port> of the monitoring endpoint, when one was asked for. */
+  readonly monitorUrl: string | undefined;
   /** Everything the server logged so far. */
   log(): string;
   /** SIGTERM, then SIGKILL after 5 s; resolves when the process has exited. Idempotent. */
@@ -70,6 +77,11 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
   } else if (opts.auth) {
     lines.push(`authorization { user: ${JSON.stringify(opts.auth.user)}, password: ${JSON.stringify(opts.auth.password)} }`);
   }
+  if (opts.jetstream !== false) {
+    const maxMemory = opts.jetstream?.maxMemory ?? 1024 * 1024 * 1024;
+    lines.push(`jetstream { store_dir: ${JSON.stringify(join(dir, 'js'))}, max_memory_store: ${maxMemory}, max_file_store: 0 }`);
+  }
+  if (opts.monitorPort !== undefined) lines.push(`http: "127.0.0.1:${opts.monitorPort === 0 ? -1 : opts.monitorPort}"`);
   if (opts.extraConfig) lines.push(opts.extraConfig);
   writeFileSync(configPath, `${lines.join('\n')}\n`);
 
@@ -83,6 +95,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
     });
   });
   let log = '';
+  let monitor: number | undefined;
   const port = await new Promise<number>((resolve, reject) => {
     let found: number | undefined;
     const timer = setTimeout(() => {
@@ -93,6 +106,8 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
       log += chunk.toString();
       const m = /Listening for client connections on [^\s:]+:(\d+)/.exec(log);
       if (m) found = Number(m[1]);
+      const h = /Starting http monitor on [^\s:]+:(\d+)/.exec(log);
+      if (h) monitor = Number(h[1]);
       if (found !== undefined && log.includes('Server is ready')) {
         clearTimeout(timer);
         resolve(found);
@@ -116,6 +131,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
     port,
     pid: child.pid ?? -1,
     configPath,
+    monitorUrl: monitor === undefined ? undefined : `http://127.0.0.1:${monitor}`,
     log: () => log,
     stop: () => {
       stopping ??= (async () => {

@@ -1,23 +1,32 @@
-// NATS binding: proto services over NATS request/reply (@nats-io/transport-node 3.x).
+// NATS binding: proto services over NATS (@nats-io/transport-node 3.x) — control calls by
+// request/reply, work through JetStream work-queue streams (@nats-io/jetstream for creating
+// streams and consumers; the pull and ack protocol is written here, see NatsPuller).
 //
 //   const nc = await connectNats({ servers: 'nats://127.0.0.1:4222', name: 'denoiser-0' });
 //   const transport = natsTransport(nc);              // a Transport (shared/transport/types.ts)
-//   await transport.serve(DenoiserDefinition, impl, { scope: 'dit-s2' });
+//   await transport.serve(DenoiserDefinition, impl, { scope: 'dit-s2', drivers: { denoise: ... } });
 //   const denoiser = transport.client(DenoiserDefinition, { scope: 'dit-s2', timeoutMs: 10_000 });
 //   ...
 //   await transport.close();                          // stop servers (finish calls in flight), drain
 //
-// `serveOnNats()` / `natsClient()` do the same on a connection without the Transport wrapper.
-// Subjects, queue groups, headers, retries and limits are described in shared/transport/types.ts
-// and shared/transport/rpc.ts. NATS specifics: "no responders" (status 503) → UnavailableError,
-// request timeout → DeadlineExceededError, closed/draining connection → UnavailableError; the
-// payload limit is min(configured maxPayload, the server's max_payload from the INFO it sent).
+// Subjects, queue groups, headers, retries and limits are described in shared/transport/types.ts,
+// rpc.ts and work.ts. NATS specifics: "no responders" (status 503) → UnavailableError (NoQueueError
+// for a subject no stream captures), request timeout → DeadlineExceededError, closed/draining
+// connection → UnavailableError; the payload limit is min(configured maxPayload, the server's
+// max_payload from the INFO it sent). The server must run JetStream (`nats-server -js`, or a
+// `jetstream {}` block): work queues live in its memory store.
+//
+// Why not the library's consumer.fetch(): it opens a subscription per fetch, enforces expires of at
+// least 1 s and cannot end a fetch early, so a replica would hold work it did not ask for. A pull
+// here is one request to $JS.API.CONSUMER.MSG.NEXT on a long-lived inbox: batch 1 with a short
+// expiry while idle, no_wait batches while the queue has work.
 import { readFile } from 'node:fs/promises';
 
 import {
   AuthorizationError,
   ClosedConnectionError,
   connect,
+  createInbox,
   credsAuthenticator,
   DrainingConnectionError,
   headers as natsHeaders,
@@ -29,20 +38,45 @@ import {
   RequestError,
   TimeoutError,
 } from '@nats-io/transport-node';
+import {
+  AckPolicy,
+  type ConsumerConfig,
+  DeliverPolicy,
+  DiscardPolicy,
+  JetStreamApiError,
+  type JetStreamManager,
+  jetstreamManager,
+  ReplayPolicy,
+  RetentionPolicy,
+  StorageType,
+  type StreamConfig,
+} from '@nats-io/jetstream';
 
 import {
   DeadlineExceededError,
+  FailedPreconditionError,
   InvalidArgumentError,
   type DitpipeError,
+  NoQueueError,
+  ResourceExhaustedError,
   UnauthenticatedError,
   UnavailableError,
   toDitpipeError,
 } from '../errors.ts';
-import { type Bus, type BusMessage, type BusSubscription, BusTransport, clientOnBus, type Headers, serveOnBus } from './rpc.ts';
-import type { ClientOptions, RpcClient, RpcServer, ServeOptions, ServiceDefinition, ServiceImpl, Transport } from './types.ts';
+import type { Bus, BusMessage, BusSubscription, ConnectionEvent, Headers, PullEnd, Puller, QueuedMessage, QueueSpec } from './bus.ts';
+import { BusTransport } from './rpc.ts';
+import type { Transport } from './types.ts';
 
 /** The NATS default max_payload, used until the server's INFO says otherwise. */
 const NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024;
+/** How long a stored-message acknowledgement may take before the message counts as not stored. */
+const PUBACK_TIMEOUT_MS = 5_000;
+/** A pull the server does not end within its expiry plus this is taken as lost. */
+const PULL_GUARD_MS = 2_000;
+const ACK = new TextEncoder().encode('+ACK');
+const WORKING = new TextEncoder().encode('+WPI');
+const NAK = new TextEncoder().encode('-NAK');
+const nanos = (ms: number): number => Math.round(ms * 1e6);
 
 export interface NatsConnectOptions {
   /** One or more server URLs, e.g. "nats://10.0.0.1:4222" (comma-separated string allowed). */
@@ -130,6 +164,7 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
   }
 }
 
+
 function toNatsHeaders(h: Headers): MsgHdrs | undefined {
   const keys = Object.keys(h);
   if (keys.length === 0) return undefined;
@@ -159,12 +194,127 @@ function mapRequestError(err: unknown, subject: string, timeoutMs: number): Ditp
   return toDitpipeError(err);
 }
 
+/** Delivery count and pending count from a JetStream ack subject ($JS.ACK.…, v1 or v2 layout). */
+function ackInfo(reply: string): { deliveries: number; pending: number } {
+  const t = reply.split('.');
+  // v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>
+  // v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>.<token>
+  const base = t.length === 9 ? 2 : 4;
+  return { deliveries: Number(t[base + 2]) || 1, pending: Number(t[base + 6]) || 0 };
+}
+
+function streamConfig(spec: QueueSpec): Partial<StreamConfig> & { name: string } {
+  const s = spec.settings;
+  return {
+    name: spec.stream,
+    subjects: [spec.subject],
+    retention: RetentionPolicy.Workqueue,
+    storage: StorageType.Memory,
+    discard: DiscardPolicy.New,
+    max_msgs: s.maxMessages,
+    max_bytes: s.maxBytes,
+    max_age: nanos(s.maxAgeMs),
+    duplicate_window: nanos(s.duplicateWindowMs),
+    num_replicas: 1,
+  };
+}
+
+function consumerConfig(spec: QueueSpec): Partial<ConsumerConfig> {
+  const s = spec.settings;
+  return {
+    durable_name: spec.consumer,
+    ack_policy: AckPolicy.Explicit,
+    ack_wait: nanos(s.ackWaitMs),
+    max_deliver: s.maxDeliver,
+    max_ack_pending: s.maxAckPending,
+    deliver_policy: DeliverPolicy.All,
+    replay_policy: ReplayPolicy.Instant,
+  };
+}
+
+/** Whether an existing stream differs from what we manage. */
+function streamDiffers(have: StreamConfig, want: Partial<StreamConfig>): boolean {
+  return (
+    have.max_msgs !== want.max_msgs ||
+    have.max_bytes !== want.max_bytes ||
+    have.max_age !== want.max_age ||
+    have.duplicate_window !== want.duplicate_window ||
+    have.discard !== want.discard ||
+    have.subjects?.length !== 1 ||
+    have.subjects[0] !== want.subjects?.[0]
+  );
+}
+
+interface PubAckWait {
+  resolve: () => void;
+  reject: (err: DitpipeError) => void;
+  at: number;
+  subject: string;
+}
+
 /** The Bus primitives on a NATS connection. */
 export class NatsBus implements Bus {
-  constructor(readonly nc: NatsConnection) {}
+  private jsm: Promise<JetStreamManager> | undefined;
+  private readonly ensured = new Map<string, Promise<void>>();
+  private readonly listeners = new Set<(event: ConnectionEvent) => void>();
+  private up = true;
+  private ackInbox: string | undefined;
+  private readonly acks = new Map<string, PubAckWait>();
+  private ackSeq = 0;
+  private sweeper: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly nc: NatsConnection,
+    private readonly inboxPrefix?: string,
+  ) {
+    void (async () => {
+      for await (const s of nc.status()) {
+        if (s.type === 'disconnect') {
+          this.up = false;
+          this.emit('disconnected');
+        } else if (s.type === 'reconnect') {
+          this.up = true;
+          // A restarted server may have lost the (memory-stored) queues: check them again.
+          this.ensured.clear();
+          this.jsm = undefined;
+          this.emit('reconnected');
+        }
+      }
+    })().catch(() => undefined);
+    void nc.closed().then(() => {
+      this.up = false;
+      clearInterval(this.sweeper);
+      for (const w of this.acks.values()) w.reject(new UnavailableError(`NATS connection closed before ${w.subject} confirmed a message`));
+      this.acks.clear();
+      this.emit('closed');
+    });
+  }
+
+  private emit(event: ConnectionEvent): void {
+    for (const l of [...this.listeners]) {
+      try {
+        l(event);
+      } catch {
+        // a listener's failure is its own
+      }
+    }
+  }
+
+  get connected(): boolean {
+    return this.up && !this.nc.isClosed();
+  }
 
   maxPayload(): number {
     return this.nc.info?.max_payload ?? NATS_DEFAULT_MAX_PAYLOAD;
+  }
+
+  inbox(): string {
+    return createInbox(this.inboxPrefix);
+  }
+
+  onConnection(listener: (event: ConnectionEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
   }
 
   async request(subject: string, msg: BusMessage, timeoutMs: number): Promise<BusMessage> {
@@ -196,6 +346,14 @@ export class NatsBus implements Bus {
     return out;
   }
 
+  publish(subject: string, msg: BusMessage): void {
+    try {
+      this.nc.publish(subject, msg.data, { headers: toNatsHeaders(msg.headers) });
+    } catch (err) {
+      throw mapRequestError(err, subject, 0);
+    }
+  }
+
   async subscribe(
     subject: string,
     queue: string | undefined,
@@ -210,8 +368,9 @@ export class NatsBus implements Bus {
         });
       },
     });
-    // The server must know the interest before a client can be served.
-    await this.nc.flush();
+    // The server must know the interest before a client can be served. While the connection is
+    // down the subscription takes effect when it comes back.
+    await this.flushed(subject);
     return {
       drain: async () => {
         if (this.nc.isClosed() || sub.isClosed()) return;
@@ -219,32 +378,269 @@ export class NatsBus implements Bus {
       },
     };
   }
+
+  private manager(): Promise<JetStreamManager> {
+    this.jsm ??= jetstreamManager(this.nc).catch((err: unknown) => {
+      this.jsm = undefined;
+      const e = err as Error;
+      if (/not enabled|no responders/i.test(e.message)) {
+        throw new FailedPreconditionError(
+          `the NATS server at ${this.nc.getServer()} has no JetStream, which ditpipe's work queues need: start nats-server with -js (or a jetstream {} block in its config)`,
+          { cause: err },
+        );
+      }
+      throw mapRequestError(err, '$JS.API.INFO', 0);
+    });
+    return this.jsm;
+  }
+
+  ensureQueue(spec: QueueSpec): Promise<void> {
+    let p = this.ensured.get(spec.stream);
+    if (!p) {
+      p = this.createQueue(spec).catch((err: unknown) => {
+        this.ensured.delete(spec.stream);
+        throw err;
+      });
+      this.ensured.set(spec.stream, p);
+    }
+    return p;
+  }
+
+  private async createQueue(spec: QueueSpec): Promise<void> {
+    const jsm = await this.manager();
+    const want = streamConfig(spec);
+    const explain = (err: unknown): DitpipeError => {
+      const e = err as Error;
+      if (err instanceof JetStreamApiError && /insufficient (memory|storage) resources/i.test(e.message)) {
+        return new FailedPreconditionError(
+          `the NATS server cannot hold work queue ${spec.stream} (max_bytes ${spec.settings.maxBytes}): ${e.message}; raise its jetstream max_memory_store or lower DITPIPE_QUEUE_MAX_BYTES`,
+          { cause: err },
+        );
+      }
+      if (err instanceof JetStreamApiError) return new FailedPreconditionError(`work queue ${spec.stream}: ${e.message}`, { cause: err });
+      return mapRequestError(err, `$JS.API (${spec.stream})`, 0);
+    };
+    try {
+      let info;
+      try {
+        info = await jsm.streams.info(spec.stream);
+      } catch (err) {
+        if (!(err instanceof JetStreamApiError && err.status === 404)) throw err;
+      }
+      if (!info) {
+        try {
+          await jsm.streams.add(want);
+        } catch (err) {
+          // Another service created it at the same time, with other settings: ours win below.
+          if (!(err instanceof JetStreamApiError && /already in use/.test(err.message))) throw err;
+          info = await jsm.streams.info(spec.stream);
+        }
+      }
+      if (info && streamDiffers(info.config, want)) await jsm.streams.update(spec.stream, want);
+      await jsm.consumers.add(spec.stream, consumerConfig(spec));
+    } catch (err) {
+      throw explain(err);
+    }
+  }
+
+  enqueue(spec: QueueSpec, msg: BusMessage, id: string): Promise<void> {
+    if (!this.connected) return Promise.reject(new UnavailableError(`not connected to NATS; ${spec.subject} not sent`));
+    if (this.ackInbox === undefined) {
+      const inbox = this.inbox();
+      this.nc.subscribe(`${inbox}.*`, { callback: (err, m) => this.onPubAck(err, m) });
+      this.ackInbox = inbox;
+      this.sweeper = setInterval(() => this.sweepAcks(), 1_000);
+      this.sweeper.unref();
+    }
+    const token = String(++this.ackSeq);
+    const headers = toNatsHeaders({ ...msg.headers, 'Nats-Msg-Id': id });
+    return new Promise<void>((resolve, reject) => {
+      this.acks.set(token, { resolve, reject, at: Date.now(), subject: spec.subject });
+      try {
+        this.nc.publish(spec.subject, msg.data, { reply: `${this.ackInbox}.${token}`, headers });
+      } catch (err) {
+        this.acks.delete(token);
+        reject(mapRequestError(err, spec.subject, 0));
+      }
+    });
+  }
+
+  private onPubAck(err: Error | null, m: Msg): void {
+    if (err) return;
+    const token = m.subject.slice(m.subject.lastIndexOf('.') + 1);
+    const w = this.acks.get(token);
+    if (!w) return;
+    this.acks.delete(token);
+    if (m.headers?.code === 503) {
+      for (const [stream] of this.ensured) if (w.subject.length > 0) this.ensured.delete(stream);
+      w.reject(new NoQueueError(`no work queue captures ${w.subject} on the NATS server (not created yet, or lost in a server restart)`));
+      return;
+    }
+    let body: { error?: { code?: number; description?: string } };
+    try {
+      body = JSON.parse(new TextDecoder().decode(m.data)) as typeof body;
+    } catch {
+      w.reject(new UnavailableError(`unreadable acknowledgement from the NATS server for ${w.subject}`));
+      return;
+    }
+    if (body.error) {
+      const what = body.error.description ?? 'unknown error';
+      w.reject(
+        /maximum (messages|bytes)|exceeded/i.test(what)
+          ? new ResourceExhaustedError(`work queue for ${w.subject} is full (${what}); retry later`)
+          : new UnavailableError(`NATS server refused a message on ${w.subject}: ${what}`),
+      );
+      return;
+    }
+    w.resolve();
+  }
+
+  private sweepAcks(): void {
+    const old = Date.now() - PUBACK_TIMEOUT_MS;
+    for (const [token, w] of this.acks) {
+      if (w.at > old) continue;
+      this.acks.delete(token);
+      w.reject(new UnavailableError(`the NATS server did not confirm a message on ${w.subject} within ${PUBACK_TIMEOUT_MS} ms`));
+    }
+  }
+
+  async puller(spec: QueueSpec, onMessage: (msg: QueuedMessage) => void): Promise<Puller> {
+    const p = new NatsPuller(this.nc, spec, this.inbox(), onMessage);
+    await this.flushed(spec.subject);
+    return p;
+  }
+
+  private async flushed(subject: string): Promise<void> {
+    try {
+      await this.nc.flush();
+    } catch (err) {
+      if (this.nc.isClosed()) throw new UnavailableError(`cannot subscribe to ${subject}: the NATS connection is closed`, { cause: err });
+    }
+  }
+
+  async queueInfo(spec: QueueSpec): Promise<{ pending: number; ackPending: number; waitingPulls: number }> {
+    const jsm = await this.manager();
+    try {
+      const info = await jsm.consumers.info(spec.stream, spec.consumer);
+      return { pending: info.num_pending, ackPending: info.num_ack_pending, waitingPulls: info.num_waiting };
+    } catch (err) {
+      if (err instanceof JetStreamApiError && err.status === 404) throw new NoQueueError(`work queue ${spec.stream} does not exist on the NATS server`, { cause: err });
+      throw mapRequestError(err, `$JS.API (${spec.stream})`, 0);
+    }
+  }
 }
 
-/** Serves the unary methods of a ts-proto generic definition on a NATS connection. */
-export function serveOnNats<D extends ServiceDefinition>(
-  nc: NatsConnection,
-  definition: D,
-  impl: ServiceImpl<D>,
-  opts: ServeOptions,
-): Promise<RpcServer> {
-  return serveOnBus(new NatsBus(nc), definition, impl, opts);
+interface PullInProgress {
+  readonly token: string;
+  readonly batch: number;
+  delivered: number;
+  pending: number;
+  readonly resolve: (end: PullEnd) => void;
+  readonly guard: NodeJS.Timeout;
 }
 
-/** Typed promise client for a ts-proto generic definition over a NATS connection. */
-export function natsClient<D extends ServiceDefinition>(nc: NatsConnection, definition: D, opts: ClientOptions): RpcClient<D> {
-  return clientOnBus(new NatsBus(nc), definition, opts);
+/**
+ * One replica's pull consumer: pull requests to $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer> with
+ * reply subjects `<inbox>.<n>`; the server delivers messages to that inbox (their subject is the
+ * stream's) and ends a request with a status message on `<inbox>.<n>` (404 nothing queued for a
+ * no_wait pull, 408 expired or no_wait partly filled, 409 limits or a deleted consumer).
+ */
+class NatsPuller implements Puller {
+  private readonly sub;
+  private seq = 0;
+  private current: PullInProgress | null = null;
+  private readonly next: string;
+
+  constructor(
+    private readonly nc: NatsConnection,
+    spec: QueueSpec,
+    private readonly inbox: string,
+    private readonly onMessage: (msg: QueuedMessage) => void,
+  ) {
+    this.next = `$JS.API.CONSUMER.MSG.NEXT.${spec.stream}.${spec.consumer}`;
+    this.sub = nc.subscribe(`${inbox}.*`, { callback: (err, m) => this.onMsg(err, m) });
+  }
+
+  pull(batch: number, waitMs: number): Promise<PullEnd> {
+    if (this.current) return Promise.reject(new UnavailableError('a pull is already in progress'));
+    const token = String(++this.seq);
+    const body = waitMs > 0 ? { batch, expires: nanos(waitMs) } : { batch, no_wait: true };
+    return new Promise<PullEnd>((resolve) => {
+      const guard = setTimeout(() => this.end(token, true), waitMs + PULL_GUARD_MS);
+      this.current = { token, batch, delivered: 0, pending: 0, resolve, guard };
+      try {
+        this.nc.publish(this.next, JSON.stringify(body), { reply: `${this.inbox}.${token}` });
+      } catch {
+        this.end(token, true);
+      }
+    });
+  }
+
+  private end(token: string, lost: boolean): void {
+    const c = this.current;
+    if (!c || c.token !== token) return;
+    this.current = null;
+    clearTimeout(c.guard);
+    c.resolve({ delivered: c.delivered, pending: lost ? 0 : c.pending, lost });
+  }
+
+  private onMsg(err: Error | null, m: Msg): void {
+    if (err) return;
+    if (m.reply?.startsWith('$JS.ACK.')) {
+      const { deliveries, pending } = ackInfo(m.reply);
+      const reply = m.reply;
+      const nc = this.nc;
+      const send = (body: Uint8Array): void => {
+        try {
+          nc.publish(reply, body);
+        } catch {
+          // Connection gone: the server redelivers after the ack wait.
+        }
+      };
+      const msg = fromNatsMsg(m);
+      this.onMessage({
+        data: msg.data,
+        headers: msg.headers,
+        deliveries,
+        pending,
+        ack: () => send(ACK),
+        working: () => send(WORKING),
+        nak: () => send(NAK),
+      });
+      const c = this.current;
+      if (c) {
+        c.delivered++;
+        c.pending = pending;
+        if (c.delivered >= c.batch) this.end(c.token, false);
+      }
+      return;
+    }
+    // A status message ends its pull request (100 is an idle heartbeat; we ask for none).
+    const code = m.headers?.code ?? 0;
+    if (code === 100) return;
+    const token = m.subject.slice(m.subject.lastIndexOf('.') + 1);
+    if (this.current?.token === token) {
+      this.current.pending = 0;
+      // 409 "Consumer Deleted" and 503 mean the queue is gone: have it checked.
+      this.end(token, code === 503 || (code === 409 && /deleted/i.test(m.headers?.description ?? '')));
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.current) this.end(this.current.token, false);
+    if (!this.nc.isClosed() && !this.sub.isClosed()) this.sub.unsubscribe();
+  }
 }
 
 /**
  * A Transport on a NATS connection. close() stops the servers mounted through it (each waits
  * for its calls in flight), then drains the connection (which also closes it).
  */
-export function natsTransport(nc: NatsConnection): Transport {
+export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string } = {}): Transport {
   const closed = nc.closed().then((err) => err ?? null);
   return new BusTransport(
     'nats',
-    new NatsBus(nc),
+    new NatsBus(nc, opts.inboxPrefix),
     async () => {
       if (nc.isClosed()) return;
       if (!nc.isDraining()) await nc.drain();

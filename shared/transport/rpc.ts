@@ -1,10 +1,9 @@
-// RPC over a request/reply message bus: the part of the NATS binding that does not depend on NATS.
+// RPC over a message bus: serving, typed clients, deadlines, retries, payload limits and error
+// encoding, shared by both transports (shared/transport/nats.ts, shared/transport/inproc.ts) so
+// they behave the same by construction. Work methods (IDEMPOTENT) go through the work queues of
+// work.ts; this file carries the control calls (every other unary method) by request/reply.
 //
-// Both transports (shared/transport/nats.ts, shared/transport/inproc.ts) implement the small
-// `Bus` interface below and get serving, typed clients, deadlines, retries, payload limits and
-// error encoding from this file, so they behave the same by construction.
-//
-// Wire format of one call:
+// Wire format of one control call:
 //   request  body = protobuf-encoded request message
 //            header Ditpipe-Timeout-Ms = time the caller waits for this attempt (server aborts
 //            ctx.signal when it passes)
@@ -13,16 +12,6 @@
 //                   (percent-encoded like gRPC's grpc-message), Ditpipe-Error (error kind),
 //                   Ditpipe-Field (the request field of an INVALID_ARGUMENT, when known)
 // Size limits count body plus headers (as NATS's max_payload does) and are checked before sending.
-//
-// Retries avoid hung replicas. A replica frozen mid-call (SIGSTOP, a stuck GPU driver) keeps its
-// queue-group subscription until the NATS server notices, so a retry through the queue group
-// could land on it again. Each replica therefore also answers, for every idempotent method S:
-//   S.live             a probe with no queue group: an empty reply with header Ditpipe-Instance,
-//                      sent only while none of its calls has overstayed its caller's deadline by
-//                      more than stuckGraceMs
-//   S.at.<instance>    the same method on this replica alone
-// Before each retry the client probes S.live and sends the attempt to the first replica that
-// answers; with no answer in time it falls back to the queue group.
 import { randomUUID } from 'node:crypto';
 import {
   CancelledError,
@@ -37,6 +26,7 @@ import {
   UnavailableError,
   UnimplementedError,
 } from '../errors.ts';
+import { type Bus, type BusMessage, type BusSubscription, H_FIELD, H_KIND, H_MESSAGE, H_STATUS, H_TIMEOUT, type Headers, headerBytes } from './bus.ts';
 import type {
   CallContext,
   CallOptions,
@@ -50,45 +40,9 @@ import type {
   ServiceImpl,
   SubjectOptions,
   Transport,
+  WorkQueue,
 } from './types.ts';
-
-export type Headers = Record<string, string>;
-
-export interface BusMessage {
-  data: Uint8Array;
-  headers: Headers;
-}
-
-export interface BusSubscription {
-  /** Stops receiving; resolves once every message already received was handed to the handler. */
-  drain(): Promise<void>;
-}
-
-/** The request/reply primitives a transport provides. */
-export interface Bus {
-  /** Largest message (body plus encoded headers) the bus accepts right now, in bytes. */
-  maxPayload(): number;
-  /**
-   * Sends a request and resolves with the first reply. Rejects with UnavailableError when nobody
-   * subscribes to the subject (or the connection is gone) and DeadlineExceededError after timeoutMs.
-   */
-  request(subject: string, msg: BusMessage, timeoutMs: number): Promise<BusMessage>;
-  /** Sends a request and resolves with all replies that arrive within waitMs ([] when nobody listens). */
-  requestMany(subject: string, msg: BusMessage, waitMs: number): Promise<BusMessage[]>;
-  /** Subscribes (in a queue group when given); resolves once the subscription is in effect. */
-  subscribe(
-    subject: string,
-    queue: string | undefined,
-    handler: (msg: BusMessage, reply: (msg: BusMessage) => void) => void,
-  ): Promise<BusSubscription>;
-}
-
-export const H_STATUS = 'Ditpipe-Status';
-export const H_MESSAGE = 'Ditpipe-Message';
-export const H_KIND = 'Ditpipe-Error';
-export const H_FIELD = 'Ditpipe-Field';
-export const H_TIMEOUT = 'Ditpipe-Timeout-Ms';
-export const H_INSTANCE = 'Ditpipe-Instance';
+import { isWorkMethod, queueSettings, queueSpec, runSimpleDriver, WorkClient, WorkServer } from './work.ts';
 
 export const DEFAULT_PREFIX = 'ditpipe.v1';
 export const DEFAULT_TIMEOUT_MS = 30_000;
@@ -98,21 +52,8 @@ const MAX_BACKOFF_MS = 1_000;
 const DEFAULT_GRACE_MS = 10_000;
 const DEFAULT_COLLECT_MS = 250;
 const DEFAULT_STUCK_GRACE_MS = 1_000;
-/** Longest wait for a liveness probe before a retry (at most half the time left). */
-const PROBE_MS = 250;
 /** Error messages are cut to this many characters so an error reply always fits. */
 const MAX_ERROR_MESSAGE = 2_000;
-
-const encoder = new TextEncoder();
-
-/** Bytes NATS uses for these headers ("NATS/1.0\r\n", "Key: value\r\n" each, "\r\n"); 0 for none. */
-export function headerBytes(headers: Headers): number {
-  const keys = Object.keys(headers);
-  if (keys.length === 0) return 0;
-  let n = 'NATS/1.0\r\n'.length + 2;
-  for (const k of keys) n += encoder.encode(`${k}: ${headers[k]}\r\n`).length;
-  return n;
-}
 
 const TOKEN_RE = /^[^\s.*>]+$/;
 
@@ -145,16 +86,6 @@ export function methodSubject(definition: ServiceDefinition, method: MethodDefin
 /** Subject on which every replica answers a NO_SIDE_EFFECTS method (no queue group). */
 export function collectSubject(methodSubj: string): string {
   return `${methodSubj}.all`;
-}
-
-/** Probe subject every live replica of an idempotent method answers (no queue group). */
-export function liveSubject(methodSubj: string): string {
-  return `${methodSubj}.live`;
-}
-
-/** Subject of one replica's instance of a method. */
-export function directSubject(methodSubj: string, instance: string): string {
-  return `${methodSubj}.at.${instance}`;
 }
 
 function isUnary(m: MethodDefinition): boolean {
@@ -263,11 +194,12 @@ function withContext(err: DitpipeError, context: string): DitpipeError {
 interface Active {
   controller: AbortController;
   answer: (msg: BusMessage) => void;
-  /** The caller's deadline (epoch ms; Infinity when it sent none). */
-  deadline: number;
 }
 
-/** Mounts the unary methods of `definition` on the bus. */
+/**
+ * Mounts the unary methods of `definition` on the bus: control calls by request/reply, work
+ * methods as a pull consumer of their queue (driven by `opts.drivers`, else a simple loop).
+ */
 export async function serveOnBus<D extends ServiceDefinition>(
   bus: Bus,
   definition: D,
@@ -282,6 +214,11 @@ export async function serveOnBus<D extends ServiceDefinition>(
       field: 'stuckGraceMs',
     });
   }
+  const concurrency = opts.concurrency ?? 1;
+  if (!(Number.isInteger(concurrency) && concurrency >= 1)) {
+    throw new InvalidArgumentError(`concurrency must be a positive integer, got ${String(opts.concurrency)}`, { field: 'concurrency' });
+  }
+  const settings = queueSettings(opts.queueSettings);
   const instance = randomUUID().replaceAll('-', '');
   const handlers = impl as unknown as Record<string, unknown>;
   const methods: Array<[string, MethodDefinition]> = Object.entries(definition.methods).filter(([, m]) => isUnary(m));
@@ -289,6 +226,10 @@ export async function serveOnBus<D extends ServiceDefinition>(
     if (typeof handlers[key] !== 'function') {
       throw new InvalidArgumentError(`implementation of ${definition.name} lacks method ${key}`, { field: key });
     }
+  }
+  for (const key of Object.keys(opts.drivers ?? {})) {
+    const m = definition.methods[key];
+    if (!m || !isWorkMethod(m)) throw new InvalidArgumentError(`drivers: ${definition.name}.${key} is not a work (IDEMPOTENT) method`, { field: 'drivers' });
   }
 
   const active = new Set<Active>();
@@ -314,7 +255,6 @@ export async function serveOnBus<D extends ServiceDefinition>(
     let answered = false;
     const entry: Active = {
       controller,
-      deadline,
       answer: (m) => {
         if (answered) return;
         answered = true;
@@ -357,22 +297,45 @@ export async function serveOnBus<D extends ServiceDefinition>(
       });
   };
 
-  let stopping: Promise<void> | undefined;
-  /** Not stopping, and no call has overstayed its caller's deadline by more than the grace. */
-  const live = (): boolean => {
-    if (stopping) return false;
-    const now = Date.now();
-    for (const entry of active) if (now > entry.deadline + stuckGraceMs) return false;
-    return true;
-  };
-  const probeReply: BusMessage = { data: new Uint8Array(0), headers: { [H_INSTANCE]: instance } };
-
   const subjects: string[] = [];
   const subs: BusSubscription[] = [];
-  const subscribeAll = async (): Promise<void> => {
+  const works: WorkServer[] = [];
+  const queues: Record<string, WorkQueue> = {};
+  let stopping: Promise<void> | undefined;
+  const mount = async (): Promise<void> => {
     const plain: string[] = [];
     for (const [key, method] of methods) {
       const subject = methodSubject(definition, method, opts);
+      if (isWorkMethod(method)) {
+        const fn = handlers[key] as (req: unknown, ctx: CallContext) => unknown;
+        let inFlight = 0;
+        let waiters: Array<() => void> = [];
+        const driver = opts.drivers?.[key];
+        const call = async (req: unknown, ctx: CallContext): Promise<unknown> => {
+          inFlight++;
+          try {
+            return await fn.call(impl, req, ctx);
+          } finally {
+            inFlight--;
+            const w = waiters;
+            waiters = [];
+            for (const r of w) r();
+          }
+        };
+        const work = new WorkServer(bus, method, queueSpec(subject, definition, opts, settings), definition, driver ? async (req, ctx) => fn.call(impl, req, ctx) : call, {
+          instance,
+          stuckGraceMs,
+          maxPayload: serverLimit,
+          onError: opts.onError,
+          onWorkEvent: opts.onWorkEvent,
+        });
+        await work.start();
+        works.push(work);
+        queues[key] = work.queue;
+        if (driver) driver(work);
+        else runSimpleDriver(work, concurrency, { inFlight: () => inFlight, settled: () => new Promise<void>((r) => waiters.push(r)) });
+        continue;
+      }
       subjects.push(subject);
       subs.push(await bus.subscribe(subject, queue, (m, r) => handle(key, method, subject, m, r)));
       if (method.options.idempotencyLevel === 'NO_SIDE_EFFECTS') {
@@ -380,28 +343,20 @@ export async function serveOnBus<D extends ServiceDefinition>(
         plain.push(all);
         subs.push(await bus.subscribe(all, undefined, (m, r) => handle(key, method, all, m, r)));
       }
-      if (isIdempotent(method)) {
-        const probe = liveSubject(subject);
-        const direct = directSubject(subject, instance);
-        plain.push(probe, direct);
-        subs.push(await bus.subscribe(probe, undefined, (_m, r) => {
-          if (live()) r(probeReply);
-        }));
-        subs.push(await bus.subscribe(direct, undefined, (m, r) => handle(key, method, subject, m, r)));
-      }
     }
     subjects.push(...plain);
   };
   try {
-    await subscribeAll();
+    await mount();
   } catch (err) {
-    await Promise.allSettled(subs.map((s) => s.drain()));
+    await Promise.allSettled([...subs.map((s) => s.drain()), ...works.map((w) => w.stop(0))]);
     throw err;
   }
 
   const stop = (graceMs = DEFAULT_GRACE_MS): Promise<void> => {
     stopping ??= (async () => {
       await Promise.allSettled(subs.map((s) => s.drain()));
+      const workDone = Promise.all(works.map((w) => w.stop(graceMs)));
       if (active.size > 0) {
         let timer: NodeJS.Timeout | undefined;
         await Promise.race([
@@ -417,18 +372,20 @@ export async function serveOnBus<D extends ServiceDefinition>(
         entry.controller.abort(err);
         entry.answer(errorReply(err));
       }
+      await workDone;
     })();
     return stopping;
   };
 
   return {
     subjects,
+    queues,
     instance,
     get live() {
-      return live();
+      return stopping === undefined && works.every((w) => w.live);
     },
     get inFlight() {
-      return active.size;
+      return active.size + works.reduce((n, w) => n + w.inFlight, 0);
     },
     stop,
   };
@@ -446,9 +403,24 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
   if (!Number.isInteger(defaults.retries) || defaults.retries < 0) {
     throw new InvalidArgumentError(`retries must be a non-negative integer, got ${String(opts.retries)}`, { field: 'retries' });
   }
+  const settings = queueSettings(opts.queueSettings);
   const subjects = new Map<string, string>();
+  const work = new Map<string, WorkClient>();
   for (const [key, method] of Object.entries(definition.methods)) {
-    if (isUnary(method)) subjects.set(key, methodSubject(definition, method, opts));
+    if (!isUnary(method)) continue;
+    const subject = methodSubject(definition, method, opts);
+    subjects.set(key, subject);
+    if (isWorkMethod(method)) {
+      work.set(
+        key,
+        new WorkClient(bus, method, queueSpec(subject, definition, opts, settings), definition, {
+          timeoutMs: defaults.timeoutMs,
+          attemptTimeoutMs: defaults.attemptTimeoutMs,
+          maxPayload: defaults.maxPayload,
+          onWorkEvent: opts.onWorkEvent,
+        }),
+      );
+    }
   }
   const lookup = (key: string): { method: MethodDefinition; subject: string } => {
     const subject = subjects.get(key);
@@ -474,20 +446,6 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
     return data;
   };
 
-  /** Direct subject of the first replica answering the liveness probe, or undefined when none does in time. */
-  const liveReplica = async (subject: string, deadline: number, signal: AbortSignal | undefined, what: string): Promise<string | undefined> => {
-    const waitMs = Math.min(PROBE_MS, (deadline - Date.now()) / 2);
-    if (waitMs < 1) return undefined;
-    try {
-      const reply = await abortable(bus.request(liveSubject(subject), { data: new Uint8Array(0), headers: {} }, waitMs), signal, what);
-      const instance = reply.headers[H_INSTANCE];
-      return instance ? directSubject(subject, instance) : undefined;
-    } catch (e) {
-      if (e instanceof CancelledError && signal?.aborted) throw e;
-      return undefined; // nobody alive answered (or an older replica without probes): use the queue group
-    }
-  };
-
   const call = async (key: string, request: unknown, callOpts: CallOptions = {}): Promise<unknown> => {
     const { method, subject } = lookup(key);
     const what = `${definition.name}.${method.name}`;
@@ -500,8 +458,6 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
     const data = encodeChecked(what, method, request, { [H_TIMEOUT]: String(Math.ceil(timeoutMs)) });
 
     for (let attempt = 0; ; attempt++) {
-      // A retry goes to a replica that just proved alive, so a hung one is not picked again.
-      const target = attempt === 0 ? subject : ((await liveReplica(subject, deadline, callOpts.signal, what)) ?? subject);
       const remaining = deadline - Date.now();
       if (remaining <= 0) {
         throw new DeadlineExceededError(`${what} on ${subject}: no answer within ${timeoutMs} ms (${attempt} attempts)`);
@@ -510,7 +466,7 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
       let err: DitpipeError;
       try {
         const reply = await abortable(
-          bus.request(target, { data, headers: { [H_TIMEOUT]: String(Math.ceil(thisAttempt)) } }, thisAttempt),
+          bus.request(subject, { data, headers: { [H_TIMEOUT]: String(Math.ceil(thisAttempt)) } }, thisAttempt),
           callOpts.signal,
           what,
         );
@@ -538,7 +494,6 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
       if (Date.now() + backoff >= deadline) {
         throw withContext(err, `(after ${attempt + 1} attempts; no time left to retry within ${timeoutMs} ms)`);
       }
-      callOpts.onRetry?.(err, attempt + 1);
       await sleep(backoff, callOpts.signal);
     }
   };
@@ -565,9 +520,20 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
   const client: Record<string, unknown> = {
     collect,
     subjectOf: (key: string) => lookup(key).subject,
+    queueOf: (key: string) => {
+      const w = work.get(key);
+      if (!w) throw new InvalidArgumentError(`${definition.name}.${key} is not a work (IDEMPOTENT) method`, { field: 'method' });
+      return w.queue;
+    },
   };
   for (const key of subjects.keys()) {
-    client[key] = (request: unknown, callOpts?: CallOptions) => call(key, request, callOpts);
+    const w = work.get(key);
+    client[key] = w
+      ? (request: unknown, callOpts: CallOptions = {}) => {
+          if (callOpts.timeoutMs !== undefined) positive(callOpts.timeoutMs, 'timeoutMs');
+          return w.call(request, callOpts);
+        }
+      : (request: unknown, callOpts?: CallOptions) => call(key, request, callOpts);
   }
   return client as RpcClient<D>;
 }
@@ -586,6 +552,10 @@ export class BusTransport implements Transport {
     private readonly closeConnection: () => Promise<void>,
     readonly closed: Promise<Error | null>,
   ) {}
+
+  get connected(): boolean {
+    return this.closing === undefined && this.bus.connected;
+  }
 
   async serve<D extends ServiceDefinition>(definition: D, impl: ServiceImpl<D>, opts: ServeOptions): Promise<RpcServer> {
     if (this.closing) throw new UnavailableError(`transport is closing; cannot serve ${definition.name}`);

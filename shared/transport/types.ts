@@ -3,22 +3,30 @@
 // A service is described by its ts-proto *generic definition* (e.g. `DenoiserDefinition` from
 // shared/gen). `Transport.serve()` mounts an implementation of its unary methods; and
 // `Transport.client()` gives a typed promise client. Two transports implement it with the same
-// semantics: NATS (shared/transport/nats.ts) and an in-process bus (shared/transport/inproc.ts).
+// semantics: NATS with JetStream (shared/transport/nats.ts) and an in-process bus
+// (shared/transport/inproc.ts).
 //
 //   const server = await transport.serve(DenoiserDefinition, {
 //     async denoise(req, ctx) { ...; return DenoiseResponse.create({ out }); },
 //     async info() { return DenoiserInfo.create({ model: 'dit-s2' }); },
-//   }, { scope: 'dit-s2' });
+//   }, { scope: 'dit-s2', drivers: { denoise: (source) => batcher.attach(source) } });
 //   const denoiser = transport.client(DenoiserDefinition, { scope: 'dit-s2', timeoutMs: 30_000 });
-//   const res = await denoiser.denoise(req, { signal, timeoutMs: 5_000 });
+//   const res = await denoiser.denoise(req, { signal, timeoutMs: 5_000, cost: 2, maxBatchCost: 64 });
 //   const all = await denoiser.collect('info', {}, { waitMs: 200 }); // one reply per replica
 //
-// Subjects: `<prefix>.<service>.<scope>.<method>` with prefix `ditpipe.v1`, service and method
-// lower-cased proto names, scope a model (or other) name chosen by the caller, e.g.
-// `ditpipe.v1.denoiser.dit-s2.denoise`. All replicas of a service subscribe in one queue group,
-// so each call reaches exactly one of them. Methods marked `idempotency_level = NO_SIDE_EFFECTS`
-// are also served on `<subject>.all` without a queue group, for `collect()` (e.g. counting
-// replicas). Only unary methods travel over a bus; streaming methods are gRPC-only.
+// Two kinds of method, told apart by their proto idempotency_level:
+// - IDEMPOTENT methods (Denoise, Decode) are *work*: calls go through a JetStream work-queue stream
+//   per method and scope, which the service's replicas pull from when they can take work
+//   (shared/transport/work.ts has the protocol; proto/ditpipe/v1/work.proto the envelope). A call
+//   a replica took but did not answer (it died, froze, or held it past the attempt time) is
+//   delivered to another replica by the server: redelivery is the retry mechanism for work.
+// - Every other unary method (Info, marked NO_SIDE_EFFECTS) is a *control call*: request/reply on
+//   `<prefix>.<service>.<scope>.<method>` in a queue group (one replica answers; retried after
+//   UNAVAILABLE or a timeout), and for NO_SIDE_EFFECTS also on `<subject>.all` without a queue
+//   group, for `collect()`.
+// Subjects: prefix `ditpipe.v1`, service and method lower-cased proto names, scope a model (or other)
+// name chosen by the caller, e.g. `ditpipe.v1.denoiser.dit-s2.denoise`. Only unary methods travel
+// over a bus; streaming methods are gRPC-only.
 import type { BinaryReader, BinaryWriter } from '@bufbuild/protobuf/wire';
 
 /** Encoder/decoder of one message type, as ts-proto generates it (`MessageFns<T>`). */
@@ -63,11 +71,16 @@ export type CollectableMethodKey<D extends ServiceDefinition> = {
   [K in UnaryMethodKey<D>]: D['methods'][K]['options'] extends { idempotencyLevel: 'NO_SIDE_EFFECTS' } ? K : never;
 }[UnaryMethodKey<D>];
 
+/** Keys of the methods marked IDEMPOTENT: work, carried by work queues. */
+export type WorkMethodKey<D extends ServiceDefinition> = {
+  [K in UnaryMethodKey<D>]: D['methods'][K]['options'] extends { idempotencyLevel: 'IDEMPOTENT' } ? K : never;
+}[UnaryMethodKey<D>];
+
 /** What a handler learns about the call besides the request. */
 export interface CallContext {
-  /** Aborted when the caller's deadline passes or the server stops past its grace period. */
+  /** Aborted when the caller stops waiting (deadline, cancellation) or the server stops past its grace period. */
   readonly signal: AbortSignal;
-  /** Epoch milliseconds after which the caller no longer waits (Infinity when none was sent). */
+  /** Epoch milliseconds after which the caller no longer waits (Infinity when it sent none). */
   readonly deadline: number;
   /** The subject (or method path) the call arrived on. */
   readonly subject: string;
@@ -85,16 +98,29 @@ export type ServiceImpl<D extends ServiceDefinition> = {
 
 /** Per-call options. */
 export interface CallOptions {
-  /** Overall time for the call, retries included (default: the client's timeoutMs). */
+  /** Overall time the caller waits for the answer, retries and redeliveries included (default: the client's timeoutMs). */
   timeoutMs?: number;
-  /** Time for one attempt; an attempt that runs out is retried while time is left (default: the whole timeout). */
+  /**
+   * Control calls: time for one attempt, retried while time is left. Work: the longest one
+   * replica may hold the call before the queue gives it to another (default: the client's
+   * attemptTimeoutMs, else the whole timeout).
+   */
   attemptTimeoutMs?: number;
-  /** Retries after UNAVAILABLE or an attempt timeout; ignored (0) for methods not marked idempotent. */
+  /** Control calls: retries after UNAVAILABLE or an attempt timeout (ignored for methods not marked idempotent). */
   retries?: number;
-  /** Cancels the call: it rejects with CancelledError at once (the server may still finish). */
+  /** Cancels the call: it rejects with CancelledError at once; replicas drop work not yet started. */
   signal?: AbortSignal;
-  /** Called before each retry with the error that caused it and the retry number (1-based). */
-  onRetry?: (err: Error, retry: number) => void;
+  /**
+   * Work: what the call costs the replica (e.g. forward-pass rows). Calls that become ready in the
+   * same event-loop turn travel in one message while their costs add up to at most maxBatchCost.
+   */
+  cost?: number;
+  /**
+   * Work: the most cost one message may carry (e.g. a replica's row budget). Default: the call's
+   * own cost, so it travels alone — a message goes to one replica, and calls packed together
+   * cannot be shared by idle replicas.
+   */
+  maxBatchCost?: number;
 }
 
 export interface CollectOptions {
@@ -116,8 +142,10 @@ export type RpcClient<D extends ServiceDefinition> = {
     request: RequestOf<D['methods'][K]>,
     opts?: CollectOptions,
   ): Promise<Array<ResponseOf<D['methods'][K]>>>;
-  /** Subject a method is called on. */
+  /** Subject a method is called on (for work: the subject its queue's stream captures). */
   subjectOf(method: UnaryMethodKey<D>): string;
+  /** Work queue of a work method: its stream and consumer names (e.g. for autoscalers) and live counts. */
+  queueOf(method: WorkMethodKey<D>): WorkQueue;
 };
 
 export interface SubjectOptions {
@@ -130,52 +158,122 @@ export interface SubjectOptions {
   subjectPrefix?: string;
 }
 
+/**
+ * Settings of the work queues (one JetStream stream and durable pull consumer per work method and
+ * scope). Whichever service starts first creates them and later ones update them, so every
+ * service of a deployment must use the same settings (the DITPIPE_QUEUE_* variables; see
+ * shared/transport/work.ts for the defaults).
+ */
+export interface QueueSettings {
+  /** A message a replica took and stopped confirming (in-progress acks) is redelivered after this many ms. */
+  ackWaitMs: number;
+  /** Deliveries of one message before the queue gives up on it (first delivery included). */
+  maxDeliver: number;
+  /** Most messages the stream holds; a caller gets RESOURCE_EXHAUSTED beyond it. */
+  maxMessages: number;
+  /** Most bytes the stream holds (memory of the NATS server); RESOURCE_EXHAUSTED beyond it. */
+  maxBytes: number;
+  /** Messages older than this are dropped, in ms. */
+  maxAgeMs: number;
+  /** Re-sent messages with the same id within this many ms are stored once. */
+  duplicateWindowMs: number;
+  /** Most messages delivered to replicas and not yet acknowledged, all replicas together. */
+  maxAckPending: number;
+}
+
+/** A work queue's names and live counts. */
+export interface WorkQueue {
+  /** JetStream stream name, e.g. "ditpipe_v1_denoiser_dit-s2". */
+  readonly stream: string;
+  /** Durable pull consumer shared by the replicas, e.g. "denoiser". */
+  readonly consumer: string;
+  /** Subject the stream captures. */
+  readonly subject: string;
+  /** Messages waiting for a replica, and messages taken by one and not yet acknowledged. */
+  info(): Promise<{ pending: number; ackPending: number; waitingPulls: number }>;
+}
+
+/** Where a replica takes work from: a work queue's pull consumer, seen by the code that batches it. */
+export interface WorkSource {
+  /**
+   * Takes work for the next pass: first what is already queued (without waiting), and when
+   * nothing is, waits up to waitMs for one message. Each call it takes is handed to the method's
+   * handler (which queues it for a pass) before the promise resolves; `room()` says how much more
+   * the next pass can take (in the handler's units, e.g. rows), and taking stops at 0. Resolves
+   * with the number of messages still waiting in the queue (0 when it is empty, -1 when unknown).
+   */
+  take(room: () => number, waitMs: number): Promise<number>;
+  /** True once the server is stopping: drivers stop calling take(). */
+  readonly closed: boolean;
+}
+
 export interface ServeOptions extends SubjectOptions {
-  /** Queue group shared by the replicas (default "ditpipe.<service>.<scope>"). */
+  /** Queue group shared by the replicas for control calls (default "ditpipe.<service>.<scope>"). */
   queue?: string;
   /** Largest reply to send, bytes incl. headers; capped by the bus limit. Larger replies become PayloadTooLargeError. */
   maxPayload?: number;
   /** Called with errors that cannot be answered to a caller (reply publish failed, handler threw after deadline). */
   onError?: (err: unknown, method: string) => void;
   /**
-   * A replica stops answering liveness probes (so retries avoid it) while one of its calls has
-   * run this many milliseconds past its caller's deadline: a stuck model, not a slow one
-   * (default 1 000).
+   * Who takes work for each work method: receives the method's WorkSource and calls take() when
+   * it can start a pass (shared/batching.ts `Batcher.attach`). Methods without a driver are
+   * pulled by a simple loop that keeps `concurrency` calls in flight.
+   */
+  drivers?: Record<string, (source: WorkSource) => void>;
+  /** Calls in flight per work method without a driver (default 1). */
+  concurrency?: number;
+  /** Work queue settings (default: shared/transport/work.ts DEFAULT_QUEUE_SETTINGS). */
+  queueSettings?: Partial<QueueSettings>;
+  /**
+   * The replica counts as stuck (`live` false) while a call it holds has run this many
+   * milliseconds past its attempt time: a model that hangs, not a slow one (default 1 000).
    */
   stuckGraceMs?: number;
+  /** Called for events a metric counts (work taken again after a redelivery, work dropped unstarted). */
+  onWorkEvent?: (event: WorkEvent) => void;
 }
+
+export type WorkEvent =
+  | { kind: 'redelivered'; method: string; calls: number }
+  | { kind: 'dropped'; method: string; reason: 'cancelled' | 'deadline' | 'stopping'; calls: number };
 
 export interface ClientOptions extends SubjectOptions {
   /** Default overall timeout per call in milliseconds (default 30 000). */
   timeoutMs?: number;
-  /** Default per-attempt timeout (default: the whole timeout). */
+  /** Default per-attempt timeout (default: the whole timeout); see CallOptions.attemptTimeoutMs. */
   attemptTimeoutMs?: number;
-  /** Default retries for idempotent methods (default 2). */
+  /** Default retries of control calls (default 2). */
   retries?: number;
   /** Largest request to send, bytes incl. headers; capped by the bus limit (default: the bus limit). */
   maxPayload?: number;
-  /** First retry backoff in milliseconds; doubles per retry with full jitter (default 25, max 1 000). */
+  /** First retry backoff of control calls in milliseconds; doubles per retry with full jitter (default 25, max 1 000). */
   backoffMs?: number;
+  /** Work queue settings (default: shared/transport/work.ts DEFAULT_QUEUE_SETTINGS). */
+  queueSettings?: Partial<QueueSettings>;
+  /** Called for events a metric counts (answers discarded, work re-sent after a reconnect). */
+  onWorkEvent?: (event: ClientWorkEvent) => void;
 }
+
+export type ClientWorkEvent =
+  | { kind: 'discarded'; method: string; reason: 'duplicate' | 'late' }
+  | { kind: 'resent'; method: string; messages: number };
 
 /** A service mounted on a transport. */
 export interface RpcServer {
-  /**
-   * Subjects served: the queue-group subjects first, then for each method the `.all` subject
-   * (NO_SIDE_EFFECTS methods), the `.live` probe and the `.at.<instance>` direct subject
-   * (idempotent methods), in that order.
-   */
+  /** Subjects served by request/reply: the queue-group subjects first, then the `.all` subjects. */
   readonly subjects: readonly string[];
-  /** Random id of this replica, the last token of its direct subjects. */
+  /** Work queues this server takes work from, by method key. */
+  readonly queues: Readonly<Record<string, WorkQueue>>;
+  /** Random id of this replica (answers carry it). */
   readonly instance: string;
-  /** Whether it answers liveness probes: not stopping, and no call stuck past its deadline (see ServeOptions.stuckGraceMs). */
+  /** Not stopping, and no call it holds is stuck past its attempt time (see ServeOptions.stuckGraceMs). */
   readonly live: boolean;
-  /** Calls being handled right now. */
+  /** Calls being handled right now (control calls, and work taken and not yet answered). */
   readonly inFlight: number;
   /**
-   * Stops taking calls (unsubscribes), then waits up to graceMs (default 10 000) for calls in
-   * flight; those still running then get their signal aborted and are answered UNAVAILABLE so
-   * the caller retries elsewhere. Idempotent.
+   * Stops taking calls (unsubscribes, no more pulls), then waits up to graceMs (default 10 000)
+   * for calls in flight; work still unanswered then goes back to the queue for another replica,
+   * and control calls are answered UNAVAILABLE. Idempotent.
    */
   stop(graceMs?: number): Promise<void>;
 }
@@ -183,6 +281,8 @@ export interface RpcServer {
 /** Carries RPCs: one per process (NATS connection) or per in-process bus member. */
 export interface Transport {
   readonly kind: 'nats' | 'inproc';
+  /** Whether the connection is up right now (false while NATS reconnects). */
+  readonly connected: boolean;
   serve<D extends ServiceDefinition>(definition: D, impl: ServiceImpl<D>, opts: ServeOptions): Promise<RpcServer>;
   client<D extends ServiceDefinition>(definition: D, opts: ClientOptions): RpcClient<D>;
   /**

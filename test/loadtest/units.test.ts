@@ -156,14 +156,15 @@ describe('Prometheus text', () => {
 
   it('turns two scrapes into phase figures (counter resets count from zero)', () => {
     const at = (t: string): Scrape => ({ endpoint: 'e', url: 'u', at: 0, samples: parsePrometheusText(t) });
-    const before = at('ditpipe_images_total 10\nditpipe_sampling_gflops_total 100\nditpipe_request_seconds_count{outcome="OK"} 5\nditpipe_requests_rejected_total{reason="invalid_argument"} 1\nditpipe_retries_total{service="denoiser"} 7');
-    const after = at('ditpipe_images_total 14\nditpipe_sampling_gflops_total 300\nditpipe_request_seconds_count{outcome="OK"} 8\nditpipe_requests_rejected_total{reason="invalid_argument"} 2\nditpipe_retries_total{service="denoiser"} 2');
+    const before = at('ditpipe_images_total 10\nditpipe_sampling_gflops_total 100\nditpipe_request_seconds_count{outcome="OK"} 5\nditpipe_requests_rejected_total{reason="invalid_argument"} 1\nditpipe_denoiser_redelivered_steps_total{model="m"} 7\nditpipe_decoder_redelivered_decodes_total{model="v"} 1');
+    const after = at('ditpipe_images_total 14\nditpipe_sampling_gflops_total 300\nditpipe_request_seconds_count{outcome="OK"} 8\nditpipe_requests_rejected_total{reason="invalid_argument"} 2\nditpipe_denoiser_redelivered_steps_total{model="m"} 2\nditpipe_decoder_redelivered_decodes_total{model="v"} 4');
     const f = serverFigures([before], [after], 2);
     expect(f.images).toBe(4);
     expect(f.requests).toBe(4);
     expect(f.samplingTflopsPerSecond).toBeCloseTo(0.1, 12);
     expect(f.gflopsPerImage).toBe(50);
-    expect(f.retries).toEqual({ denoiser: 2 });
+    // A counter that went down was reset (a restarted replica): it counts from zero.
+    expect(f.redelivered).toEqual({ denoiser: 2, decoder: 3 });
   });
 });
 

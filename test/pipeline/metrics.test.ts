@@ -31,10 +31,16 @@ describe('/metrics', () => {
       'ditpipe_model_gflops', 'ditpipe_sampling_gflops_total', 'ditpipe_image_tflops_bucket', 'ditpipe_denoiser_step_seconds_bucket',
       'ditpipe_denoiser_forward_seconds_bucket', 'ditpipe_denoiser_batch_rows_bucket', 'ditpipe_denoiser_queue_wait_seconds_bucket',
       'ditpipe_decoder_decode_seconds_bucket', 'ditpipe_decoder_batch_size_bucket', 'ditpipe_request_seconds_bucket', 'ditpipe_requests_in_flight',
-      'ditpipe_samples_in_flight', 'ditpipe_retries_total', 'ditpipe_requests_rejected_total', 'ditpipe_steps_dispatched_total',
+      'ditpipe_samples_in_flight', 'ditpipe_requests_rejected_total', 'ditpipe_steps_dispatched_total', 'ditpipe_work_discarded_answers_total',
+      'ditpipe_work_resent_messages_total', 'ditpipe_denoiser_redelivered_steps_total', 'ditpipe_denoiser_dropped_steps_total',
+      'ditpipe_decoder_redelivered_decodes_total', 'ditpipe_decoder_dropped_decodes_total', 'ditpipe_denoiser_queued_rows',
     ]) {
       expect(text, name).toContain(name);
     }
+    // The queue gauges are read from the work queues when scraped (both drained by now).
+    expect(text).toMatch(/^ditpipe_queue_pending_messages\{queue="denoise",model="dit-tiny"\} 0$/m);
+    expect(text).toMatch(/^ditpipe_queue_pending_messages\{queue="decode",model="vae-tiny"\} 0$/m);
+    expect(text).toMatch(/^ditpipe_queue_taken_messages\{queue="denoise",model="dit-tiny"\} 0$/m);
     const check = spawnSync('promtool', ['check', 'metrics'], { input: text, encoding: 'utf8' });
     expect(check.error, 'promtool (Debian package prometheus) must be installed').toBeUndefined();
     expect(`${check.stdout}${check.stderr}`.trim()).toBe('');

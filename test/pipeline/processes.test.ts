@@ -1,5 +1,6 @@
 // The pipeline as deployed: nats-server plus scheduler, denoisers and decoder as separate
-// `ditpipe` processes, driven over gRPC; including a denoiser killed in the middle of a request.
+// `ditpipe` processes, driven over gRPC; including a denoiser killed in the middle of a request
+// (more faults, under load, in faults.test.ts).
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,17 +17,8 @@ let nats: NatsServerHandle;
 let procs: ServiceProcess[] = [];
 let denoisers: ServiceProcess[] = [];
 let api: SamplerApi;
-let metricsUrl = '';
 
 const request = { model: DIT_NAME, classLabels: [{ index: 3 }, { name: 'seven' }], numSteps: 6, cfgScale: 4, seed: 1234n };
-
-async function scrape(name: string): Promise<number> {
-  const text = await (await fetch(metricsUrl)).text();
-  return text
-    .split('\n')
-    .filter((l) => l.startsWith(name))
-    .reduce((s, l) => s + Number(l.split(' ').pop()), 0);
-}
 
 beforeAll(async () => {
   const { ditDir, vaeDir } = testModels();
@@ -36,14 +28,12 @@ beforeAll(async () => {
   const decoder = spawnService('decoder', ['decoder', ...common, '--model-dir', vaeDir, '--grpc-port', '-1', '--threads', '1']);
   const scheduler = spawnService('scheduler', [
     'scheduler', '--nats-url', nats.url, '--models', DIT_NAME, '--vae', `${DIT_NAME}=${VAE_NAME}`, '--grpc-port', '0', '--host', '127.0.0.1',
-    '--metrics-port', '0', '--step-timeout', '1500', '--retries', '5',
+    '--metrics-port', '0',
   ]);
   procs = [...denoisers, decoder, scheduler];
   await Promise.all([...denoisers, decoder].map((p) => p.waitFor(/^serving /)));
   const ready = await scheduler.waitFor(/^Sampler API on/);
-  const metrics = await scheduler.waitFor(/^metrics on/);
   api = new SamplerApi(`127.0.0.1:${Number(ready.port)}`);
-  metricsUrl = `http://127.0.0.1:${Number(metrics.port)}/metrics`;
 }, 180_000);
 
 afterAll(async () => {
@@ -92,25 +82,6 @@ describe('separate processes over NATS', () => {
     expect((await api.listModels())[0].replicas).toBe(1);
     // The pool kept serving: a new request needs no retry.
     expect((await api.generate(request)).images).toHaveLength(2);
-  });
-
-  it('retry a step whose replica hangs, on the other replica', async () => {
-    // A stopped (not dead) replica keeps its NATS subscription until the server's ping timeout, so
-    // steps routed to it time out and must be retried elsewhere.
-    const { ditDir } = testModels();
-    const hung = spawnService('denoiser-hung', ['denoiser', '--nats-url', nats.url, '--metrics-port', '-1', '--model-dir', ditDir, '--grpc-port', '-1', '--threads', '1']);
-    procs.push(hung);
-    await hung.waitFor(/^serving /);
-    hung.proc.kill('SIGSTOP');
-    try {
-      const before = await scrape('ditpipe_retries_total');
-      // No client deadline: the scheduler's own budget (step timeout × (retries + 1)) must leave room to retry.
-      const res = await api.generate({ ...request, numSteps: 12 });
-      expect(res.images).toHaveLength(2);
-      expect(await scrape('ditpipe_retries_total')).toBeGreaterThan(before);
-    } finally {
-      hung.proc.kill('SIGCONT');
-    }
   });
 
   it('a replica serving a model directory built by an older compiler warns that a rebuild is faster', async () => {

@@ -1,6 +1,6 @@
-// A replica's gRPC health follows its liveness on the bus: a call stuck past its caller's
-// deadline turns health NOT_SERVING (so Kubernetes' liveness probe restarts the pod), and it turns
-// back to SERVING once that call returns. Real nats-server, real gRPC health checks.
+// A replica's gRPC health follows its liveness on the bus: work it holds stuck past its attempt
+// time turns health NOT_SERVING (so Kubernetes' liveness probe restarts the pod), and it turns
+// back to SERVING once that work returns. Real nats-server (JetStream), real gRPC health checks.
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -50,7 +50,7 @@ async function health(port: number, service: string): Promise<number> {
 }
 
 describe('replica health follows bus liveness', () => {
-  it('reports NOT_SERVING while a call is stuck past its deadline, SERVING again once it returns', async () => {
+  it('reports NOT_SERVING while a step is stuck past its attempt time, SERVING again once it returns', async () => {
     let release: () => void = () => undefined;
     const stuck = new Promise<void>((r) => {
       release = r;
@@ -76,7 +76,7 @@ describe('replica health follows bus liveness', () => {
       const client = (await transport('client')).client(DenoiserDefinition, { scope: 'health-test', retries: 0 });
       const err = await client.denoise(DenoiseRequest.create({ model: 'health-test' }), { timeoutMs: 100 }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(DeadlineExceededError);
-      // Past the deadline plus the 1 s grace, the replica is stuck: no probe answers, health down.
+      // Past the attempt time plus the 1 s grace, the replica is stuck: health down.
       await expect.poll(() => health(port, ''), { timeout: 5_000, interval: 100 }).toBe(2);
       expect(await health(port, 'ditpipe.v1.Denoiser')).toBe(2);
       expect(replica.server.live).toBe(false);

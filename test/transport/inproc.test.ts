@@ -10,6 +10,7 @@ const bus = new InProcBus({ maxPayload: MAX_PAYLOAD });
 transportSuite('in-process bus', () => ({
   maxPayload: MAX_PAYLOAD,
   connect: (name) => Promise.resolve(bus.connect(name)),
+  kill: async (t) => bus.kill(t),
 }));
 
 it('in-process bus: closing every member leaves no subscription behind', () => {

@@ -1,18 +1,21 @@
-// The transport suite against a real nats-server (max_payload 64 KiB), plus what only NATS has:
-// authentication, connection options, malformed bytes from a foreign publisher.
+// The transport suite against a real nats-server with JetStream (max_payload 64 KiB), plus what
+// only NATS has: JetStream set-up and errors, reconnects and server restarts, authentication,
+// connection options, malformed bytes from a foreign publisher.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NatsConnection } from '@nats-io/transport-node';
 
-import { Code, InvalidArgumentError, UnauthenticatedError, UnavailableError } from '../../shared/errors.ts';
+import { Code, FailedPreconditionError, InvalidArgumentError, UnauthenticatedError, UnavailableError } from '../../shared/errors.ts';
 import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
-import { connectNats, natsClient, natsTransport, serveOnNats } from '../../shared/transport/nats.ts';
-import { H_KIND, H_MESSAGE, H_STATUS } from '../../shared/transport/rpc.ts';
+import { H_KIND, H_MESSAGE, H_STATUS } from '../../shared/transport/bus.ts';
+import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
+import type { Transport } from '../../shared/transport/types.ts';
 import { assertNoNatsServersRunning, type NatsServerHandle, startNatsServer } from '../helpers/nats.ts';
-import { transportSuite } from './suite.ts';
+import { TEST_QUEUE, transportSuite } from './suite.ts';
 
 const MAX_PAYLOAD = 64 * 1024;
 let server: NatsServerHandle;
 const connections: NatsConnection[] = [];
+const byTransport = new Map<Transport, NatsConnection>();
 
 beforeAll(async () => {
   server = await startNatsServer({ maxPayload: MAX_PAYLOAD });
@@ -29,7 +32,13 @@ transportSuite('nats', () => ({
   connect: async (name) => {
     const nc = await connectNats({ servers: server.url, name });
     connections.push(nc);
-    return natsTransport(nc);
+    const t = natsTransport(nc);
+    byTransport.set(t, nc);
+    return t;
+  },
+  // A killed process: the connection closes without draining, nothing acknowledged.
+  kill: async (t) => {
+    await byTransport.get(t)?.close();
   },
 }));
 
@@ -37,6 +46,7 @@ const echoImpl = {
   denoise: () => DenoiseResponse.create({ batchRows: 7 }),
   info: () => DenoiserInfo.create({ model: 'm' }),
 };
+const step = { model: 'm', t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0 };
 
 describe('nats only', () => {
   it('reads the max_payload the server announced', async () => {
@@ -45,56 +55,85 @@ describe('nats only', () => {
     await nc.close();
   });
 
-  it('answers malformed bytes from a foreign publisher with INVALID_ARGUMENT in headers', async () => {
+  it('answers malformed control-call bytes from a foreign publisher with INVALID_ARGUMENT in headers', async () => {
     const nc = await connectNats({ servers: server.url, name: 'raw' });
-    const srv = await serveOnNats(nc, DenoiserDefinition, echoImpl, { scope: 'raw' });
-    const reply = await nc.request('ditpipe.v1.denoiser.raw.denoise', new Uint8Array([0x0a, 0xff, 0xff]), { timeout: 2_000 });
+    const t = natsTransport(nc);
+    await t.serve(DenoiserDefinition, echoImpl, { scope: 'raw', queueSettings: TEST_QUEUE });
+    const reply = await nc.request('ditpipe.v1.denoiser.raw.info', new Uint8Array([0x0a, 0xff, 0xff]), { timeout: 2_000 });
     expect(reply.data.length).toBe(0);
     expect(reply.headers?.get(H_STATUS)).toBe(String(Code.INVALID_ARGUMENT));
     expect(reply.headers?.get(H_KIND)).toBe('InvalidArgument');
-    expect(decodeURIComponent(reply.headers?.get(H_MESSAGE) ?? '')).toMatch(/^malformed Denoiser\.Denoise request: /);
-    // And the typed client on the same connection works.
-    const client = natsClient(nc, DenoiserDefinition, { scope: 'raw' });
-    expect((await client.denoise({ model: 'm', t: [], y: [], guidanceChannels: 0, requestId: '', stepIndex: 0 })).batchRows).toBe(7);
-    await srv.stop();
-    await nc.drain();
+    expect(decodeURIComponent(reply.headers?.get(H_MESSAGE) ?? '')).toMatch(/^malformed Denoiser\.Info request: /);
+    // Garbage published into the work queue is dropped; the queue keeps serving real work.
+    await nc.request('ditpipe.v1.denoiser.raw.denoise', new Uint8Array([0x0a, 0xff, 0xff]), { timeout: 2_000 });
+    const client = t.client(DenoiserDefinition, { scope: 'raw', queueSettings: TEST_QUEUE });
+    expect((await client.denoise(step)).batchRows).toBe(7);
+    await expect.poll(() => client.queueOf('denoise').info()).toMatchObject({ pending: 0, ackPending: 0 });
+    await t.close();
   });
 
-  it('a replica whose connection dies mid-request: the idempotent call is retried on the other one', async () => {
-    const ncHung = await connectNats({ servers: server.url, name: 'hung' });
-    const ncOk = await connectNats({ servers: server.url, name: 'ok' });
-    const ncClient = await connectNats({ servers: server.url, name: 'client' });
-    connections.push(ncHung, ncOk, ncClient);
-    let hungCalls = 0;
-    let okCalls = 0;
-    let died!: () => void;
-    const diedPromise = new Promise<void>((r) => {
-      died = r;
-    });
-    await serveOnNats(ncHung, DenoiserDefinition, {
-      denoise: async () => {
-        hungCalls++;
-        // The process "dies": its connection closes without answering.
-        await ncHung.close();
-        died();
-        return DenoiseResponse.create({ batchRows: -1 });
-      },
-      info: echoImpl.info,
-    }, { scope: 'crash' });
-    const client = natsClient(ncClient, DenoiserDefinition, { scope: 'crash', retries: 3, attemptTimeoutMs: 300 });
-    // Only the doomed replica listens when the call goes out, so it surely gets the first attempt.
-    const call = client.denoise({ model: 'm', t: [5n], y: [1], guidanceChannels: 0, requestId: '', stepIndex: 0 });
-    await diedPromise;
-    await serveOnNats(ncOk, DenoiserDefinition, {
-      denoise: () => {
-        okCalls++;
-        return DenoiseResponse.create({ batchRows: 1 });
-      },
-      info: echoImpl.info,
-    }, { scope: 'crash' });
-    expect((await call).batchRows).toBe(1);
-    expect([hungCalls, okCalls]).toEqual([1, 1]);
-    await Promise.all([ncOk.drain(), ncClient.drain()]);
+  it('a server without JetStream is a clear FAILED_PRECONDITION, for replicas and callers alike', async () => {
+    const plain = await startNatsServer({ jetstream: false });
+    try {
+      const t = natsTransport(await connectNats({ servers: plain.url }));
+      const err = await t.serve(DenoiserDefinition, echoImpl, { scope: 'nojs' }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(FailedPreconditionError);
+      expect((err as Error).message).toMatch(/has no JetStream.*nats-server with -js/);
+      const callErr = await t.client(DenoiserDefinition, { scope: 'nojs' }).denoise(step).catch((e: unknown) => e);
+      expect(callErr).toBeInstanceOf(FailedPreconditionError);
+      await t.close();
+    } finally {
+      await plain.stop();
+    }
+  });
+
+  it('a queue larger than the server can hold is a clear error naming the setting', async () => {
+    const t = natsTransport(await connectNats({ servers: server.url }));
+    const err = await t.serve(DenoiserDefinition, echoImpl, { scope: 'huge', queueSettings: { maxBytes: 64 * 1024 * 1024 * 1024 } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(FailedPreconditionError);
+    expect((err as Error).message).toMatch(/cannot hold work queue ditpipe_v1_denoiser_huge.*DITPIPE_QUEUE_MAX_BYTES/);
+    await t.close();
+  });
+
+  it('a NATS restart that loses the memory store fails no waiting call: queues are made again and work re-sent', async () => {
+    const first = await startNatsServer();
+    const port = first.port;
+    let current = first;
+    const conn = (name: string): Promise<NatsConnection> => connectNats({ servers: `nats://127.0.0.1:${port}`, name, reconnectTimeWaitMs: 200 });
+    const replicaT = natsTransport(await conn('replica'));
+    const clientT = natsTransport(await conn('client'));
+    try {
+      let calls = 0;
+      await replicaT.serve(
+        DenoiserDefinition,
+        {
+          denoise: async () => {
+            calls++;
+            await new Promise((r) => setTimeout(r, 50));
+            return DenoiseResponse.create({ batchRows: 1 });
+          },
+          info: echoImpl.info,
+        },
+        { scope: 'restart', queueSettings: TEST_QUEUE },
+      );
+      const resent: number[] = [];
+      const client = clientT.client(DenoiserDefinition, { scope: 'restart', queueSettings: TEST_QUEUE, onWorkEvent: (e) => e.kind === 'resent' && resent.push(e.messages) });
+      const waiting = Array.from({ length: 10 }, () => client.denoise(step, { timeoutMs: 30_000 }));
+      await current.stop();
+      expect(clientT.connected).toBe(false);
+      await new Promise((r) => setTimeout(r, 1_000));
+      current = await startNatsServer({ port });
+      const results = await Promise.all(waiting);
+      expect(results.map((r) => r.batchRows)).toEqual(Array(10).fill(1));
+      expect(clientT.connected).toBe(true);
+      expect(calls).toBeGreaterThanOrEqual(10);
+      // New work after the restart is served without restarting anything.
+      expect((await client.denoise(step, { timeoutMs: 10_000 })).batchRows).toBe(1);
+      expect(resent.reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
+    } finally {
+      await Promise.all([replicaT.close({ graceMs: 100 }), clientT.close({ graceMs: 100 })]);
+      await current.stop();
+    }
   });
 
   it('validates connection options, naming the field', async () => {
@@ -123,7 +162,7 @@ describe('nats authentication', () => {
       const a = natsTransport(await connectNats({ servers: secured.url, user: 'ditpipe', password: 'p@ss word"' }));
       const b = natsTransport(await connectNats({ servers: secured.url, user: 'ditpipe', password: 'p@ss word"' }));
       await a.serve(DenoiserDefinition, echoImpl, { scope: 'auth' });
-      const res = await b.client(DenoiserDefinition, { scope: 'auth' }).denoise({ model: 'm', t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0 });
+      const res = await b.client(DenoiserDefinition, { scope: 'auth' }).denoise(step);
       expect(res.batchRows).toBe(7);
       await Promise.all([a.close(), b.close()]);
     } finally {
