@@ -32,6 +32,8 @@ describe('/metrics', () => {
       'ditpipe_denoiser_forward_seconds_bucket', 'ditpipe_denoiser_batch_rows_bucket', 'ditpipe_denoiser_queue_wait_seconds_bucket',
       'ditpipe_decoder_decode_seconds_bucket', 'ditpipe_decoder_batch_size_bucket', 'ditpipe_request_seconds_bucket', 'ditpipe_requests_in_flight',
       'ditpipe_samples_in_flight', 'ditpipe_retries_total', 'ditpipe_requests_rejected_total', 'ditpipe_steps_dispatched_total',
+      'ditpipe_scheduler_sampling_gflops_total', 'ditpipe_scheduler_step_batch_rows_bucket', 'ditpipe_scheduler_step_queue_wait_seconds_bucket',
+      'ditpipe_scheduler_decodes_total{model="dit-tiny",purpose="final"}', 'ditpipe_scheduler_decode_seconds_bucket',
     ]) {
       expect(text, name).toContain(name);
     }
