@@ -11,7 +11,7 @@ import type { SchedulerMetrics } from '../../shared/metrics.ts';
 export interface PreviewPlan {
   /** A preview after every `every`-th step (never after the last). */
   every: number;
-  method: 'decoder';
+  method: 'decoder' | 'projection';
 }
 
 export interface PreviewSink {
@@ -22,7 +22,7 @@ export interface PreviewSink {
   /** Elements of one sample's latent. */
   perSample: number;
   metrics: SchedulerMetrics;
-  /** Turns sample `i`'s predicted clean latent into a PNG of `width`×`height`. */
+  /** Turns sample `i`'s predicted clean latent (a view valid until the promise settles) into a PNG of `width`×`height`. */
   render(latent: Float32Array, sampleIndex: number): Promise<{ png: Uint8Array; width: number; height: number }>;
   emit(preview: Preview): void;
 }
@@ -51,7 +51,7 @@ export class Previews {
       this.sink.render(x0.subarray(i * perSample, (i + 1) * perSample), i).then(
         (img) => {
           if (!this.open) return this.count('late', 1);
-          this.sink.emit({ step: done, numSteps: this.sink.numSteps, sampleIndex: i, png: img.png, width: img.width, height: img.height, method: PreviewMethod.PREVIEW_METHOD_DECODER });
+          this.sink.emit({ step: done, numSteps: this.sink.numSteps, sampleIndex: i, png: img.png, width: img.width, height: img.height, method: this.plan.method === 'projection' ? PreviewMethod.PREVIEW_METHOD_PROJECTION : PreviewMethod.PREVIEW_METHOD_DECODER });
           this.count('sent', 1);
         },
         () => this.count('failed', 1),

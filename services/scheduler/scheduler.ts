@@ -24,6 +24,7 @@ import {
   type GenerateRequest,
   type GenerateResponse,
   type Image,
+  type Preview,
   type Timings,
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
@@ -34,6 +35,7 @@ import { DenoiserDefinition } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { Catalog, type ServedModel } from './catalog.ts';
 import type { SchedulerConfig } from './config.ts';
 import { Previews, type PreviewPlan } from './preview.ts';
+import { calibrationLatents, fitProjection, projectToPng, type Projection } from './projection.ts';
 
 /** A request after validation: everything the loop needs, nothing left to check. */
 interface Plan {
@@ -78,6 +80,8 @@ export class Scheduler {
   readonly metrics: SchedulerMetrics;
   private samplesInFlight = 0;
   private readonly active = new Set<Promise<unknown>>();
+  /** Latent-to-pixel maps for projection previews, per VAE and latent size, fitted on first use. */
+  private readonly projections = new Map<string, Promise<Projection>>();
   private stopping = false;
 
   constructor(
@@ -188,10 +192,10 @@ export class Scheduler {
     if (req.preview && req.preview.everySteps > 0) {
       if (!streaming) throw new InvalidArgumentError('preview: previews need a streaming request (GenerateStream, or "stream": true over HTTP); Generate returns the final images only', { field: 'preview' });
       const m = req.preview.method;
-      if (m !== PreviewMethod.PREVIEW_METHOD_UNSPECIFIED && m !== PreviewMethod.PREVIEW_METHOD_DECODER) {
+      if (m !== PreviewMethod.PREVIEW_METHOD_UNSPECIFIED && m !== PreviewMethod.PREVIEW_METHOD_DECODER && m !== PreviewMethod.PREVIEW_METHOD_PROJECTION) {
         throw new InvalidArgumentError(`preview.method: unknown value ${m}`, { field: 'preview.method' });
       }
-      preview = { every: req.preview.everySteps, method: 'decoder' };
+      preview = { every: req.preview.everySteps, method: m === PreviewMethod.PREVIEW_METHOD_PROJECTION ? 'projection' : 'decoder' };
     }
     const model = await this.catalog.get(req.model);
     const numClasses = model.denoiser.config?.numClasses ?? 0;
@@ -376,7 +380,7 @@ export class Scheduler {
     this.metrics.stepQueueSeconds.observe(labels, res.queueMs / 1000);
   }
 
-  /** Previews of a request: x0 predictions decoded by the model's decoder pool. */
+  /** Previews of a request: x0 predictions decoded by the model's decoder pool, or projected here. */
   private async previews(plan: Plan, opts: GenerateOptions, inPer: number): Promise<Previews> {
     const { model } = plan;
     const c = model.denoiser.config!;
@@ -384,13 +388,20 @@ export class Scheduler {
     const decoder = this.catalog.decoderClient(vae);
     const labels = { model: model.name, purpose: 'preview' };
     const side = c.inputSize * info.upsample;
-    return new Previews(plan.preview!, {
+    const sink = {
       model: model.name,
       numSteps: plan.numSteps,
       count: plan.labels.length,
       perSample: inPer,
       metrics: this.metrics,
-      emit: (preview) => opts.onEvent?.({ preview }),
+      emit: (preview: Preview) => opts.onEvent?.({ preview }),
+    };
+    if (plan.preview!.method === 'projection') {
+      const projection = await this.projection(plan, vae, opts);
+      return new Previews(plan.preview!, { ...sink, render: async (latent) => ({ png: projectToPng(projection, latent, c.inputSize), width: c.inputSize, height: c.inputSize }) });
+    }
+    return new Previews(plan.preview!, {
+      ...sink,
       render: async (latent) => {
         const started = performance.now();
         this.metrics.decodes.inc(labels);
@@ -403,6 +414,38 @@ export class Scheduler {
         return { png: res.png[0], width: side, height: side };
       },
     });
+  }
+
+  /**
+   * The latent-to-pixel map of a VAE at this latent size: fitted once (8 calibration decodes on the
+   * decoder pool, under the first request's signal), then shared; a failed fit is tried again later.
+   */
+  private projection(plan: Plan, vae: string, opts: GenerateOptions): Promise<Projection> {
+    const c = plan.model.denoiser.config!;
+    const key = `${vae}/${c.inChannels}x${c.inputSize}`;
+    let p = this.projections.get(key);
+    if (!p) {
+      const decoder = this.catalog.decoderClient(vae);
+      const count = 8;
+      const per = c.inChannels * c.inputSize * c.inputSize;
+      const latents = calibrationLatents(count, c.inChannels, c.inputSize);
+      const labels = { model: plan.model.name, purpose: 'calibration' };
+      p = Promise.all(
+        Array.from({ length: count }, async (_, i) => {
+          const started = performance.now();
+          this.metrics.decodes.inc(labels);
+          const res = await decoder.decode(
+            { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * per, (i + 1) * per)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
+            { signal: opts.signal, timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs), attemptTimeoutMs: this.config.decodeTimeoutMs },
+          );
+          this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
+          return res.png[0];
+        }),
+      ).then((pngs) => fitProjection(latents, c.inChannels, c.inputSize, pngs));
+      p.catch(() => this.projections.delete(key));
+      this.projections.set(key, p);
+    }
+    return p;
   }
 
   /** Refuses new requests and waits up to graceMs for those in flight. */

@@ -296,6 +296,28 @@ describe('server-sent events', () => {
     expect(plain.json().data.map((x: { b64_json: string }) => x.b64_json)).toEqual([byIndex.get(0), byIndex.get(1)]);
   });
 
+  it('projection previews: made by the scheduler at latent resolution, after one calibration of 8 decodes per VAE', async () => {
+    const calibrations = (): Promise<number> => metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'calibration' });
+    const previewDecodes = (): Promise<number> => metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' });
+    const before = { cal: await calibrations(), pre: await previewDecodes(), sent: await metric(p, 'ditpipe_previews_total', { method: 'projection', outcome: 'sent' }) };
+    const body = { model: DIT_NAME, prompt: 'five', n: 2, stream: true, ditpipe: { steps: 10, sampler: 'ddim', seed: 3, preview: { every_steps: 1, method: 'projection' } } };
+    const events = sse((await post(base, body)).text);
+    const previews = events.filter((e) => e.event === 'image_generation.partial_image');
+    // Nothing to wait for but the scheduler itself: every step but the last gets its previews.
+    expect(previews.map((e) => e.data.ditpipe.step)).toEqual([1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9]);
+    for (const e of previews) {
+      expect(e.data.ditpipe.method).toBe('projection');
+      expect(e.data.size).toBe('8x8');
+      const px = decodePng(Buffer.from(e.data.b64_json, 'base64'));
+      expect([px.width, px.height, px.channels]).toEqual([8, 8, 3]);
+    }
+    expect((await calibrations()) - before.cal).toBe(8);
+    expect(await previewDecodes()).toBe(before.pre); // no decoder call per preview
+    expect((await metric(p, 'ditpipe_previews_total', { method: 'projection', outcome: 'sent' })) - before.sent).toBe(18);
+    await post(base, body);
+    expect((await calibrations()) - before.cal).toBe(8); // fitted once
+  });
+
   it('a refused streaming request gets a plain HTTP error before any event', async () => {
     const res = await post(base, { model: DIT_NAME, prompt: 'Unicorn', stream: true });
     expect(res.status).toBe(400);

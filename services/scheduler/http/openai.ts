@@ -38,7 +38,7 @@ export const ditpipeExtension = z.strictObject({
   preview: z
     .strictObject({
       every_steps: z.number().int().min(0).max(1000),
-      method: z.enum(['decoder']).optional(),
+      method: z.enum(['decoder', 'projection']).optional(),
     })
     .optional(),
   timeout_ms: z.number().int().min(1).max(24 * 3600 * 1000).optional(),
@@ -99,7 +99,9 @@ export function toGenerateRequest(r: ImagesRequest, config: SchedulerConfig): { 
   const x = r.ditpipe ?? {};
   const stream = r.stream === true;
   const sampler = x.sampler === undefined ? SamplerKind.SAMPLER_KIND_UNSPECIFIED : SAMPLERS[x.sampler];
-  let preview = x.preview ? { everySteps: x.preview.every_steps, method: PreviewMethod.PREVIEW_METHOD_DECODER } : undefined;
+  let preview = x.preview
+    ? { everySteps: x.preview.every_steps, method: x.preview.method === 'projection' ? PreviewMethod.PREVIEW_METHOD_PROJECTION : PreviewMethod.PREVIEW_METHOD_DECODER }
+    : undefined;
   // OpenAI's streaming knob: that many previews, spread evenly over the steps.
   if (!preview && stream && r.partial_images) {
     const steps = typeof x.steps === 'number' ? x.steps : config.defaultSteps[x.sampler ?? 'ddpm'];
@@ -167,7 +169,7 @@ export function partialImageEvent(p: Preview, index: number): Record<string, unk
     output_format: 'png',
     background: 'opaque',
     quality: 'auto',
-    ditpipe: { image_index: p.sampleIndex, step: p.step, num_steps: p.numSteps, method: 'decoder' },
+    ditpipe: { image_index: p.sampleIndex, step: p.step, num_steps: p.numSteps, method: p.method === PreviewMethod.PREVIEW_METHOD_PROJECTION ? 'projection' : 'decoder' },
   };
 }
 

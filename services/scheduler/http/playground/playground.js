@@ -90,13 +90,14 @@
       cfg: Number($('cfg').value),
       seed: seed === '' ? undefined : seed,
       every: Number($('every').value) || 0,
+      method: $('method').value,
     };
   }
 
   function requestBody(s, stream) {
     const ditpipe = { sampler: s.sampler, steps: s.steps, cfg_scale: s.cfg };
     if (s.seed !== undefined) ditpipe.seed = s.seed;
-    if (stream && s.every > 0) ditpipe.preview = { every_steps: s.every };
+    if (stream && s.every > 0) ditpipe.preview = { every_steps: s.every, method: s.method };
     const body = { model: s.model, prompt: s.prompt, n: s.n, size: 'auto', response_format: 'b64_json' };
     if (stream) body.stream = true;
     body.ditpipe = ditpipe;
@@ -159,7 +160,7 @@
           t.img.src = `data:image/png;base64,${data.b64_json}`;
           t.tile.dataset.previews = String(Number(t.tile.dataset.previews) + 1);
           t.tile.dataset.step = String(data.ditpipe.step);
-          t.label.textContent = `preview, step ${data.ditpipe.step}/${data.ditpipe.num_steps}`;
+          t.label.textContent = `preview (${data.ditpipe.method}), step ${data.ditpipe.step}/${data.ditpipe.num_steps}`;
         } else if (event === 'image_generation.completed') {
           const t = tiles[data.ditpipe.image_index];
           t.img.src = `data:image/png;base64,${data.b64_json}`;

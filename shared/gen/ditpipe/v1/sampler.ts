@@ -143,6 +143,13 @@ export enum PreviewMethod {
    * images, counted in ditpipe_scheduler_decodes_total{purpose="preview"}.
    */
   PREVIEW_METHOD_DECODER = 1,
+  /**
+   * PREVIEW_METHOD_PROJECTION - A linear latent-to-pixel map applied by the scheduler itself, at the latent's
+   * resolution (e.g. 32×32 for a 256×256 model): no decoder call per preview. The map
+   * is fitted by least squares against the model's VAE once per scheduler process (a
+   * few decodes, counted as ditpipe_scheduler_decodes_total{purpose="calibration"}).
+   */
+  PREVIEW_METHOD_PROJECTION = 2,
   UNRECOGNIZED = -1,
 }
 
@@ -154,6 +161,9 @@ export function previewMethodFromJSON(object: any): PreviewMethod {
     case 1:
     case "PREVIEW_METHOD_DECODER":
       return PreviewMethod.PREVIEW_METHOD_DECODER;
+    case 2:
+    case "PREVIEW_METHOD_PROJECTION":
+      return PreviewMethod.PREVIEW_METHOD_PROJECTION;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -167,6 +177,8 @@ export function previewMethodToJSON(object: PreviewMethod): string {
       return "PREVIEW_METHOD_UNSPECIFIED";
     case PreviewMethod.PREVIEW_METHOD_DECODER:
       return "PREVIEW_METHOD_DECODER";
+    case PreviewMethod.PREVIEW_METHOD_PROJECTION:
+      return "PREVIEW_METHOD_PROJECTION";
     case PreviewMethod.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
