@@ -8,6 +8,7 @@ import { startDecoderService } from '../services/decoder/service.ts';
 import { compileDenoiserConfig } from '../services/denoiser/config.ts';
 import { startDenoiserService } from '../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../services/scheduler/config.ts';
+import { compileHttpConfig } from '../services/scheduler/http/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { SamplerApi } from '../shared/client.ts';
 import { SamplerKind } from '../shared/gen/ditpipe/v1/sampler.ts';
@@ -15,7 +16,7 @@ import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/met
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
 import { InProcBus } from '../shared/transport/inproc.ts';
 import type { Transport } from '../shared/transport/types.ts';
-import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import { addNatsOptions, addServiceOptions, httpPortOption, intArg, logger, natsFromFlags, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
 import { ensureDefaultModels } from './default-model.ts';
 import { generateToDir } from './generate.ts';
 
@@ -23,6 +24,7 @@ interface Flags extends NatsFlags {
   modelDir?: string;
   vaeDir?: string;
   grpcPort: number;
+  httpPort: number;
   host: string;
   metricsPort: number;
   shutdownGrace: number;
@@ -36,11 +38,12 @@ interface Flags extends NatsFlags {
 }
 
 export const command = addServiceOptions(addNatsOptions(new Command('start'), false), { metricsPort: 9464 })
-  .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC, and write a sample grid.')
+  .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC and the HTTP API with the playground, and write a sample grid.')
   .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)'))
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
   .addOption(new Option('--grpc-port <port>', 'gRPC port of the Sampler API (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
-  .addOption(new Option('--host <addr>', 'address to bind gRPC to').env('DITPIPE_HOST').default('127.0.0.1'))
+  .addOption(httpPortOption(8080))
+  .addOption(new Option('--host <addr>', 'address to bind gRPC and HTTP to').env('DITPIPE_HOST').default('127.0.0.1'))
   .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)))
   .option('--no-grid', 'do not write the sample grid at start')
   .addOption(new Option('--grid-out <dir>', 'where the sample grid goes').default('out/samples'))
@@ -76,10 +79,12 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
     const scheduler = await startSchedulerService(
       compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
       schedulerT,
-      { grpcPort: o.grpcPort, host: o.host, metrics: sm, queueSettings },
+      { grpcPort: o.grpcPort, host: o.host, metrics: sm, queueSettings, http: o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.host }), log } },
     );
     const address = `${o.host === '0.0.0.0' ? '127.0.0.1' : o.host}:${scheduler.grpc.port}`;
     log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `Sampler API on ${o.host}:${scheduler.grpc.port}`);
+    const playground = scheduler.http ? `${scheduler.http.url}/` : null;
+    if (playground) console.log(`playground: open ${playground} (OpenAI-compatible images API at ${scheduler.http!.url}/v1/images/generations)`);
 
     const parts = [
       { name: 'scheduler', stop: (g: number) => scheduler.stop(g) },
@@ -120,6 +125,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
       }
     }
     console.log(`serving ditpipe.v1.Sampler on ${address} — try: node bin/ditpipe.js generate --server ${address} --class ${dit.classNames?.[5] ?? 5} --num 4 --out ${join('out', 'generate')}`);
+    if (playground) console.log(`playground: open ${playground}`);
     await serveUntilSignal({
       log,
       parts,

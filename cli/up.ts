@@ -7,7 +7,7 @@ import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
 import { startNatsServer, type NatsServerHandle } from '../shared/transport/nats-server.ts';
-import { intArg } from './common.ts';
+import { httpPortOption, intArg } from './common.ts';
 import { ensureDefaultModels, ROOT } from './default-model.ts';
 
 interface Flags {
@@ -16,6 +16,7 @@ interface Flags {
   denoisers: number;
   decoders: number;
   grpcPort: number;
+  httpPort: number;
   natsPort: number;
   metricsPort: number;
   threads: number;
@@ -56,6 +57,7 @@ export const command = new Command('up')
   .addOption(new Option('--denoisers <n>', 'denoiser processes').default(2).argParser(intArg('--denoisers', 1, 256)))
   .addOption(new Option('--decoders <n>', 'decoder processes').default(1).argParser(intArg('--decoders', 1, 256)))
   .addOption(new Option('--grpc-port <port>', 'scheduler gRPC port').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
+  .addOption(httpPortOption(8080))
   .addOption(new Option('--nats-port <port>', 'nats-server port (0 = any free port)').default(4222).argParser(intArg('--nats-port', 0, 65535)))
   .addOption(new Option('--metrics-port <port>', 'first metrics port: scheduler, then each denoiser and decoder in turn (-1 = off)').default(9464).argParser(intArg('--metrics-port', -1, 65535)))
   .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per process (0 = all cores)').default(1).argParser(intArg('--threads', 0, 1024)))
@@ -88,8 +90,10 @@ export const command = new Command('up')
     }
     const scheduler = startChild('scheduler', [
       'scheduler', ...common, '--models', dit.name, '--vae', `${dit.name}=${dit.vae ?? vae.name}`, '--grpc-port', String(o.grpcPort), '--metrics-port', String(o.metricsPort),
+      '--http-port', String(o.httpPort),
     ]);
     process.stderr.write(`[up] scheduler gRPC on 127.0.0.1:${o.grpcPort}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s); Ctrl-C to stop\n`);
+    if (o.httpPort > 0) process.stderr.write(`[up] playground: open http://127.0.0.1:${o.httpPort}/ (OpenAI-compatible images API under /v1)\n`);
 
     let stopping = false;
     const stopAll = async (why: string): Promise<void> => {

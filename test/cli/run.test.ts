@@ -22,7 +22,7 @@ function run(args: string[], env: Record<string, string> = {}): { status: number
 describe('ditpipe start', () => {
   const { ditDir, vaeDir } = testModels();
   const args = (out: string): string[] => [
-    'start', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '0', '--metrics-port', '-1', '--grid-samples', '2', '--grid-steps', '4', '--grid-out', out, '--exit-after-grid',
+    'start', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '0', '--http-port', '0', '--metrics-port', '-1', '--grid-samples', '2', '--grid-steps', '4', '--grid-out', out, '--exit-after-grid',
   ];
 
   it('runs the pipeline in one process and writes a labelled grid', () => {
@@ -30,6 +30,8 @@ describe('ditpipe start', () => {
     const r = run(args(out), { NATS_URL: '' });
     expect(r.status, r.out).toBe(0);
     expect(r.out).toContain('in-process bus');
+    // npm start tells where the playground is (port 0 here: whichever port the server got).
+    expect(r.out).toMatch(/playground: open http:\/\/127\.0\.0\.1:[1-9]\d*\/ /);
     expect(r.out).toContain(`sample grid: ${join(out, 'grid.png')}`);
     expect(readdirSync(out).filter((f) => f.endsWith('.png'))).toHaveLength(21); // 10 classes × 2 + grid
     const grid = decodePng(readFileSync(join(out, 'grid.png')));
@@ -56,7 +58,7 @@ describe('ditpipe start', () => {
 describe('ditpipe up + generate', () => {
   it('starts a cluster of processes, serves generate, and stops in order on SIGINT', async () => {
     const { ditDir, vaeDir } = testModels();
-    const up = spawn(process.execPath, [BIN, 'up', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '50071', '--nats-port', '0', '--metrics-port', '-1', '--denoisers', '2'], {
+    const up = spawn(process.execPath, [BIN, 'up', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '50071', '--http-port', '-1', '--nats-port', '0', '--metrics-port', '-1', '--denoisers', '2'], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let log = '';

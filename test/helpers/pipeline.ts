@@ -5,6 +5,8 @@ import { startDecoderService } from '../../services/decoder/service.ts';
 import { compileDenoiserConfig, type DenoiserConfigInput } from '../../services/denoiser/config.ts';
 import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig, type SchedulerConfigInput } from '../../services/scheduler/config.ts';
+import { compileHttpConfig, type HttpConfigInput } from '../../services/scheduler/http/config.ts';
+import type { HttpApiOptions, RunningHttpApi } from '../../services/scheduler/http/server.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
 import { SamplerApi } from '../../shared/client.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DecoderMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
@@ -22,6 +24,8 @@ export interface PipelineOptions {
   decoders?: number;
   scheduler?: Partial<SchedulerConfigInput>;
   denoiser?: Partial<DenoiserConfigInput>;
+  /** Also serve the HTTP API (on a free loopback port unless the config says otherwise). */
+  http?: HttpConfigInput & Omit<HttpApiOptions, 'log'>;
 }
 
 export interface Pipeline {
@@ -31,6 +35,9 @@ export interface Pipeline {
   denoiserMetrics: DenoiserMetrics[];
   decoderMetrics: DecoderMetrics[];
   denoisers: RunningReplica[];
+  decoders: RunningReplica[];
+  /** The HTTP API, when asked for. */
+  http: RunningHttpApi | null;
   connect(name: string): Promise<Transport>;
   stop(): Promise<void>;
 }
@@ -65,7 +72,12 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const scheduler = await startSchedulerService(
     compileSchedulerConfig({ models: [DIT_NAME], vae: { [DIT_NAME]: VAE_NAME }, ...opts.scheduler }),
     await connect('scheduler'),
-    { grpcPort: 0, host: '127.0.0.1', metrics: sMetrics },
+    {
+      grpcPort: 0,
+      host: '127.0.0.1',
+      metrics: sMetrics,
+      http: opts.http ? { config: compileHttpConfig({ port: 0, host: '127.0.0.1', ...opts.http }), tls: opts.http.tls, authorize: opts.http.authorize } : null,
+    },
   );
   const address = `127.0.0.1:${scheduler.grpc.port}`;
   const api = new SamplerApi(address);
@@ -76,6 +88,8 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     denoiserMetrics: dMetrics,
     decoderMetrics: vMetrics,
     denoisers,
+    decoders,
+    http: scheduler.http,
     connect,
     async stop() {
       api.close();

@@ -11,7 +11,7 @@ import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../../services/scheduler/config.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
 import { SamplerApi } from '../../shared/client.ts';
-import { SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { PreviewMethod, SamplerKind, type GenerateEvent } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { GRAPH_REVISION, readDitModelDir, readVaeModelDir } from '../../shared/model/modeldir.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
@@ -78,5 +78,46 @@ describe('the committed Fashion-MNIST model', () => {
     const px = decodePng(a[0]);
     expect([px.width, px.height, px.channels]).toEqual([32, 32, 1]);
     expect(new Set(px.data).size).toBeGreaterThan(8);
+  });
+
+  it('projection previews resemble the image they lead to (near the end of sampling, averaged to latent pixels)', async () => {
+    const bus = new InProcBus();
+    const transports = ['denoiser', 'decoder', 'scheduler'].map((n) => bus.connect(n));
+    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: dirs.ditDir, intraOpThreads: 1 }), transports[0]);
+    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: dirs.vaeDir, intraOpThreads: 1 }), transports[1]);
+    const name = readDitModelDir(dirs.ditDir).meta.name;
+    const scheduler = await startSchedulerService(compileSchedulerConfig({ models: [name] }), transports[2], { grpcPort: 0, host: '127.0.0.1' });
+    try {
+      const events: GenerateEvent[] = [];
+      const res = await scheduler.scheduler.generate(
+        { model: name, classLabels: FASHION.map((n) => ({ name: n })), sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: 20, cfgScale: 4, seed: 1n, guidanceChannels: 0, outputFormat: 0, preview: { everySteps: 19, method: PreviewMethod.PREVIEW_METHOD_PROJECTION } },
+        { onEvent: (e) => events.push(e) },
+      );
+      const previews = events.filter((e) => e.preview).map((e) => e.preview!);
+      expect(previews).toHaveLength(10);
+      // Pearson correlation over all latent pixels of the 10 images: projection vs final image pooled 4×4.
+      const a: number[] = [];
+      const b: number[] = [];
+      for (const pv of previews) {
+        const img = decodePng(pv.png);
+        const fin = decodePng(res.images[pv.sampleIndex].png);
+        expect([img.width, img.height, img.channels]).toEqual([8, 8, 1]);
+        for (let i = 0; i < 64; i++) {
+          let m = 0;
+          for (let k = 0; k < 16; k++) m += fin.data[(Math.floor(i / 8) * 4 + Math.floor(k / 4)) * 32 + (i % 8) * 4 + (k % 4)];
+          a.push(img.data[i]);
+          b.push(m / 16);
+        }
+      }
+      const mean = (v: number[]): number => v.reduce((x, y) => x + y, 0) / v.length;
+      const [ma, mb] = [mean(a), mean(b)];
+      const cov = a.reduce((s, x, i) => s + (x - ma) * (b[i] - mb), 0);
+      const r = cov / Math.sqrt(a.reduce((s, x) => s + (x - ma) ** 2, 0) * b.reduce((s, y) => s + (y - mb) ** 2, 0));
+      expect(r).toBeGreaterThan(0.7); // 0.84 when written
+    } finally {
+      await scheduler.stop(1000);
+      await Promise.all([denoiser.stop(1000), decoder.stop(1000)]);
+      await Promise.all(transports.map((t) => t.close()));
+    }
   });
 });
