@@ -1,8 +1,10 @@
 // `ditpipe` command line: each area registers its own subcommands here.
 import { Command } from 'commander';
+import { VERSION } from '../shared/version.ts';
 
 const program = new Command('ditpipe')
   .description('Class-conditional DiT image generation as a distributed pipeline (scheduler, denoiser, decoder over NATS).')
+  .version(`ditpipe ${VERSION}`, '-V, --version', 'print the ditpipe version')
   .showHelpAfterError()
   .exitOverride();
 
