@@ -25,6 +25,7 @@ import {
   type Image,
   type Timings,
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { servedImageSize } from '../../shared/image/crop.ts';
 import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
 import type { Transport } from '../../shared/transport/types.ts';
@@ -245,7 +246,7 @@ export class Scheduler {
       throw err;
     }
     const queueMs = performance.now() - arrived;
-    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs } });
+    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs, cfgScale: plan.cfgScale } });
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
     const onRetry = (): void => this.metrics.retries.inc({ service: 'denoiser' });
@@ -331,8 +332,8 @@ export class Scheduler {
               onRetry: () => this.metrics.retries.inc({ service: 'decoder' }),
             },
           );
-          const side = c.inputSize * info.upsample;
-          images[i] = { ...base(i), png: res.png[0], width: side, height: side };
+          const size = servedImageSize(c.inputSize, info);
+          images[i] = { ...base(i), png: res.png[0], width: size.width, height: size.height };
           opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }) } });
         }),
       );

@@ -12,7 +12,8 @@ import type { RunningReplica } from '../../shared/server/replica.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import type { Transport } from '../../shared/transport/types.ts';
-import { DIT_NAME, testModels, VAE_NAME } from './models.ts';
+import { readModelDir } from '../../shared/model/modeldir.ts';
+import { testModels } from './models.ts';
 
 export type TransportKind = { kind: 'inproc'; bus?: InProcBus } | { kind: 'nats'; url: string };
 
@@ -22,6 +23,8 @@ export interface PipelineOptions {
   decoders?: number;
   scheduler?: Partial<SchedulerConfigInput>;
   denoiser?: Partial<DenoiserConfigInput>;
+  /** Model directories other than the default test models (names from their model.json). */
+  models?: { ditDir?: string; vaeDir?: string };
 }
 
 export interface Pipeline {
@@ -36,7 +39,10 @@ export interface Pipeline {
 }
 
 export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
-  const { ditDir, vaeDir } = testModels();
+  const ditDir = opts.models?.ditDir ?? testModels().ditDir;
+  const vaeDir = opts.models?.vaeDir ?? testModels().vaeDir;
+  const ditName = readModelDir(ditDir).meta.name;
+  const vaeName = readModelDir(vaeDir).meta.name;
   const bus = opts.transport.kind === 'inproc' ? (opts.transport.bus ?? new InProcBus()) : null;
   const url = opts.transport.kind === 'nats' ? opts.transport.url : '';
   const transports: Transport[] = [];
@@ -63,7 +69,7 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   }
   const sMetrics = schedulerMetrics();
   const scheduler = await startSchedulerService(
-    compileSchedulerConfig({ models: [DIT_NAME], vae: { [DIT_NAME]: VAE_NAME }, ...opts.scheduler }),
+    compileSchedulerConfig({ models: [ditName], vae: { [ditName]: vaeName }, ...opts.scheduler }),
     await connect('scheduler'),
     { grpcPort: 0, host: '127.0.0.1', metrics: sMetrics },
   );
