@@ -59,9 +59,9 @@ const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), tru
 
 const replicaOptions = (cmd: Command, grpcPort: number): Command =>
   addServiceOptions(addNatsOptions(cmd, true), { metricsPort: 9464 })
-    .requiredOption('--model-dir <dir>', 'model directory (model.json + model.onnx)')
-    .addOption(new Option('--name <name>', 'name to serve the model under (default: model.json name)'))
-    .addOption(new Option('--grpc-port <port>', 'gRPC port for health checks and direct calls (0 = any free port, -1 = off)').default(grpcPort).argParser(intArg('--grpc-port', -1, 65535)))
+    .addOption(new Option('--model-dir <dir>', 'model directory (model.json + model.onnx)').env('DITPIPE_MODEL_DIR').makeOptionMandatory())
+    .addOption(new Option('--name <name>', 'name to serve the model under (default: model.json name)').env('DITPIPE_NAME'))
+    .addOption(new Option('--grpc-port <port>', 'gRPC port for health checks and direct calls (0 = any free port, -1 = off)').env('DITPIPE_GRPC_PORT').default(grpcPort).argParser(intArg('--grpc-port', -1, 65535)))
     .addOption(new Option('--execution-provider <ep>', 'onnxruntime execution provider').choices(['cpu', 'cuda']).env('DITPIPE_EXECUTION_PROVIDER').default('cpu'))
     .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)));
 

@@ -51,17 +51,27 @@ function solve(a: number[][], b: number[]): number[] {
   return x;
 }
 
+/** How decoded images relate to latents: `upsample` pixels per latent pixel, then the VAE's output crop. */
+export interface Geometry {
+  upsample: number;
+  crop?: { top: number; right: number; bottom: number; left: number } | undefined;
+}
+
 /**
  * Least-squares fit of pooled image pixels against latent pixels. `latents` [n, C, h, w] as sampled;
- * `pngs` their decoded images (n PNGs of h·u × w·u, 1 or 3 channels).
+ * `pngs` their decoded images (n PNGs of h·u × w·u less the crop, 1 or 3 channels). A latent pixel
+ * is fitted to the mean of its footprint's pixels that survived the crop.
  */
-export function fitProjection(latents: Float32Array, channels: number, side: number, pngs: Uint8Array[]): Projection {
+export function fitProjection(latents: Float32Array, channels: number, side: number, pngs: Uint8Array[], geometry: Geometry): Projection {
   const n = pngs.length;
   const plane = side * side;
   const first = decodePng(pngs[0]);
   const out = first.channels;
-  const u = first.width / side;
-  if (!Number.isInteger(u) || u < 1 || first.height !== first.width) throw new RangeError(`decoded images of ${first.width}×${first.height} do not tile latents of ${side}×${side}`);
+  const u = geometry.upsample;
+  const crop = geometry.crop ?? { top: 0, right: 0, bottom: 0, left: 0 };
+  if (!Number.isInteger(u) || u < 1 || first.width !== side * u - crop.left - crop.right || first.height !== side * u - crop.top - crop.bottom) {
+    throw new RangeError(`decoded images of ${first.width}×${first.height} do not match latents of ${side}×${side} upsampled ${u}× and cropped`);
+  }
   const d = channels + 1;
   const ata = Array.from({ length: d }, () => new Array<number>(d).fill(0));
   const aty = Array.from({ length: out }, () => new Array<number>(d).fill(0));
@@ -74,13 +84,20 @@ export function fitProjection(latents: Float32Array, channels: number, side: num
         for (let c = 0; c < channels; c++) f[c] = latents[(s * channels + c) * plane + py * side + px];
         f[channels] = 1;
         const y = new Array<number>(out).fill(0);
+        let seen = 0;
         for (let dy = 0; dy < u; dy++) {
+          const iy = py * u + dy - crop.top;
+          if (iy < 0 || iy >= img.height) continue;
           for (let dx = 0; dx < u; dx++) {
-            const o = ((py * u + dy) * img.width + px * u + dx) * out;
+            const ix = px * u + dx - crop.left;
+            if (ix < 0 || ix >= img.width) continue;
+            const o = (iy * img.width + ix) * out;
             for (let k = 0; k < out; k++) y[k] += img.data[o + k];
+            seen++;
           }
         }
-        for (let k = 0; k < out; k++) y[k] /= u * u;
+        if (seen === 0) continue; // a latent pixel wholly cropped away
+        for (let k = 0; k < out; k++) y[k] /= seen;
         for (let i = 0; i < d; i++) {
           for (let j = 0; j < d; j++) ata[i][j] += f[i] * f[j];
           for (let k = 0; k < out; k++) aty[k][i] += f[i] * y[k];

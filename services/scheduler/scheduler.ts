@@ -16,7 +16,7 @@ import {
   toDitpipeError,
 } from '../../shared/errors.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
-import { ImageFormat } from '../../shared/gen/ditpipe/v1/decoder.ts';
+import { ImageFormat, type DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import {
   OutputFormat,
   PreviewMethod,
@@ -28,6 +28,7 @@ import {
   type Preview,
   type Timings,
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { servedImageSize } from '../../shared/image/crop.ts';
 import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
 import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
@@ -305,7 +306,7 @@ export class Scheduler {
       throw err;
     }
     const queueMs = performance.now() - arrived;
-    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs } });
+    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs, cfgScale: plan.cfgScale } });
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
     const denoiseStart = performance.now();
@@ -401,8 +402,8 @@ export class Scheduler {
             },
           );
           this.metrics.decodeSeconds.observe({ ...labels, purpose: 'final' }, (performance.now() - started) / 1000);
-          const side = c.inputSize * info.upsample;
-          images[i] = { ...base(i), png: res.png[0], width: side, height: side };
+          const size = servedImageSize(c.inputSize, info);
+          images[i] = { ...base(i), png: res.png[0], width: size.width, height: size.height };
           opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }) } });
         }),
       );
@@ -427,7 +428,7 @@ export class Scheduler {
     const { vae, info } = await this.catalog.decoderFor(model);
     const decoder = this.catalog.decoderClient(vae);
     const labels = { model: model.name, purpose: 'preview' };
-    const side = c.inputSize * info.upsample;
+    const size = servedImageSize(c.inputSize, info);
     const sink = {
       model: model.name,
       numSteps: plan.numSteps,
@@ -437,7 +438,7 @@ export class Scheduler {
       emit: (preview: Preview) => opts.onEvent?.({ preview }),
     };
     if (plan.preview!.method === 'projection') {
-      const projection = await this.projection(plan, vae, opts);
+      const projection = await this.projection(plan, vae, info, opts);
       return new Previews(plan.preview!, { ...sink, render: async (latent) => ({ png: projectToPng(projection, latent, c.inputSize), width: c.inputSize, height: c.inputSize }) });
     }
     return new Previews(plan.preview!, {
@@ -451,7 +452,7 @@ export class Scheduler {
           { signal: opts.signal, retries: 0, timeoutMs: Math.min(this.config.decodeTimeoutMs, this.callBudget(opts, this.config.decodeTimeoutMs)) },
         );
         this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
-        return { png: res.png[0], width: side, height: side };
+        return { png: res.png[0], width: size.width, height: size.height };
       },
     });
   }
@@ -460,7 +461,7 @@ export class Scheduler {
    * The latent-to-pixel map of a VAE at this latent size: fitted once (8 calibration decodes on the
    * decoder pool, under the first request's signal), then shared; a failed fit is tried again later.
    */
-  private projection(plan: Plan, vae: string, opts: GenerateOptions): Promise<Projection> {
+  private projection(plan: Plan, vae: string, info: DecoderInfo, opts: GenerateOptions): Promise<Projection> {
     const c = plan.model.denoiser.config!;
     const key = `${vae}/${c.inChannels}x${c.inputSize}`;
     let p = this.projections.get(key);
@@ -481,7 +482,7 @@ export class Scheduler {
           this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
           return res.png[0];
         }),
-      ).then((pngs) => fitProjection(latents, c.inChannels, c.inputSize, pngs));
+      ).then((pngs) => fitProjection(latents, c.inChannels, c.inputSize, pngs, { upsample: info.upsample, crop: info.outputCrop }));
       p.catch(() => this.projections.delete(key));
       this.projections.set(key, p);
     }

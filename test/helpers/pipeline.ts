@@ -14,7 +14,8 @@ import type { RunningReplica } from '../../shared/server/replica.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import type { Transport } from '../../shared/transport/types.ts';
-import { DIT_NAME, testModels, VAE_NAME } from './models.ts';
+import { readModelDir } from '../../shared/model/modeldir.ts';
+import { testModels } from './models.ts';
 
 export type TransportKind = { kind: 'inproc'; bus?: InProcBus } | { kind: 'nats'; url: string };
 
@@ -26,6 +27,8 @@ export interface PipelineOptions {
   denoiser?: Partial<DenoiserConfigInput>;
   /** Also serve the HTTP API (on a free loopback port unless the config says otherwise). */
   http?: HttpConfigInput & Omit<HttpApiOptions, 'log'>;
+  /** Model directories other than the default test models (names from their model.json). */
+  models?: { ditDir?: string; vaeDir?: string };
 }
 
 export interface Pipeline {
@@ -43,7 +46,10 @@ export interface Pipeline {
 }
 
 export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
-  const { ditDir, vaeDir } = testModels();
+  const ditDir = opts.models?.ditDir ?? testModels().ditDir;
+  const vaeDir = opts.models?.vaeDir ?? testModels().vaeDir;
+  const ditName = readModelDir(ditDir).meta.name;
+  const vaeName = readModelDir(vaeDir).meta.name;
   const bus = opts.transport.kind === 'inproc' ? (opts.transport.bus ?? new InProcBus()) : null;
   const url = opts.transport.kind === 'nats' ? opts.transport.url : '';
   const transports: Transport[] = [];
@@ -70,7 +76,7 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   }
   const sMetrics = schedulerMetrics();
   const scheduler = await startSchedulerService(
-    compileSchedulerConfig({ models: [DIT_NAME], vae: { [DIT_NAME]: VAE_NAME }, ...opts.scheduler }),
+    compileSchedulerConfig({ models: [ditName], vae: { [ditName]: vaeName }, ...opts.scheduler }),
     await connect('scheduler'),
     {
       grpcPort: 0,

@@ -33,7 +33,7 @@ describe('preview projection', () => {
       }
       return encodePixels({ width: w, height: w, channels: 3, data });
     });
-    const p = fitProjection(latents, channels, side, pngs);
+    const p = fitProjection(latents, channels, side, pngs, { upsample: u });
     expect(p.outChannels).toBe(3);
     expect(p.samples).toBe(n * plane);
     for (let k = 0; k < 3; k++) {
@@ -48,6 +48,29 @@ describe('preview projection', () => {
       const x = (i % side) * u;
       for (let k = 0; k < 3; k++) expect(Math.abs(img.data[i * 3 + k] - ref.data[(y * side * u + x) * 3 + k])).toBeLessThanOrEqual(1);
     }
+  });
+
+  it('fits through a VAE output crop (Fashion-MNIST: 32×32 decoded, 2 px cut from each edge)', () => {
+    const channels = 1;
+    const side = 4;
+    const u = 8;
+    const crop = { top: 2, right: 2, bottom: 2, left: 2 };
+    const latents = calibrationLatents(6, channels, side);
+    const pngs = Array.from({ length: 6 }, (_, s) => {
+      const w = side * u - 4;
+      const data = new Uint8Array(w * w);
+      for (let y = 0; y < w; y++) {
+        for (let x = 0; x < w; x++) {
+          const i = Math.floor((y + crop.top) / u) * side + Math.floor((x + crop.left) / u);
+          data[y * w + x] = Math.round(100 + 20 * latents[s * side * side + i]);
+        }
+      }
+      return encodePixels({ width: w, height: w, channels: 1, data });
+    });
+    expect(() => fitProjection(latents, channels, side, pngs, { upsample: u })).toThrow(RangeError);
+    const p = fitProjection(latents, channels, side, pngs, { upsample: u, crop });
+    expect(Math.abs(p.coef[0][0] - 20)).toBeLessThan(0.3);
+    expect(Math.abs(p.coef[0][1] - 100)).toBeLessThan(0.5);
   });
 
   it('clamps to 0..255 and draws the same calibration latents every time', () => {

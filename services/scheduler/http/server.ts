@@ -15,6 +15,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { NotFoundError, PayloadTooLargeError, toDitpipeError } from '../../../shared/errors.ts';
+import { servedImageSize } from '../../../shared/image/crop.ts';
 import type { GenerateEvent } from '../../../shared/gen/ditpipe/v1/sampler.ts';
 import type { Scheduler } from '../scheduler.ts';
 import { ClusterView } from './cluster.ts';
@@ -129,9 +130,10 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
     if (size == null || size === 'auto' || modelName === '') return;
     const model = await scheduler.catalog.get(modelName);
     const { info } = await scheduler.catalog.decoderFor(model);
-    const side = (model.denoiser.config?.inputSize ?? 0) * info.upsample;
-    if (size !== `${side}x${side}`) {
-      throw badRequest(`size: model "${model.name}" makes ${side}x${side} images; ask for "${side}x${side}" or "auto", got "${size}"`, 'size');
+    const served = servedImageSize(model.denoiser.config?.inputSize ?? 0, info);
+    const side = `${served.width}x${served.height}`;
+    if (size !== side) {
+      throw badRequest(`size: model "${model.name}" makes ${side} images; ask for "${side}" or "auto", got "${size}"`, 'size');
     }
   }
 

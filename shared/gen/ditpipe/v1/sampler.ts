@@ -327,6 +327,8 @@ export interface Accepted {
   numSteps: number;
   /** Time spent waiting for admission, in milliseconds. */
   queueMs: number;
+  /** The guidance scale used (the requested one, or the scheduler's default). */
+  cfgScale: number;
 }
 
 /** Every sample of the request has finished reverse step `step` of `num_steps`. */
@@ -396,7 +398,10 @@ export interface ModelInfo {
   gflops: number;
   /** Denoiser replicas currently answering for this model. */
   replicas: number;
-  /** Generated image size in pixels (width and height). */
+  /**
+   * Generated image size in pixels (width and height): the VAE's output for the DiT's
+   * latent size, less the VAE's output crop (Fashion-MNIST: 32 decoded, 28 served).
+   */
   imageSize: number;
   /** Image channels produced by the VAE (3 RGB, 1 grayscale). */
   imageChannels: number;
@@ -1473,7 +1478,7 @@ export const GenerateEvent: MessageFns<GenerateEvent> = {
 };
 
 function createBaseAccepted(): Accepted {
-  return { requestId: "", model: "", seed: 0n, numImages: 0, numSteps: 0, queueMs: 0 };
+  return { requestId: "", model: "", seed: 0n, numImages: 0, numSteps: 0, queueMs: 0, cfgScale: 0 };
 }
 
 export const Accepted: MessageFns<Accepted> = {
@@ -1498,6 +1503,9 @@ export const Accepted: MessageFns<Accepted> = {
     }
     if (message.queueMs !== 0) {
       writer.uint32(49).double(message.queueMs);
+    }
+    if (message.cfgScale !== 0) {
+      writer.uint32(57).double(message.cfgScale);
     }
     return writer;
   },
@@ -1563,6 +1571,14 @@ export const Accepted: MessageFns<Accepted> = {
             message.queueMs = reader.double();
             continue;
           }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.cfgScale = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1599,6 +1615,11 @@ export const Accepted: MessageFns<Accepted> = {
         : isSet(object.queue_ms)
         ? globalThis.Number(object.queue_ms)
         : 0,
+      cfgScale: isSet(object.cfgScale)
+        ? globalThis.Number(object.cfgScale)
+        : isSet(object.cfg_scale)
+        ? globalThis.Number(object.cfg_scale)
+        : 0,
     };
   },
 
@@ -1622,6 +1643,9 @@ export const Accepted: MessageFns<Accepted> = {
     if (message.queueMs !== 0) {
       obj.queueMs = floatToJson(message.queueMs);
     }
+    if (message.cfgScale !== 0) {
+      obj.cfgScale = floatToJson(message.cfgScale);
+    }
     return obj;
   },
 
@@ -1636,6 +1660,7 @@ export const Accepted: MessageFns<Accepted> = {
     message.numImages = object.numImages ?? 0;
     message.numSteps = object.numSteps ?? 0;
     message.queueMs = object.queueMs ?? 0;
+    message.cfgScale = object.cfgScale ?? 0;
     return message;
   },
 };
