@@ -4,11 +4,11 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { SingleBar } from 'cli-progress';
 import { Command, Option } from 'commander';
-import { SamplerApi } from '../shared/client.ts';
+import { checkAddress, SamplerApi } from '../shared/client.ts';
 import { GuidanceChannels } from '../shared/gen/ditpipe/v1/common.ts';
-import { SamplerKind, type ClassLabel, type GenerateRequest, type Image } from '../shared/gen/ditpipe/v1/sampler.ts';
+import { SamplerKind, type ClassLabel, type GenerateEvent, type GenerateRequest, type Image } from '../shared/gen/ditpipe/v1/sampler.ts';
 import { labelledGrid } from '../shared/image/grid.ts';
-import { intArg, numberArg } from './common.ts';
+import { addGrpcClientOptions, clientOptionsFromFlags, intArg, numberArg, type GrpcClientFlags } from './common.ts';
 
 export const SAMPLER_FLAGS: Record<string, SamplerKind> = {
   ddpm: SamplerKind.SAMPLER_KIND_DDPM,
@@ -30,7 +30,8 @@ function fileSafe(s: string): string {
 }
 
 export interface GenerateToDirOptions {
-  api: SamplerApi;
+  /** The events of a request: a SamplerApi's generateStream, or a Scheduler's in-process. */
+  stream: (req: Partial<GenerateRequest>, opts: { timeoutMs?: number }) => AsyncIterable<GenerateEvent>;
   request: Partial<GenerateRequest>;
   out: string;
   timeoutMs?: number;
@@ -44,7 +45,7 @@ export interface GenerateToDirOptions {
 export async function generateToDir(o: GenerateToDirOptions): Promise<{ images: Image[]; grid: string; seed: bigint }> {
   const images: Image[] = [];
   let seed = 0n;
-  for await (const ev of o.api.generateStream(o.request, { timeoutMs: o.timeoutMs })) {
+  for await (const ev of o.stream(o.request, { timeoutMs: o.timeoutMs })) {
     if (ev.accepted) seed = ev.accepted.seed;
     if (ev.progress) o.onProgress?.(ev.progress.step, ev.progress.numSteps);
     if (ev.image?.image) images.push(ev.image.image);
@@ -65,9 +66,8 @@ export async function generateToDir(o: GenerateToDirOptions): Promise<{ images: 
   return { images, grid, seed };
 }
 
-interface Flags {
+interface Flags extends GrpcClientFlags {
   server: string;
-  tls?: boolean;
   model?: string;
   class: ClassLabel[];
   num: number;
@@ -81,10 +81,11 @@ interface Flags {
   timeout: number;
 }
 
-export const command = new Command('generate')
-  .description('Generate images from a running ditpipe scheduler and write PNGs plus a labelled grid.')
-  .addOption(new Option('--server <host:port>', 'scheduler gRPC address').env('DITPIPE_SERVER').default('127.0.0.1:50051'))
-  .option('--tls', 'use TLS to the server')
+export const command = addGrpcClientOptions(
+  new Command('generate')
+    .description('Generate images from a running ditpipe scheduler and write PNGs plus a labelled grid.')
+    .addOption(new Option('--server <host:port>', 'scheduler gRPC address').env('DITPIPE_SERVER').default('127.0.0.1:50051').argParser((v) => checkAddress(v, '--server'))),
+)
   .addOption(new Option('--model <name>', 'model name (default: the first model the server lists)'))
   .addOption(new Option('--class <labels>', 'classes by index or name, comma-separated, e.g. "3,Sandal"').makeOptionMandatory().argParser(parseClasses))
   .addOption(new Option('--num <n>', 'images per class').default(1).argParser(intArg('--num', 1, 1024)))
@@ -100,7 +101,7 @@ export const command = new Command('generate')
   .addOption(new Option('--out <dir>', 'output directory').default('out/generate'))
   .addOption(new Option('--timeout <ms>', 'request deadline').default(600_000).argParser(intArg('--timeout', 1)))
   .action(async (o: Flags) => {
-    const api = new SamplerApi(o.server, { tls: o.tls });
+    const api = new SamplerApi(o.server, clientOptionsFromFlags(o));
     try {
       const model = o.model ?? (await api.listModels({ timeoutMs: 10_000 }))[0]?.name;
       if (!model) throw new Error(`the server at ${o.server} serves no model yet`);
@@ -108,7 +109,7 @@ export const command = new Command('generate')
       const bar = new SingleBar({ format: 'sampling [{bar}] step {value}/{total} | {duration}s', hideCursor: true, noTTYOutput: true, notTTYSchedule: 2000, stream: process.stderr });
       let started = false;
       const res = await generateToDir({
-        api,
+        stream: (req, opts) => api.generateStream(req, opts),
         out: o.out,
         timeoutMs: o.timeout,
         title: `${model} · ${o.sampler}`,

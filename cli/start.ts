@@ -9,24 +9,34 @@ import { compileDenoiserConfig } from '../services/denoiser/config.ts';
 import { startDenoiserService } from '../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../services/scheduler/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
-import { SamplerApi } from '../shared/client.ts';
+import { request, SamplerApi } from '../shared/client.ts';
 import { SamplerKind } from '../shared/gen/ditpipe/v1/sampler.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
 import { InProcBus } from '../shared/transport/inproc.ts';
 import type { Transport } from '../shared/transport/types.ts';
-import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import {
+  addGrpcServerOptions,
+  addNatsOptions,
+  addServiceOptions,
+  exitOnUnhandled,
+  grpcServerFromFlags,
+  intArg,
+  listenGrpc,
+  logger,
+  natsFromFlags,
+  serveUntilSignal,
+  tokensFromFlags,
+  type GrpcServerFlags,
+  type NatsFlags,
+  type ServiceFlags,
+} from './common.ts';
 import { ensureDefaultModels } from './default-model.ts';
 import { generateToDir } from './generate.ts';
 
-interface Flags extends NatsFlags {
+interface Flags extends NatsFlags, ServiceFlags, GrpcServerFlags {
   modelDir?: string;
   vaeDir?: string;
-  grpcPort: number;
-  host: string;
-  metricsPort: number;
-  shutdownGrace: number;
-  logLevel: string;
   threads: number;
   grid: boolean;
   gridOut: string;
@@ -35,12 +45,13 @@ interface Flags extends NatsFlags {
   exitAfterGrid?: boolean;
 }
 
-export const command = addServiceOptions(addNatsOptions(new Command('start'), false), { metricsPort: 9464 })
+export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Command('start'), false), { metricsPort: 9464 }), {
+  port: 50051,
+  portHelp: 'gRPC port of the Sampler API (0 = any free port)',
+})
   .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC, and write a sample grid.')
   .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)'))
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
-  .addOption(new Option('--grpc-port <port>', 'gRPC port of the Sampler API (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
-  .addOption(new Option('--host <addr>', 'address to bind gRPC to').env('DITPIPE_HOST').default('127.0.0.1'))
   .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)))
   .option('--no-grid', 'do not write the sample grid at start')
   .addOption(new Option('--grid-out <dir>', 'where the sample grid goes').default('out/samples'))
@@ -48,7 +59,9 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
   .addOption(new Option('--grid-steps <n>', 'DDIM steps for the grid').default(50).argParser(intArg('--grid-steps', 1, 1000)))
   .option('--exit-after-grid', 'stop once the grid is written (smoke tests)')
   .action(async (o: Flags) => {
-    const log = logger('ditpipe', o.logLevel);
+    const log = logger('ditpipe', o);
+    exitOnUnhandled(log);
+    const grpc = grpcServerFromFlags(o, log);
     let ditDir = o.modelDir;
     let vaeDir = o.vaeDir;
     if (!ditDir || !vaeDir) {
@@ -61,7 +74,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
 
     const bus = o.natsUrl ? null : new InProcBus({ maxPayload: 8 * 1024 * 1024 });
     const connect = (name: string): Promise<Transport> =>
-      bus ? Promise.resolve(bus.connect(name)) : natsFromFlags({ ...o, natsUrl: o.natsUrl as string }, `ditpipe-${name}`);
+      bus ? Promise.resolve(bus.connect(name)) : natsFromFlags({ ...o, natsUrl: o.natsUrl as string }, `ditpipe-${name}`, log);
     log.info(bus ? 'transport: in-process bus (set NATS_URL to use NATS)' : `transport: NATS at ${o.natsUrl}`);
 
     const dm = denoiserMetrics();
@@ -72,18 +85,21 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
     const schedulerT = await connect('scheduler');
     const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, { metrics: dm });
     const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, { metrics: vm });
-    const scheduler = await startSchedulerService(
+    const scheduler = startSchedulerService(
       compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
       schedulerT,
-      { grpcPort: o.grpcPort, host: o.host, metrics: sm },
+      { grpc, metrics: sm, log },
     );
-    const address = `${o.host === '0.0.0.0' ? '127.0.0.1' : o.host}:${scheduler.grpc.port}`;
-    log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `Sampler API on ${o.host}:${scheduler.grpc.port}`);
+    await listenGrpc(grpc, log, 'Sampler API');
+    log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `serving ${dit.name} (VAE ${vae.name})`);
+    // Where a client on this machine reaches the server: a wildcard bind is reachable on loopback.
+    const address = `${grpc.host === '0.0.0.0' ? '127.0.0.1' : grpc.host === '::' ? '[::1]' : grpc.host.includes(':') ? `[${grpc.host}]` : grpc.host}:${grpc.port}`;
 
     const parts = [
       { name: 'scheduler', stop: (g: number) => scheduler.stop(g) },
       { name: 'denoiser', stop: (g: number) => denoiser.stop(g) },
       { name: 'decoder', stop: (g: number) => decoder.stop(g) },
+      { name: 'gRPC', stop: () => grpc.stop(1_000) },
     ];
     const closeAll = async (): Promise<void> => {
       for (const p of parts) await p.stop(o.shutdownGrace);
@@ -96,11 +112,13 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
       const labels = Array.from({ length: shown }, (_, c) => Array.from({ length: o.gridSamples }, () => ({ index: c }))).flat();
       const out = resolve(o.gridOut);
       log.info(`sampling a grid: ${shown} classes × ${o.gridSamples} samples, DDIM ${o.gridSteps} steps, cfg 4`);
-      const api = new SamplerApi(address);
+      // Through the gRPC API as any client would, unless TLS or tokens guard it (this process holds
+      // no client credentials then): in-process through the scheduler.
+      const api = o.tlsCert || tokensFromFlags(o) ? null : new SamplerApi(address);
       try {
         const started = Date.now();
         const res = await generateToDir({
-          api,
+          stream: api ? (req, opts) => api.generateStream(req, opts) : (req) => scheduler.scheduler.generateEvents(request(req)),
           out,
           title: `${dit.name}: DDIM ${o.gridSteps} steps, cfg 4, seed 0`,
           request: { model: dit.name, classLabels: labels, sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: o.gridSteps, cfgScale: 4, seed: 0n },
@@ -111,7 +129,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
         log.info(`wrote ${res.images.length} samples in ${((Date.now() - started) / 1000).toFixed(1)} s`);
         console.log(`sample grid: ${res.grid}`);
       } finally {
-        api.close();
+        api?.close();
       }
       if (o.exitAfterGrid) {
         await closeAll();
@@ -125,6 +143,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
       transports: [denoiserT, decoderT, schedulerT],
       registries: [sm.registry, dm.registry, vm.registry],
       metricsPort: o.metricsPort,
+      metricsHost: o.metricsHost,
       graceMs: o.shutdownGrace,
     });
   });

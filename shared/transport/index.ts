@@ -10,7 +10,6 @@
 //   nats.ts    connectNats(opts), natsTransport(nc), serveOnNats(nc, def, impl, opts), natsClient(nc, def, opts)
 //   inproc.ts  new InProcBus({ maxPayload }), bus.connect(name) → Transport
 //   rpc.ts     subject scheme, wire headers, shared serve/client logic (Bus interface)
-//   grpc.ts    addHealthAndReflection(server, serviceNames), SERVICE_NAMES
 import { InProcBus } from './inproc.ts';
 import { connectNats, type NatsConnectOptions, natsTransport } from './nats.ts';
 import type { Transport } from './types.ts';
@@ -19,7 +18,6 @@ export * from './types.ts';
 export { connectNats, NatsBus, natsClient, natsTransport, serveOnNats, type NatsConnectOptions } from './nats.ts';
 export { InProcBus, type InProcBusOptions } from './inproc.ts';
 export { collectSubject, DEFAULT_PREFIX, methodSubject } from './rpc.ts';
-export { addHealthAndReflection, SERVICE_NAMES } from './grpc.ts';
 
 export type OpenTransportOptions =
   | { nats: NatsConnectOptions }

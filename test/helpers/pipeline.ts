@@ -6,7 +6,9 @@ import { compileDenoiserConfig, type DenoiserConfigInput } from '../../services/
 import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig, type SchedulerConfigInput } from '../../services/scheduler/config.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
-import { SamplerApi } from '../../shared/client.ts';
+import { SamplerApi, type SamplerApiOptions } from '../../shared/client.ts';
+import type { Logger } from '../../shared/log.ts';
+import { GrpcServer, type GrpcServerOptions } from '../../shared/server/grpc.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DecoderMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
 import type { RunningReplica } from '../../shared/server/replica.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
@@ -22,11 +24,17 @@ export interface PipelineOptions {
   decoders?: number;
   scheduler?: Partial<SchedulerConfigInput>;
   denoiser?: Partial<DenoiserConfigInput>;
+  /** The scheduler's gRPC server (TLS, tokens, ...); host and port default to 127.0.0.1:0. */
+  grpc?: Partial<GrpcServerOptions>;
+  /** How `api` connects (TLS, token). */
+  client?: SamplerApiOptions;
+  log?: Logger;
 }
 
 export interface Pipeline {
   api: SamplerApi;
   address: string;
+  grpc: GrpcServer;
   schedulerMetrics: SchedulerMetrics;
   denoiserMetrics: DenoiserMetrics[];
   decoderMetrics: DecoderMetrics[];
@@ -62,16 +70,19 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     decoders.push(await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), await connect(`decoder-${i}`), { metrics: m }));
   }
   const sMetrics = schedulerMetrics();
-  const scheduler = await startSchedulerService(
+  const grpc = new GrpcServer({ host: '127.0.0.1', port: 0, ...opts.grpc });
+  const scheduler = startSchedulerService(
     compileSchedulerConfig({ models: [DIT_NAME], vae: { [DIT_NAME]: VAE_NAME }, ...opts.scheduler }),
     await connect('scheduler'),
-    { grpcPort: 0, host: '127.0.0.1', metrics: sMetrics },
+    { grpc, metrics: sMetrics, log: opts.log },
   );
-  const address = `127.0.0.1:${scheduler.grpc.port}`;
-  const api = new SamplerApi(address);
+  await grpc.listen();
+  const address = grpc.address;
+  const api = new SamplerApi(address, opts.client);
   return {
     api,
     address,
+    grpc,
     schedulerMetrics: sMetrics,
     denoiserMetrics: dMetrics,
     decoderMetrics: vMetrics,
@@ -80,6 +91,7 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     async stop() {
       api.close();
       await scheduler.stop(2_000);
+      await grpc.stop(1_000);
       await Promise.all([...denoisers, ...decoders].map((r) => r.stop(2_000)));
       await Promise.all(transports.map((t) => t.close({ graceMs: 1_000 })));
     },
