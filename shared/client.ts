@@ -88,7 +88,8 @@ export function connectionHint(details: string, address: string, tls: boolean): 
   if (!tls && /Protocol error|Connection dropped|ECONNRESET|Received RST_STREAM|EPROTO/i.test(details)) {
     return `the server at ${address} may require TLS: add --tls (and --tls-ca)`;
   }
-  return `is a server listening on ${address}? try npm start (or ditpipe up)`;
+  // A TLS server drops a plaintext client just as silently as a closed port refuses it.
+  return `is a server listening on ${address}? try npm start (or ditpipe up)${tls ? '' : '; if it serves TLS, add --tls (and --tls-ca)'}`;
 }
 
 export class SamplerApi {
