@@ -41,6 +41,7 @@ export async function startDecoderService(
     grpc: opts.grpc,
     maxRequestBytes: maxDecodeRequestBytes(decoder),
     dead: () => decoder.dead,
+    onDead: (fn) => decoder.onDead(fn),
     close: () => decoder.close(),
   });
   return { ...replica, decoder };

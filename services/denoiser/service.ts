@@ -42,6 +42,7 @@ export async function startDenoiserService(
     grpc: opts.grpc,
     maxRequestBytes: maxDenoiseRequestBytes(denoiser),
     dead: () => denoiser.dead,
+    onDead: (fn) => denoiser.onDead(fn),
     close: () => denoiser.close(),
   });
   return { ...replica, denoiser };

@@ -16,6 +16,8 @@ export interface SessionOptions {
   executionProvider?: ExecutionProvider;
   /** onnxruntime intra-op threads; 0 lets onnxruntime choose (all cores). */
   intraOpThreads?: number;
+  /** Module the worker thread runs (speaks shared/runtime/protocol.ts); default ./ort-worker.ts. */
+  workerModule?: URL;
 }
 
 export class SessionError extends Error {
@@ -101,7 +103,7 @@ export class WorkerSession {
         modelPath,
         executionProvider,
         intraOpThreads: opts.intraOpThreads ?? 0,
-        __module: new URL('./ort-worker.ts', import.meta.url).href,
+        __module: (opts.workerModule ?? new URL('./ort-worker.ts', import.meta.url)).href,
       },
     });
     const first = await new Promise<WorkerMessage>((resolve, reject) => {

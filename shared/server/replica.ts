@@ -32,6 +32,8 @@ export interface ReplicaSpec<D extends ServiceDefinition> {
   maxRequestBytes?: number;
   /** True once the replica can never serve again (e.g. its inference worker died). */
   dead?: () => boolean;
+  /** Registers a callback for the moment it dies: the replica then stops taking calls at once. */
+  onDead?: (fn: () => void) => void;
   close: () => Promise<void>;
 }
 
@@ -46,6 +48,12 @@ export async function mountReplica<D extends ServiceDefinition>(transport: Trans
   });
   let stopped: Promise<void> | null = null;
   let serving = true;
+  // A dead replica takes no more calls (they would fail), so retries land on the others.
+  spec.onDead?.(() => {
+    serving = false;
+    grpc?.setServing(false, [spec.definition.fullName]);
+    void server.stop(0);
+  });
   const sync = grpc
     ? setInterval(() => {
         const live = server.live && !spec.dead?.();

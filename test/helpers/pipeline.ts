@@ -3,6 +3,7 @@
 import { compileDecoderConfig } from '../../services/decoder/config.ts';
 import { startDecoderService } from '../../services/decoder/service.ts';
 import { compileDenoiserConfig, type DenoiserConfigInput } from '../../services/denoiser/config.ts';
+import type { Denoiser } from '../../services/denoiser/denoiser.ts';
 import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig, type SchedulerConfigInput } from '../../services/scheduler/config.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
@@ -26,6 +27,8 @@ export interface PipelineOptions {
   denoiser?: Partial<DenoiserConfigInput>;
   /** The scheduler's gRPC server (TLS, tokens, ...); host and port default to 127.0.0.1:0. */
   grpc?: Partial<GrpcServerOptions>;
+  /** Give each denoiser a gRPC server on 127.0.0.1:0 (health probes, direct calls). */
+  denoiserGrpc?: boolean;
   /** How `api` connects (TLS, token). */
   client?: SamplerApiOptions;
   log?: Logger;
@@ -38,7 +41,9 @@ export interface Pipeline {
   schedulerMetrics: SchedulerMetrics;
   denoiserMetrics: DenoiserMetrics[];
   decoderMetrics: DecoderMetrics[];
-  denoisers: RunningReplica[];
+  denoisers: Array<RunningReplica & { denoiser: Denoiser }>;
+  /** The denoisers' gRPC servers, with denoiserGrpc. */
+  denoiserGrpc: GrpcServer[];
   connect(name: string): Promise<Transport>;
   stop(): Promise<void>;
 }
@@ -54,13 +59,19 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     return t;
   };
   const dMetrics: DenoiserMetrics[] = [];
-  const denoisers: RunningReplica[] = [];
+  const denoisers: Array<RunningReplica & { denoiser: Denoiser }> = [];
+  const denoiserGrpc: GrpcServer[] = [];
   for (let i = 0; i < (opts.denoisers ?? 1); i++) {
     const m = denoiserMetrics();
     dMetrics.push(m);
+    const grpc = opts.denoiserGrpc ? new GrpcServer({ host: '127.0.0.1', port: 0 }) : null;
     denoisers.push(
-      await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1, ...opts.denoiser }), await connect(`denoiser-${i}`), { metrics: m }),
+      await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1, ...opts.denoiser }), await connect(`denoiser-${i}`), { metrics: m, grpc }),
     );
+    if (grpc) {
+      await grpc.listen();
+      denoiserGrpc.push(grpc);
+    }
   }
   const decoders: RunningReplica[] = [];
   const vMetrics: DecoderMetrics[] = [];
@@ -87,12 +98,14 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     denoiserMetrics: dMetrics,
     decoderMetrics: vMetrics,
     denoisers,
+    denoiserGrpc,
     connect,
     async stop() {
       api.close();
       await scheduler.stop(2_000);
       await grpc.stop(1_000);
       await Promise.all([...denoisers, ...decoders].map((r) => r.stop(2_000)));
+      await Promise.all(denoiserGrpc.map((g) => g.stop(500)));
       await Promise.all(transports.map((t) => t.close({ graceMs: 1_000 })));
     },
   };
