@@ -190,6 +190,12 @@ export class Scheduler {
     }
   }
 
+  /** Counts and logs a request refused before it reached generate() (e.g. by the gRPC layer). */
+  refused(e: DitpipeError, model = ''): void {
+    this.metrics.rejected.inc({ reason: codeName(e.code).toLowerCase() });
+    this.logFailure(e, model);
+  }
+
   /** Logs a failed request (code, field), rate-limited per kind so a storm stays readable. */
   private logFailure(e: DitpipeError, model: string): void {
     const code = codeName(e.code);

@@ -111,7 +111,11 @@ export function addSamplerService(server: GrpcServer, scheduler: Scheduler): voi
   const countLabels = (bytes: Buffer): void => {
     // Counting is a skip per label; decoding would build an object per label first.
     const n = countField(bytes, 2);
-    if (n > max) throw new InvalidArgumentError(`class_labels asks for ${n} images; at most ${max} per request`, { field: 'class_labels' });
+    if (n > max) {
+      const e = new InvalidArgumentError(`class_labels asks for ${n} images; at most ${max} per request`, { field: 'class_labels' });
+      scheduler.refused(e);
+      throw e;
+    }
   };
   server.addService({
     fullName: SERVICE_NAMES.sampler,
