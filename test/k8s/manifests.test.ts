@@ -590,10 +590,15 @@ describe('k8s manifests', () => {
     den.args = [...(den.args ?? []), '--model-directory', '/x'];
     den.env = [...(den.env ?? []), { name: 'DITPIPE_EXECUTION_PROVIDERS', value: 'cpu' }];
     den.readinessProbe!.grpc!.port = 50051;
+    // TLS without a Secret behind it, and a scheduler bound to loopback inside its pod.
+    const sch = podSpec(docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-scheduler')!)!.containers[0];
+    sch.env = [...(sch.env ?? []).filter((e) => e.name !== 'DITPIPE_TLS_KEY'), { name: 'DITPIPE_TLS_KEY', value: '/tmp/tls.key' }, { name: 'DITPIPE_HOST', value: '127.0.0.1' }];
     const problems = (await checkSet('mutated', docs)).join('\n');
+    expect(problems).toMatch(/--tls-key \/tmp\/tls\.key is not on a mounted Secret/);
+    expect(problems).toMatch(/ditpipe-scheduler container scheduler: --host is 127\.0\.0\.1/);
     expect(problems).toMatch(/has no flag --model-directory/);
     expect(problems).toMatch(/reads no environment variable DITPIPE_EXECUTION_PROVIDERS/);
-    expect(problems).toMatch(/readinessProbe probes port 50051, gRPC is on 50052/);
+    expect(problems).toMatch(/readinessProbe probes port 50051, health answers in plaintext on 50052/);
   });
 });
 
