@@ -19,6 +19,8 @@ export interface LoggerOptions {
   format?: LogFormat;
   /** File descriptor logs go to (default 2, stderr). */
   fd?: number;
+  /** A stream to write to instead of `fd` (tests); its `isTTY` decides `auto`. */
+  stream?: NodeJS.WritableStream & { isTTY?: boolean };
 }
 
 /** Whether `format` comes out pretty for a stream whose TTY-ness is `isTTY`. */
@@ -28,13 +30,14 @@ export function prettyFor(format: LogFormat, isTTY: boolean): boolean {
 
 export function createLogger(name: string, opts: LoggerOptions = {}): Logger {
   const fd = opts.fd ?? 2;
-  const isTTY = fd === 2 ? Boolean(process.stderr.isTTY) : fd === 1 ? Boolean(process.stdout.isTTY) : false;
+  const isTTY = opts.stream ? Boolean(opts.stream.isTTY) : fd === 2 ? Boolean(process.stderr.isTTY) : fd === 1 ? Boolean(process.stdout.isTTY) : false;
   const level = opts.level ?? 'info';
   if (prettyFor(opts.format ?? 'auto', isTTY)) {
     // Synchronous, so lines come out in order and nothing is lost when the process exits right after.
-    return pino({ name, level }, pretty({ destination: fd, sync: true, colorize: isTTY, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname' }));
+    const destination = opts.stream ?? fd;
+    return pino({ name, level }, pretty({ destination, sync: true, colorize: isTTY, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname' }));
   }
-  return pino({ name, level }, pino.destination({ fd, sync: true }));
+  return pino({ name, level }, opts.stream ?? pino.destination({ fd, sync: true }));
 }
 
 /** A logger that drops everything (library code logs through one when its caller gave none). */
