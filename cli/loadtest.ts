@@ -6,6 +6,7 @@ import { Command, Option } from 'commander';
 import { CampaignError, loadCampaign } from '../loadtest/campaign.ts';
 import { textSummary, writeReport } from '../loadtest/report.ts';
 import { LoadtestError, runCampaign } from '../loadtest/runner.ts';
+import { checkAddress } from '../shared/client.ts';
 import { clientOptionsFromFlags } from './common.ts';
 
 export const EXIT_SLO_MISSED = 2;
@@ -24,7 +25,13 @@ const run = new Command('run')
     let campaign;
     try {
       campaign = loadCampaign(file);
-      if (o.target) campaign.target.address = o.target;
+      if (o.target) {
+        try {
+          campaign.target.address = checkAddress(o.target, '--target');
+        } catch (err) {
+          throw new CampaignError((err as Error).message);
+        }
+      }
     } catch (err) {
       if (err instanceof CampaignError) {
         console.error(err.message);
