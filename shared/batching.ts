@@ -52,6 +52,7 @@ export class Batcher<J, R> {
   private queued = 0;
   private lastPassEnd = -Infinity;
   private lastPassRows = 0;
+  private lastPassJobs = 0;
   private source: WorkSource | null = null;
   /** A take() of the source is in progress. */
   private taking = false;
@@ -103,10 +104,16 @@ export class Batcher<J, R> {
         await new Promise<void>((resolve) => this.passEnded.push(resolve));
         continue;
       }
-      const waitMs = this.queue.length === 0 ? IDLE_PULL_MS : Math.max(0, this.startAt() - performance.now());
+      // Right after a pass, its jobs' next steps are on their way back: wait (up to maxWait) for as
+      // many in one pull. Otherwise an idle replica waits for the next job, and a busy one for what
+      // its oldest job may still wait.
+      const now = performance.now();
+      const cohort = now - this.lastPassEnd < this.opts.maxWaitMs ? this.lastPassJobs - this.queue.length : 0;
+      const waitMs =
+        cohort > 0 ? Math.max(0, this.lastPassEnd + this.opts.maxWaitMs - now) : this.queue.length === 0 ? IDLE_PULL_MS : Math.max(0, this.startAt() - now);
       this.taking = true;
       try {
-        this.pending = await source.take(() => this.opts.maxRows - this.queued, waitMs);
+        this.pending = await source.take(() => this.opts.maxRows - this.queued, waitMs, Math.max(1, cohort));
       } catch {
         this.pending = -1; // the source reports its own errors; try again after a pause
         await new Promise((r) => setTimeout(r, 100));
@@ -206,6 +213,7 @@ export class Batcher<J, R> {
         this.running = false;
         this.lastPassEnd = performance.now();
         this.lastPassRows = rows;
+        this.lastPassJobs = batch.length;
         const waiters = this.passEnded;
         this.passEnded = [];
         for (const w of waiters) w();

@@ -7,15 +7,8 @@ export function f32Tensor(shape: readonly number[], data: Float32Array): Tensor 
   return { shape: [...shape], dtype: DType.DTYPE_FLOAT32, data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
 }
 
-/**
- * Reads a float32 tensor from a request; `field` names it in errors. `expect` pins dimensions
- * (null = any positive size). Returns a Float32Array that owns its memory (copied when unaligned).
- */
-export function readF32Tensor(
-  t: Tensor | undefined,
-  field: string,
-  expect: readonly (number | null)[],
-): { shape: number[]; data: Float32Array } {
+/** Checks a float32 tensor's dtype, shape and byte count; `field` names it in errors. */
+function checkF32(t: Tensor | undefined, field: string, expect: readonly (number | null)[]): { tensor: Tensor; shape: number[]; n: number } {
   if (!t) throw new InvalidArgumentError(`${field} is required`, { field });
   if (t.dtype !== DType.DTYPE_FLOAT32) {
     throw new InvalidArgumentError(`${field}.dtype must be DTYPE_FLOAT32, got ${DType[t.dtype] ?? t.dtype}`, { field: `${field}.dtype` });
@@ -31,7 +24,27 @@ export function readF32Tensor(
       field: `${field}.data`,
     });
   }
+  return { tensor: t, shape, n };
+}
+
+/** Checks a float32 tensor like readF32Tensor and copies its values into `dst` at element `offset` (one copy, no allocation). */
+export function copyF32TensorInto(t: Tensor | undefined, field: string, expect: readonly (number | null)[], dst: Float32Array, offset: number): void {
+  const { tensor, n } = checkF32(t, field, expect);
+  if (offset + n > dst.length) throw new InvalidArgumentError(`${field} has ${n} values; only ${dst.length - offset} fit`, { field });
+  new Uint8Array(dst.buffer, dst.byteOffset + offset * 4, n * 4).set(tensor.data);
+}
+
+/**
+ * Reads a float32 tensor from a request; `field` names it in errors. `expect` pins dimensions
+ * (null = any positive size). Returns a Float32Array that owns its memory (copied when unaligned).
+ */
+export function readF32Tensor(
+  t: Tensor | undefined,
+  field: string,
+  expect: readonly (number | null)[],
+): { shape: number[]; data: Float32Array } {
+  const { tensor, shape, n } = checkF32(t, field, expect);
   const data = new Float32Array(n);
-  new Uint8Array(data.buffer).set(t.data);
+  new Uint8Array(data.buffer).set(tensor.data);
   return { shape, data };
 }

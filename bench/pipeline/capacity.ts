@@ -6,8 +6,12 @@
 //
 //   node --import tsx bench/pipeline/capacity.ts [--denoisers 16] [--concurrency 256] [--steps 50]
 //     [--simulate 0+0] [--input-size 8,32] [--warmup 3] [--seconds 10] [--cfg 4] [--cpu-prof DIR]
+//     [--variants pull,push] [--baseline 9258ea3] [--reps 1]
 //
 // --cpu-prof DIR: V8 CPU profiles of the scheduler and of the first denoiser, top self-time functions in the JSON.
+// --variants: which dispatch runs, in turns for each input size and repetition: "pull" is this tree,
+// "push" the ditpipe of --baseline (default 9258ea3, the last commit that pushed steps through NATS
+// queue groups), checked out into $TMPDIR.
 //
 // The simulated model's model.json is a DiT-S/2 built at each input size (simulate never loads the
 // ONNX). Prints one JSON object on stdout.
@@ -16,7 +20,7 @@ import { basename, join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { SamplerApi } from '../../shared/client.ts';
 import { OutputFormat, SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
-import { benchModel, log, machine, metric, round, startCluster } from './cluster.ts';
+import { baselineTree, benchModel, log, machine, metric, PULL, round, startCluster, type Variant } from './cluster.ts';
 
 export interface CapacityOptions {
   denoisers: number;
@@ -29,6 +33,17 @@ export interface CapacityOptions {
   cfg: number;
   /** Write a V8 CPU profile of the scheduler process into this folder. */
   cpuProf?: string;
+  variants: Variant[];
+  reps: number;
+}
+
+/** "pull" is this tree; "push" the baseline revision. */
+export function variantsFrom(list: string, baseline: string): Variant[] {
+  return list.split(',').map((v) => {
+    if (v === 'pull') return PULL;
+    if (v === 'push') return baselineTree(baseline, 'push');
+    throw new Error(`--variants: expected pull and/or push, got "${v}"`);
+  });
 }
 
 const TICK_S = 0.01; // /proc/<pid>/stat times are in clock ticks; USER_HZ is 100 on Linux
@@ -45,10 +60,11 @@ function cpuSeconds(pid: number | undefined): [number, number] {
   }
 }
 
-async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<string, unknown>> {
+async function runOne(o: CapacityOptions, inputSize: number, variant: Variant): Promise<Record<string, unknown>> {
   const { dir: modelDir, name: model } = benchModel('DiT-S/2', inputSize);
-  log(`capacity: ${o.denoisers} denoisers --simulate ${o.simulate}, latent 4x${inputSize}x${inputSize}, ${o.concurrency} requests in flight, ${o.steps} steps each`);
+  log(`capacity (${variant.name}): ${o.denoisers} denoisers --simulate ${o.simulate}, latent 4x${inputSize}x${inputSize}, ${o.concurrency} requests in flight, ${o.steps} steps each`);
   const cluster = await startCluster({
+    variant,
     modelDir,
     model,
     denoisers: o.denoisers,
@@ -116,6 +132,7 @@ async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<str
     const cpuShare = Object.fromEntries(Object.keys(c0).map((k) => [k, round(busy(k), 2)]));
     const sysShare = Object.fromEntries(Object.keys(c0).map((k) => [k, round((c1[k][1] - c0[k][1]) / seconds, 2)]));
     const res = {
+      variant: variant.name,
       latent: `4x${inputSize}x${inputSize}`,
       steps_per_s: Math.round(stepsPerS),
       target: 5000,
@@ -125,6 +142,9 @@ async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<str
       mean_request_latency_s: requests > 0 ? round(latency, 3) : null,
       scheduler_us_cpu_per_step: round(((busy('scheduler') * seconds) / steps) * 1e6, 1),
       denoisers_us_cpu_per_step: round(((busy('denoisers') * seconds) / steps) * 1e6, 1),
+      nats_us_cpu_per_step: round(((busy('nats') * seconds) / steps) * 1e6, 1),
+      // The transport's own cost: everything but the client (the simulated denoisers compute nothing).
+      total_us_cpu_per_step: round((((busy('scheduler') + busy('denoisers') + busy('nats')) * seconds) / steps) * 1e6, 1),
       // Cores each part kept busy during the window (1.0 = one core); the machine has machine().nproc.
       cpu_cores_busy: cpuShare,
       // Of which in the kernel (system time).
@@ -133,7 +153,7 @@ async function runOne(o: CapacityOptions, inputSize: number): Promise<Record<str
       requests_failed: failed,
       ...(firstError ? { first_error: firstError } : {}),
     };
-    log(`capacity: ${res.steps_per_s} steps/s (scheduler ${res.scheduler_us_cpu_per_step} µs CPU/step; cores busy ${JSON.stringify(cpuShare)})`);
+    log(`capacity (${variant.name}): ${res.steps_per_s} steps/s (µs CPU/step: scheduler ${res.scheduler_us_cpu_per_step}, denoisers ${res.denoisers_us_cpu_per_step}, nats ${res.nats_us_cpu_per_step}; cores busy ${JSON.stringify(cpuShare)})`);
     return res;
   } finally {
     stop = true;
@@ -174,12 +194,16 @@ export function profileTop(dir: string, top = 20): { file: string; functions: Ar
 export async function runCapacity(o: CapacityOptions): Promise<Record<string, unknown>> {
   const cases: Array<Record<string, unknown>> = [];
   for (const size of o.inputSizes) {
-    const c = await runOne(o, size);
-    if (o.cpuProf) {
-      c.scheduler_profile = profileTop(join(o.cpuProf, `scheduler-${size}`));
-      c.denoiser0_profile = profileTop(join(o.cpuProf, `denoiser-${size}`));
+    for (let rep = 0; rep < o.reps; rep++) {
+      for (const variant of o.variants) {
+        const c = await runOne(o, size, variant);
+        if (o.cpuProf) {
+          c.scheduler_profile = profileTop(join(o.cpuProf, `scheduler-${size}`));
+          c.denoiser0_profile = profileTop(join(o.cpuProf, `denoiser-${size}`));
+        }
+        cases.push({ rep, ...c });
+      }
     }
-    cases.push(c);
   }
   return {
     bench: 'capacity',
@@ -207,6 +231,9 @@ export function capacityOptions(argv: string[]): CapacityOptions {
       seconds: { type: 'string', default: '10' },
       cfg: { type: 'string', default: '4' },
       'cpu-prof': { type: 'string' },
+      variants: { type: 'string', default: 'pull' },
+      baseline: { type: 'string', default: '9258ea3' },
+      reps: { type: 'string', default: '1' },
     },
   });
   return {
@@ -219,6 +246,8 @@ export function capacityOptions(argv: string[]): CapacityOptions {
     seconds: Number(values.seconds),
     cfg: Number(values.cfg),
     cpuProf: values['cpu-prof'],
+    variants: variantsFrom(values.variants, values.baseline),
+    reps: Number(values.reps),
   };
 }
 

@@ -1,8 +1,12 @@
 // Plumbing for the pipeline benchmarks: a real nats-server plus `ditpipe scheduler|denoiser`
 // processes (each its own Node process, as deployed), readiness from their logs, /metrics scraping,
 // model directories built once into a cache folder, and wall-clock helpers.
+//
+// A cluster can run this tree's services or those of another git revision (`baselineTree`), so a
+// benchmark can take the dispatch of an earlier ditpipe (push through NATS queue groups, before
+// 2026-12-02) and today's (pull from JetStream work queues) in turns in one run.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import { cpus, freemem, loadavg, tmpdir, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { GRAPH_REVISION } from '../../shared/model/modeldir.ts';
@@ -10,6 +14,34 @@ import { startNatsServer, type NatsServerHandle } from '../../test/helpers/nats.
 
 export const ROOT = resolve(import.meta.dirname, '../..');
 const BIN = join(ROOT, 'bin/ditpipe.js');
+
+/** The services a cluster runs: a ditpipe tree, and the flags its commands need beyond the common ones. */
+export interface Variant {
+  /** "pull" (this tree) or the label of a baseline. */
+  name: string;
+  root: string;
+  schedulerArgs: string[];
+}
+
+/** This tree: pull dispatch. The HTTP API is off so clusters side by side do not compete for its port. */
+export const PULL: Variant = { name: 'pull', root: ROOT, schedulerArgs: ['--http-port', '-1'] };
+
+/**
+ * Another git revision of ditpipe as a variant (e.g. the last commit with push dispatch), checked
+ * out once into $TMPDIR as a detached worktree that shares this tree's node_modules.
+ */
+export function baselineTree(ref: string, name: string): Variant {
+  const sha = spawnSync('git', ['rev-parse', '--verify', `${ref}^{commit}`], { cwd: ROOT, encoding: 'utf8' }).stdout.trim();
+  if (!/^[0-9a-f]{40}$/.test(sha)) throw new Error(`--baseline ${ref}: not a commit of this repository (needs its git history)`);
+  const dir = join(tmpdir(), `ditpipe-baseline-${sha.slice(0, 12)}`);
+  if (!existsSync(join(dir, 'bin/ditpipe.js'))) {
+    log(`checking out ${ref} (${sha.slice(0, 12)}) into ${dir} as the "${name}" variant`);
+    const r = spawnSync('git', ['worktree', 'add', '--force', '--detach', dir, sha], { cwd: ROOT, stdio: ['ignore', 'ignore', 'inherit'] });
+    if (r.status !== 0) throw new Error(`git worktree add ${dir} ${sha} failed`);
+  }
+  if (!existsSync(join(dir, 'node_modules'))) symlinkSync(join(ROOT, 'node_modules'), join(dir, 'node_modules'));
+  return { name, root: dir, schedulerArgs: [] };
+}
 /** Keyed by the compiler's graph revision: a benchmark never runs graphs an older compiler wrote. */
 export const CACHE = join(tmpdir(), `ditpipe-bench-models-${process.getuid?.() ?? 0}-rev${GRAPH_REVISION}`);
 
@@ -71,10 +103,15 @@ export function metric(m: Metrics, name: string): number {
  * Starts `ditpipe <kind> ...args` and resolves once it logged its metrics endpoint (the last
  * thing a service does before it is ready). `nodeArgs` go to node (e.g. `--cpu-prof`).
  */
-export async function startService(kind: 'scheduler' | 'denoiser' | 'decoder', args: string[], opts: { nodeArgs?: string[]; cwd?: string } = {}): Promise<ServiceProcess> {
-  const proc = spawn(process.execPath, [...(opts.nodeArgs ?? []), BIN, kind, '--metrics-port', '0', '--log-level', 'info', ...args], {
+export async function startService(
+  kind: 'scheduler' | 'denoiser' | 'decoder',
+  args: string[],
+  opts: { nodeArgs?: string[]; cwd?: string; variant?: Variant } = {},
+): Promise<ServiceProcess> {
+  const root = opts.variant?.root ?? ROOT;
+  const proc = spawn(process.execPath, [...(opts.nodeArgs ?? []), join(root, 'bin/ditpipe.js'), kind, '--metrics-port', '0', '--log-level', 'info', ...args], {
     stdio: ['ignore', 'ignore', 'pipe'],
-    cwd: opts.cwd ?? ROOT,
+    cwd: opts.cwd ?? root,
   });
   let logText = '';
   let grpcPort = -1;
@@ -83,9 +120,9 @@ export async function startService(kind: 'scheduler' | 'denoiser' | 'decoder', a
     const timer = setTimeout(() => rej(new Error(`${kind} not ready within 120 s:\n${logText}`)), 120_000);
     proc.stderr?.on('data', (chunk: Buffer) => {
       logText = (logText + chunk.toString()).slice(-20_000);
-      const api = /"port":(\d+),"models"/.exec(logText);
+      const api = /"msg":"Sampler API on [^"]*:(\d+)/.exec(logText);
       if (api) grpcPort = Number(api[1]);
-      const m = /"port":(\d+)[^\n]*"msg":"metrics on/.exec(logText);
+      const m = /"msg":"metrics on http:\/\/[^"]*:(\d+)\/metrics/.exec(logText);
       if (m) {
         clearTimeout(timer);
         res(Number(m[1]));
@@ -138,6 +175,10 @@ export interface ClusterOptions {
   schedulerNodeArgs?: string[];
   /** Node flags for the first denoiser only (e.g. --cpu-prof). */
   firstDenoiserNodeArgs?: string[];
+  /** Per-denoiser extra flags (index i gets perDenoiserArgs[i]), e.g. a slower --simulate for some. */
+  perDenoiserArgs?: string[][];
+  /** Which ditpipe runs (default: this tree). */
+  variant?: Variant;
 }
 
 /** nats-server + denoisers + one scheduler, each its own process; no decoder (raw-latent output). */
@@ -150,8 +191,9 @@ export async function startCluster(o: ClusterOptions): Promise<Cluster> {
     for (let i = 0; i < o.denoisers; i += 4) {
       const batch = await Promise.all(
         Array.from({ length: Math.min(4, o.denoisers - i) }, (_, k) =>
-          startService('denoiser', ['--nats-url', nats.url, '--model-dir', o.modelDir, '--name', o.model, '--grpc-port', '-1', ...(o.denoiserArgs ?? [])], {
+          startService('denoiser', ['--nats-url', nats.url, '--model-dir', o.modelDir, '--name', o.model, '--grpc-port', '-1', ...(o.denoiserArgs ?? []), ...(o.perDenoiserArgs?.[i + k] ?? [])], {
             nodeArgs: i + k === 0 ? o.firstDenoiserNodeArgs : undefined,
+            variant: o.variant,
           }),
         ),
       );
@@ -160,8 +202,8 @@ export async function startCluster(o: ClusterOptions): Promise<Cluster> {
     }
     const scheduler = await startService(
       'scheduler',
-      ['--nats-url', nats.url, '--models', o.model, '--grpc-port', '0', '--host', '127.0.0.1', ...(o.schedulerArgs ?? [])],
-      { nodeArgs: o.schedulerNodeArgs },
+      ['--nats-url', nats.url, '--models', o.model, '--grpc-port', '0', '--host', '127.0.0.1', ...(o.variant ?? PULL).schedulerArgs, ...(o.schedulerArgs ?? [])],
+      { nodeArgs: o.schedulerNodeArgs, variant: o.variant },
     );
     started.push(scheduler);
     return {

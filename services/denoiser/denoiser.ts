@@ -17,11 +17,20 @@ import type { DenoiserConfig } from './config.ts';
 
 interface StepJob {
   n: number;
+  /** Answer the C mean channels only (see DenoiseRequest.omit_variance). */
+  omitVariance: boolean;
   x: Float32Array;
   t: bigint[];
   y: number[];
   scale: number;
   channels: 3 | 'all';
+}
+
+/** The first `meanRow` values of each of `n` rows of `rowSize` (the mean channels of a learned-sigma output). */
+function meanChannels(out: Float32Array, n: number, rowSize: number, meanRow: number): Float32Array {
+  const mean = new Float32Array(n * meanRow);
+  for (let i = 0; i < n; i++) mean.set(out.subarray(i * rowSize, i * rowSize + meanRow), i * meanRow);
+  return mean;
 }
 
 export class Denoiser {
@@ -109,8 +118,9 @@ export class Denoiser {
       this.metrics.queueSeconds.observe(labels, done.queueMs / 1000);
       this.metrics.stepSeconds.observe(labels, (performance.now() - started) / 1000);
       const c = this.meta.config;
+      const channels = job.omitVariance ? c.in_channels : this.outChannels;
       return {
-        out: f32Tensor([job.n, this.outChannels, c.input_size, c.input_size], done.result.out),
+        out: f32Tensor([job.n, channels, c.input_size, c.input_size], done.result.out),
         batchRows: done.batchRows,
         queueMs: done.queueMs,
         forwardMs: done.result.forwardMs,
@@ -142,7 +152,7 @@ export class Denoiser {
     if (g !== GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED && g !== GuidanceChannels.GUIDANCE_CHANNELS_THREE && g !== GuidanceChannels.GUIDANCE_CHANNELS_ALL) {
       throw new InvalidArgumentError(`guidance_channels: unknown value ${g}`, { field: 'guidance_channels' });
     }
-    return { n, x: data, t: req.t, y: req.y, scale, channels: g === GuidanceChannels.GUIDANCE_CHANNELS_ALL ? 'all' : 3 };
+    return { n, x: data, t: req.t, y: req.y, scale, omitVariance: req.omitVariance, channels: g === GuidanceChannels.GUIDANCE_CHANNELS_ALL ? 'all' : 3 };
   }
 
   /** One forward pass over the rows of several steps: [cond rows; uncond rows] per guided step. */
@@ -199,7 +209,7 @@ export class Denoiser {
         scale: j.scale,
         channels: j.channels,
       }, new Float32Array(j.n * outRow));
-      return { out: guided, forwardMs };
+      return { out: j.omitVariance && this.outChannels !== c.in_channels ? meanChannels(guided, j.n, outRow, c.in_channels * this.plane) : guided, forwardMs };
     });
   }
 

@@ -23,6 +23,7 @@ export function maxDenoiseRequestBytes(d: Denoiser): number {
     cfgScale: Number.MAX_VALUE,
     guidanceChannels: GuidanceChannels.GUIDANCE_CHANNELS_ALL,
     requestId: 'x'.repeat(128),
+    omitVariance: true,
     stepIndex: 0xffffffff,
   }).finish().byteLength;
 }

@@ -37,7 +37,7 @@ import {
 import { servedImageSize } from '../../shared/image/crop.ts';
 import { RateLimitedLog, silentLogger, type Logger } from '../../shared/log.ts';
 import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
-import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
+import { copyF32TensorInto, f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
 import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
 import { queueSettings } from '../../shared/transport/work.ts';
 import { DecoderDefinition } from '../../shared/gen/ditpipe/v1/decoder.ts';
@@ -386,7 +386,8 @@ export class Scheduler {
         numSteps: plan.numSteps,
         shape: [c.inChannels, c.inputSize, c.inputSize],
         count: n,
-        learnSigma: c.learnSigma,
+        // Only DDPM reads the learned variance; the others take the mean channels alone (see omitVariance).
+        learnSigma: c.learnSigma && plan.sampler === 'ddpm',
         seed: plan.seed,
         eta: plan.eta,
       });
@@ -399,7 +400,8 @@ export class Scheduler {
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
     const denoiseStart = performance.now();
-    const outChannels = c.learnSigma ? 2 * c.inChannels : c.inChannels;
+    const omitVariance = c.learnSigma && plan.sampler !== 'ddpm';
+    const outChannels = c.learnSigma && !omitVariance ? 2 * c.inChannels : c.inChannels;
     const inPer = c.inChannels * c.inputSize * c.inputSize;
     const outPer = outChannels * c.inputSize * c.inputSize;
     // A step of many samples is split into calls that fit one replica's row budget (guidance rows
@@ -429,6 +431,7 @@ export class Scheduler {
                 guidanceChannels: plan.guidance,
                 requestId: plan.id,
                 stepIndex: step.step,
+                omitVariance,
               },
               {
                 signal: opts.signal,
@@ -438,7 +441,7 @@ export class Scheduler {
             )
             .then((res) => {
               this.observeStep(labels, res);
-              modelOut.set(readF32Tensor(res.out, 'out', [b - a, outChannels, c.inputSize, c.inputSize]).data, a * outPer);
+              copyF32TensorInto(res.out, 'out', [b - a, outChannels, c.inputSize, c.inputSize], modelOut, a * outPer);
             }),
         );
       }

@@ -71,8 +71,14 @@ import type { Transport } from './types.ts';
 const NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024;
 /** How long a stored-message acknowledgement may take before the message counts as not stored. */
 const PUBACK_TIMEOUT_MS = 5_000;
-/** A pull the server does not end within its expiry plus this is taken as lost. */
+/** A long pull the server does not end within its expiry plus this is taken as lost (e.g. the server restarted). */
 const PULL_GUARD_MS = 2_000;
+/**
+ * A short pull (a wait for the next pass's company) ends on our side this long after its expiry
+ * even without the server's 408: nats-server 2.9 now and then sends none for a pull of a few ms.
+ */
+const SHORT_PULL_MS = 500;
+const SHORT_PULL_GRACE_MS = 10;
 const ACK = new TextEncoder().encode('+ACK');
 const WORKING = new TextEncoder().encode('+WPI');
 const NAK = new TextEncoder().encode('-NAK');
@@ -585,7 +591,8 @@ class NatsPuller implements Puller {
     const token = String(++this.seq);
     const body = waitMs > 0 ? { batch, expires: nanos(waitMs) } : { batch, no_wait: true };
     return new Promise<PullEnd>((resolve) => {
-      const guard = setTimeout(() => this.end(token, true), waitMs + PULL_GUARD_MS);
+      const short = waitMs < SHORT_PULL_MS;
+      const guard = setTimeout(() => this.end(token, !short), waitMs + (short ? SHORT_PULL_GRACE_MS : PULL_GUARD_MS));
       this.current = { token, batch, delivered: 0, pending: 0, resolve, guard };
       try {
         this.nc.publish(this.next, JSON.stringify(body), { reply: `${this.inbox}.${token}` });

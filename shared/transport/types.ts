@@ -196,13 +196,14 @@ export interface WorkQueue {
 /** Where a replica takes work from: a work queue's pull consumer, seen by the code that batches it. */
 export interface WorkSource {
   /**
-   * Takes work for the next pass: first what is already queued (without waiting), and when
-   * nothing is, waits up to waitMs for one message. Each call it takes is handed to the method's
-   * handler (which queues it for a pass) before the promise resolves; `room()` says how much more
-   * the next pass can take (in the handler's units, e.g. rows), and taking stops at 0. Resolves
-   * with the number of messages still waiting in the queue (0 when it is empty, -1 when unknown).
+   * Takes work for the next pass: waits up to waitMs for up to `expect` messages (default 1; with
+   * waitMs 0 it does not wait), then takes what else is queued without waiting. Each call it takes
+   * is handed to the method's handler (which queues it for a pass) before the promise resolves;
+   * `room()` says how much more the next pass can take (in the handler's units, e.g. rows), and
+   * taking stops at 0. Resolves with the number of messages still waiting in the queue (0 when it
+   * is empty, -1 when unknown).
    */
-  take(room: () => number, waitMs: number): Promise<number>;
+  take(room: () => number, waitMs: number, expect?: number): Promise<number>;
   /** True once the server is stopping: drivers stop calling take(). */
   readonly closed: boolean;
 }

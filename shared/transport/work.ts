@@ -42,7 +42,7 @@ import {
   UnauthenticatedError,
   UnavailableError,
 } from '../errors.ts';
-import { WorkBatch, WorkCancel, WorkItem, WorkResult, WorkResults } from '../gen/ditpipe/v1/work.ts';
+import { WorkBatch, WorkCancel, type WorkResult, WorkResults } from '../gen/ditpipe/v1/work.ts';
 import { type Bus, type BusMessage, type BusSubscription, H_REPLY, H_TIMEOUT, type Headers, type Puller, type QueuedMessage, type QueueSpec } from './bus.ts';
 import type {
   CallContext,
@@ -78,6 +78,42 @@ const MAX_CANCEL_MEMORY = 100_000;
 /** Completed call ids remembered to tell a duplicate answer from a late one. */
 const RECENT_IDS = 8_192;
 const MAX_ERROR_MESSAGE = 2_000;
+
+/**
+ * One writer for every encode here: its buffer grows once to the largest message and is reused,
+ * so a 16 KiB latent costs one copy (finish) instead of a chain of growing buffers. Encodes are
+ * synchronous, so uses never interleave.
+ */
+const scratch = new BinaryWriter();
+
+function varintSize(n: number): number {
+  let size = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 128);
+    size++;
+  }
+  return size;
+}
+
+/** WorkBatch bytes from encoded WorkItems: field 1 (tag 0x0a), length, item, for each. */
+function batchBytes(items: readonly Uint8Array[]): Uint8Array {
+  let size = 0;
+  for (const it of items) size += 1 + varintSize(it.length) + it.length;
+  const out = new Uint8Array(size);
+  let pos = 0;
+  for (const it of items) {
+    out[pos++] = 0x0a;
+    let n = it.length;
+    while (n >= 0x80) {
+      out[pos++] = (n & 0x7f) | 0x80;
+      n = Math.floor(n / 128);
+    }
+    out[pos++] = n;
+    out.set(it, pos);
+    pos += it.length;
+  }
+  return out;
+}
 
 const SETTING_LIMITS: Record<keyof QueueSettings, [number, number]> = {
   ackWaitMs: [100, 3_600_000],
@@ -238,7 +274,16 @@ export class WorkClient {
     }
     const id = ++this.nextId;
     const deadline = Date.now() + timeoutMs;
-    const item = WorkItem.encode({ id, deadlineMs: BigInt(Math.ceil(deadline)), request: this.method.requestType.encode(request).finish() }).finish();
+    // WorkItem { id = 1; deadline_ms = 2; request = 3 }, the request encoded in place.
+    let item: Uint8Array;
+    try {
+      scratch.uint32(8).uint64(id).uint32(16).int64(BigInt(Math.ceil(deadline))).uint32(26).fork();
+      this.method.requestType.encode(request, scratch);
+      item = scratch.join().finish();
+    } catch (err) {
+      scratch.finish(); // reset the shared writer
+      return Promise.reject(new InvalidArgumentError(`${this.what} request cannot be encoded: ${(err as Error).message}`, { cause: err }));
+    }
     const limit = this.payloadLimit();
     if (item.length + 8 > limit) {
       return Promise.reject(
@@ -288,7 +333,7 @@ export class WorkClient {
     this.cancels = [];
     if (cancels.length > 0 && this.reply !== undefined && this.bus.connected) {
       try {
-        this.bus.publish(cancelSubject(this.spec.subject), { data: WorkCancel.encode({ reply: this.reply, ids: cancels }).finish(), headers: {} });
+        this.bus.publish(cancelSubject(this.spec.subject), { data: WorkCancel.encode({ reply: this.reply, ids: cancels }, scratch).finish(), headers: {} });
       } catch {
         // A cancel notice only saves work; the answers, if any, are dropped here anyway.
       }
@@ -394,11 +439,9 @@ export class WorkClient {
   }
 
   private message(group: Waiting[]): Sent {
-    const w = new BinaryWriter();
-    for (const g of group) w.uint32(10).bytes(g.item);
     const sent: Sent = {
       id: `${this.instance}.${++this.nextMsg}`,
-      data: w.finish(),
+      data: batchBytes(group.map((g) => g.item)),
       headers: { [H_REPLY]: this.reply as string, [H_TIMEOUT]: String(Math.ceil(group[0].attemptMs)) },
       open: group.length,
     };
@@ -605,7 +648,7 @@ export class WorkServer implements WorkSource {
     return true;
   }
 
-  async take(room: () => number, waitMs: number): Promise<number> {
+  async take(room: () => number, waitMs: number, expect = 1): Promise<number> {
     if (this.stopping || !this.puller) return 0;
     const pause = this.pausedUntil - performance.now();
     if (pause > 0) {
@@ -629,7 +672,12 @@ export class WorkServer implements WorkSource {
     this.roomFn = room;
     while (!this.stopping && room() > 0 && (first || pending > 0)) {
       const wait = first && waitMs > 0;
-      const batch = wait ? 1 : Math.max(1, Math.min(MAX_PULL_BATCH, pending > 0 ? pending : MAX_PULL_BATCH, Math.ceil(room() / this.perMessage)));
+      const fits = Math.ceil(room() / this.perMessage);
+      // Waiting: as many as are expected (what the last pass took, coming back), in one pull that
+      // the server ends when they are all there or the wait is over. Not waiting: what is queued.
+      const batch = wait
+        ? Math.max(1, Math.min(MAX_PULL_BATCH, expect, fits))
+        : Math.max(1, Math.min(MAX_PULL_BATCH, pending > 0 ? pending : MAX_PULL_BATCH, fits));
       first = false;
       this.taken = 0;
       this.roomBefore = room();
@@ -759,7 +807,7 @@ export class WorkServer implements WorkSource {
   private answer(held: Held, id: bigint, err: unknown, res?: unknown): void {
     let result: WorkResult;
     if (err === undefined) {
-      const response = this.method.responseType.encode(res).finish();
+      const response = this.method.responseType.encode(res, scratch).finish();
       const limit = Math.min(this.opts.maxPayload, this.bus.maxPayload()) - 64;
       if (response.length > limit) {
         err = new PayloadTooLargeError(`${this.what} answer is ${response.length} bytes, over the payload limit of ${limit} bytes`, {
@@ -801,7 +849,7 @@ export class WorkServer implements WorkSource {
       const publish = (): void => {
         if (part.length === 0) return;
         try {
-          this.bus.publish(reply, { data: WorkResults.encode({ results: part }).finish(), headers: {} });
+          this.bus.publish(reply, { data: WorkResults.encode({ results: part }, scratch).finish(), headers: {} });
         } catch (err) {
           this.opts.onError?.(err, this.method.name);
         }

@@ -77,7 +77,7 @@ describe('a dead inference worker', () => {
       expect(victim.denoiser.dead).toBe(true);
       await expect.poll(() => healthOf(port), { timeout: 5_000, interval: 100 }).toBe(2);
       // Its own calls fail fast with UNAVAILABLE (retryable), not INTERNAL.
-      const step = { model: DIT_NAME, x: f32Tensor([1, 4, 8, 8], new Float32Array(256)), t: [10n], y: [1], cfgScale: 1, guidanceChannels: 0, requestId: 'r', stepIndex: 0 };
+      const step = { model: DIT_NAME, x: f32Tensor([1, 4, 8, 8], new Float32Array(256)), t: [10n], y: [1], cfgScale: 1, guidanceChannels: 0, requestId: 'r', stepIndex: 0, omitVariance: false };
       const direct = await victim.denoiser.denoise(step).catch((e: unknown) => e);
       expect(direct).toBeInstanceOf(UnavailableError);
       expect(toServiceError(direct).code).toBe(Code.UNAVAILABLE);

@@ -61,13 +61,19 @@ export interface DenoiseRequest {
   requestId: string;
   /** 0-based index of this step in the request's sampling loop, for logs only. */
   stepIndex: number;
+  /**
+   * Answer only the C mean (eps) channels of a learned-sigma model: samplers that ignore the
+   * variance (DDIM, DPM-Solver++) ask for it, which halves the answer. No effect on models
+   * without learned sigma.
+   */
+  omitVariance: boolean;
 }
 
 export interface DenoiseResponse {
   /**
    * Guided model output, shape [N, C_out, H, W], float32, where C_out is 2C for models
    * with learned sigma (mean channels, then variance channels from the conditional half)
-   * and C otherwise.
+   * unless the request set omit_variance, and C otherwise.
    */
   out?:
     | Tensor
@@ -119,6 +125,7 @@ function createBaseDenoiseRequest(): DenoiseRequest {
     guidanceChannels: 0,
     requestId: "",
     stepIndex: 0,
+    omitVariance: false,
   };
 }
 
@@ -158,6 +165,9 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
     }
     if (message.stepIndex !== 0) {
       writer.uint32(64).uint32(message.stepIndex);
+    }
+    if (message.omitVariance !== false) {
+      writer.uint32(72).bool(message.omitVariance);
     }
     return writer;
   },
@@ -259,6 +269,14 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
             message.stepIndex = reader.uint32();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.omitVariance = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -297,6 +315,11 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
         : isSet(object.step_index)
         ? globalThis.Number(object.step_index)
         : 0,
+      omitVariance: isSet(object.omitVariance)
+        ? globalThis.Boolean(object.omitVariance)
+        : isSet(object.omit_variance)
+        ? globalThis.Boolean(object.omit_variance)
+        : false,
     };
   },
 
@@ -326,6 +349,9 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
     if (message.stepIndex !== 0) {
       obj.stepIndex = Math.round(message.stepIndex);
     }
+    if (message.omitVariance !== false) {
+      obj.omitVariance = message.omitVariance;
+    }
     return obj;
   },
 
@@ -342,6 +368,7 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
     message.guidanceChannels = object.guidanceChannels ?? 0;
     message.requestId = object.requestId ?? "";
     message.stepIndex = object.stepIndex ?? 0;
+    message.omitVariance = object.omitVariance ?? false;
     return message;
   },
 };
