@@ -2,7 +2,11 @@
 // container must be one the CLI really has (read from `ditpipe <cmd> --help`, so renaming a flag
 // breaks this test), probe and metrics ports must be the ports the services listen on, shutdown
 // timings must fit, model names must line up between the build Job, the replicas and the
-// scheduler, and the kustomizations must render (`kubectl kustomize`).
+// scheduler, and the kustomizations must render (`kubectl kustomize`). Every rendered object is
+// validated against the Kubernetes API schemas and KEDA's CRDs (./schemas.ts); KEDA ScaledObjects
+// must read the work queue their target's replicas create (named by the services' own code) from
+// NATS's monitoring port, and on a real nats-server run with the rendered config the queues must
+// fit and report the lag KEDA reads.
 import { execFile } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
