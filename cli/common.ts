@@ -111,6 +111,14 @@ export function addServiceOptions(cmd: Command, defaults: { metricsPort: number 
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).env('DITPIPE_LOG_LEVEL').default('info'));
 }
 
+/** `--http-port`: the scheduler's HTTP API and playground (OpenAI-compatible images API); -1 turns it off. */
+export function httpPortOption(defaultPort: number): Option {
+  return new Option('--http-port <port>', 'port of the HTTP API (OpenAI-compatible /v1/images/generations, /v1/models) and the playground page at / (0 = any free port, -1 = off)')
+    .env('DITPIPE_HTTP_PORT')
+    .default(defaultPort)
+    .argParser(intArg('--http-port', -1, 65535));
+}
+
 export function logger(name: string, level: string): Logger {
   return pino({ name, level }, pino.destination(2));
 }

@@ -1,12 +1,15 @@
 // The default model of `npm start` and `ditpipe up`: the Fashion-MNIST latent DiT and its VAE,
 // trained by models/fashion-mnist/ and committed as safetensors. ditpipe's own compiler turns them
-// into model directories under .cache/models, rebuilt when the weights or the compiler's graphs
-// (GRAPH_REVISION) change.
+// into model directories under .cache/models, rebuilt when the weights, the settings their JSON
+// records give (scaling factor, output crop, class names) or the compiler's graphs (GRAPH_REVISION)
+// change.
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { GRAPH_REVISION, graphRevisionOf, readModelDir } from '../shared/model/modeldir.ts';
+import { GRAPH_REVISION, graphRevisionOf, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
+import { parseVaeConfigJson } from '../shared/model/vae.ts';
 import { buildDitModel } from '../shared/model/dit.ts';
 import { sha256File } from '../shared/weights/index.ts';
+import { readDitConfigArg } from './model.ts';
 import { buildVaeModel } from './model-vae.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..');
@@ -22,10 +25,11 @@ export interface DefaultModels {
   vae: string;
 }
 
-function upToDate(dir: string, weights: string): boolean {
+/** Whether `dir` was built from these weights by this compiler, and says what `expect` checks (from the JSON record). */
+function upToDate(dir: string, weights: string, expect: (meta: ModelJson) => boolean): boolean {
   try {
     const { meta } = readModelDir(dir);
-    return meta.source.sha256 === sha256File(weights) && graphRevisionOf(meta) === GRAPH_REVISION;
+    return meta.source.sha256 === sha256File(weights) && graphRevisionOf(meta) === GRAPH_REVISION && expect(meta);
   } catch {
     return false;
   }
@@ -44,15 +48,19 @@ export function ensureDefaultModels(opts: { weightsDir?: string; cacheDir?: stri
   const [ditWeights, ditJson, vaeWeights, vaeJson] = files;
   const ditDir = join(cache, DEFAULT_DIT_NAME);
   const vaeDir = join(cache, DEFAULT_VAE_NAME);
-  if (!upToDate(vaeDir, vaeWeights)) {
+  // Built the way a user would by hand: the committed JSON records are the --config files.
+  const vaeRecord = parseVaeConfigJson(JSON.parse(readFileSync(vaeJson, 'utf8')), vaeJson);
+  const sameVae = (m: ModelJson): boolean =>
+    m.kind === 'vae-decoder' && m.scalingFactor === vaeRecord.scalingFactor && JSON.stringify(m.outputCrop ?? null) === JSON.stringify(vaeRecord.outputCrop ?? null);
+  if (!upToDate(vaeDir, vaeWeights, sameVae)) {
     log(`building the VAE decoder from ${vaeWeights} → ${vaeDir}`);
-    const meta = JSON.parse(readFileSync(vaeJson, 'utf8')) as { config: Record<string, unknown>; scaling_factor: number };
-    buildVaeModel({ weights: vaeWeights, out: vaeDir, name: DEFAULT_VAE_NAME, config: JSON.stringify({ ...meta.config, scaling_factor: meta.scaling_factor }) });
+    buildVaeModel({ weights: vaeWeights, out: vaeDir, name: DEFAULT_VAE_NAME, config: vaeJson });
   }
-  if (!upToDate(ditDir, ditWeights)) {
+  const given = readDitConfigArg(ditJson);
+  const sameDit = (m: ModelJson): boolean => m.kind === 'dit' && JSON.stringify(m.classNames ?? null) === JSON.stringify(given.classNames ?? null);
+  if (!upToDate(ditDir, ditWeights, sameDit)) {
     log(`building the DiT from ${ditWeights} → ${ditDir}`);
-    const meta = JSON.parse(readFileSync(ditJson, 'utf8')) as { config: Record<string, unknown>; class_names: string[] };
-    buildDitModel({ weights: ditWeights, out: ditDir, name: DEFAULT_DIT_NAME, config: meta.config, classNames: meta.class_names, vae: DEFAULT_VAE_NAME });
+    buildDitModel({ weights: ditWeights, out: ditDir, name: DEFAULT_DIT_NAME, config: given.config, classNames: given.classNames, vae: DEFAULT_VAE_NAME });
   }
   return { ditDir, vaeDir, dit: DEFAULT_DIT_NAME, vae: DEFAULT_VAE_NAME };
 }

@@ -1,6 +1,7 @@
 // `ditpipe loadtest run <campaign.yaml>`: drives the public gRPC API with a campaign and writes
-// JSON + HTML reports. Exit status: 0 all SLOs met, 2 an SLO missed (or the run was interrupted),
-// 1 the campaign is invalid or the run could not start.
+// JSON + HTML reports. Exit status: 0 all SLOs met, 2 an SLO missed, 130 the run was interrupted
+// (Ctrl-C: reports are still written, SLOs not judged), 1 the campaign is invalid or the run could
+// not start.
 import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { CampaignError, loadCampaign } from '../loadtest/campaign.ts';
@@ -8,6 +9,8 @@ import { textSummary, writeReport } from '../loadtest/report.ts';
 import { LoadtestError, runCampaign } from '../loadtest/runner.ts';
 
 export const EXIT_SLO_MISSED = 2;
+/** 128 + SIGINT, as a shell reports a command stopped with Ctrl-C. */
+export const EXIT_INTERRUPTED = 130;
 
 const run = new Command('run')
   .description('run a load-testing campaign (YAML) against a ditpipe scheduler and write JSON + HTML reports')
@@ -55,7 +58,8 @@ const run = new Command('run')
     writeReport(report, paths);
     console.log(textSummary(report));
     console.log(`report: ${paths.json}\nhtml:   ${paths.html}`);
-    if (!report.sloMet) process.exitCode = EXIT_SLO_MISSED;
+    if (report.outcome === 'interrupted') process.exitCode = EXIT_INTERRUPTED;
+    else if (report.outcome === 'missed') process.exitCode = EXIT_SLO_MISSED;
   });
 
 export const command = new Command('loadtest').description('load-testing campaigns against the Sampler API').addCommand(run);

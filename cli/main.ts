@@ -1,27 +1,7 @@
-// `ditpipe` command line: each area registers its own subcommands here.
-import { Command } from 'commander';
+// `ditpipe` command line (the command tree is in cli/program.ts).
+import { buildProgram } from './program.ts';
 
-const program = new Command('ditpipe')
-  .description('Class-conditional DiT image generation as a distributed pipeline (scheduler, denoiser, decoder over NATS).')
-  .showHelpAfterError()
-  .exitOverride();
-
-// Subcommand modules export a `command` or several `commands`; keep this list sorted.
-const modules: Array<() => Promise<{ command?: Command; commands?: Command[] }>> = [
-  () => import('./generate.ts'),
-  () => import('./loadtest.ts'),
-  () => import('./model.ts'),
-  () => import('./sample.ts'),
-  () => import('./serve.ts'),
-  () => import('./start.ts'),
-  () => import('./up.ts'),
-];
-
-for (const load of modules) {
-  const m = await load();
-  for (const c of m.commands ?? (m.command ? [m.command] : [])) program.addCommand(c);
-}
-
+const program = await buildProgram();
 try {
   await program.parseAsync(process.argv);
 } catch (err) {

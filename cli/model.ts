@@ -2,10 +2,11 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import cliProgress from 'cli-progress';
-import { buildDitModel, DitConfigError, parseDitConfig, UnsupportedDtypeError, type DitConfig } from '../shared/model/dit.ts';
+import { buildDitModel, DitConfigError, parseDitConfigJson, UnsupportedDtypeError, type DitConfig, type DitConfigJson } from '../shared/model/dit.ts';
 import { initDitWeights, type DitInit } from '../shared/model/dit-init.ts';
 import { ditConfigSchema, GRAPH_REVISION, graphRevisionOf, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
 import { ditPreset } from '../shared/model/presets.ts';
+import { croppedSize } from '../shared/image/crop.ts';
 import { readJsonArg } from './common.ts';
 
 /** Builders registered under `model build` besides `dit`; each module exports its subcommand as `command`. */
@@ -13,10 +14,14 @@ const builders: Array<() => Promise<{ command: Command }>> = [
   () => import('./model-vae.ts'),
 ];
 
-/** `--config` takes a JSON file or inline JSON (starting with `{`). */
-function readConfigArg(arg: string): Partial<DitConfig> {
+/** `--config` takes a JSON file or inline JSON (starting with `{`): constructor arguments or a training record. */
+export function readDitConfigArg(arg: string): DitConfigJson {
   const { raw, source } = readJsonArg('--config', arg, (m) => new DitConfigError(m));
-  return parseDitConfig(raw, source);
+  return parseDitConfigJson(raw, source);
+}
+
+function readConfigArg(arg: string): Partial<DitConfig> {
+  return readDitConfigArg(arg).config;
 }
 
 /** One label per line, or a JSON array of strings. */
@@ -92,11 +97,11 @@ const buildDit = new Command('dit')
   .requiredOption('--weights <file>', 'DiT weights: safetensors or torch.save checkpoint (original or diffusers names)')
   .addOption(new Option('--format <format>', 'tensor naming scheme').choices(['auto', 'original', 'diffusers']).default('auto'))
   .option('--preset <name>', 'DiT-S/B/L/XL × /2 /4 /8, e.g. DiT-XL/2 (sets num_heads; shapes must match the weights)')
-  .option('--config <json>', 'DiT constructor arguments (input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes, learn_sigma), any subset: a JSON file or inline JSON')
+  .option('--config <json>', 'DiT constructor arguments (input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes, learn_sigma), any subset: a JSON file or inline JSON; or a training record holding them under "config", whose class_names are used too (models/fashion-mnist/dit.json)')
   .option('--input-size <n>', 'latent size (image size / 8); default: from pos_embed', positiveInt('--input-size'))
   .option('--dtype <dtype>', 'weight storage dtype: f32 or f16 (compute stays float32)', 'f32')
   .option('--name <name>', 'model name services advertise (default: the output directory name)')
-  .option('--class-names <file>', 'class names, one per line or a JSON array, stored in model.json')
+  .option('--class-names <file>', 'class names, one per line or a JSON array, stored in model.json (default: a --config record\'s class_names)')
   .option('--vae <name>', 'name of the VAE decoder this model samples for (schedulers pair them by it)')
   .option('--quiet', 'no progress output')
   .requiredOption('--out <dir>', 'output model directory')
@@ -107,16 +112,18 @@ const buildDit = new Command('dit')
       if (!o.quiet) process.stderr.write(`${m}\n`);
     };
     const bar = o.quiet ? null : progress('writing weights');
+    const given = o.config ? readDitConfigArg(o.config) : undefined;
+    if (given?.classNames && !o.classNames) log(`class names: ${given.classNames.length} from --config`);
     const m = buildDitModel({
       weights: o.weights,
       out: o.out,
       format: o.format,
       preset: o.preset,
-      config: o.config ? readConfigArg(o.config) : undefined,
+      config: given?.config,
       inputSize: o.inputSize,
       dtype: o.dtype,
       name: o.name,
-      classNames: o.classNames ? readClassNames(o.classNames) : undefined,
+      classNames: o.classNames ? readClassNames(o.classNames) : given?.classNames,
       vae: o.vae,
       onNote: log,
       onWarning: (w) => process.stderr.write(`warning: ${w}\n`),
@@ -167,6 +174,11 @@ const initDit = new Command('dit')
     console.log(`${o.out}: ${res.tensors} tensors, ${res.params.toLocaleString('en-US')} params (${o.init} init, seed ${o.seed}), ${(res.bytes / 2 ** 20).toFixed(1)} MiB`);
   });
 
+/** Values of the DiT's fixed positional embedding: one sin-cos vector of hidden_size per token. */
+function posEmbedValues(c: DitConfig): number {
+  return (c.input_size / c.patch_size) ** 2 * c.hidden_size;
+}
+
 function describe(meta: ModelJson, dir: string): string {
   const io = (v: ModelJson['inputs'][number]): string => `  ${v.name}: ${v.dtype} [${v.shape.join(', ')}]`;
   const lines = [
@@ -174,7 +186,7 @@ function describe(meta: ModelJson, dir: string): string {
     `kind:     ${meta.kind}`,
     `name:     ${meta.name}`,
     `config:   ${JSON.stringify(meta.config)}`,
-    `params:   ${meta.params.toLocaleString('en-US')}`,
+    `params:   ${meta.params.toLocaleString('en-US')}${meta.kind === 'dit' ? ` trainable (plus ${posEmbedValues(meta.config).toLocaleString('en-US')} fixed sin-cos pos_embed values, which PyTorch's parameters() also counts)` : ''}`,
     `Gflops:   ${meta.gflops.toFixed(3)} per forward at batch 1 (multiply-accumulates, the DiT paper's convention)`,
     `weights:  ${meta.weightDtype}${meta.externalData ? ` (external data: ${meta.externalData})` : ''}`,
     `source:   ${meta.source.file} (${meta.source.format}), sha256 ${meta.source.sha256}`,
@@ -184,6 +196,12 @@ function describe(meta: ModelJson, dir: string): string {
     ...meta.outputs.map(io),
   ];
   if (meta.kind === 'vae-decoder') lines.push(`scaling factor: ${meta.scalingFactor}`);
+  if (meta.kind === 'vae-decoder' && meta.outputCrop) {
+    const c = meta.outputCrop;
+    const side = (meta.config.latent_size ?? 0) * 2 ** (meta.config.block_out_channels.length - 1);
+    const served = croppedSize(side, side, c);
+    lines.push(`output crop: top ${c.top}, right ${c.right}, bottom ${c.bottom}, left ${c.left} px (${side}×${side} decoded → ${served.width}×${served.height} served at ${meta.config.latent_size}×${meta.config.latent_size} latents)`);
+  }
   if (meta.kind === 'dit' && meta.classNames) lines.push(`classes:  ${meta.classNames.length} named (${meta.classNames.slice(0, 3).join(', ')}${meta.classNames.length > 3 ? ', …' : ''})`);
   const rev = graphRevisionOf(meta);
   const stale = rev < GRAPH_REVISION ? ` (this ditpipe writes revision ${GRAPH_REVISION}: rebuild for the faster graphs, same numbers)` : '';

@@ -15,6 +15,7 @@ import {
   type SamplerName,
 } from '../shared/diffusion/index.ts';
 import { readDitModelDir } from '../shared/model/modeldir.ts';
+import { findClass } from './classes.ts';
 import { openSafetensors, writeSafetensors } from '../shared/weights/index.ts';
 
 /** A sampling run that cannot start: the message names the flag. */
@@ -26,7 +27,8 @@ export class SampleArgumentError extends Error {
 }
 
 export interface SampleOptions {
-  model: string;
+  /** DiT model directory. */
+  modelDir: string;
   /** Class indices, or class names when the model carries them. */
   labels: string[];
   sampler: SamplerName;
@@ -61,7 +63,7 @@ function resolveLabels(raw: string[], numClasses: number, classNames: string[] |
       if (v >= numClasses) throw new SampleArgumentError(`--labels: ${v} is not a class of this model (0..${numClasses - 1})`);
       return v;
     }
-    const i = classNames?.findIndex((n) => n.toLowerCase() === text.toLowerCase()) ?? -1;
+    const i = classNames ? findClass(text, classNames) : -1;
     if (i < 0) {
       throw new SampleArgumentError(
         `--labels: '${text}' is neither a class index (0..${numClasses - 1}) nor ${classNames ? 'a class name of this model' : 'usable as a name (the model has no class names)'}`,
@@ -104,7 +106,7 @@ export async function runSample(o: SampleOptions): Promise<SampleResult> {
   if (o.seed !== undefined && o.noiseFrom !== undefined) {
     throw new SampleArgumentError('--seed and --noise-from exclude each other: the noise is either drawn or read');
   }
-  const model = readDitModelDir(o.model);
+  const model = readDitModelDir(o.modelDir);
   const c = model.meta.config;
   const labels = resolveLabels(o.labels, c.num_classes, model.meta.classNames);
   const n = labels.length;
@@ -213,8 +215,8 @@ export const command = new Command('sample')
   .description(
     'Sample latents in this process (no services) to reproduce or debug a run; writes trajectory [steps,B,C,H,W], sample [B,C,H,W], timesteps and labels as safetensors.',
   )
-  .requiredOption('--model <dir>', 'DiT model directory (from `ditpipe model build dit`)')
-  .requiredOption('--labels <list>', 'comma-separated class labels (indices, or names the model carries); one sample each')
+  .requiredOption('--model-dir <dir>', 'DiT model directory (from `ditpipe model build dit`)')
+  .requiredOption('--labels <list>', 'comma-separated class labels (indices, or names the model carries, also as output files spell them); one sample each')
   .addOption(new Option('--sampler <name>', 'reverse-diffusion sampler').choices(['ddpm', 'ddim', 'dpmpp']).default('ddpm'))
   .option('--respacing <spec>', 'timestep respacing of the 1000-step schedule: "250", "ddim50", "10,10,5"', '250')
   .option('--cfg <scale>', 'classifier-free guidance scale (1 = none)', parseNumber('--cfg', 1), 1)
@@ -229,7 +231,7 @@ export const command = new Command('sample')
   .option('--noise-from <file>', 'read z [B,C,H,W] and step_noise [steps,B,C,H,W] from a safetensors file instead of drawing noise')
   .requiredOption('--out <file>', 'output .safetensors file')
   .action(async (f: {
-    model: string;
+    modelDir: string;
     labels: string;
     sampler: SamplerName;
     respacing: string;
@@ -243,7 +245,7 @@ export const command = new Command('sample')
   }) => {
     const started = performance.now();
     const r = await runSample({
-      model: f.model,
+      modelDir: f.modelDir,
       labels: f.labels.split(','),
       sampler: f.sampler,
       respacing: f.respacing,

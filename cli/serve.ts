@@ -6,10 +6,11 @@ import { startDecoderService } from '../services/decoder/service.ts';
 import { compileDenoiserConfig, parseSimulate } from '../services/denoiser/config.ts';
 import { startDenoiserService } from '../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../services/scheduler/config.ts';
+import { compileHttpConfig } from '../services/scheduler/http/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
 import { GRAPH_REVISION, graphRevisionOf } from '../shared/model/modeldir.ts';
-import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, numberArg, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import { addNatsOptions, addServiceOptions, httpPortOption, intArg, logger, natsFromFlags, numberArg, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
 
 interface ServiceFlags extends NatsFlags {
   natsUrl: string;
@@ -27,13 +28,15 @@ const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), tru
   .addOption(new Option('--models <names>', 'DiT model names to serve, comma-separated (denoisers serve them)').env('DITPIPE_MODELS').makeOptionMandatory().argParser(list))
   .addOption(new Option('--vae <model=vae,...>', 'VAE per model when its model.json names none').env('DITPIPE_VAE'))
   .addOption(new Option('--grpc-port <port>', 'gRPC port (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
-  .addOption(new Option('--host <addr>', 'address to bind gRPC to').env('DITPIPE_HOST').default('0.0.0.0'))
+  .addOption(new Option('--host <addr>', 'address to bind gRPC (and HTTP, unless --http-host) to').env('DITPIPE_HOST').default('0.0.0.0'))
+  .addOption(httpPortOption(8080))
+  .addOption(new Option('--http-host <addr>', 'address to bind the HTTP API to (default: --host)').env('DITPIPE_HTTP_HOST'))
   .addOption(new Option('--max-samples-in-flight <n>', 'admission limit: images sampled at once, then RESOURCE_EXHAUSTED').env('DITPIPE_MAX_SAMPLES_IN_FLIGHT').default(256).argParser(intArg('--max-samples-in-flight', 1)))
   .addOption(new Option('--max-images-per-request <n>', 'most images one request may ask for').env('DITPIPE_MAX_IMAGES_PER_REQUEST').default(64).argParser(intArg('--max-images-per-request', 1, 1024)))
   .addOption(new Option('--step-timeout <ms>', 'longest one denoiser may hold a step before the work queue gives it to another replica').env('DITPIPE_STEP_TIMEOUT_MS').default(30_000).argParser(intArg('--step-timeout', 1)))
   .addOption(new Option('--decode-timeout <ms>', 'longest one decoder may hold a decode before the work queue gives it to another replica').env('DITPIPE_DECODE_TIMEOUT_MS').default(60_000).argParser(intArg('--decode-timeout', 1)))
   .addOption(new Option('--default-cfg <scale>', 'guidance scale when a request sets none').env('DITPIPE_DEFAULT_CFG').default(4).argParser(numberArg('--default-cfg', 1)))
-  .action(async (o: ServiceFlags & { models: string[]; vae?: string; grpcPort: number; host: string; maxSamplesInFlight: number; maxImagesPerRequest: number; stepTimeout: number; decodeTimeout: number; defaultCfg: number }) => {
+  .action(async (o: ServiceFlags & { models: string[]; vae?: string; grpcPort: number; host: string; httpPort: number; httpHost?: string; maxSamplesInFlight: number; maxImagesPerRequest: number; stepTimeout: number; decodeTimeout: number; defaultCfg: number }) => {
     const log = logger('scheduler', o.logLevel);
     const vae = Object.fromEntries((o.vae ? list(o.vae) : []).map((kv) => kv.split('=') as [string, string]));
     const config = compileSchedulerConfig({
@@ -47,16 +50,18 @@ const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), tru
     });
     const transport = await natsFromFlags(o, 'ditpipe-scheduler');
     const metrics = schedulerMetrics();
-    const svc = await startSchedulerService(config, transport, { grpcPort: o.grpcPort, host: o.host, metrics, queueSettings: queueFromFlags(o) });
+    const http = o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.httpHost ?? o.host }), log };
+    const svc = await startSchedulerService(config, transport, { grpcPort: o.grpcPort, host: o.host, metrics, http, queueSettings: queueFromFlags(o) });
     log.info({ port: svc.grpc.port, models: config.models }, `Sampler API on ${o.host}:${svc.grpc.port}`);
+    if (svc.http) log.info({ port: svc.http.port }, `HTTP API (OpenAI-compatible) and playground on ${svc.http.url}/`);
     await serveUntilSignal({ log, parts: [{ name: 'scheduler', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
   });
 
 const replicaOptions = (cmd: Command, grpcPort: number): Command =>
   addServiceOptions(addNatsOptions(cmd, true), { metricsPort: 9464 })
-    .requiredOption('--model-dir <dir>', 'model directory (model.json + model.onnx)')
-    .addOption(new Option('--name <name>', 'name to serve the model under (default: model.json name)'))
-    .addOption(new Option('--grpc-port <port>', 'gRPC port for health checks and direct calls (0 = any free port, -1 = off)').default(grpcPort).argParser(intArg('--grpc-port', -1, 65535)))
+    .addOption(new Option('--model-dir <dir>', 'model directory (model.json + model.onnx)').env('DITPIPE_MODEL_DIR').makeOptionMandatory())
+    .addOption(new Option('--name <name>', 'name to serve the model under (default: model.json name)').env('DITPIPE_NAME'))
+    .addOption(new Option('--grpc-port <port>', 'gRPC port for health checks and direct calls (0 = any free port, -1 = off)').env('DITPIPE_GRPC_PORT').default(grpcPort).argParser(intArg('--grpc-port', -1, 65535)))
     .addOption(new Option('--execution-provider <ep>', 'onnxruntime execution provider').choices(['cpu', 'cuda']).env('DITPIPE_EXECUTION_PROVIDER').default('cpu'))
     .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)));
 

@@ -8,6 +8,7 @@ import { startDecoderService } from '../services/decoder/service.ts';
 import { compileDenoiserConfig } from '../services/denoiser/config.ts';
 import { startDenoiserService } from '../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../services/scheduler/config.ts';
+import { compileHttpConfig } from '../services/scheduler/http/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { SamplerApi } from '../shared/client.ts';
 import { SamplerKind } from '../shared/gen/ditpipe/v1/sampler.ts';
@@ -15,14 +16,15 @@ import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/met
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
 import { InProcBus } from '../shared/transport/inproc.ts';
 import type { Transport } from '../shared/transport/types.ts';
-import { addNatsOptions, addServiceOptions, intArg, logger, natsFromFlags, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import { addNatsOptions, addServiceOptions, httpPortOption, intArg, logger, natsFromFlags, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
 import { ensureDefaultModels } from './default-model.ts';
-import { generateToDir } from './generate.ts';
+import { defaultTitle, generateToDir } from './generate.ts';
 
 interface Flags extends NatsFlags {
   modelDir?: string;
   vaeDir?: string;
   grpcPort: number;
+  httpPort: number;
   host: string;
   metricsPort: number;
   shutdownGrace: number;
@@ -36,17 +38,18 @@ interface Flags extends NatsFlags {
 }
 
 export const command = addServiceOptions(addNatsOptions(new Command('start'), false), { metricsPort: 9464 })
-  .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC, and write a sample grid.')
-  .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)'))
-  .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
+  .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC and the HTTP API with the playground, and write a sample grid.')
+  .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)').env('DITPIPE_MODEL_DIR'))
+  .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)').env('DITPIPE_VAE_DIR'))
   .addOption(new Option('--grpc-port <port>', 'gRPC port of the Sampler API (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
-  .addOption(new Option('--host <addr>', 'address to bind gRPC to').env('DITPIPE_HOST').default('127.0.0.1'))
+  .addOption(httpPortOption(8080))
+  .addOption(new Option('--host <addr>', 'address to bind gRPC and HTTP to').env('DITPIPE_HOST').default('127.0.0.1'))
   .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)))
-  .option('--no-grid', 'do not write the sample grid at start')
-  .addOption(new Option('--grid-out <dir>', 'where the sample grid goes').default('out/samples'))
-  .addOption(new Option('--grid-samples <n>', 'samples per class in the grid').default(4).argParser(intArg('--grid-samples', 1, 16)))
-  .addOption(new Option('--grid-steps <n>', 'DDIM steps for the grid').default(50).argParser(intArg('--grid-steps', 1, 1000)))
-  .option('--exit-after-grid', 'stop once the grid is written (smoke tests)')
+  .addOption(new Option('--no-grid', 'do not write the sample grid at start').env('DITPIPE_NO_GRID'))
+  .addOption(new Option('--grid-out <dir>', 'folder of the sample grid (its earlier grid and samples are replaced)').env('DITPIPE_GRID_OUT').default('out/samples'))
+  .addOption(new Option('--grid-samples <n>', 'samples per class in the grid').env('DITPIPE_GRID_SAMPLES').default(4).argParser(intArg('--grid-samples', 1, 16)))
+  .addOption(new Option('--grid-steps <n>', 'DDIM steps for the grid').env('DITPIPE_GRID_STEPS').default(50).argParser(intArg('--grid-steps', 1, 1000)))
+  .addOption(new Option('--exit-after-grid', 'stop once the grid is written (smoke tests)').env('DITPIPE_EXIT_AFTER_GRID'))
   .action(async (o: Flags) => {
     const log = logger('ditpipe', o.logLevel);
     let ditDir = o.modelDir;
@@ -76,10 +79,12 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
     const scheduler = await startSchedulerService(
       compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
       schedulerT,
-      { grpcPort: o.grpcPort, host: o.host, metrics: sm, queueSettings },
+      { grpcPort: o.grpcPort, host: o.host, metrics: sm, queueSettings, http: o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.host }), log } },
     );
     const address = `${o.host === '0.0.0.0' ? '127.0.0.1' : o.host}:${scheduler.grpc.port}`;
     log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `Sampler API on ${o.host}:${scheduler.grpc.port}`);
+    const playground = scheduler.http ? `${scheduler.http.url}/` : null;
+    if (playground) console.log(`playground: open ${playground} (OpenAI-compatible images API at ${scheduler.http!.url}/v1/images/generations)`);
 
     const parts = [
       { name: 'scheduler', stop: (g: number) => scheduler.stop(g) },
@@ -103,7 +108,9 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
         const res = await generateToDir({
           api,
           out,
-          title: `${dit.name}: DDIM ${o.gridSteps} steps, cfg 4, seed 0`,
+          // The grid folder belongs to `start`: each start replaces the grid and samples it wrote.
+          overwrite: true,
+          title: (r) => defaultTitle(r, 'DDIM'),
           request: { model: dit.name, classLabels: labels, sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: o.gridSteps, cfgScale: 4, seed: 0n },
           onProgress: (step, total) => {
             if (step % 10 === 0 || step === total) log.info(`grid: step ${step}/${total}`);
@@ -120,6 +127,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
       }
     }
     console.log(`serving ditpipe.v1.Sampler on ${address} — try: node bin/ditpipe.js generate --server ${address} --class ${dit.classNames?.[5] ?? 5} --num 4 --out ${join('out', 'generate')}`);
+    if (playground) console.log(`playground: open ${playground}`);
     await serveUntilSignal({
       log,
       parts,

@@ -7,7 +7,8 @@ import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
 import { startNatsServer, type NatsServerHandle } from '../shared/transport/nats-server.ts';
-import { intArg } from './common.ts';
+import { httpPortOption, intArg } from './common.ts';
+import { freePorts, portRange } from './ports.ts';
 import { ensureDefaultModels, ROOT } from './default-model.ts';
 
 interface Flags {
@@ -16,6 +17,7 @@ interface Flags {
   denoisers: number;
   decoders: number;
   grpcPort: number;
+  httpPort: number;
   natsPort: number;
   metricsPort: number;
   threads: number;
@@ -55,9 +57,10 @@ export const command = new Command('up')
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
   .addOption(new Option('--denoisers <n>', 'denoiser processes').default(2).argParser(intArg('--denoisers', 1, 256)))
   .addOption(new Option('--decoders <n>', 'decoder processes').default(1).argParser(intArg('--decoders', 1, 256)))
-  .addOption(new Option('--grpc-port <port>', 'scheduler gRPC port').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
+  .addOption(new Option('--grpc-port <port>', 'scheduler gRPC port (0 = a free port)').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
+  .addOption(httpPortOption(8080))
   .addOption(new Option('--nats-port <port>', 'nats-server port (0 = any free port)').default(4222).argParser(intArg('--nats-port', 0, 65535)))
-  .addOption(new Option('--metrics-port <port>', 'first metrics port: scheduler, then each denoiser and decoder in turn (-1 = off)').default(9464).argParser(intArg('--metrics-port', -1, 65535)))
+  .addOption(new Option('--metrics-port <port>', 'first metrics port: scheduler, then each denoiser and decoder in turn (0 = free ports, -1 = off)').default(9464).argParser(intArg('--metrics-port', -1, 65535)))
   .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per process (0 = all cores)').default(1).argParser(intArg('--threads', 0, 1024)))
   .addOption(new Option('--shutdown-grace <ms>', 'time each process gets to drain on Ctrl-C').default(10_000).argParser(intArg('--shutdown-grace', 0)))
   .addOption(new Option('--simulate <base+perRow>', 'run the denoisers in simulation mode (no model compute)'))
@@ -74,22 +77,38 @@ export const command = new Command('up')
     // The cluster's nats-server lives in this process's lifetime only.
     const nats: NatsServerHandle = await startNatsServer({ port: o.natsPort === 0 ? undefined : o.natsPort, maxPayload: 8 * 1024 * 1024 });
     process.stderr.write(`[up] nats-server on ${nats.url} (max_payload 8 MiB)\n`);
-    let metricsPort = o.metricsPort < 0 ? -1 : o.metricsPort + 1; // the scheduler takes the first
-    const nextMetrics = (): string => String(metricsPort < 0 ? -1 : metricsPort++);
+    // Ports are fixed here, before the processes start, so the banner below can list them all.
+    const n = o.denoisers + o.decoders;
+    const free = await freePorts(n + (o.metricsPort === 0 ? n + 1 : 0) + (o.grpcPort === 0 ? 1 : 0));
+    const take = (): number => free.shift() as number;
+    const grpcPort = o.grpcPort === 0 ? take() : o.grpcPort;
+    const health = Array.from({ length: n }, take);
+    const metrics = portRange(o.metricsPort, 1 + n, take); // the scheduler's first
     const common = ['--nats-url', nats.url, '--shutdown-grace', String(o.shutdownGrace)];
     const replicas: Child[] = [];
-    for (let i = 0; i < o.denoisers; i++) {
-      const args = ['denoiser', ...common, '--model-dir', ditDir, '--grpc-port', '0', '--threads', String(o.threads), '--metrics-port', nextMetrics()];
-      if (o.simulate) args.push('--simulate', o.simulate);
-      replicas.push(startChild(`denoiser-${i}`, args));
-    }
-    for (let i = 0; i < o.decoders; i++) {
-      replicas.push(startChild(`decoder-${i}`, ['decoder', ...common, '--model-dir', vaeDir, '--grpc-port', '0', '--threads', String(o.threads), '--metrics-port', nextMetrics()]));
+    const banner: string[] = [];
+    const metricsUrl = (port: number): string => (port < 0 ? 'metrics off' : `metrics http://127.0.0.1:${port}/metrics`);
+    for (let i = 0; i < n; i++) {
+      const denoiser = i < o.denoisers;
+      const name = denoiser ? `denoiser-${i}` : `decoder-${i - o.denoisers}`;
+      const args = [denoiser ? 'denoiser' : 'decoder', ...common, '--model-dir', denoiser ? ditDir : vaeDir, '--grpc-port', String(health[i]), '--threads', String(o.threads), '--metrics-port', String(metrics[1 + i])];
+      if (denoiser && o.simulate) args.push('--simulate', o.simulate);
+      replicas.push(startChild(name, args));
+      banner.push(`[up]   ${name.padEnd(12)} health 127.0.0.1:${health[i]}  ${metricsUrl(metrics[1 + i])}`);
     }
     const scheduler = startChild('scheduler', [
-      'scheduler', ...common, '--models', dit.name, '--vae', `${dit.name}=${dit.vae ?? vae.name}`, '--grpc-port', String(o.grpcPort), '--metrics-port', String(o.metricsPort),
+      'scheduler', ...common, '--models', dit.name, '--vae', `${dit.name}=${dit.vae ?? vae.name}`, '--grpc-port', String(grpcPort), '--metrics-port', String(metrics[0]),
+      '--http-port', String(o.httpPort),
     ]);
-    process.stderr.write(`[up] scheduler gRPC on 127.0.0.1:${o.grpcPort}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s); Ctrl-C to stop\n`);
+    process.stderr.write(
+      [
+        `[up] model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s); Ctrl-C to stop`,
+        `[up]   ${'scheduler'.padEnd(12)} gRPC 127.0.0.1:${grpcPort}  ${metricsUrl(metrics[0])}`,
+        ...banner,
+        '',
+      ].join('\n'),
+    );
+    if (o.httpPort > 0) process.stderr.write(`[up] playground: open http://127.0.0.1:${o.httpPort}/ (OpenAI-compatible images API under /v1)\n`);
 
     let stopping = false;
     const stopAll = async (why: string): Promise<void> => {

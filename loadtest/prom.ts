@@ -55,7 +55,10 @@ export async function scrape(endpoint: string, url: string, timeoutMs = 5_000): 
     if (!res.ok) return { endpoint, url, at, samples: [], error: `HTTP ${res.status}` };
     return { endpoint, url, at, samples: parsePrometheusText(await res.text()) };
   } catch (err) {
-    return { endpoint, url, at, samples: [], error: (err as Error).message };
+    // fetch says only "fetch failed"; the cause says why (ECONNREFUSED: nothing listens there).
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    const why = cause?.code ?? cause?.message;
+    return { endpoint, url, at, samples: [], error: why ? `${(err as Error).message} (${why})` : (err as Error).message };
   }
 }
 
@@ -130,6 +133,7 @@ function histogramDelta(before: Scrape[], after: Scrape[], name: string): { coun
 export interface ServerFigures {
   /** Endpoints that answered both scrapes. */
   endpoints: string[];
+  /** `<name> <url>: <why>` per endpoint that failed a scrape (once, even when both failed). */
   scrapeErrors: string[];
   /** Requests the scheduler finished (any outcome) plus those it refused. */
   requests: number;
@@ -158,7 +162,7 @@ const ms = (s: number | null): number | null => (s === null ? null : s * 1000);
 export function serverFigures(before: Scrape[], after: Scrape[], seconds: number): ServerFigures {
   const ok = after.filter((a) => !a.error && before.some((b) => b.endpoint === a.endpoint && !b.error));
   const okBefore = before.filter((b) => ok.some((a) => a.endpoint === b.endpoint));
-  const errors = [...before, ...after].filter((s) => s.error).map((s) => `${s.endpoint}: ${s.error}`);
+  const errors = [...new Set([...before, ...after].filter((s) => s.error).map((s) => `${s.endpoint} ${s.url}: ${s.error}`))];
   const requestsByOutcome = deltaBy(okBefore, ok, 'ditpipe_request_seconds_count', 'outcome');
   const rejectedByReason = deltaBy(okBefore, ok, 'ditpipe_requests_rejected_total', 'reason');
   const images = delta(okBefore, ok, 'ditpipe_images_total');

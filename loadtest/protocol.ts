@@ -36,7 +36,10 @@ export interface RequestResult {
   accepted?: number;
   /** Milliseconds from intended to the first `progress` event (first reverse step answered). */
   firstStep?: number;
-  /** gRPC status name, e.g. OK, UNAVAILABLE; CLIENT_OVERLOAD for arrivals never sent. */
+  /**
+   * gRPC status name, e.g. OK, UNAVAILABLE; CLIENT_OVERLOAD for arrivals never sent; INTERRUPTED
+   * for requests in flight when the run was stopped (Ctrl-C), which the tool cancelled itself.
+   */
   code: string;
   error?: string;
   images: number;

@@ -23,7 +23,11 @@ const now = (): number => performance.timeOrigin + performance.now();
 
 export interface SloObjective {
   objective: string;
+  /** `actual` must be at most (`<=`) or at least (`>=`) the bound. */
+  comparison: '<=' | '>=';
   bound: number;
+  /** Of bound and actual: milliseconds, a fraction of requests (0..1), or images per second. */
+  unit: 'ms' | 'fraction' | 'images/s';
   actual: number | null;
   met: boolean;
   /** Latency objectives: fraction of successful requests within the bound. */
@@ -50,7 +54,12 @@ export interface PhaseReport extends GhzSummary {
   timeToFirstStepMs: Record<string, number> | null;
   /** Actual send − intended send (ms): how far the generator fell behind its schedule. */
   sendLagMs: Record<string, number> | null;
-  slo: { met: boolean; objectives: SloObjective[] };
+  /** Whether the phase met its SLOs; null when it was interrupted (not judged: it did not run to its bound). */
+  slo: { met: boolean | null; objectives: SloObjective[] };
+  /** The run was stopped (Ctrl-C) during this phase. */
+  interrupted: boolean;
+  /** Requests in flight that the stop cancelled: the tool's doing, so in no count, error or latency figure. */
+  cancelledByStop: number;
   server: ServerFigures | null;
   tool: { cpuMs: number; cpuPercentOfOneCore: number; workerEventLoopUtilization: number[] };
   timeseries: TimePoint[];
@@ -62,8 +71,11 @@ export interface Report extends GhzSummary {
   campaign: { name: string; description?: string; file?: string };
   target: string;
   workers: number;
-  aborted: boolean;
-  sloMet: boolean;
+  /** 'interrupted' when the run was stopped (Ctrl-C) before its last phase ended: its SLOs are not judged. */
+  outcome: 'met' | 'missed' | 'interrupted';
+  interrupted: boolean;
+  /** Every phase met its SLOs; null when the run was interrupted. */
+  sloMet: boolean | null;
   warmup: { count: number; errors: number; images: number } | null;
   images: number;
   errors: number;
@@ -123,17 +135,19 @@ function evaluateSlo(slo: SloSpec, rec: Recorder, imagesPerSecond: number): SloO
   const pct = (k: string): number => Number(k.slice(1));
   for (const [k, bound] of Object.entries(slo.latency ?? {})) {
     const actual = rec.latencyMs(pct(k), true);
-    out.push({ objective: `latency ${k}`, bound, actual, met: actual !== null && actual <= bound, attainment: rec.fractionOkWithin(bound) });
+    out.push({ objective: `latency ${k}`, comparison: '<=', bound, unit: 'ms', actual, met: actual !== null && actual <= bound, attainment: rec.fractionOkWithin(bound) });
   }
   for (const [k, bound] of Object.entries(slo.timeToFirstStep ?? {})) {
     const actual = rec.firstStepMs(pct(k));
-    out.push({ objective: `time to first step ${k}`, bound, actual, met: actual !== null && actual <= bound, attainment: rec.fractionOkWithin(bound, 'firstStep') });
+    out.push({ objective: `time to first step ${k}`, comparison: '<=', bound, unit: 'ms', actual, met: actual !== null && actual <= bound, attainment: rec.fractionOkWithin(bound, 'firstStep') });
   }
   if (slo.errorRate !== undefined) {
     const actual = rec.count ? rec.errors / rec.count : 0;
-    out.push({ objective: 'error rate', bound: slo.errorRate, actual, met: rec.count > 0 && actual <= slo.errorRate });
+    out.push({ objective: 'error rate', comparison: '<=', bound: slo.errorRate, unit: 'fraction', actual, met: rec.count > 0 && actual <= slo.errorRate });
   }
-  if (slo.minImagesPerSecond !== undefined) out.push({ objective: 'images/s', bound: slo.minImagesPerSecond, actual: imagesPerSecond, met: imagesPerSecond >= slo.minImagesPerSecond });
+  if (slo.minImagesPerSecond !== undefined) {
+    out.push({ objective: 'images/s', comparison: '>=', bound: slo.minImagesPerSecond, unit: 'images/s', actual: imagesPerSecond, met: imagesPerSecond >= slo.minImagesPerSecond });
+  }
   return out;
 }
 
@@ -257,7 +271,7 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
       const startMs = now() + 20;
       const plans = conc.map((cc, i): PhasePlan | null => (cc > 0 && reqs[i] > 0 ? { id: ++phaseId, startMs, durationMs: c.warmup!.duration ?? c.maxPhaseDuration, requests: reqs[i], closed: { concurrency: cc } } : null));
       status?.start('warm-up', () => ({ rec, inFlight: 0, startMs }));
-      await pool.run(plans, (_, rs) => rs.forEach((r) => rec.add(r)));
+      await pool.run(plans, (_, rs) => rs.forEach((r) => r.code !== 'INTERRUPTED' && rec.add(r)));
       status?.stop();
       warmup = { count: rec.count, errors: rec.errors, images: rec.images };
       rec.destroy();
@@ -290,10 +304,15 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
         plans = conc.map((cc, i) => (cc > 0 && reqs[i] > 0 ? { id, startMs, durationMs, requests: reqs[i], closed: { concurrency: cc } } : null));
       }
       status?.start(`${pi + 1}/${c.phases.length} ${p.name}`, () => ({ rec, inFlight: inFlight.reduce((a, b) => a + b, 0), startMs }));
+      let cancelledByStop = 0;
       await pool.run(plans, (w, rs, f) => {
         inFlight[w] = f;
-        for (const r of rs) rec.add(r);
+        for (const r of rs) {
+          if (r.code === 'INTERRUPTED') cancelledByStop++;
+          else rec.add(r);
+        }
       });
+      const interrupted = aborted;
       status?.stop();
       const endMs = now();
       const wallMs = endMs - startMs;
@@ -318,7 +337,9 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
         timeToAcceptedMs: rec.distribution('accepted'),
         timeToFirstStepMs: rec.distribution('firstStep'),
         sendLagMs: rec.distribution('sendLag'),
-        slo: { met: objectives.every((o) => o.met), objectives },
+        slo: { met: interrupted ? null : objectives.every((o) => o.met), objectives },
+        interrupted,
+        cancelledByStop,
         server: c.metrics.length ? serverFigures(before, after, wallMs / 1000) : null,
         tool: { cpuMs: (cpu.user + cpu.system) / 1000, cpuPercentOfOneCore: wallMs > 0 ? ((cpu.user + cpu.system) / 1000 / wallMs) * 100 : 0, workerEventLoopUtilization: pool.eluSince(eluBefore) },
         timeseries: timeSeries(rec.results, origin, startMs, endMs, bucketMs),
@@ -336,8 +357,9 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
       campaign: { name: c.name, description: c.description, file: opts.file },
       target: c.target.address,
       workers,
-      aborted,
-      sloMet: !aborted && phases.every((p) => p.slo.met),
+      outcome: aborted ? 'interrupted' : phases.every((p) => p.slo.met) ? 'met' : 'missed',
+      interrupted: aborted,
+      sloMet: aborted ? null : phases.every((p) => p.slo.met),
       ...ghzSummary(all, span, new Date(origin || wall0)),
       images: phases.reduce((a, p) => a + p.images, 0),
       errors: phases.reduce((a, p) => a + p.errors, 0),

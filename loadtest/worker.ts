@@ -98,6 +98,8 @@ function main(): void {
   let pending: RequestResult[] = [];
   let inFlight = 0;
   const controllers = new Set<AbortController>();
+  // Requests the coordinator's stop (Ctrl-C) cancelled: the client's doing, not a server error.
+  const interrupted = new WeakSet<AbortController>();
 
   const flush = (phase: number): void => {
     if (pending.length === 0) return;
@@ -118,8 +120,13 @@ function main(): void {
         else if (ev.image) r.images++;
       }
     } catch (err) {
-      r.code = err instanceof DitpipeError ? codeName(err.code) : 'UNKNOWN';
-      r.error = (err as Error).message;
+      if (interrupted.has(ac)) {
+        r.code = 'INTERRUPTED';
+        r.error = 'cancelled by the load tester (run interrupted)';
+      } else {
+        r.code = err instanceof DitpipeError ? codeName(err.code) : 'UNKNOWN';
+        r.error = (err as Error).message;
+      }
     } finally {
       r.end = now();
       inFlight--;
@@ -197,7 +204,10 @@ function main(): void {
       runPhase(m.plan).catch((err: unknown) => post({ type: 'fatal', message: (err as Error).stack ?? String(err) }));
     } else if (m.type === 'stop') {
       current?.stop();
-      for (const ac of controllers) ac.abort();
+      for (const ac of controllers) {
+        interrupted.add(ac);
+        ac.abort();
+      }
     } else if (m.type === 'exit') {
       api.close();
       port.close();

@@ -70,6 +70,13 @@ export function schedulerMetrics(registry = new Registry()) {
     queueAckPending: new Gauge({ name: 'ditpipe_queue_taken_messages', help: 'Messages of a work queue taken by a replica and not yet acknowledged (read at scrape time).', labelNames: ['queue', 'model'], registers: r, collect: refresh }),
     imageTflops: new Histogram({ name: 'ditpipe_image_tflops', help: 'Sampling compute per generated image: steps times model rows per sample (2 with guidance) times Gflops, in Tflops (multiply-accumulates).', labelNames: ['model'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250], registers: r }),
     images: new Counter({ name: 'ditpipe_images_total', help: 'Images returned to clients.', labelNames: ['model'], registers: r }),
+    // What the scheduler itself sees of the pools (it has no access to the replicas' registries):
+    samplingGflops: new Counter({ name: 'ditpipe_scheduler_sampling_gflops_total', help: 'Sampling compute of the denoise steps answered, as the scheduler counts it: samples times model rows per sample (2 with guidance) times Gflops; the denoisers count the same work in ditpipe_sampling_gflops_total.', labelNames: ['model'], registers: r }),
+    stepBatchRows: new Histogram({ name: 'ditpipe_scheduler_step_batch_rows', help: 'Rows of the forward pass that served each denoise call (guidance rows included), as the denoiser reported in its answer.', labelNames: ['model'], buckets: ROW_BUCKETS, registers: r }),
+    stepQueueSeconds: new Histogram({ name: 'ditpipe_scheduler_step_queue_wait_seconds', help: 'Time each denoise call waited at the denoiser for its forward pass, as the denoiser reported in its answer.', labelNames: ['model'], buckets: LATENCY_BUCKETS, registers: r }),
+    decodes: new Counter({ name: 'ditpipe_scheduler_decodes_total', help: 'Decode calls sent to the decoder pool (retries excluded), by purpose: final images or previews.', labelNames: ['model', 'purpose'], registers: r }),
+    decodeSeconds: new Histogram({ name: 'ditpipe_scheduler_decode_seconds', help: 'Round trip of one decode call to the decoder pool, retries included, by purpose (final, preview).', labelNames: ['model', 'purpose'], buckets: LATENCY_BUCKETS, registers: r }),
+    previews: new Counter({ name: 'ditpipe_previews_total', help: 'Preview images by method and outcome: sent, skipped (the previous preview was still being made), late (ready after the final images started), failed.', labelNames: ['model', 'method', 'outcome'], registers: r }),
   };
 }
 export type SchedulerMetrics = ReturnType<typeof schedulerMetrics>;

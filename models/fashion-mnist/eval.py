@@ -38,6 +38,8 @@ def vae_round_trip(x):
     with torch.no_grad():
         for i in range(0, x.shape[0], 250):
             mean, _ = vae.encode(pad32(x[i:i + 250]))
+            # This row runs the VAE in torch, not through ditpipe's decoder, so it crops the
+            # padding itself, as the served model directory does (vae.json output_crop).
             rec = vae.decode(mean)[:, :, PAD:PAD + 28, PAD:PAD + 28]
             out.append(((rec + 1) * 127.5 + 0.5).floor().clamp(0, 255) / 127.5 - 1.0)
     return torch.cat(out)

@@ -1,7 +1,7 @@
 // Generates the evaluation sets through ditpipe itself: a running scheduler (gRPC, real services),
 // one set per sampler configuration, balanced over the 10 classes, each written as
-// <out>/<config>.safetensors with `images` U8 [N, 28, 28] (the 32×32 decode cropped by the 2-px
-// padding the VAE was trained with) and `labels` I64 [N], for eval.py to score. A set already
+// <out>/<config>.safetensors with `images` U8 [N, 28, 28] (as served: the VAE's model directory
+// crops the 2-px padding it was trained with) and `labels` I64 [N], for eval.py to score. A set already
 // written with the same size is kept, so a long run that stops can be started again.
 //
 //   node --import tsx models/fashion-mnist/eval_generate.ts --server 127.0.0.1:50051 --per-class 1000 --out models/fashion-mnist/runs/eval
@@ -29,7 +29,7 @@ const { values } = parseArgs({
 const perClass = Number(values['per-class']);
 const batch = Number(values.batch);
 const inFlight = Number(values['in-flight']);
-const CROP = 2;
+const SIZE = 28;
 
 interface Config {
   name: string;
@@ -64,7 +64,7 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
     continue;
   }
   const labels = Array.from({ length: total }, (_, i) => i % 10);
-  const images = new Uint8Array(total * 28 * 28);
+  const images = new Uint8Array(total * SIZE * SIZE);
   const started = Date.now();
   let done = 0;
   let next = 0;
@@ -83,9 +83,10 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
       });
       res.images.forEach((img, k) => {
         const px = decodePng(img.png);
-        if (px.channels !== 1 || px.width !== 32) throw new Error(`expected 32×32 grayscale, got ${px.width}×${px.height}×${px.channels}`);
-        const dst = (first + k) * 28 * 28;
-        for (let y = 0; y < 28; y++) images.set(px.data.subarray((y + CROP) * 32 + CROP, (y + CROP) * 32 + CROP + 28), dst + y * 28);
+        if (px.channels !== 1 || px.width !== SIZE || px.height !== SIZE) {
+          throw new Error(`expected ${SIZE}×${SIZE} grayscale (a VAE built from vae.json crops its padding), got ${px.width}×${px.height}×${px.channels}`);
+        }
+        images.set(px.data, (first + k) * SIZE * SIZE);
       });
       done += res.images.length;
       process.stderr.write(`\r${cfg.name}: ${done}/${total} images, ${((Date.now() - started) / 1000).toFixed(0)} s`);
@@ -94,7 +95,7 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
   await Promise.all(Array.from({ length: inFlight }, worker));
   process.stderr.write('\n');
   writeSafetensors(path, [
-    { name: 'images', dtype: 'U8', shape: [total, 28, 28], data: images },
+    { name: 'images', dtype: 'U8', shape: [total, SIZE, SIZE], data: images },
     { name: 'labels', dtype: 'I64', shape: [total], data: BigInt64Array.from(labels, (l) => BigInt(l)) },
   ], { config: cfg.name, steps: String(cfg.steps), cfg: String(cfg.cfg), seconds: String((Date.now() - started) / 1000) });
 }

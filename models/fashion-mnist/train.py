@@ -297,7 +297,9 @@ def cmd_encode(args):
                os.path.join(args.runs, "latents.pt"))
     meta.update({"scaling_factor": scaling, "latent_mean": float(z.mean()), "latent_std_unscaled": float(z.std()),
                  "test_mse_1000": test_mse, "encoded_images": int(mean.shape[0]),
-                 "input": "28x28 Fashion-MNIST in [-1,1], padded by 2 px of -1 to 32x32; crop [2:30,2:30] after decode"})
+                 "input": "28x28 Fashion-MNIST in [-1,1], padded by 2 px of -1 to 32x32; crop [2:30,2:30] after decode",
+                 # ditpipe's decoder crops this many pixels from each edge (model.json outputCrop)
+                 "output_crop": PAD})
     with open(os.path.join(args.out, "vae.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"[encode] scaling_factor {scaling:.5f} test_mse {test_mse:.5f} in {time.time() - t0:.0f}s", flush=True)

@@ -1,9 +1,11 @@
 // The decoder: turns sampled latents into images with a VAE decoder. Latents from many requests
-// share a forward pass (latents of one size per pass); PNG encoding runs on the inference thread.
+// share a forward pass (latents of one size per pass); the model directory's output crop and PNG
+// encoding run on the inference thread.
 import { randomUUID } from 'node:crypto';
 import { Batcher } from '../../shared/batching.ts';
 import { InvalidArgumentError, NotFoundError, UnavailableError } from '../../shared/errors.ts';
 import { ImageFormat, type DecodeRequest, type DecodeResponse, type DecoderDefinition, type DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
+import { croppedSize, isNoCrop } from '../../shared/image/crop.ts';
 import { decoderMetrics, type DecoderMetrics } from '../../shared/metrics.ts';
 import { readVaeModelDir, type VaeModelJson } from '../../shared/model/modeldir.ts';
 import { WorkerSession } from '../../shared/runtime/session.ts';
@@ -54,6 +56,7 @@ export class Decoder {
       maxBatch: config.maxBatch,
       executionProvider: config.executionProvider,
       instanceId: randomUUID(),
+      outputCrop: meta.outputCrop,
     };
     this.batcher = new Batcher((jobs, rows) => this.forward(jobs, rows), { maxRows: config.maxBatch, maxWaitMs: config.maxWaitMs, unit: 'images' });
   }
@@ -89,6 +92,10 @@ export class Decoder {
     if (png && this.meta.config.out_channels !== 1 && this.meta.config.out_channels !== 3) {
       throw new InvalidArgumentError(`format: PNG needs 1 or 3 image channels; this VAE makes ${this.meta.config.out_channels} (ask for IMAGE_FORMAT_RAW)`, { field: 'format' });
     }
+    const served = croppedSize(h * this.upsample, w * this.upsample, this.meta.outputCrop);
+    if (served.height < 1 || served.width < 1) {
+      throw new InvalidArgumentError(`latents: ${h}×${w} latents decode to ${h * this.upsample}×${w * this.upsample} images, nothing left after this VAE's output crop`, { field: 'latents' });
+    }
     // Latents of one size share a pass.
     const done = await this.batcher.submit({ n, h, w, latents: data, png }, n, ctx?.signal, `${h}x${w}`);
     const labels = { model: this.name };
@@ -115,7 +122,8 @@ export class Decoder {
     }
     const started = performance.now();
     const wantPng = jobs.some((j) => j.png);
-    const res = await this.session.run({ z: { type: 'float32', dims: [images, c, h, w], data: z } }, wantPng ? { png: { output: 'image' } } : {});
+    const crop = isNoCrop(this.meta.outputCrop) ? undefined : { output: 'image', margins: this.meta.outputCrop! };
+    const res = await this.session.run({ z: { type: 'float32', dims: [images, c, h, w], data: z } }, { crop, png: wantPng ? { output: 'image' } : undefined });
     const ms = performance.now() - started;
     const labels = { model: this.name };
     this.metrics.decodeSeconds.observe(labels, ms / 1000);

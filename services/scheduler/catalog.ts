@@ -4,6 +4,7 @@ import { FailedPreconditionError, NotFoundError, UnavailableError, toDitpipeErro
 import type { DecoderDefinition, DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import type { DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import type { ModelInfo } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { servedImageSize } from '../../shared/image/crop.ts';
 import type { ClientWorkEvent, QueueSettings, RpcClient, Transport } from '../../shared/transport/types.ts';
 import type { SchedulerConfig } from './config.ts';
 
@@ -165,7 +166,7 @@ export class Catalog {
         params: m.denoiser.params,
         gflops: m.denoiser.gflops,
         replicas: new Set(denoisers.map((d) => d.instanceId)).size,
-        imageSize: (c?.inputSize ?? 0) * upsample,
+        imageSize: servedImageSize(c?.inputSize ?? 0, { upsample, outputCrop: m.decoder?.outputCrop }).width,
         imageChannels: m.decoder?.outChannels ?? 0,
         decoderReplicas: new Set(decoders.map((d) => d.instanceId)).size,
       });

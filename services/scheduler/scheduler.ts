@@ -16,16 +16,19 @@ import {
   toDitpipeError,
 } from '../../shared/errors.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
-import { ImageFormat } from '../../shared/gen/ditpipe/v1/decoder.ts';
+import { ImageFormat, type DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import {
   OutputFormat,
+  PreviewMethod,
   SamplerKind,
   type GenerateEvent,
   type GenerateRequest,
   type GenerateResponse,
   type Image,
+  type Preview,
   type Timings,
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { servedImageSize } from '../../shared/image/crop.ts';
 import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
 import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
@@ -34,6 +37,8 @@ import { DecoderDefinition } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import { DenoiserDefinition } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { Catalog, type ServedModel } from './catalog.ts';
 import type { SchedulerConfig } from './config.ts';
+import { Previews, type PreviewPlan } from './preview.ts';
+import { calibrationLatents, fitProjection, projectToPng, type Projection } from './projection.ts';
 
 /** A request after validation: everything the loop needs, nothing left to check. */
 interface Plan {
@@ -47,6 +52,7 @@ interface Plan {
   eta: number;
   seed: bigint;
   raw: boolean;
+  preview: PreviewPlan | null;
 }
 
 export interface GenerateOptions {
@@ -77,6 +83,8 @@ export class Scheduler {
   readonly metrics: SchedulerMetrics;
   private samplesInFlight = 0;
   private readonly active = new Set<Promise<unknown>>();
+  /** Latent-to-pixel maps for projection previews, per VAE and latent size, fitted on first use. */
+  private readonly projections = new Map<string, Promise<Projection>>();
   private stopping = false;
   /** Deliveries a call gets from the work queue (its attempts). */
   private readonly maxDeliver: number;
@@ -129,11 +137,16 @@ export class Scheduler {
 
   async generate(req: GenerateRequest, opts: GenerateOptions = {}): Promise<GenerateResponse> {
     const arrived = performance.now();
-    const run = this.run(req, opts, arrived);
+    // No event after the outcome: a preview still being decoded when a request fails stays unsent.
+    let settled = false;
+    const { onEvent } = opts;
+    const guarded = onEvent && { ...opts, onEvent: (e: GenerateEvent) => void (settled || onEvent(e)) };
+    const run = this.run(req, guarded || opts, arrived);
     this.active.add(run);
     try {
       return await run;
     } finally {
+      settled = true;
       this.active.delete(run);
     }
   }
@@ -144,7 +157,7 @@ export class Scheduler {
       if (this.stopping) throw new ResourceExhaustedError('the scheduler is shutting down; retry on another scheduler');
       // Fail fast while NATS is away: a new request could only wait out its deadline.
       if (!this.transport.connected) throw new UnavailableError('the scheduler has lost its connection to NATS and is reconnecting; retry shortly');
-      plan = await this.plan(req);
+      plan = await this.plan(req, opts.onEvent !== undefined);
       this.admit(plan.labels.length);
     } catch (err) {
       const e = toDitpipeError(err);
@@ -184,7 +197,7 @@ export class Scheduler {
   }
 
   /** Validates every field; errors are INVALID_ARGUMENT naming the field (NOT_FOUND for an unknown model). */
-  private async plan(req: GenerateRequest): Promise<Plan> {
+  private async plan(req: GenerateRequest, streaming: boolean): Promise<Plan> {
     if (!req.model) throw new InvalidArgumentError('model is required (see ListModels)', { field: 'model' });
     const n = req.classLabels.length;
     if (n === 0) throw new InvalidArgumentError('class_labels must name at least one class', { field: 'class_labels' });
@@ -213,6 +226,15 @@ export class Scheduler {
     const fmt = req.outputFormat;
     if (fmt !== OutputFormat.OUTPUT_FORMAT_UNSPECIFIED && fmt !== OutputFormat.OUTPUT_FORMAT_PNG && fmt !== OutputFormat.OUTPUT_FORMAT_RAW_LATENT) {
       throw new InvalidArgumentError(`output_format: unknown value ${fmt}`, { field: 'output_format' });
+    }
+    let preview: PreviewPlan | null = null;
+    if (req.preview && req.preview.everySteps > 0) {
+      if (!streaming) throw new InvalidArgumentError('preview: previews need a streaming request (GenerateStream, or "stream": true over HTTP); Generate returns the final images only', { field: 'preview' });
+      const m = req.preview.method;
+      if (m !== PreviewMethod.PREVIEW_METHOD_UNSPECIFIED && m !== PreviewMethod.PREVIEW_METHOD_DECODER && m !== PreviewMethod.PREVIEW_METHOD_PROJECTION) {
+        throw new InvalidArgumentError(`preview.method: unknown value ${m}`, { field: 'preview.method' });
+      }
+      preview = { every: req.preview.everySteps, method: m === PreviewMethod.PREVIEW_METHOD_PROJECTION ? 'projection' : 'decoder' };
     }
     const model = await this.catalog.get(req.model);
     const numClasses = model.denoiser.config?.numClasses ?? 0;
@@ -246,6 +268,7 @@ export class Scheduler {
       eta,
       seed,
       raw: fmt === OutputFormat.OUTPUT_FORMAT_RAW_LATENT,
+      preview,
     };
   }
 
@@ -283,7 +306,7 @@ export class Scheduler {
       throw err;
     }
     const queueMs = performance.now() - arrived;
-    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs } });
+    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs, cfgScale: plan.cfgScale } });
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
     const denoiseStart = performance.now();
@@ -295,6 +318,8 @@ export class Scheduler {
     const rowBudget = model.denoiser.maxBatchRows || Number.POSITIVE_INFINITY;
     const chunk = Math.max(1, Math.floor(rowBudget / guidanceRows(1, plan.cfgScale)));
     const modelOut = new Float32Array(n * outPer);
+    const stepGflops = n * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops;
+    const previews = plan.preview ? await this.previews(plan, opts, inPer) : null;
     for (let p = next(state); p !== null; p = next(state)) {
       this.checkAlive(opts);
       const step = p;
@@ -323,14 +348,18 @@ export class Scheduler {
               },
             )
             .then((res) => {
+              this.observeStep(labels, res);
               modelOut.set(readF32Tensor(res.out, 'out', [b - a, outChannels, c.inputSize, c.inputSize]).data, a * outPer);
             }),
         );
       }
       await Promise.all(calls);
+      this.metrics.samplingGflops.inc(labels, stepGflops);
+      previews?.afterStep(step.step, state, modelOut); // before advance: reads the step's x_t
       advance(state, modelOut);
       opts.onEvent?.({ progress: { step: step.step + 1, numSteps: plan.numSteps } });
     }
+    previews?.close();
     const denoiseMs = performance.now() - denoiseStart;
     const tflops = (plan.numSteps * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops) / 1000;
     for (let i = 0; i < n; i++) this.metrics.imageTflops.observe(labels, tflops);
@@ -363,6 +392,7 @@ export class Scheduler {
       await Promise.all(
         plan.labels.map(async (_, i) => {
           const started = performance.now();
+          this.metrics.decodes.inc({ ...labels, purpose: 'final' });
           const res = await decoder.decode(
             { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * inPer, (i + 1) * inPer)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
             {
@@ -371,8 +401,9 @@ export class Scheduler {
               timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
             },
           );
-          const side = c.inputSize * info.upsample;
-          images[i] = { ...base(i), png: res.png[0], width: side, height: side };
+          this.metrics.decodeSeconds.observe({ ...labels, purpose: 'final' }, (performance.now() - started) / 1000);
+          const size = servedImageSize(c.inputSize, info);
+          images[i] = { ...base(i), png: res.png[0], width: size.width, height: size.height };
           opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }) } });
         }),
       );
@@ -382,6 +413,80 @@ export class Scheduler {
     const all = timings({ queueMs, denoiseMs, decodeMs, totalMs: performance.now() - arrived });
     opts.onEvent?.({ completed: { timings: all, numImages: n } });
     return { images, timings: all, requestId: plan.id, model: model.name, seed: plan.seed, numSteps: plan.numSteps };
+  }
+
+  /** What the denoiser reported with a step's answer (the scheduler cannot read its metrics). */
+  private observeStep(labels: { model: string }, res: { batchRows: number; queueMs: number }): void {
+    if (res.batchRows > 0) this.metrics.stepBatchRows.observe(labels, res.batchRows);
+    this.metrics.stepQueueSeconds.observe(labels, res.queueMs / 1000);
+  }
+
+  /** Previews of a request: x0 predictions decoded by the model's decoder pool, or projected here. */
+  private async previews(plan: Plan, opts: GenerateOptions, inPer: number): Promise<Previews> {
+    const { model } = plan;
+    const c = model.denoiser.config!;
+    const { vae, info } = await this.catalog.decoderFor(model);
+    const decoder = this.catalog.decoderClient(vae);
+    const labels = { model: model.name, purpose: 'preview' };
+    const size = servedImageSize(c.inputSize, info);
+    const sink = {
+      model: model.name,
+      numSteps: plan.numSteps,
+      count: plan.labels.length,
+      perSample: inPer,
+      metrics: this.metrics,
+      emit: (preview: Preview) => opts.onEvent?.({ preview }),
+    };
+    if (plan.preview!.method === 'projection') {
+      const projection = await this.projection(plan, vae, info, opts);
+      return new Previews(plan.preview!, { ...sink, render: async (latent) => ({ png: projectToPng(projection, latent, c.inputSize), width: c.inputSize, height: c.inputSize }) });
+    }
+    return new Previews(plan.preview!, {
+      ...sink,
+      render: async (latent) => {
+        const started = performance.now();
+        this.metrics.decodes.inc(labels);
+        // A preview is not worth a retry: a later one replaces it.
+        const res = await decoder.decode(
+          { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latent), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
+          { signal: opts.signal, retries: 0, timeoutMs: Math.min(this.config.decodeTimeoutMs, this.callBudget(opts, this.config.decodeTimeoutMs)) },
+        );
+        this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
+        return { png: res.png[0], width: size.width, height: size.height };
+      },
+    });
+  }
+
+  /**
+   * The latent-to-pixel map of a VAE at this latent size: fitted once (8 calibration decodes on the
+   * decoder pool, under the first request's signal), then shared; a failed fit is tried again later.
+   */
+  private projection(plan: Plan, vae: string, info: DecoderInfo, opts: GenerateOptions): Promise<Projection> {
+    const c = plan.model.denoiser.config!;
+    const key = `${vae}/${c.inChannels}x${c.inputSize}`;
+    let p = this.projections.get(key);
+    if (!p) {
+      const decoder = this.catalog.decoderClient(vae);
+      const count = 8;
+      const per = c.inChannels * c.inputSize * c.inputSize;
+      const latents = calibrationLatents(count, c.inChannels, c.inputSize);
+      const labels = { model: plan.model.name, purpose: 'calibration' };
+      p = Promise.all(
+        Array.from({ length: count }, async (_, i) => {
+          const started = performance.now();
+          this.metrics.decodes.inc(labels);
+          const res = await decoder.decode(
+            { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * per, (i + 1) * per)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
+            { signal: opts.signal, timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs), attemptTimeoutMs: this.config.decodeTimeoutMs },
+          );
+          this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
+          return res.png[0];
+        }),
+      ).then((pngs) => fitProjection(latents, c.inChannels, c.inputSize, pngs, { upsample: info.upsample, crop: info.outputCrop }));
+      p.catch(() => this.projections.delete(key));
+      this.projections.set(key, p);
+    }
+    return p;
   }
 
   /** Refuses new requests and waits up to graceMs for those in flight. */

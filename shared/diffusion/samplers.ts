@@ -245,3 +245,39 @@ export function dpmppStep(
   }
   mem.prevH = h;
 }
+
+/**
+ * The x0 (clean latent) prediction of one step at respaced index `index`, as the sampler's own
+ * update computes it before using it: float32 in the original's operation order for DDPM and DDIM
+ * (`ddpm`), float64 for DPM-Solver++ (`dpmpp`), clamped when `clipDenoised`. The step functions
+ * above are left as they are (their numerics are pinned by the golden trajectories); this is a
+ * separate pass over the latent, paid only by a caller that wants the prediction (previews).
+ */
+export function predictX0(
+  d: SpacedDiffusion,
+  index: number,
+  x: Float32Array,
+  modelOut: Float32Array,
+  layout: StepLayout,
+  opts: { readonly arithmetic: 'float32' | 'float64'; readonly clipDenoised?: boolean },
+  out: Float32Array,
+): void {
+  checkStep(d, index, layout, x, modelOut, out);
+  const { count, channels, plane, outChannels } = layout;
+  const clip = opts.clipDenoised === true;
+  const f32 = opts.arithmetic === 'float32';
+  const ab = d.alphasCumprod[index];
+  const sr = f32 ? Math.fround(d.sqrtRecipAlphasCumprod[index]) : 1 / Math.sqrt(ab);
+  const srm1 = f32 ? Math.fround(d.sqrtRecipm1AlphasCumprod[index]) : Math.sqrt(1 - ab) / Math.sqrt(ab);
+  for (let s = 0; s < count; s++) {
+    for (let c = 0; c < channels; c++) {
+      const xo = (s * channels + c) * plane;
+      const eo = (s * outChannels + c) * plane;
+      for (let p = 0; p < plane; p++) {
+        let x0 = f32 ? Math.fround(Math.fround(sr * x[xo + p]) - Math.fround(srm1 * modelOut[eo + p])) : sr * x[xo + p] - srm1 * modelOut[eo + p];
+        if (clip) x0 = x0 < -1 ? -1 : x0 > 1 ? 1 : x0;
+        out[xo + p] = x0;
+      }
+    }
+  }
+}

@@ -9,6 +9,7 @@ import {
   ddpmStep,
   dpmppMemory,
   dpmppStep,
+  predictX0 as predictX0At,
   type DpmppMemory,
   type StepLayout,
   type VarianceType,
@@ -223,6 +224,21 @@ export function advance(state: SamplerState, modelOutput: Float32Array): Sampler
   if (state.trajectory) state.trajectory.set(x, step * x.length);
   state.stepsDone = step + 1;
   return state;
+}
+
+/**
+ * The model's prediction of the clean latent for the pending step, given that step's model output
+ * (what `advance` is about to be fed), written into `out` [count, C, H, W]: the x0 the sampler's
+ * update uses, in its arithmetic. Call it after `next` and before `advance`, which overwrites the
+ * latent it reads. Nothing is computed unless this is called, and the state is not touched.
+ */
+export function predictX0(state: SamplerState, modelOutput: Float32Array, out: Float32Array = new Float32Array(state.x.length)): Float32Array {
+  if (isDone(state)) throw new DiffusionInputError('state', 'sampling is already finished');
+  if (!(modelOutput instanceof Float32Array)) throw new DiffusionInputError('modelOutput', 'must be a Float32Array');
+  const index = state.totalSteps - 1 - state.stepsDone;
+  const arithmetic = state.sampler === 'dpmpp' ? 'float64' : 'float32';
+  predictX0At(state.diffusion, index, state.x, modelOutput, state.layout, { arithmetic, clipDenoised: state.clipDenoised }, out);
+  return out;
 }
 
 /** The final latent [count, C, H, W]; throws while steps remain. */

@@ -1,6 +1,6 @@
 // A labelled sample grid (one row per label, images side by side), as PNG bytes. jimp does the
 // compositing, nearest-neighbour upscaling of small images and the text (its bundled bitmap font).
-import { Jimp, ResizeStrategy, loadFont } from 'jimp';
+import { Jimp, ResizeStrategy, loadFont, measureText } from 'jimp';
 import { SANS_16_BLACK } from 'jimp/fonts';
 
 export interface GridRow {
@@ -19,8 +19,10 @@ export async function labelledGrid(rows: GridRow[], opts: { scale?: number; titl
   const labelWidth = 130;
   const titleHeight = opts.title ? 28 : 0;
   const cols = Math.max(...rows.map((r) => r.pngs.length));
-  const canvas = new Jimp({ width: labelWidth + cols * (w + gap) + gap, height: titleHeight + rows.length * (h + gap) + gap, color: 0xffffffff });
   const font = await loadFont(SANS_16_BLACK);
+  // Wide enough for the whole title (steps, cfg and seed must not be cut off on a small grid).
+  const width = Math.max(labelWidth + cols * (w + gap) + gap, opts.title ? measureText(font, opts.title) + 2 * gap : 0);
+  const canvas = new Jimp({ width, height: titleHeight + rows.length * (h + gap) + gap, color: 0xffffffff });
   if (opts.title) canvas.print({ font, x: gap, y: 6, text: opts.title });
   images.forEach((row, r) => {
     const y = titleHeight + gap + r * (h + gap);

@@ -110,15 +110,35 @@ export interface ResolvedDit {
 
 const partialConfig = ditConfigSchema.partial().strict();
 
-/** Validates a user-supplied (partial) config object; errors name the field. */
-export function parseDitConfig(raw: unknown, where = '--config'): Partial<DitConfig> {
-  const r = partialConfig.safeParse(raw);
+export interface DitConfigJson {
+  config: Partial<DitConfig>;
+  /** A training record's `class_names`. */
+  classNames?: string[];
+}
+
+/**
+ * Validates a user-supplied config: the DiT constructor arguments (any subset, nothing else), or a
+ * training record holding them under `config`, beside `class_names` and whatever else the run
+ * recorded (what models/fashion-mnist/dit.json is). Errors name the field.
+ */
+export function parseDitConfigJson(raw: unknown, where = '--config'): DitConfigJson {
+  const record = typeof raw === 'object' && raw !== null && !Array.isArray(raw) && 'config' in raw ? (raw as { config: unknown; class_names?: unknown }) : null;
+  const r = partialConfig.safeParse(record ? record.config : raw);
   if (!r.success) {
     const issue = r.error.issues[0];
-    const field = issue.path.join('.');
+    const field = [...(record ? ['config'] : []), ...issue.path].join('.');
     throw new DitConfigError(`${where}: ${field ? `field "${field}": ` : ''}${issue.message}`);
   }
-  return r.data;
+  const names = record?.class_names;
+  if (names !== undefined && !(Array.isArray(names) && names.every((n) => typeof n === 'string'))) {
+    throw new DitConfigError(`${where}: field "class_names": expected an array of strings`);
+  }
+  return { config: r.data, ...(names ? { classNames: names as string[] } : {}) };
+}
+
+/** The constructor arguments of a user-supplied config (see parseDitConfigJson). */
+export function parseDitConfig(raw: unknown, where = '--config'): Partial<DitConfig> {
+  return parseDitConfigJson(raw, where).config;
 }
 
 /**

@@ -3,8 +3,10 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
+import { imageCropSchema } from '../image/crop.ts';
 import { writeOnnx, type WriteOptions } from '../onnx/write.ts';
 import type { Graph } from '../onnx/graph.ts';
+import { VERSION } from '../version.ts';
 
 export const MODEL_JSON = 'model.json';
 export const MODEL_ONNX = 'model.onnx';
@@ -77,6 +79,11 @@ export const modelJsonSchema = z.discriminatedUnion('kind', [
     config: vaeConfigSchema,
     /** Latents produced by sampling are divided by this before decoding (SD: 0.18215). */
     scalingFactor: z.number().positive(),
+    /**
+     * Pixels the decoder removes from each edge of every decoded image (an autoencoder trained on
+     * padded images); absent means none. The graph itself is not cropped: the decoder applies it.
+     */
+    outputCrop: imageCropSchema.optional(),
   }),
 ]);
 export type ModelJson = z.infer<typeof modelJsonSchema>;
@@ -167,7 +174,7 @@ export function writeModelDir(dir: string, graph: Graph, draft: ModelJsonDraft, 
     weightDtype: opts.weightDtype ?? 'float32',
     onnx: MODEL_ONNX,
     externalData: res.externalData,
-    createdBy: 'ditpipe 0.1.0',
+    createdBy: `ditpipe ${VERSION}`,
     graphRevision: GRAPH_REVISION,
   });
   writeFileSync(join(dir, MODEL_JSON), `${JSON.stringify(meta, null, 2)}\n`);

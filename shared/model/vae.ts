@@ -3,6 +3,7 @@
 // resnet) → up blocks → GroupNorm → SiLU → conv_out. GroupNormalization needs opset 18, so it is
 // composed from InstanceNormalization over [B, G, C/G·H·W] plus a per-channel affine.
 import { z } from 'zod';
+import { imageCropSchema, type ImageCrop } from '../image/crop.ts';
 import { Graph, GraphError, type Dim, type Value } from '../onnx/graph.ts';
 import { expectShape, WeightsError, type WeightFile } from '../weights/index.ts';
 import type { VaeConfig } from './modeldir.ts';
@@ -19,8 +20,8 @@ import {
 export { detectVaeNames, vaeNames, VAE_FORMATS } from './vae-names.ts';
 export type { VaeFormat, VaeNames, VaeNameScheme } from './vae-names.ts';
 
-/** The scaling factor of the Stable Diffusion VAE (sd-vae-ft-ema/-mse), used when none is given. */
-export const DEFAULT_SCALING_FACTOR = 0.18215;
+/** The scaling factor of the Stable Diffusion VAE (sd-vae-ft-ema/-mse); never assumed, only suggested. */
+export const SD_SCALING_FACTOR = 0.18215;
 /** norm_num_groups cannot be read off the weight shapes; this is AutoencoderKL's default. */
 export const DEFAULT_NORM_GROUPS = 32;
 /** Latent size used to count MACs when none is configured (a 256×256 image with an 8× VAE). */
@@ -37,6 +38,10 @@ export class VaeConfigError extends Error {
 }
 
 // ---- configuration -------------------------------------------------------------------------
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
 
 /**
  * The `--config` JSON: diffusers `AutoencoderKL` config.json names. Keys that only concern the
@@ -55,19 +60,31 @@ const configJsonSchema = z
     act_fn: z.literal('silu', { message: 'only "silu" is supported' }).optional(),
     up_block_types: z.array(z.literal('UpDecoderBlock2D', { message: 'only UpDecoderBlock2D is supported' })).optional(),
     mid_block_add_attention: z.literal(true, { message: 'a decoder without mid-block attention is not supported' }).optional(),
+    /** ditpipe's own key: pixels the decoder crops from each edge (a number for every edge, or per edge). */
+    output_crop: z.union([z.number().int().min(0), imageCropSchema]).optional(),
   })
   .passthrough();
 
 export interface VaeConfigJson {
   config: Partial<VaeConfig>;
   scalingFactor?: number;
+  outputCrop?: ImageCrop;
   /** diffusers' `sample_size` (image pixels), turned into a latent size once the depth is known. */
   sampleSize?: number;
   upBlockCount?: number;
 }
 
-/** Validates a parsed `--config` object; the error names the offending field. */
+/**
+ * Validates a parsed `--config` object, the error naming the offending field. Takes a diffusers
+ * `config.json`, or a training record that holds one under `config` with the top-level keys
+ * beside it (what models/fashion-mnist/vae.json is: `{ config: {...}, scaling_factor, output_crop }`).
+ */
 export function parseVaeConfigJson(raw: unknown, source = 'config'): VaeConfigJson {
+  if (isRecord(raw) && isRecord(raw.config)) {
+    const { config, ...top } = raw;
+    const pick = Object.fromEntries(['scaling_factor', 'output_crop'].filter((k) => k in top).map((k) => [k, top[k]]));
+    raw = { ...config, ...pick };
+  }
   const parsed = configJsonSchema.safeParse(raw);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
@@ -81,9 +98,11 @@ export function parseVaeConfigJson(raw: unknown, source = 'config'): VaeConfigJs
   if (c.norm_num_groups !== undefined) config.norm_num_groups = c.norm_num_groups;
   if (c.out_channels !== undefined) config.out_channels = c.out_channels;
   if (c.latent_size !== undefined) config.latent_size = c.latent_size;
+  const crop = c.output_crop;
   return {
     config,
     scalingFactor: c.scaling_factor,
+    outputCrop: typeof crop === 'number' ? { top: crop, right: crop, bottom: crop, left: crop } : crop,
     sampleSize: c.sample_size,
     upBlockCount: c.up_block_types?.length,
   };

@@ -1,8 +1,10 @@
 // Worker thread that owns one onnxruntime InferenceSession. `session.run` is synchronous inside the
 // native binding, so it lives here, off the event loop that serves NATS, gRPC health and metrics.
-// Optional post-processing (PNG encoding of decoded images) runs here too, for the same reason.
+// Optional post-processing (cropping and PNG encoding of decoded images) runs here too, for the
+// same reason.
 import { parentPort, workerData } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
+import { cropImages } from '../image/crop.ts';
 import { encodePngs } from '../image/png.ts';
 import type { WorkerData, WorkerReply, WorkerRequest, WireTensor } from './protocol.ts';
 
@@ -44,6 +46,10 @@ port.on('message', (msg: WorkerRequest) => {
       const out = await session.run(feeds);
       const outputs: Record<string, WireTensor> = {};
       for (const [name, t] of Object.entries(out)) outputs[name] = toWire(t);
+      if (msg.crop) {
+        const t = outputs[msg.crop.output];
+        outputs[msg.crop.output] = { type: t.type, ...cropImages({ dims: t.dims, data: t.data as Float32Array }, msg.crop.margins) };
+      }
       const ms = performance.now() - started;
       const pngs = msg.png ? encodePngs(outputs[msg.png.output]) : undefined;
       const transfer = [...Object.values(outputs).map((t) => t.data.buffer as ArrayBuffer), ...(pngs ?? []).map((p) => p.buffer as ArrayBuffer)];

@@ -1,4 +1,6 @@
 // Messages between WorkerSession (main thread) and ort-worker (inference thread).
+import type { ImageCrop } from '../image/crop.ts';
+
 export type ExecutionProvider = 'cpu' | 'cuda';
 export type TensorData = Float32Array | BigInt64Array | Int32Array;
 
@@ -16,7 +18,7 @@ export interface WorkerData {
 }
 
 export type WorkerRequest =
-  | { kind: 'run'; id: number; feeds: Record<string, WireTensor>; png?: { output: string } }
+  | { kind: 'run'; id: number; feeds: Record<string, WireTensor>; crop?: { output: string; margins: ImageCrop }; png?: { output: string } }
   | { kind: 'close' };
 
 export type WorkerReply =

@@ -2,6 +2,7 @@
 // session: callers batch work before they call `run` (the denoiser and decoder do).
 import { Worker } from 'node:worker_threads';
 
+import type { ImageCrop } from '../image/crop.ts';
 import type { ExecutionProvider, WireTensor, WorkerReply, WorkerRequest } from './protocol.ts';
 
 export type { ExecutionProvider, TensorData, WireTensor } from './protocol.ts';
@@ -86,13 +87,14 @@ export class WorkerSession {
 
   /**
    * Runs one forward pass; input buffers are transferred to the worker (do not reuse them). With
-   * `png`, the named output ([N, 1 or 3, H, W] float images) is also encoded as PNGs on the worker.
+   * `crop`, the named output ([N, C, H, W] float images) is cropped on the worker; with `png`, the
+   * named output (cropped first) is also encoded as PNGs there.
    */
-  run(feeds: Record<string, WireTensor>, opts: { png?: { output: string } } = {}): Promise<RunResult> {
+  run(feeds: Record<string, WireTensor>, opts: { crop?: { output: string; margins: ImageCrop }; png?: { output: string } } = {}): Promise<RunResult> {
     if (this.closed) return Promise.reject(new SessionError('session is closed'));
     const id = this.nextId++;
     const transfer = Object.values(feeds).map((t) => t.data.buffer as ArrayBuffer);
-    const msg: WorkerRequest = { kind: 'run', id, feeds, png: opts.png };
+    const msg: WorkerRequest = { kind: 'run', id, feeds, crop: opts.crop, png: opts.png };
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       this.worker.postMessage(msg, transfer);

@@ -1,14 +1,18 @@
 // gRPC server plumbing shared by every ditpipe gRPC server: standard health checking
 // (grpc.health.v1, via grpc-health-check) and server reflection (v1 and v1alpha, via
-// @grpc/reflection) from the descriptor set that `npm run gen` writes to shared/gen/descriptor.binpb.
+// @grpc/reflection) from the descriptor set that `npm run gen` writes to shared/gen/descriptor.binpb,
+// plus the health and reflection protos themselves, so reflection lists all the server serves.
 //
 //   const server = new grpc.Server();
 //   server.addService(SamplerService, impl);
 //   const health = addHealthAndReflection(server, ['ditpipe.v1.Sampler']);
 //   ...on SIGTERM: health.setStatus('', 'NOT_SERVING'); ...
 import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
 
 import type { Server } from '@grpc/grpc-js';
+import { loadSync } from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { BinaryReader, WireType } from '@bufbuild/protobuf/wire';
 import { HealthImplementation } from 'grpc-health-check';
@@ -42,10 +46,38 @@ export const SERVICE_NAMES = {
   decoder: 'ditpipe.v1.Decoder',
 } as const;
 
+/** The standard services every ditpipe gRPC server serves beside its own, as reflection lists them. */
+export const STANDARD_SERVICES = ['grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection', 'grpc.reflection.v1alpha.ServerReflection'] as const;
+
+let standardFiles: Uint8Array[] | undefined;
+
 /**
- * Adds grpc.health.v1.Health and server reflection to a grpc-js server. Every name in
- * serviceNames, and the overall server (""), starts SERVING; set them NOT_SERVING on shutdown
- * through the returned HealthImplementation. Reflection lists exactly serviceNames.
+ * FileDescriptorProtos of the health and reflection protos, from the .proto files the packages
+ * implementing them ship (so reflection can describe them, as `grpcurl describe` expects).
+ */
+function standardFileProtos(): Uint8Array[] {
+  if (standardFiles) return standardFiles;
+  const require = createRequire(import.meta.url);
+  const health = join(dirname(require.resolve('grpc-health-check/package.json')), 'proto');
+  const reflection = join(dirname(require.resolve('@grpc/reflection/package.json')), 'build/proto');
+  const pkg = loadSync(['health/v1/health.proto', 'grpc/reflection/v1/reflection.proto', 'grpc/reflection/v1alpha/reflection.proto'], { includeDirs: [health, reflection] });
+  const seen = new Set<string>();
+  standardFiles = [];
+  for (const def of Object.values(pkg)) {
+    for (const f of (def as { fileDescriptorProtos?: Uint8Array[] }).fileDescriptorProtos ?? []) {
+      const key = Buffer.from(f).toString('base64');
+      if (!seen.has(key)) standardFiles.push(f);
+      seen.add(key);
+    }
+  }
+  return standardFiles;
+}
+
+/**
+ * Adds grpc.health.v1.Health and server reflection (v1 and v1alpha) to a grpc-js server. Every
+ * name in serviceNames, and the overall server (""), starts SERVING; set them NOT_SERVING on
+ * shutdown through the returned HealthImplementation. Reflection lists every service the server
+ * serves: serviceNames plus STANDARD_SERVICES, each with its descriptors.
  */
 export function addHealthAndReflection(server: Server, serviceNames: readonly string[]): HealthImplementation {
   const files = descriptorFileProtos();
@@ -61,7 +93,7 @@ export function addHealthAndReflection(server: Server, serviceNames: readonly st
   const health = new HealthImplementation(status);
   health.addToServer(server);
   // @grpc/reflection only reads `fileDescriptorProtos` from the package definition's entries.
-  const pkg = { ditpipe: { fileDescriptorProtos: files } } as unknown as PackageDefinition;
-  new ReflectionService(pkg, { services: [...serviceNames] }).addToServer(server);
+  const pkg = { ditpipe: { fileDescriptorProtos: files }, standard: { fileDescriptorProtos: standardFileProtos() } } as unknown as PackageDefinition;
+  new ReflectionService(pkg, { services: [...serviceNames, ...STANDARD_SERVICES] }).addToServer(server);
   return health;
 }

@@ -8,6 +8,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { decodePng } from '../../shared/image/png.ts';
 import { readFileSync } from 'node:fs';
 import { assertNoNatsServersRunning, startNatsServer } from '../helpers/nats.ts';
+import { healthStatus } from '../helpers/grpc.ts';
 import { testModels } from '../helpers/models.ts';
 
 const BIN = resolve(import.meta.dirname, '../../bin/ditpipe.js');
@@ -22,7 +23,7 @@ function run(args: string[], env: Record<string, string> = {}): { status: number
 describe('ditpipe start', () => {
   const { ditDir, vaeDir } = testModels();
   const args = (out: string): string[] => [
-    'start', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '0', '--metrics-port', '-1', '--grid-samples', '2', '--grid-steps', '4', '--grid-out', out, '--exit-after-grid',
+    'start', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '0', '--http-port', '0', '--metrics-port', '-1', '--grid-samples', '2', '--grid-steps', '4', '--grid-out', out, '--exit-after-grid',
   ];
 
   it('runs the pipeline in one process and writes a labelled grid', () => {
@@ -30,6 +31,8 @@ describe('ditpipe start', () => {
     const r = run(args(out), { NATS_URL: '' });
     expect(r.status, r.out).toBe(0);
     expect(r.out).toContain('in-process bus');
+    // npm start tells where the playground is (port 0 here: whichever port the server got).
+    expect(r.out).toMatch(/playground: open http:\/\/127\.0\.0\.1:[1-9]\d*\/ /);
     expect(r.out).toContain(`sample grid: ${join(out, 'grid.png')}`);
     expect(readdirSync(out).filter((f) => f.endsWith('.png'))).toHaveLength(21); // 10 classes × 2 + grid
     const grid = decodePng(readFileSync(join(out, 'grid.png')));
@@ -43,7 +46,7 @@ describe('ditpipe start', () => {
       const r = run(args(out), { NATS_URL: nats.url });
       expect(r.status, r.out).toBe(0);
       expect(r.out).toContain(`transport: NATS at ${nats.url}`);
-      for (const f of readdirSync(out).filter((n) => n !== 'grid.png')) {
+      for (const f of readdirSync(out).filter((n) => n.endsWith('.png') && n !== 'grid.png')) {
         expect(readFileSync(join(out, f)).equals(readFileSync(join(dir, 'inproc', f))), f).toBe(true);
       }
     } finally {
@@ -56,7 +59,7 @@ describe('ditpipe start', () => {
 describe('ditpipe up + generate', () => {
   it('starts a cluster of processes, serves generate, and stops in order on SIGINT', async () => {
     const { ditDir, vaeDir } = testModels();
-    const up = spawn(process.execPath, [BIN, 'up', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '50071', '--nats-port', '0', '--metrics-port', '-1', '--denoisers', '2'], {
+    const up = spawn(process.execPath, [BIN, 'up', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '50071', '--http-port', '-1', '--nats-port', '0', '--metrics-port', '0', '--denoisers', '2'], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let log = '';
@@ -65,11 +68,27 @@ describe('ditpipe up + generate', () => {
     try {
       await expect.poll(() => log, { timeout: 120_000, interval: 250 }).toMatch(/\[scheduler\].*Sampler API on/);
       await expect.poll(() => (log.match(/\[(denoiser|decoder)-\d\].*"msg":"serving /g) ?? []).length, { timeout: 120_000, interval: 250 }).toBe(3);
+      // The banner lists every process's ports, and they are the ones the processes serve on.
+      const banner = [...log.matchAll(/^\[up\] {3}(\S+) +(gRPC|health) 127\.0\.0\.1:(\d+) +metrics http:\/\/127\.0\.0\.1:(\d+)\/metrics$/gm)].map((m) => ({
+        name: m[1],
+        kind: m[2],
+        port: Number(m[3]),
+        metrics: Number(m[4]),
+      }));
+      expect(banner.map((b) => `${b.name} ${b.kind}`)).toEqual(['scheduler gRPC', 'denoiser-0 health', 'denoiser-1 health', 'decoder-0 health']);
+      expect(banner[0].port).toBe(50071);
+      expect(new Set(banner.flatMap((b) => [b.port, b.metrics])).size).toBe(8);
+      for (const b of banner.slice(1)) expect(await healthStatus(`127.0.0.1:${b.port}`), b.name).toBe(1);
+      await expect.poll(async () => (await fetch(`http://127.0.0.1:${banner[0].metrics}/metrics`).catch(() => null))?.status, { timeout: 30_000, interval: 250 }).toBe(200);
+      for (const b of banner.slice(1)) {
+        const scrape = async (): Promise<string> => (await fetch(`http://127.0.0.1:${b.metrics}/metrics`).then((r) => r.text()).catch(() => ''));
+        await expect.poll(scrape, { timeout: 30_000, interval: 250 }).toContain(b.name.startsWith('denoiser') ? 'ditpipe_denoiser_' : 'ditpipe_decoder_');
+      }
       const out = join(dir, 'gen');
       const g = run(['generate', '--server', '127.0.0.1:50071', '--class', '1,three', '--num', '2', '--steps', '5', '--sampler', 'dpmpp', '--seed', '7', '--out', out]);
       expect(g.status, g.out).toBe(0);
       expect(g.out).toMatch(/4 image\(s\) from dit-tiny, seed 7/);
-      expect(readdirSync(out).sort()).toEqual(['000-one.png', '001-one.png', '002-three.png', '003-three.png', 'grid.png']);
+      expect(readdirSync(out).sort()).toEqual(['000-one.png', '001-one.png', '002-three.png', '003-three.png', 'grid.png', 'run.json']);
       expect(existsSync(join(out, 'grid.png'))).toBe(true);
     } finally {
       up.kill('SIGINT');

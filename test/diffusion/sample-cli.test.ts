@@ -29,7 +29,7 @@ const cli = (args: string[]) => run(process.execPath, [join(ROOT, 'bin/ditpipe.j
 describe('ditpipe sample', () => {
   it('reproduces the golden ddpm10-cfg4 trajectory from its noise', async () => {
     const out = join(tmp, 'golden-run.safetensors');
-    const { stdout } = await cli(['--model', modelDir, '--labels', '3,7', '--sampler', 'ddpm', '--respacing', '10', '--cfg', '4', '--noise-from', TRAJ, '--out', out]);
+    const { stdout } = await cli(['--model-dir', modelDir, '--labels', '3,7', '--sampler', 'ddpm', '--respacing', '10', '--cfg', '4', '--noise-from', TRAJ, '--out', out]);
     expect(stdout).toMatch(/2 sample\(s\) \[4, 8, 8\], 10 ddpm steps \(t 999→0\)/);
     const g = openSafetensors(TRAJ);
     const want = g.readF32('trajectory');
@@ -56,7 +56,7 @@ describe('ditpipe sample', () => {
   });
 
   const base = (over: Partial<SampleOptions>): SampleOptions => ({
-    model: modelDir,
+    modelDir,
     labels: ['3', '7'],
     sampler: 'ddim',
     respacing: '8',
@@ -87,14 +87,14 @@ describe('ditpipe sample', () => {
       [{ seed: 1n, noiseFrom: TRAJ }, /--seed and --noise-from exclude each other/],
       [{ noiseFrom: TRAJ, labels: ['1'] }, /tensor 'z' has shape \[2, 4, 8, 8\], expected \[1, 4, 8, 8\]/],
       [{ noiseFrom: TRAJ, sampler: 'ddpm' }, /tensor 'step_noise' has shape \[10, 2, 4, 8, 8\], expected \[8, 2, 4, 8, 8\]/],
-      [{ model: tmp }, /is not a model directory: model\.json is missing/],
+      [{ modelDir: tmp }, /is not a model directory: model\.json is missing/],
     ];
     for (const [over, msg] of bad) await expect(runSample(base(over)), msg.source).rejects.toThrow(msg);
     await expect(runSample(base({ labels: [] }))).rejects.toBeInstanceOf(SampleArgumentError);
   });
 
   it('exits non-zero with the message on bad input', async () => {
-    const err = await cli(['--model', modelDir, '--labels', '1', '--respacing', 'ddim999', '--out', join(tmp, 'y.safetensors')]).then(
+    const err = await cli(['--model-dir', modelDir, '--labels', '1', '--respacing', 'ddim999', '--out', join(tmp, 'y.safetensors')]).then(
       () => null,
       (e: { code: number; stderr: string }) => e,
     );

@@ -10,6 +10,7 @@ import {
   guidanceRows,
   isDone,
   next,
+  predictX0,
   result,
   spacedDiffusion,
   start,
@@ -366,5 +367,47 @@ describe('state machine', () => {
     expect(Array.from(a.trajectory as Float32Array).slice(4 * 32)).toEqual(Array.from(result(a)));
     // The last step adds no noise, so the two runs differ only through the noise of earlier steps.
     expect(Array.from(result(a))).not.toEqual(Array.from(result(b)));
+  });
+});
+
+describe('x0 prediction (previews)', () => {
+  const samplers: Array<[SamplerName, boolean]> = [['ddpm', true], ['ddim', false], ['dpmpp', true]];
+  it.each(samplers)('%s: equals (x − √(1−ᾱ)·ε)/√ᾱ at every step, is the final sample at the last step, and changes nothing', (sampler, learnSigma) => {
+    const req = { sampler, numSteps: 6, shape: [2, 3, 3] as const, count: 2, learnSigma, seed: 42n };
+    const withPreview = start(req);
+    const without = start(req);
+    const per = 2 * 9;
+    const outPer = (learnSigma ? 2 : 1) * 9 * 2;
+    let last: Float32Array | null = null;
+    for (let p = next(withPreview); p; p = next(withPreview)) {
+      // A model output that depends on the latent, so the two runs would drift apart if x0 leaked into the state.
+      const mo = Float32Array.from({ length: 2 * outPer }, (_, i) => Math.tanh(withPreview.x[i % (2 * per)] * 0.7 + Math.sin(i)) * 0.9);
+      const x = Float32Array.from(withPreview.x);
+      const x0 = predictX0(withPreview, mo);
+      const ab = ABAR[p.timestep];
+      for (let s = 0; s < 2; s++) {
+        for (let k = 0; k < per; k++) {
+          const eps = mo[s * outPer + k];
+          const i = s * per + k;
+          close(x0[i], (x[i] - Math.sqrt(1 - ab) * eps) / Math.sqrt(ab), 1e-5);
+        }
+      }
+      expect(Array.from(withPreview.x)).toEqual(Array.from(x)); // the state is not touched
+      last = x0;
+      advance(withPreview, mo);
+      advance(without, mo);
+    }
+    expect(Array.from(result(withPreview))).toEqual(Array.from(result(without)));
+    // At the last step every sampler returns its x0 prediction itself (DDPM adds no noise there and
+    // its posterior mean coefficients are 1 and 0 to float rounding).
+    const fin = result(withPreview);
+    if (sampler === 'ddpm') fin.forEach((v, i) => close(v, last![i], 1e-6));
+    else expect(Array.from(fin)).toEqual(Array.from(last!));
+    expect(() => predictX0(withPreview, new Float32Array(2 * outPer))).toThrow(/already finished/);
+  });
+
+  it('rejects a model output of the wrong size', () => {
+    const st = start({ sampler: 'ddim', numSteps: 3, shape: [2, 2, 2], count: 1, learnSigma: false, seed: 1n });
+    expect(() => predictX0(st, new Float32Array(3))).toThrow(/modelOutput: has 3 elements; expected 8/);
   });
 });

@@ -5,6 +5,8 @@ import { startDecoderService } from '../../services/decoder/service.ts';
 import { compileDenoiserConfig, type DenoiserConfigInput } from '../../services/denoiser/config.ts';
 import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig, type SchedulerConfigInput } from '../../services/scheduler/config.ts';
+import { compileHttpConfig, type HttpConfigInput } from '../../services/scheduler/http/config.ts';
+import type { HttpApiOptions, RunningHttpApi } from '../../services/scheduler/http/server.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
 import { SamplerApi } from '../../shared/client.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DecoderMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
@@ -12,7 +14,8 @@ import type { RunningReplica } from '../../shared/server/replica.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import type { Transport } from '../../shared/transport/types.ts';
-import { DIT_NAME, testModels, VAE_NAME } from './models.ts';
+import { readModelDir } from '../../shared/model/modeldir.ts';
+import { testModels } from './models.ts';
 
 export type TransportKind = { kind: 'inproc'; bus?: InProcBus } | { kind: 'nats'; url: string };
 
@@ -22,6 +25,10 @@ export interface PipelineOptions {
   decoders?: number;
   scheduler?: Partial<SchedulerConfigInput>;
   denoiser?: Partial<DenoiserConfigInput>;
+  /** Also serve the HTTP API (on a free loopback port unless the config says otherwise). */
+  http?: HttpConfigInput & Omit<HttpApiOptions, 'log'>;
+  /** Model directories other than the default test models (names from their model.json). */
+  models?: { ditDir?: string; vaeDir?: string };
 }
 
 export interface Pipeline {
@@ -31,12 +38,18 @@ export interface Pipeline {
   denoiserMetrics: DenoiserMetrics[];
   decoderMetrics: DecoderMetrics[];
   denoisers: RunningReplica[];
+  decoders: RunningReplica[];
+  /** The HTTP API, when asked for. */
+  http: RunningHttpApi | null;
   connect(name: string): Promise<Transport>;
   stop(): Promise<void>;
 }
 
 export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
-  const { ditDir, vaeDir } = testModels();
+  const ditDir = opts.models?.ditDir ?? testModels().ditDir;
+  const vaeDir = opts.models?.vaeDir ?? testModels().vaeDir;
+  const ditName = readModelDir(ditDir).meta.name;
+  const vaeName = readModelDir(vaeDir).meta.name;
   const bus = opts.transport.kind === 'inproc' ? (opts.transport.bus ?? new InProcBus()) : null;
   const url = opts.transport.kind === 'nats' ? opts.transport.url : '';
   const transports: Transport[] = [];
@@ -63,9 +76,14 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   }
   const sMetrics = schedulerMetrics();
   const scheduler = await startSchedulerService(
-    compileSchedulerConfig({ models: [DIT_NAME], vae: { [DIT_NAME]: VAE_NAME }, ...opts.scheduler }),
+    compileSchedulerConfig({ models: [ditName], vae: { [ditName]: vaeName }, ...opts.scheduler }),
     await connect('scheduler'),
-    { grpcPort: 0, host: '127.0.0.1', metrics: sMetrics },
+    {
+      grpcPort: 0,
+      host: '127.0.0.1',
+      metrics: sMetrics,
+      http: opts.http ? { config: compileHttpConfig({ port: 0, host: '127.0.0.1', ...opts.http }), tls: opts.http.tls, authorize: opts.http.authorize } : null,
+    },
   );
   const address = `127.0.0.1:${scheduler.grpc.port}`;
   const api = new SamplerApi(address);
@@ -76,6 +94,8 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     denoiserMetrics: dMetrics,
     decoderMetrics: vMetrics,
     denoisers,
+    decoders,
+    http: scheduler.http,
     connect,
     async stop() {
       api.close();

@@ -15,8 +15,11 @@ export interface ServiceProcess {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-export function spawnService(name: string, args: string[]): ServiceProcess {
-  const proc = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** `env` adds to (or, with undefined, removes from) this process's environment. */
+export function spawnService(name: string, args: string[], env: Record<string, string | undefined> = {}): ServiceProcess {
+  const merged: NodeJS.ProcessEnv = { ...process.env, ...env };
+  for (const [k, v] of Object.entries(env)) if (v === undefined) delete merged[k];
+  const proc = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: merged });
   live.add(proc);
   let log = '';
   const lines: Array<Record<string, unknown>> = [];

@@ -25,6 +25,16 @@ describe('labelled grid', () => {
     expect(ink).toBeGreaterThan(20); // the labels are drawn
   });
 
+  it('is wide enough for the whole title, however few the images', async () => {
+    const title = 'fashion-mnist · ddpm · 250 steps · cfg 4 · seed 18446744073709551615';
+    const g = decodePng(await labelledGrid([{ label: 'Bag', pngs: [solid(0)] }], { title }));
+    expect(g.width).toBeGreaterThan(400); // 130 + 4 + 4 + 4 without the title
+    // Ink in the last quarter of the title row: the seed is drawn, not cut off.
+    let ink = 0;
+    for (let y = 0; y < 28; y++) for (let x = Math.floor(g.width * 0.75); x < g.width; x++) if (g.data[(y * g.width + x) * g.channels] < 128) ink++;
+    expect(ink).toBeGreaterThan(10);
+  });
+
   it('refuses an empty grid', async () => {
     await expect(labelledGrid([{ label: 'x', pngs: [] }])).rejects.toThrow(/at least one image/);
   });

@@ -21,6 +21,7 @@ import { SERVICE_NAMES } from '../../shared/transport/grpc.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import { methodSubject } from '../../shared/transport/rpc.ts';
 import { DEFAULT_QUEUE_SETTINGS, queueSpec } from '../../shared/transport/work.ts';
+import { helpSpec, type CliSpec } from '../helpers/cli-help.ts';
 import { assertNoNatsServersRunning, startNatsServer } from '../helpers/nats.ts';
 import { validateObject } from './schemas.ts';
 
@@ -30,74 +31,9 @@ const K8S = join(ROOT, 'k8s');
 const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 
 // ---------------------------------------------------------------------------------------------
-// The CLI, as its --help describes it.
+// The CLI, as its --help describes it (test/helpers/cli-help.ts).
 
-interface CliOption {
-  long: string;
-  takesValue: boolean;
-  env?: string;
-  default?: string;
-  choices?: string[];
-}
-
-interface CliSpec {
-  /** Words after `ditpipe`, e.g. ["model", "build", "dit"]. */
-  path: string[];
-  positionals: number;
-  options: Map<string, CliOption>;
-  byEnv: Map<string, CliOption>;
-}
-
-function parseHelp(text: string): CliSpec {
-  const usage = /^Usage: ditpipe ?(.*)$/m.exec(text);
-  if (!usage) throw new Error(`no Usage line in:\n${text}`);
-  const words = usage[1].split(/\s+/).filter(Boolean);
-  const cut = words.findIndex((w) => w.startsWith('['));
-  const path = cut < 0 ? words.filter((w) => !w.startsWith('<')) : words.slice(0, cut);
-  const positionals = words.filter((w) => /^[<[][a-z]/.test(w) && w !== '[options]' && w !== '[command]').length;
-  const section = text.split(/^Options:$/m)[1]?.split(/^\S.*:$/m)[0] ?? '';
-  const entries: string[] = [];
-  for (const line of section.split('\n')) {
-    if (/^ {2}-/.test(line)) entries.push(line.trim());
-    else if (line.trim() && entries.length) entries[entries.length - 1] += ` ${line.trim()}`;
-  }
-  const options = new Map<string, CliOption>();
-  const byEnv = new Map<string, CliOption>();
-  for (const e of entries) {
-    const flag = /^(?:-\w, )?--([a-z0-9-]+)( [<[])?/.exec(e);
-    if (!flag) continue;
-    // commander appends "(choices: …, default: …, env: …)" as the entry's last parenthesis.
-    const tail = /\(([^()]*)\)$/.exec(e)?.[1] ?? '';
-    const opt: CliOption = { long: `--${flag[1]}`, takesValue: Boolean(flag[2]) };
-    const env = /\benv: ([A-Z][A-Z0-9_]*)/.exec(tail);
-    if (env) opt.env = env[1];
-    const def = /\bdefault: ("[^"]*"|[^,]+)/.exec(tail);
-    if (def) opt.default = def[1].replace(/^"|"$/g, '');
-    const choices = /\bchoices: ((?:"[^"]*"(?:, )?)+)/.exec(tail);
-    if (choices) opt.choices = [...choices[1].matchAll(/"([^"]*)"/g)].map((m) => m[1]);
-    options.set(opt.long, opt);
-    if (opt.env) byEnv.set(opt.env, opt);
-  }
-  return { path, positionals, options, byEnv };
-}
-
-const helpCache = new Map<string, Promise<CliSpec>>();
-
-/** The spec of the command a container's args start with (leading words that are not flags). */
-function cliSpec(args: string[]): Promise<CliSpec> {
-  const words: string[] = [];
-  for (const a of args) {
-    if (a.startsWith('-')) break;
-    words.push(a);
-  }
-  const key = words.join(' ');
-  let p = helpCache.get(key);
-  if (!p) {
-    p = run(process.execPath, [join(ROOT, 'bin/ditpipe.js'), ...words, '--help'], { cwd: ROOT, timeout: 60_000 }).then((r) => parseHelp(r.stdout));
-    helpCache.set(key, p);
-  }
-  return p;
-}
+const cliSpec = (args: string[]): Promise<CliSpec> => helpSpec(args);
 
 // ---------------------------------------------------------------------------------------------
 // Kubernetes objects, loosely typed (only what the checks read).
@@ -490,7 +426,7 @@ function workQueueOf(svc: 'denoiser' | 'decoder', scope: string): { stream: stri
 
 /** The model (denoiser) or VAE (decoder) a replica container serves: its --name, else the built directory's name. */
 function servedName(r: Resolved): string | undefined {
-  return r.args.get('--name') ?? built.get(r.args.get('--model-dir') ?? '')?.name;
+  return effective(r, '--name') ?? built.get(effective(r, '--model-dir') ?? '')?.name;
 }
 
 /** The ditpipe service a workload runs, resolved, and the name it serves under. */
@@ -498,7 +434,8 @@ async function replicaOf(w: K8sDoc, docs: K8sDoc[]): Promise<{ svc: string; r: R
   const c = podSpec(w)?.containers.find(isDitpipe);
   if (!c) return undefined;
   const r = await resolveContainer(c, docs, `${w.kind}/${w.metadata?.name}`);
-  return { svc: r.spec.path.join(' '), r, scope: servedName(r) };
+  const svc = r.spec.path.join(' ');
+  return { svc, r, scope: svc === 'denoiser' || svc === 'decoder' ? servedName(r) : undefined };
 }
 
 /** The models the render's schedulers serve, and the VAEs those models decode with. */
@@ -553,7 +490,7 @@ async function checkScaledObject(label: string, so: K8sDoc, docs: K8sDoc[]): Pro
   if (max < min) problems.push(`${where}: maxReplicaCount ${max} < minReplicaCount ${min}`);
   const rep = await replicaOf(target, docs);
   if (!rep || (rep.svc !== 'denoiser' && rep.svc !== 'decoder')) return [...problems, `${where}: ${kind}/${ref?.name} runs no denoiser or decoder, the services with work queues`];
-  if (!rep.scope) return [...problems, `${where}: no model name for ${ref?.name}'s --model-dir ${rep.r.args.get('--model-dir')} (k8s/jobs builds nothing there)`];
+  if (!rep.scope) return [...problems, `${where}: no model name for ${ref?.name}'s --model-dir ${effective(rep.r, '--model-dir')} (k8s/jobs builds nothing there)`];
   const want = workQueueOf(rep.svc, rep.scope);
   const { models, vaes } = await scheduled(docs);
   if (rep.svc === 'denoiser' && !models.has(rep.scope)) problems.push(`${where}: ${ref?.name} serves ${rep.scope}, which no scheduler lists in DITPIPE_MODELS (${[...models].join(', ')})`);

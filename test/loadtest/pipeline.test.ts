@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
+import { freePorts } from '../../cli/ports.ts';
 import { validateCampaign, type CampaignInput } from '../../loadtest/campaign.ts';
 import { writeReport } from '../../loadtest/report.ts';
 import { runCampaign, type Report } from '../../loadtest/runner.ts';
@@ -148,6 +149,21 @@ describe('loadtest against the real pipeline over NATS', () => {
       expect(byId.get('throughput-over-time')?.paths).toBe(3);
       for (let i = 0; i < report.phases.length; i++) expect(byId.get(`latency-histogram-${i}`)?.bars).toBeGreaterThan(0);
       expect(charts.every((c) => c.w > 100)).toBe(true);
+      // Readable: no tick, legend or phase label overlaps another text in its chart.
+      const overlaps = await page.$$eval('svg.chart', (els) =>
+        els.flatMap((svg) => {
+          const boxes = [...svg.querySelectorAll('text')].map((t) => ({ text: t.textContent ?? '', r: t.getBoundingClientRect() }));
+          const hits: string[] = [];
+          for (let i = 0; i < boxes.length; i++)
+            for (let j = i + 1; j < boxes.length; j++) {
+              const a = boxes[i].r;
+              const b = boxes[j].r;
+              if (a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5) hits.push(`${svg.getAttribute('data-chart')}: "${boxes[i].text}" × "${boxes[j].text}"`);
+            }
+          return hits;
+        }),
+      );
+      expect(overlaps).toEqual([]);
     } finally {
       await browser.close();
     }
@@ -167,5 +183,51 @@ describe('loadtest against the real pipeline over NATS', () => {
     expect(objectives.find((o) => o.objective === 'latency p50')).toMatchObject({ bound: 1, met: false, attainment: 0 });
     expect(objectives.find((o) => o.objective === 'error rate')).toMatchObject({ bound: 0, actual: 0, met: true });
     expect(rep.count).toBe(2);
+  });
+
+  it('reports Ctrl-C as an interrupted run (exit 130): cancelled requests are not server errors, SLOs not judged; scrape errors are shown', async () => {
+    const file = join(dir, 'interrupt.yaml');
+    const [closed] = await freePorts(1); // nothing listens there
+    const c = campaign({
+      name: 'interrupt',
+      warmup: undefined,
+      phases: [{ name: 'long', concurrency: 2, requests: 100_000, duration: '60s' }],
+      mix: [{ model: DIT_NAME, steps: 20, cfg: 4 }],
+      slo: { latency: { p50: '1ms' }, errorRate: 0 },
+      metrics: [
+        { name: 'pipeline', url: `http://127.0.0.1:${metrics.port}/metrics` },
+        { name: 'nowhere', url: `http://127.0.0.1:${closed}/metrics` },
+      ],
+    });
+    writeFileSync(file, stringify(c));
+    const json = join(dir, 'interrupt.json');
+    const html = join(dir, 'interrupt.html');
+    const child = spawn(process.execPath, [join(ROOT, 'bin/ditpipe.js'), 'loadtest', 'run', file, '--json', json, '--html', html], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    try {
+      // The status line (every 5 s off a terminal) shows requests done: the phase is under way.
+      await expect.poll(() => stderr, { timeout: 60_000, interval: 200 }).toMatch(/\[1\/1 long\].*done [1-9]/);
+    } finally {
+      child.kill('SIGINT');
+    }
+    expect(await exited, stderr).toBe(130);
+    expect(stdout).toContain('long (interrupted):');
+    expect(stdout).toContain('run interrupted: SLOs not judged');
+    expect(stdout).not.toContain('MISSED');
+    expect(stdout).toContain(`metrics scrape failed: nowhere http://127.0.0.1:${closed}/metrics: fetch failed (ECONNREFUSED)`);
+    const rep = JSON.parse(readFileSync(json, 'utf8')) as Report;
+    expect(rep).toMatchObject({ outcome: 'interrupted', interrupted: true, sloMet: null });
+    const ph = rep.phases[0];
+    expect(ph).toMatchObject({ interrupted: true, errors: 0, slo: { met: null } });
+    expect(ph.cancelledByStop).toBeGreaterThanOrEqual(1);
+    expect(Object.keys(ph.statusCodeDistribution)).toEqual(['OK']);
+    expect(ph.server?.endpoints).toEqual(['pipeline']);
+    const page = readFileSync(html, 'utf8');
+    expect(page).toContain('interrupted — SLOs not judged');
+    expect(page).toContain(`nowhere http://127.0.0.1:${closed}/metrics: fetch failed (ECONNREFUSED)`);
   });
 });

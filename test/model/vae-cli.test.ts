@@ -1,6 +1,6 @@
 // `ditpipe model build vae` as a user runs it (a spawned process), and its errors on bad input.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -30,8 +30,8 @@ describe('ditpipe model build vae (spawned)', () => {
     const out = join(tmp, `cli-${c.name}`);
     const cfg = writeConfig(tmp, c, { scaling_factor: 0.5 });
     const r = await ditpipe(['model', 'build', 'vae', '--weights', c.weights, '--config', cfg, '--name', 'sd-vae', '--out', out]);
-    expect(r.stderr).toBe('');
-    expect(r.code).toBe(0);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr.trim()).toBe(`scaling factor: 0.5 (--config)`);
     expect(r.stdout).toContain(`${c.params} params`);
     const m = readVaeModelDir(out);
     expect(m.meta.name).toBe('sd-vae');
@@ -45,7 +45,7 @@ describe('ditpipe model build vae (spawned)', () => {
     const weights = join(tmp, 'missing.safetensors');
     const gone = 'decoder.up_blocks.1.resnets.0.conv2.weight';
     renameWeights(tiny.weights, weights, (name) => (name === gone ? null : { name }));
-    const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--out', join(tmp, 'missing')]);
+    const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--scaling-factor', '0.18215', '--out', join(tmp, 'missing')]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain(`missing tensor '${gone}'`);
   });
@@ -55,7 +55,7 @@ describe('ditpipe model build vae (spawned)', () => {
     renameWeights(tiny.weights, weights, (name, shape) =>
       name === 'decoder.mid_block.attentions.0.to_v.weight' ? { name, shape: [32, 128] } : { name, shape },
     );
-    const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--out', join(tmp, 'mismatch')]);
+    const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--scaling-factor', '0.18215', '--out', join(tmp, 'mismatch')]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain("'decoder.mid_block.attentions.0.to_v.weight'");
     expect(r.stderr).toContain('expected [64, 64], got [32, 128]');
@@ -70,7 +70,7 @@ describe('ditpipe model build vae (spawned)', () => {
 
 describe('buildVaeModel errors', () => {
   const build = (weights: string, extra: { config?: string; format?: 'diffusers' | 'ldm' } = {}) => () =>
-    buildVaeModel({ weights, out: join(tmp, 'err'), ...extra });
+    buildVaeModel({ weights, out: join(tmp, 'err'), scalingFactor: 0.18215, ...extra });
 
   it('throws typed errors for a missing tensor and a shape mismatch', () => {
     const missing = join(tmp, 'missing-attn.safetensors');
@@ -103,5 +103,68 @@ describe('buildVaeModel errors', () => {
     expect(build(tiny.weights, { format: 'ldm' })).toThrow(/--format ldm given, but the tensors use diffusers/);
     const dit = join(ROOT, '../shared/golden/dit/dit-tiny-p2/weights.safetensors');
     expect(build(dit)).toThrow(/no VAE decoder found/);
+  });
+});
+
+describe('the latent scaling factor travels with the weights, never guessed', () => {
+  /** A copy of the tiny VAE's weights at `dir/file`, with optional header metadata. */
+  const weightsAt = (dir: string, file: string, metadata?: Record<string, string>): string => {
+    mkdirSync(join(tmp, dir), { recursive: true });
+    const path = join(tmp, dir, file);
+    if (metadata) renameWeights(tiny.weights, path, (name) => ({ name }), [], metadata);
+    else copyFileSync(tiny.weights, path);
+    return path;
+  };
+
+  it('refuses to build without one, naming --scaling-factor and SD\'s value, and writes nothing', async () => {
+    const weights = weightsAt('lonely', 'weights.safetensors');
+    const out = join(tmp, 'lonely-out');
+    const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--out', out]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/--scaling-factor: .*weights\.safetensors does not say its latent scaling factor/);
+    expect(r.stderr).toContain('--scaling-factor 0.18215 for Stable Diffusion');
+    expect(existsSync(out)).toBe(false);
+  });
+
+  it('reads a <name>.json record beside the weights (the repository layout): factor, config and output crop', async () => {
+    const weights = weightsAt('record', 'vae.safetensors');
+    writeFileSync(join(tmp, 'record', 'vae.json'), JSON.stringify({ config: { ...tiny.config, in_channels: 3 }, params: 1, scaling_factor: 0.3, output_crop: 2 }));
+    const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--out', join(tmp, 'record-out')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toContain(`scaling factor: 0.3 (${join(tmp, 'record', 'vae.json')})`);
+    const m = readVaeModelDir(join(tmp, 'record-out')).meta;
+    expect(m.scalingFactor).toBe(0.3);
+    expect(m.outputCrop).toEqual({ top: 2, right: 2, bottom: 2, left: 2 });
+    expect(m.config.latent_size).toBe(8); // from the record's config, not the 32 default
+    expect(r.stdout).toContain('output crop 2/2/2/2 px');
+  });
+
+  it("reads a diffusers config.json in the weights' folder, and the safetensors header before it", async () => {
+    const diffusers = weightsAt('diffusers', 'diffusion_pytorch_model.safetensors');
+    writeFileSync(join(tmp, 'diffusers', 'config.json'), JSON.stringify({ ...tiny.config, scaling_factor: 0.25 }));
+    expect(buildVaeModel({ weights: diffusers, out: join(tmp, 'diffusers-out') }).meta.scalingFactor).toBe(0.25);
+    const headed = weightsAt('headed', 'diffusion_pytorch_model.safetensors', { scaling_factor: '0.4' });
+    writeFileSync(join(tmp, 'headed', 'config.json'), JSON.stringify({ ...tiny.config, scaling_factor: 0.25 }));
+    const notes: string[] = [];
+    expect(buildVaeModel({ weights: headed, out: join(tmp, 'headed-out'), onNote: (n) => notes.push(n) }).meta.scalingFactor).toBe(0.4);
+    expect(notes).toContain(`scaling factor: 0.4 (${headed} header metadata)`);
+    // The flag and --config come first.
+    expect(buildVaeModel({ weights: headed, out: join(tmp, 'headed-flag'), scalingFactor: 0.1 }).meta.scalingFactor).toBe(0.1);
+    expect(buildVaeModel({ weights: headed, out: join(tmp, 'headed-cfg'), config: '{"scaling_factor": 0.2}' }).meta.scalingFactor).toBe(0.2);
+    const bad = weightsAt('bad-header', 'w.safetensors', { scaling_factor: 'big' });
+    expect(() => buildVaeModel({ weights: bad, out: join(tmp, 'bad-header-out') })).toThrow(/header metadata scaling_factor must be a positive number, got "big"/);
+  });
+
+  it('takes --output-crop and rejects crops that are not square or leave nothing', async () => {
+    const r = await ditpipe(['model', 'build', 'vae', '--weights', tiny.weights, '--scaling-factor', '0.18215', '--config', writeConfig(tmp, tiny), '--output-crop', '1,3,3,1', '--out', join(tmp, 'crop-out')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(readVaeModelDir(join(tmp, 'crop-out')).meta.outputCrop).toEqual({ top: 1, right: 3, bottom: 3, left: 1 });
+    const odd = await ditpipe(['model', 'build', 'vae', '--weights', tiny.weights, '--scaling-factor', '0.18215', '--output-crop', '2,1,2,1', '--out', join(tmp, 'crop-odd')]);
+    expect(odd.code).toBe(1);
+    expect(odd.stderr).toMatch(/--output-crop .*: must remove as many rows \(top \+ bottom\) as columns/);
+    const huge = () => buildVaeModel({ weights: tiny.weights, config: writeConfig(tmp, tiny), outputCrop: { top: 16, right: 16, bottom: 16, left: 16 }, out: join(tmp, 'crop-huge') });
+    expect(huge).toThrow(/leaves no pixels of the 32×32 images this VAE decodes at latent_size 8/);
+    const text = await ditpipe(['model', 'build', 'vae', '--weights', tiny.weights, '--scaling-factor', '1', '--output-crop', 'two', '--out', join(tmp, 'crop-text')]);
+    expect(text.stderr).toContain('--output-crop must be N (every edge) or TOP,RIGHT,BOTTOM,LEFT in pixels, got "two"');
   });
 });

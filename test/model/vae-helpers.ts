@@ -38,10 +38,13 @@ export function loadCase(name: string): GoldenCase {
   }
 }
 
-/** Writes the case's decoder config as a `--config` JSON file (norm_num_groups is not in the shapes). */
+/**
+ * Writes the case's decoder config as a `--config` JSON file (norm_num_groups is not in the shapes),
+ * with the golden set's scaling factor (SD's) unless `extra` says otherwise.
+ */
 export function writeConfig(dir: string, c: GoldenCase, extra: Record<string, unknown> = {}): string {
   const path = join(dir, `${c.name}-config.json`);
-  writeFileSync(path, JSON.stringify({ ...c.config, ...extra }));
+  writeFileSync(path, JSON.stringify({ scaling_factor: 0.18215, ...c.config, ...extra }));
   return path;
 }
 
@@ -54,6 +57,7 @@ export function renameWeights(
   dst: string,
   rename: (name: string, shape: number[]) => { name: string; shape?: number[] } | null,
   extra: TensorToWrite[] = [],
+  metadata?: Record<string, string>,
 ): void {
   const f = openWeights(src);
   try {
@@ -63,7 +67,7 @@ export function renameWeights(
       const r = rename(n, shape);
       if (r) out.push({ name: r.name, dtype: 'F32', shape: r.shape ?? shape, data: f.readF32(n) });
     }
-    writeSafetensors(dst, [...out, ...extra]);
+    writeSafetensors(dst, [...out, ...extra], metadata);
   } finally {
     f.close();
   }

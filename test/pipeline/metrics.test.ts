@@ -34,6 +34,8 @@ describe('/metrics', () => {
       'ditpipe_samples_in_flight', 'ditpipe_requests_rejected_total', 'ditpipe_steps_dispatched_total', 'ditpipe_work_discarded_answers_total',
       'ditpipe_work_resent_messages_total', 'ditpipe_denoiser_redelivered_steps_total', 'ditpipe_denoiser_dropped_steps_total',
       'ditpipe_decoder_redelivered_decodes_total', 'ditpipe_decoder_dropped_decodes_total', 'ditpipe_denoiser_queued_rows',
+      'ditpipe_scheduler_sampling_gflops_total', 'ditpipe_scheduler_step_batch_rows_bucket', 'ditpipe_scheduler_step_queue_wait_seconds_bucket',
+      'ditpipe_scheduler_decodes_total{model="dit-tiny",purpose="final"}', 'ditpipe_scheduler_decode_seconds_bucket',
     ]) {
       expect(text, name).toContain(name);
     }

@@ -40,7 +40,10 @@ export enum ImageFormat {
    * pixel = clamp(127.5 × value + 128, 0, 255) truncated.
    */
   IMAGE_FORMAT_PNG = 1,
-  /** IMAGE_FORMAT_RAW - The decoder's float output [N, C_img, 8h, 8w], float32, unclamped. */
+  /**
+   * IMAGE_FORMAT_RAW - The decoder's float output [N, C_img, H, W], float32, unclamped (H, W: 8h, 8w for
+   * the SD VAE, less the VAE's output crop).
+   */
   IMAGE_FORMAT_RAW = 2,
   UNRECOGNIZED = -1,
 }
@@ -94,9 +97,12 @@ export interface DecodeRequest {
 }
 
 export interface DecodeResponse {
-  /** PNG file bytes per image, in input order (IMAGE_FORMAT_PNG); empty otherwise. */
+  /**
+   * PNG file bytes per image, in input order (IMAGE_FORMAT_PNG), output crop applied;
+   * empty otherwise.
+   */
   png: Uint8Array[];
-  /** Decoded float images [N, C_img, H, W] (IMAGE_FORMAT_RAW); unset otherwise. */
+  /** Decoded float images [N, C_img, H, W] (IMAGE_FORMAT_RAW), output crop applied; unset otherwise. */
   raw?:
     | Tensor
     | undefined;
@@ -131,6 +137,20 @@ export interface DecoderInfo {
   executionProvider: string;
   /** Identifier of this replica (unique per process). */
   instanceId: string;
+  /**
+   * Pixels removed from each edge of every decoded image (model.json outputCrop), for
+   * autoencoders trained on padded images; unset or zero: none. Served images are
+   * (upsample × latent size − top − bottom) pixels high, likewise wide.
+   */
+  outputCrop?: ImageCrop | undefined;
+}
+
+/** Pixels removed from each edge of an image. */
+export interface ImageCrop {
+  top: number;
+  right: number;
+  bottom: number;
+  left: number;
 }
 
 function createBaseDecodeRequest(): DecodeRequest {
@@ -445,6 +465,7 @@ function createBaseDecoderInfo(): DecoderInfo {
     maxBatch: 0,
     executionProvider: "",
     instanceId: "",
+    outputCrop: undefined,
   };
 }
 
@@ -482,6 +503,9 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     }
     if (message.instanceId !== "") {
       writer.uint32(82).string(message.instanceId);
+    }
+    if (message.outputCrop !== undefined) {
+      ImageCrop.encode(message.outputCrop, writer.uint32(90).fork()).join();
     }
     return writer;
   },
@@ -579,6 +603,14 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
             message.instanceId = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.outputCrop = ImageCrop.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -627,6 +659,11 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
         : isSet(object.instance_id)
         ? globalThis.String(object.instance_id)
         : "",
+      outputCrop: isSet(object.outputCrop)
+        ? ImageCrop.fromJSON(object.outputCrop)
+        : isSet(object.output_crop)
+        ? ImageCrop.fromJSON(object.output_crop)
+        : undefined,
     };
   },
 
@@ -662,6 +699,9 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     if (message.instanceId !== "") {
       obj.instanceId = message.instanceId;
     }
+    if (message.outputCrop !== undefined) {
+      obj.outputCrop = ImageCrop.toJSON(message.outputCrop);
+    }
     return obj;
   },
 
@@ -680,6 +720,126 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     message.maxBatch = object.maxBatch ?? 0;
     message.executionProvider = object.executionProvider ?? "";
     message.instanceId = object.instanceId ?? "";
+    message.outputCrop = (object.outputCrop !== undefined && object.outputCrop !== null)
+      ? ImageCrop.fromPartial(object.outputCrop)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseImageCrop(): ImageCrop {
+  return { top: 0, right: 0, bottom: 0, left: 0 };
+}
+
+export const ImageCrop: MessageFns<ImageCrop> = {
+  encode(message: ImageCrop, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.top !== 0) {
+      writer.uint32(8).uint32(message.top);
+    }
+    if (message.right !== 0) {
+      writer.uint32(16).uint32(message.right);
+    }
+    if (message.bottom !== 0) {
+      writer.uint32(24).uint32(message.bottom);
+    }
+    if (message.left !== 0) {
+      writer.uint32(32).uint32(message.left);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageCrop {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageCrop();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.top = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.right = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.bottom = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.left = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImageCrop {
+    return {
+      top: isSet(object.top) ? globalThis.Number(object.top) : 0,
+      right: isSet(object.right) ? globalThis.Number(object.right) : 0,
+      bottom: isSet(object.bottom) ? globalThis.Number(object.bottom) : 0,
+      left: isSet(object.left) ? globalThis.Number(object.left) : 0,
+    };
+  },
+
+  toJSON(message: ImageCrop): unknown {
+    const obj: any = {};
+    if (message.top !== 0) {
+      obj.top = Math.round(message.top);
+    }
+    if (message.right !== 0) {
+      obj.right = Math.round(message.right);
+    }
+    if (message.bottom !== 0) {
+      obj.bottom = Math.round(message.bottom);
+    }
+    if (message.left !== 0) {
+      obj.left = Math.round(message.left);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImageCrop>): ImageCrop {
+    return ImageCrop.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImageCrop>): ImageCrop {
+    const message = createBaseImageCrop();
+    message.top = object.top ?? 0;
+    message.right = object.right ?? 0;
+    message.bottom = object.bottom ?? 0;
+    message.left = object.left ?? 0;
     return message;
   },
 };

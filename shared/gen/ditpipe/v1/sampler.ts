@@ -133,6 +133,68 @@ export function outputFormatToJSON(object: OutputFormat): string {
   }
 }
 
+/** How previews are made. */
+export enum PreviewMethod {
+  /** PREVIEW_METHOD_UNSPECIFIED - Not set: PREVIEW_METHOD_DECODER. */
+  PREVIEW_METHOD_UNSPECIFIED = 0,
+  /**
+   * PREVIEW_METHOD_DECODER - The step's prediction of the clean latent (x0) decoded by the model's VAE on the
+   * decoder pool, like a final image: one decode call per preview for all the request's
+   * images, counted in ditpipe_scheduler_decodes_total{purpose="preview"}.
+   */
+  PREVIEW_METHOD_DECODER = 1,
+  /**
+   * PREVIEW_METHOD_PROJECTION - A linear latent-to-pixel map applied by the scheduler itself, at the latent's
+   * resolution (e.g. 32×32 for a 256×256 model): no decoder call per preview. The map
+   * is fitted by least squares against the model's VAE once per scheduler process (a
+   * few decodes, counted as ditpipe_scheduler_decodes_total{purpose="calibration"}).
+   */
+  PREVIEW_METHOD_PROJECTION = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function previewMethodFromJSON(object: any): PreviewMethod {
+  switch (object) {
+    case 0:
+    case "PREVIEW_METHOD_UNSPECIFIED":
+      return PreviewMethod.PREVIEW_METHOD_UNSPECIFIED;
+    case 1:
+    case "PREVIEW_METHOD_DECODER":
+      return PreviewMethod.PREVIEW_METHOD_DECODER;
+    case 2:
+    case "PREVIEW_METHOD_PROJECTION":
+      return PreviewMethod.PREVIEW_METHOD_PROJECTION;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return PreviewMethod.UNRECOGNIZED;
+  }
+}
+
+export function previewMethodToJSON(object: PreviewMethod): string {
+  switch (object) {
+    case PreviewMethod.PREVIEW_METHOD_UNSPECIFIED:
+      return "PREVIEW_METHOD_UNSPECIFIED";
+    case PreviewMethod.PREVIEW_METHOD_DECODER:
+      return "PREVIEW_METHOD_DECODER";
+    case PreviewMethod.PREVIEW_METHOD_PROJECTION:
+      return "PREVIEW_METHOD_PROJECTION";
+    case PreviewMethod.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** Previews of the images while they form (GenerateStream only). */
+export interface PreviewOptions {
+  /**
+   * A preview after every `every_steps`-th step (1 = after every step), never after the
+   * last step (the final image follows it). 0 = no previews.
+   */
+  everySteps: number;
+  method: PreviewMethod;
+}
+
 /** One class to generate an image of: by index or by name. */
 export interface ClassLabel {
   /** Class index, 0 ≤ index < the model's num_classes. */
@@ -183,6 +245,11 @@ export interface GenerateRequest {
     | undefined;
   /** Output format; unset means PNG. */
   outputFormat: OutputFormat;
+  /**
+   * Previews while sampling (GenerateStream only; Generate answers INVALID_ARGUMENT with
+   * field "preview" when every_steps > 0). Unset: none.
+   */
+  preview?: PreviewOptions | undefined;
 }
 
 /** Where the time of a request (or of one image) went, in milliseconds. */
@@ -235,12 +302,17 @@ export interface GenerateResponse {
   numSteps: number;
 }
 
-/** Events of GenerateStream, in order: accepted, progress × num_steps, image × count, completed. */
+/**
+ * Events of GenerateStream, in order: accepted, progress × num_steps, image × count, completed.
+ * Previews, when asked for, come between the progress events (each after the progress of
+ * its step), never after the first image.
+ */
 export interface GenerateEvent {
   accepted?: Accepted | undefined;
   progress?: Progress | undefined;
   image?: ImageReady | undefined;
   completed?: Completed | undefined;
+  preview?: Preview | undefined;
 }
 
 /** The request passed validation and admission; sampling starts. */
@@ -255,6 +327,8 @@ export interface Accepted {
   numSteps: number;
   /** Time spent waiting for admission, in milliseconds. */
   queueMs: number;
+  /** The guidance scale used (the requested one, or the scheduler's default). */
+  cfgScale: number;
 }
 
 /** Every sample of the request has finished reverse step `step` of `num_steps`. */
@@ -262,6 +336,26 @@ export interface Progress {
   /** 1-based step number. */
   step: number;
   numSteps: number;
+}
+
+/**
+ * The model's current prediction of one image: its x0 prediction after step `step`,
+ * made into an image by `method`. At most one preview of a request is being made at a time:
+ * a preview due while the previous one is still being decoded is skipped, and one not ready
+ * when the final images are decoded is dropped, so previews never hold up sampling.
+ */
+export interface Preview {
+  /** 1-based step after which the prediction was taken. */
+  step: number;
+  numSteps: number;
+  /** Position of the image's label in GenerateRequest.class_labels. */
+  sampleIndex: number;
+  /** PNG file bytes. */
+  png: Uint8Array;
+  /** Preview width and height in pixels. */
+  width: number;
+  height: number;
+  method: PreviewMethod;
 }
 
 /** One finished image (sent as soon as it is decoded; order may differ from the request). */
@@ -304,13 +398,105 @@ export interface ModelInfo {
   gflops: number;
   /** Denoiser replicas currently answering for this model. */
   replicas: number;
-  /** Generated image size in pixels (width and height). */
+  /**
+   * Generated image size in pixels (width and height): the VAE's output for the DiT's
+   * latent size, less the VAE's output crop (Fashion-MNIST: 32 decoded, 28 served).
+   */
   imageSize: number;
   /** Image channels produced by the VAE (3 RGB, 1 grayscale). */
   imageChannels: number;
   /** Decoder replicas currently answering for this model's VAE. */
   decoderReplicas: number;
 }
+
+function createBasePreviewOptions(): PreviewOptions {
+  return { everySteps: 0, method: 0 };
+}
+
+export const PreviewOptions: MessageFns<PreviewOptions> = {
+  encode(message: PreviewOptions, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.everySteps !== 0) {
+      writer.uint32(8).uint32(message.everySteps);
+    }
+    if (message.method !== 0) {
+      writer.uint32(16).int32(message.method);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PreviewOptions {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePreviewOptions();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.everySteps = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.method = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PreviewOptions {
+    return {
+      everySteps: isSet(object.everySteps)
+        ? globalThis.Number(object.everySteps)
+        : isSet(object.every_steps)
+        ? globalThis.Number(object.every_steps)
+        : 0,
+      method: isSet(object.method) ? previewMethodFromJSON(object.method) : 0,
+    };
+  },
+
+  toJSON(message: PreviewOptions): unknown {
+    const obj: any = {};
+    if (message.everySteps !== 0) {
+      obj.everySteps = Math.round(message.everySteps);
+    }
+    if (message.method !== 0) {
+      obj.method = previewMethodToJSON(message.method);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PreviewOptions>): PreviewOptions {
+    return PreviewOptions.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PreviewOptions>): PreviewOptions {
+    const message = createBasePreviewOptions();
+    message.everySteps = object.everySteps ?? 0;
+    message.method = object.method ?? 0;
+    return message;
+  },
+};
 
 function createBaseClassLabel(): ClassLabel {
   return { index: undefined, name: undefined };
@@ -408,6 +594,7 @@ function createBaseGenerateRequest(): GenerateRequest {
     eta: undefined,
     seed: undefined,
     outputFormat: 0,
+    preview: undefined,
   };
 }
 
@@ -442,6 +629,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.outputFormat !== 0) {
       writer.uint32(72).int32(message.outputFormat);
+    }
+    if (message.preview !== undefined) {
+      PreviewOptions.encode(message.preview, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -531,6 +721,14 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
             message.outputFormat = reader.int32() as any;
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.preview = PreviewOptions.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -574,6 +772,7 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
         : isSet(object.output_format)
         ? outputFormatFromJSON(object.output_format)
         : 0,
+      preview: isSet(object.preview) ? PreviewOptions.fromJSON(object.preview) : undefined,
     };
   },
 
@@ -606,6 +805,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     if (message.outputFormat !== 0) {
       obj.outputFormat = outputFormatToJSON(message.outputFormat);
     }
+    if (message.preview !== undefined) {
+      obj.preview = PreviewOptions.toJSON(message.preview);
+    }
     return obj;
   },
 
@@ -623,6 +825,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     message.eta = object.eta ?? undefined;
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : undefined;
     message.outputFormat = object.outputFormat ?? 0;
+    message.preview = (object.preview !== undefined && object.preview !== null)
+      ? PreviewOptions.fromPartial(object.preview)
+      : undefined;
     return message;
   },
 };
@@ -1130,7 +1335,7 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
 };
 
 function createBaseGenerateEvent(): GenerateEvent {
-  return { accepted: undefined, progress: undefined, image: undefined, completed: undefined };
+  return { accepted: undefined, progress: undefined, image: undefined, completed: undefined, preview: undefined };
 }
 
 export const GenerateEvent: MessageFns<GenerateEvent> = {
@@ -1146,6 +1351,9 @@ export const GenerateEvent: MessageFns<GenerateEvent> = {
     }
     if (message.completed !== undefined) {
       Completed.encode(message.completed, writer.uint32(34).fork()).join();
+    }
+    if (message.preview !== undefined) {
+      Preview.encode(message.preview, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -1195,6 +1403,14 @@ export const GenerateEvent: MessageFns<GenerateEvent> = {
             message.completed = Completed.decode(reader, reader.uint32());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.preview = Preview.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1213,6 +1429,7 @@ export const GenerateEvent: MessageFns<GenerateEvent> = {
       progress: isSet(object.progress) ? Progress.fromJSON(object.progress) : undefined,
       image: isSet(object.image) ? ImageReady.fromJSON(object.image) : undefined,
       completed: isSet(object.completed) ? Completed.fromJSON(object.completed) : undefined,
+      preview: isSet(object.preview) ? Preview.fromJSON(object.preview) : undefined,
     };
   },
 
@@ -1229,6 +1446,9 @@ export const GenerateEvent: MessageFns<GenerateEvent> = {
     }
     if (message.completed !== undefined) {
       obj.completed = Completed.toJSON(message.completed);
+    }
+    if (message.preview !== undefined) {
+      obj.preview = Preview.toJSON(message.preview);
     }
     return obj;
   },
@@ -1250,12 +1470,15 @@ export const GenerateEvent: MessageFns<GenerateEvent> = {
     message.completed = (object.completed !== undefined && object.completed !== null)
       ? Completed.fromPartial(object.completed)
       : undefined;
+    message.preview = (object.preview !== undefined && object.preview !== null)
+      ? Preview.fromPartial(object.preview)
+      : undefined;
     return message;
   },
 };
 
 function createBaseAccepted(): Accepted {
-  return { requestId: "", model: "", seed: 0n, numImages: 0, numSteps: 0, queueMs: 0 };
+  return { requestId: "", model: "", seed: 0n, numImages: 0, numSteps: 0, queueMs: 0, cfgScale: 0 };
 }
 
 export const Accepted: MessageFns<Accepted> = {
@@ -1280,6 +1503,9 @@ export const Accepted: MessageFns<Accepted> = {
     }
     if (message.queueMs !== 0) {
       writer.uint32(49).double(message.queueMs);
+    }
+    if (message.cfgScale !== 0) {
+      writer.uint32(57).double(message.cfgScale);
     }
     return writer;
   },
@@ -1345,6 +1571,14 @@ export const Accepted: MessageFns<Accepted> = {
             message.queueMs = reader.double();
             continue;
           }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.cfgScale = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1381,6 +1615,11 @@ export const Accepted: MessageFns<Accepted> = {
         : isSet(object.queue_ms)
         ? globalThis.Number(object.queue_ms)
         : 0,
+      cfgScale: isSet(object.cfgScale)
+        ? globalThis.Number(object.cfgScale)
+        : isSet(object.cfg_scale)
+        ? globalThis.Number(object.cfg_scale)
+        : 0,
     };
   },
 
@@ -1404,6 +1643,9 @@ export const Accepted: MessageFns<Accepted> = {
     if (message.queueMs !== 0) {
       obj.queueMs = floatToJson(message.queueMs);
     }
+    if (message.cfgScale !== 0) {
+      obj.cfgScale = floatToJson(message.cfgScale);
+    }
     return obj;
   },
 
@@ -1418,6 +1660,7 @@ export const Accepted: MessageFns<Accepted> = {
     message.numImages = object.numImages ?? 0;
     message.numSteps = object.numSteps ?? 0;
     message.queueMs = object.queueMs ?? 0;
+    message.cfgScale = object.cfgScale ?? 0;
     return message;
   },
 };
@@ -1507,6 +1750,179 @@ export const Progress: MessageFns<Progress> = {
     const message = createBaseProgress();
     message.step = object.step ?? 0;
     message.numSteps = object.numSteps ?? 0;
+    return message;
+  },
+};
+
+function createBasePreview(): Preview {
+  return { step: 0, numSteps: 0, sampleIndex: 0, png: new Uint8Array(0), width: 0, height: 0, method: 0 };
+}
+
+export const Preview: MessageFns<Preview> = {
+  encode(message: Preview, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.step !== 0) {
+      writer.uint32(8).uint32(message.step);
+    }
+    if (message.numSteps !== 0) {
+      writer.uint32(16).uint32(message.numSteps);
+    }
+    if (message.sampleIndex !== 0) {
+      writer.uint32(24).uint32(message.sampleIndex);
+    }
+    if (message.png.length !== 0) {
+      writer.uint32(34).bytes(message.png);
+    }
+    if (message.width !== 0) {
+      writer.uint32(40).uint32(message.width);
+    }
+    if (message.height !== 0) {
+      writer.uint32(48).uint32(message.height);
+    }
+    if (message.method !== 0) {
+      writer.uint32(56).int32(message.method);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Preview {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePreview();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.step = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.numSteps = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.sampleIndex = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.png = reader.bytes();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.width = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.height = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.method = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Preview {
+    return {
+      step: isSet(object.step) ? globalThis.Number(object.step) : 0,
+      numSteps: isSet(object.numSteps)
+        ? globalThis.Number(object.numSteps)
+        : isSet(object.num_steps)
+        ? globalThis.Number(object.num_steps)
+        : 0,
+      sampleIndex: isSet(object.sampleIndex)
+        ? globalThis.Number(object.sampleIndex)
+        : isSet(object.sample_index)
+        ? globalThis.Number(object.sample_index)
+        : 0,
+      png: isSet(object.png) ? bytesFromBase64(object.png) : new Uint8Array(0),
+      width: isSet(object.width) ? globalThis.Number(object.width) : 0,
+      height: isSet(object.height) ? globalThis.Number(object.height) : 0,
+      method: isSet(object.method) ? previewMethodFromJSON(object.method) : 0,
+    };
+  },
+
+  toJSON(message: Preview): unknown {
+    const obj: any = {};
+    if (message.step !== 0) {
+      obj.step = Math.round(message.step);
+    }
+    if (message.numSteps !== 0) {
+      obj.numSteps = Math.round(message.numSteps);
+    }
+    if (message.sampleIndex !== 0) {
+      obj.sampleIndex = Math.round(message.sampleIndex);
+    }
+    if (message.png.length !== 0) {
+      obj.png = base64FromBytes(message.png);
+    }
+    if (message.width !== 0) {
+      obj.width = Math.round(message.width);
+    }
+    if (message.height !== 0) {
+      obj.height = Math.round(message.height);
+    }
+    if (message.method !== 0) {
+      obj.method = previewMethodToJSON(message.method);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Preview>): Preview {
+    return Preview.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Preview>): Preview {
+    const message = createBasePreview();
+    message.step = object.step ?? 0;
+    message.numSteps = object.numSteps ?? 0;
+    message.sampleIndex = object.sampleIndex ?? 0;
+    message.png = object.png ?? new Uint8Array(0);
+    message.width = object.width ?? 0;
+    message.height = object.height ?? 0;
+    message.method = object.method ?? 0;
     return message;
   },
 };
@@ -2075,7 +2491,8 @@ export const SamplerDefinition = {
     },
     /**
      * Same generation, as a stream of events: one `accepted`, then `progress` after
-     * each reverse-diffusion step, then one `image` per finished image, then `completed`.
+     * each reverse-diffusion step (and `preview` events when the request asks for them),
+     * then one `image` per finished image, then `completed`.
      * Cancelling the call stops step dispatch for the request.
      */
     generateStream: {
@@ -2112,7 +2529,8 @@ export const SamplerService = {
   },
   /**
    * Same generation, as a stream of events: one `accepted`, then `progress` after
-   * each reverse-diffusion step, then one `image` per finished image, then `completed`.
+   * each reverse-diffusion step (and `preview` events when the request asks for them),
+   * then one `image` per finished image, then `completed`.
    * Cancelling the call stops step dispatch for the request.
    */
   generateStream: {
@@ -2141,7 +2559,8 @@ export interface SamplerServer extends UntypedServiceImplementation {
   generate: handleUnaryCall<GenerateRequest, GenerateResponse>;
   /**
    * Same generation, as a stream of events: one `accepted`, then `progress` after
-   * each reverse-diffusion step, then one `image` per finished image, then `completed`.
+   * each reverse-diffusion step (and `preview` events when the request asks for them),
+   * then one `image` per finished image, then `completed`.
    * Cancelling the call stops step dispatch for the request.
    */
   generateStream: handleServerStreamingCall<GenerateRequest, GenerateEvent>;
@@ -2168,7 +2587,8 @@ export interface SamplerClient extends Client {
   ): ClientUnaryCall;
   /**
    * Same generation, as a stream of events: one `accepted`, then `progress` after
-   * each reverse-diffusion step, then one `image` per finished image, then `completed`.
+   * each reverse-diffusion step (and `preview` events when the request asks for them),
+   * then one `image` per finished image, then `completed`.
    * Cancelling the call stops step dispatch for the request.
    */
   generateStream(request: GenerateRequest, options?: Partial<CallOptions>): ClientReadableStream<GenerateEvent>;
