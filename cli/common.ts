@@ -1,10 +1,17 @@
 // Options and plumbing shared by the service commands: NATS connection flags (each with an env
-// var), logging, metrics endpoint, and ordered shutdown on SIGTERM/SIGINT.
+// var), the gRPC server flags (address, TLS, tokens, health port), gRPC client flags, logging,
+// the metrics endpoint, and ordered shutdown on SIGTERM/SIGINT.
 import { readFileSync } from 'node:fs';
 import { Option, type Command } from 'commander';
-import { pino, type Logger } from 'pino';
+import type { NatsConnection } from '@nats-io/transport-node';
 import type { Registry } from 'prom-client';
+import { bearerTokens } from '../services/scheduler/http/auth.ts';
+import type { HttpAuthorize, HttpTlsOptions } from '../services/scheduler/http/config.ts';
+import type { SamplerApiOptions } from '../shared/client.ts';
+import { createLogger, LOG_FORMATS, RateLimitedLog, type LogFormat, type Logger } from '../shared/log.ts';
 import { serveMetrics } from '../shared/metrics.ts';
+import { TokenSet } from '../shared/server/auth.ts';
+import { GrpcServer, loadGrpcTls, type ReflectionMode } from '../shared/server/grpc.ts';
 import { connectNats, natsTransport, type NatsConnectOptions } from '../shared/transport/nats.ts';
 import type { QueueSettings, Transport } from '../shared/transport/types.ts';
 import { DEFAULT_QUEUE_SETTINGS, queueSettings } from '../shared/transport/work.ts';
@@ -23,6 +30,7 @@ export interface NatsFlags {
   queueMaxMessages: number;
   queueMaxBytes: number;
   queueMaxAge: number;
+  natsConnectTimeout?: number;
 }
 
 export function addNatsOptions(cmd: Command, required: boolean): Command {
@@ -37,6 +45,12 @@ export function addNatsOptions(cmd: Command, required: boolean): Command {
     .addOption(new Option('--nats-tls-ca <file>', 'CA certificate to verify the NATS server').env('NATS_TLS_CA'))
     .addOption(new Option('--nats-tls-cert <file>', 'client certificate for NATS mutual TLS').env('NATS_TLS_CERT'))
     .addOption(new Option('--nats-tls-key <file>', 'client key for NATS mutual TLS').env('NATS_TLS_KEY'))
+    .addOption(
+      new Option('--nats-connect-timeout <ms>', 'how long to wait for NATS at start before exiting with an error (TLS and credential mismatches fail at once)')
+        .env('NATS_CONNECT_TIMEOUT_MS')
+        .default(30_000)
+        .argParser(intArg('--nats-connect-timeout', 1)),
+    )
     .addOption(new Option('--queue-ack-wait <ms>', 'work queues: a step or decode a replica took and stopped confirming goes to another replica after this long').env('DITPIPE_QUEUE_ACK_WAIT_MS').default(DEFAULT_QUEUE_SETTINGS.ackWaitMs).argParser(intArg('--queue-ack-wait', 100, 3_600_000)))
     .addOption(new Option('--queue-max-deliver <n>', 'work queues: deliveries of one message (attempts) before it is given up').env('DITPIPE_QUEUE_MAX_DELIVER').default(DEFAULT_QUEUE_SETTINGS.maxDeliver).argParser(intArg('--queue-max-deliver', 1, 1000)))
     .addOption(new Option('--queue-max-messages <n>', 'work queues: most messages a queue holds (then RESOURCE_EXHAUSTED)').env('DITPIPE_QUEUE_MAX_MESSAGES').default(DEFAULT_QUEUE_SETTINGS.maxMessages).argParser(intArg('--queue-max-messages', 1)))
@@ -67,11 +81,44 @@ export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string): N
     credsFile: f.natsCreds,
     tls,
     waitOnFirstConnect: true,
+    firstConnectTimeoutMs: f.natsConnectTimeout ?? 30_000,
   };
 }
 
-export async function natsFromFlags(f: NatsFlags & { natsUrl: string }, name: string): Promise<Transport> {
-  return natsTransport(await connectNats(natsOptions(f, name)));
+/**
+ * Logs what happens to a NATS connection (lost, reconnecting, back, errors), rate-limited: a
+ * service that lost NATS says so instead of going quiet, and keeps reconnecting.
+ */
+export function watchNatsConnection(nc: NatsConnection, log: Logger): void {
+  const events = new RateLimitedLog(log, { windowMs: 30_000 });
+  void (async () => {
+    for await (const s of nc.status()) {
+      const server = 'server' in s ? String(s.server) : undefined;
+      switch (s.type) {
+        case 'disconnect':
+          events.event('warn', 'disconnect', { server }, `lost the NATS connection${server ? ` to ${server}` : ''}; reconnecting (calls in flight fail UNAVAILABLE and are retried)`);
+          break;
+        case 'reconnecting':
+          events.event('info', 'reconnecting', { server }, 'reconnecting to NATS');
+          break;
+        case 'reconnect':
+          events.flush();
+          log.info({ server }, `reconnected to NATS${server ? ` at ${server}` : ''}`);
+          break;
+        case 'error':
+          events.event('warn', `error|${String((s as { error?: Error }).error?.message)}`, { err: String((s as { error?: Error }).error?.message) }, 'NATS connection error');
+          break;
+        default:
+          break;
+      }
+    }
+  })().catch((err: unknown) => log.debug({ err: String(err) }, 'NATS status stream ended'));
+}
+
+export async function natsFromFlags(f: NatsFlags & { natsUrl: string }, name: string, log?: Logger): Promise<Transport> {
+  const nc = await connectNats(natsOptions(f, name));
+  if (log) watchNatsConnection(nc, log);
+  return natsTransport(nc);
 }
 
 /**
@@ -104,11 +151,21 @@ export function numberArg(flag: string, min: number): (v: string) => number {
   };
 }
 
+export interface ServiceFlags {
+  metricsPort: number;
+  metricsHost: string;
+  shutdownGrace: number;
+  logLevel: string;
+  logFormat: LogFormat;
+}
+
 export function addServiceOptions(cmd: Command, defaults: { metricsPort: number }): Command {
   return cmd
     .addOption(new Option('--metrics-port <port>', 'port of the Prometheus /metrics endpoint (0 = any free port, -1 = off)').env('DITPIPE_METRICS_PORT').default(defaults.metricsPort).argParser(intArg('--metrics-port', -1, 65535)))
+    .addOption(new Option('--metrics-host <addr>', 'address the metrics endpoint binds (0.0.0.0 = every interface; the container image sets that)').env('DITPIPE_METRICS_HOST').default('127.0.0.1'))
     .addOption(new Option('--shutdown-grace <ms>', 'time in-flight work gets to finish on SIGTERM').env('DITPIPE_SHUTDOWN_GRACE_MS').default(10_000).argParser(intArg('--shutdown-grace', 0)))
-    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).env('DITPIPE_LOG_LEVEL').default('info'));
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).env('DITPIPE_LOG_LEVEL').default('info'))
+    .addOption(new Option('--log-format <format>', 'log lines: pretty (for a person), json (for a collector), auto = pretty when stderr is a terminal').choices([...LOG_FORMATS]).env('DITPIPE_LOG_FORMAT').default('auto'));
 }
 
 /** `--http-port`: the scheduler's HTTP API and playground (OpenAI-compatible images API); -1 turns it off. */
@@ -119,13 +176,115 @@ export function httpPortOption(defaultPort: number): Option {
     .argParser(intArg('--http-port', -1, 65535));
 }
 
-export function logger(name: string, level: string): Logger {
-  return pino({ name, level }, pino.destination(2));
+export function logger(name: string, f: { logLevel: string; logFormat?: LogFormat }): Logger {
+  return createLogger(name, { level: f.logLevel, format: f.logFormat ?? 'auto' });
+}
+
+export interface GrpcServerFlags {
+  host: string;
+  grpcPort: number;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsClientCa?: string;
+  authTokensFile?: string;
+  healthPort: number;
+  reflection: ReflectionMode;
+}
+
+/**
+ * The gRPC server flags: where it listens (loopback unless told otherwise), TLS and mutual TLS,
+ * bearer tokens, a plaintext health-only port for probes, reflection.
+ */
+export function addGrpcServerOptions(cmd: Command, d: { port: number; portHelp: string; minPort?: number }): Command {
+  return cmd
+    .addOption(new Option('--host <addr>', 'address gRPC binds (0.0.0.0 = every interface; the container image sets that)').env('DITPIPE_HOST').default('127.0.0.1'))
+    .addOption(new Option('--grpc-port <port>', d.portHelp).env('DITPIPE_GRPC_PORT').default(d.port).argParser(intArg('--grpc-port', d.minPort ?? 0, 65535)))
+    .addOption(new Option('--tls-cert <file>', 'serve gRPC over TLS with this certificate (PEM, with --tls-key)').env('DITPIPE_TLS_CERT'))
+    .addOption(new Option('--tls-key <file>', 'private key of --tls-cert (PEM)').env('DITPIPE_TLS_KEY'))
+    .addOption(new Option('--tls-client-ca <file>', 'mutual TLS: accept only clients with a certificate signed by this CA').env('DITPIPE_TLS_CLIENT_CA'))
+    .addOption(
+      new Option('--auth-tokens-file <file>', 'require a bearer token from this file (one per line, optionally followed by the services or methods it may call); DITPIPE_AUTH_TOKENS may add comma-separated tokens')
+        .env('DITPIPE_AUTH_TOKENS_FILE'),
+    )
+    .addOption(new Option('--health-port <port>', 'plaintext port serving only grpc.health.v1, for probes that speak neither TLS nor tokens (-1 = off)').env('DITPIPE_HEALTH_PORT').default(-1).argParser(intArg('--health-port', -1, 65535)))
+    .addOption(new Option('--reflection <mode>', 'server reflection: on (needs the token when tokens are set), public (no token), off').choices(['on', 'public', 'off']).env('DITPIPE_REFLECTION').default('on'));
+}
+
+/** Bearer tokens from --auth-tokens-file and DITPIPE_AUTH_TOKENS; null when neither is set. */
+export function tokensFromFlags(f: { authTokensFile?: string }, env = process.env): TokenSet | null {
+  const fromFile = f.authTokensFile ? TokenSet.fromFile(f.authTokensFile) : null;
+  const list = env.DITPIPE_AUTH_TOKENS?.trim();
+  const fromEnv = list ? TokenSet.fromList(list, 'DITPIPE_AUTH_TOKENS') : null;
+  if (fromFile && fromEnv) return TokenSet.union(fromFile, fromEnv);
+  return fromFile ?? fromEnv;
+}
+
+/** The gRPC server the flags describe (not listening yet: services add themselves first). */
+export function grpcServerFromFlags(f: GrpcServerFlags, log: Logger): GrpcServer {
+  return new GrpcServer({
+    host: f.host,
+    port: f.grpcPort < 0 ? null : f.grpcPort,
+    tls: loadGrpcTls({ certFile: f.tlsCert, keyFile: f.tlsKey, clientCaFile: f.tlsClientCa }),
+    tokens: tokensFromFlags(f),
+    healthPort: f.healthPort < 0 ? null : f.healthPort,
+    reflection: f.reflection,
+    log,
+  });
+}
+
+/** The HTTP API's TLS and bearer tokens: the same as the gRPC server's. */
+export function httpSecurity(grpc: GrpcServer): { tls?: HttpTlsOptions; authorize?: HttpAuthorize } {
+  const tls = grpc.options.tls;
+  const tokens = grpc.options.tokens;
+  return {
+    tls: tls ? { key: tls.key, cert: tls.cert, ca: tls.clientCa ?? undefined, requestCert: Boolean(tls.clientCa) } : undefined,
+    authorize: tokens ? bearerTokens(tokens) : undefined,
+  };
+}
+
+/** Listens and logs where (the bound address) and how (TLS, tokens). */
+export async function listenGrpc(server: GrpcServer, log: Logger, what: string): Promise<void> {
+  await server.listen();
+  if (server.port !== null) log.info({ port: server.port, address: server.address, security: server.security }, `${what} on ${server.address} (${server.security})`);
+  if (server.healthPort !== null) log.info({ healthPort: server.healthPort }, `gRPC health on ${server.options.healthHost ?? server.host}:${server.healthPort} (plaintext, health only)`);
+}
+
+export interface GrpcClientFlags {
+  tls?: boolean;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  tokenFile?: string;
+}
+
+/** Client flags of `generate` (and friends): TLS, mutual TLS, bearer token. */
+export function addGrpcClientOptions(cmd: Command): Command {
+  return cmd
+    .option('--tls', 'use TLS to the server (with the system CAs unless --tls-ca)')
+    .addOption(new Option('--tls-ca <file>', 'CA certificate that signed the server\'s (implies --tls)').env('DITPIPE_TLS_CA'))
+    .addOption(new Option('--tls-cert <file>', 'client certificate for mutual TLS (implies --tls)').env('DITPIPE_TLS_CLIENT_CERT'))
+    .addOption(new Option('--tls-key <file>', 'key of --tls-cert').env('DITPIPE_TLS_CLIENT_KEY'))
+    .addOption(new Option('--token-file <file>', 'file holding the bearer token to send (DITPIPE_TOKEN may hold the token itself)').env('DITPIPE_TOKEN_FILE'));
+}
+
+export function clientOptionsFromFlags(f: GrpcClientFlags, env = process.env): SamplerApiOptions {
+  const useTls = Boolean(f.tls || f.tlsCa || f.tlsCert || f.tlsKey);
+  let token: string | undefined;
+  if (f.tokenFile) {
+    try {
+      token = readFileSync(f.tokenFile, 'utf8').trim();
+    } catch (err) {
+      throw new Error(`--token-file ${f.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
+    }
+    if (!token) throw new Error(`--token-file ${f.tokenFile} is empty`);
+  } else if (env.DITPIPE_TOKEN?.trim()) token = env.DITPIPE_TOKEN.trim();
+  return { tls: useTls ? { caFile: f.tlsCa, certFile: f.tlsCert, keyFile: f.tlsKey } : false, token };
 }
 
 /**
  * Runs until SIGTERM/SIGINT, then stops the parts in the given order (each gets the grace period),
- * closes the transports and exits. A second signal exits at once.
+ * closes the transports and exits. A second signal exits at once. A part or transport that fails
+ * to stop (NATS already gone) is logged and the shutdown goes on: never an uncaught rejection.
  */
 export async function serveUntilSignal(opts: {
   log: Logger;
@@ -133,10 +292,12 @@ export async function serveUntilSignal(opts: {
   transports: Transport[];
   registries: Registry[];
   metricsPort: number;
+  metricsHost?: string;
   graceMs: number;
 }): Promise<void> {
-  const metrics = opts.metricsPort >= 0 ? await serveMetrics(opts.registries, opts.metricsPort) : null;
-  if (metrics) opts.log.info({ port: metrics.port }, `metrics on http://0.0.0.0:${metrics.port}/metrics`);
+  const host = opts.metricsHost ?? '127.0.0.1';
+  const metrics = opts.metricsPort >= 0 ? await serveMetrics(opts.registries, opts.metricsPort, host) : null;
+  if (metrics) opts.log.info({ port: metrics.port, host: metrics.host }, `metrics on http://${metrics.address}/metrics`);
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {
     if (stopping) {
@@ -145,17 +306,36 @@ export async function serveUntilSignal(opts: {
     }
     stopping = true;
     opts.log.info({ signal, graceMs: opts.graceMs }, 'shutting down');
+    let failed = false;
     for (const p of opts.parts) {
-      await p.stop(opts.graceMs);
-      opts.log.info(`${p.name} stopped`);
+      try {
+        await p.stop(opts.graceMs);
+        opts.log.info(`${p.name} stopped`);
+      } catch (err) {
+        failed = true;
+        opts.log.error({ err: (err as Error).message }, `${p.name} did not stop cleanly`);
+      }
     }
-    await Promise.all(opts.transports.map((t) => t.close({ graceMs: opts.graceMs })));
+    await Promise.all(
+      opts.transports.map((t) =>
+        t.close({ graceMs: opts.graceMs }).catch((err: unknown) => {
+          // Draining needs the server; with NATS gone there is nothing left to drain.
+          opts.log.warn({ err: (err as Error).message }, 'closed the NATS connection without draining it (NATS unreachable)');
+        }),
+      ),
+    );
     await metrics?.close();
     opts.log.info('stopped');
-    process.exit(0);
+    process.exit(failed ? 1 : 0);
   };
-  process.on('SIGTERM', () => void stop('SIGTERM'));
-  process.on('SIGINT', () => void stop('SIGINT'));
+  const onSignal = (signal: string): void => {
+    stop(signal).catch((err: unknown) => {
+      opts.log.fatal({ err: (err as Error).message }, 'shutdown failed');
+      process.exit(1);
+    });
+  };
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGINT', () => onSignal('SIGINT'));
   for (const t of opts.transports) {
     void t.closed.then((err) => {
       if (err && !stopping) {
@@ -164,4 +344,17 @@ export async function serveUntilSignal(opts: {
       }
     });
   }
+}
+
+/**
+ * Logs an unhandled rejection or exception as one fatal line and exits non-zero, instead of
+ * Node's raw trace: the last line of defence; the known sources are handled where they arise.
+ */
+export function exitOnUnhandled(log: Logger): void {
+  const fatal = (kind: string) => (err: unknown): void => {
+    log.fatal({ err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) }, `${kind}: ${err instanceof Error ? err.message : String(err)}`);
+    process.exit(1);
+  };
+  process.on('unhandledRejection', fatal('unhandled rejection'));
+  process.on('uncaughtException', fatal('uncaught exception'));
 }

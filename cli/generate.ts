@@ -4,13 +4,13 @@ import { existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } f
 import { join } from 'node:path';
 import { SingleBar } from 'cli-progress';
 import { Command, Option } from 'commander';
-import { request as fullRequest, SamplerApi } from '../shared/client.ts';
+import { checkAddress, request as fullRequest, SamplerApi } from '../shared/client.ts';
 import { DitpipeError } from '../shared/errors.ts';
-import { GenerateRequest, type Image, type ModelInfo, type Timings } from '../shared/gen/ditpipe/v1/sampler.ts';
+import { GenerateRequest, type GenerateEvent, type Image, type ModelInfo, type Timings } from '../shared/gen/ditpipe/v1/sampler.ts';
 import { labelledGrid } from '../shared/image/grid.ts';
 import { VERSION } from '../shared/version.ts';
 import { classFileName, describeClasses, findClass } from './classes.ts';
-import { intArg, numberArg } from './common.ts';
+import { addGrpcClientOptions, clientOptionsFromFlags, intArg, numberArg, type GrpcClientFlags } from './common.ts';
 import { GUIDANCE_FLAGS, inCliTerms, SAMPLER_FLAGS, UsageError } from './request-errors.ts';
 
 export { SAMPLER_FLAGS } from './request-errors.ts';
@@ -74,7 +74,8 @@ export interface RunInfo {
 }
 
 export interface GenerateToDirOptions {
-  api: SamplerApi;
+  /** The events of a request: a SamplerApi's generateStream, or a Scheduler's in-process. */
+  stream: (req: Partial<GenerateRequest>, opts: { timeoutMs?: number }) => AsyncIterable<GenerateEvent>;
   request: Partial<GenerateRequest>;
   out: string;
   /** Replace an earlier run's files in `out` (else a non-empty `out` is refused). */
@@ -114,7 +115,7 @@ export async function generateToDir(o: GenerateToDirOptions): Promise<GenerateTo
   let timings: Timings | undefined;
   const startedAt = new Date();
   const t0 = performance.now();
-  for await (const ev of o.api.generateStream(req, { timeoutMs: o.timeoutMs })) {
+  for await (const ev of o.stream(req, { timeoutMs: o.timeoutMs })) {
     if (ev.accepted) {
       const a = ev.accepted;
       run = { requestId: a.requestId, model: a.model, seed: a.seed, numSteps: a.numSteps, cfgScale: a.cfgScale };
@@ -157,9 +158,8 @@ export async function generateToDir(o: GenerateToDirOptions): Promise<GenerateTo
   return { images, grid, runJson, seed: run.seed, run };
 }
 
-interface Flags {
+interface Flags extends GrpcClientFlags {
   server: string;
-  tls?: boolean;
   model?: string;
   class: string[];
   num: number;
@@ -174,10 +174,11 @@ interface Flags {
   timeout: number;
 }
 
-export const command = new Command('generate')
-  .description('Generate images from a running ditpipe scheduler and write PNGs, a labelled grid and run.json into a folder.')
-  .addOption(new Option('--server <host:port>', 'scheduler gRPC address').env('DITPIPE_SERVER').default('127.0.0.1:50051'))
-  .option('--tls', 'use TLS to the server')
+export const command = addGrpcClientOptions(
+  new Command('generate')
+    .description('Generate images from a running ditpipe scheduler and write PNGs, a labelled grid and run.json into a folder.')
+    .addOption(new Option('--server <host:port>', 'scheduler gRPC address').env('DITPIPE_SERVER').default('127.0.0.1:50051').argParser((v) => checkAddress(v, '--server'))),
+)
   .addOption(new Option('--model <name>', 'served model name, as ListModels lists it (default: the first model the server lists)'))
   .addOption(new Option('--class <labels>', 'classes by index or name (or the name as output files spell it), comma-separated, e.g. "3,Sandal,Ankle_boot"').makeOptionMandatory().argParser(splitList))
   .addOption(new Option('--num <n>', 'images per class').default(1).argParser(intArg('--num', 1, 1024)))
@@ -194,7 +195,7 @@ export const command = new Command('generate')
   .option('--overwrite', 'reuse a non-empty --out: remove the images, grid and run.json an earlier run wrote there')
   .addOption(new Option('--timeout <ms>', 'request deadline').default(600_000).argParser(intArg('--timeout', 1)))
   .action(async (o: Flags) => {
-    const api = new SamplerApi(o.server, { tls: o.tls });
+    const api = new SamplerApi(o.server, clientOptionsFromFlags(o));
     try {
       const models = await api.listModels({ timeoutMs: 10_000 });
       const model = o.model === undefined ? models[0] : models.find((m) => m.name === o.model);
@@ -209,7 +210,7 @@ export const command = new Command('generate')
       let res: GenerateToDirResult;
       try {
         res = await generateToDir({
-          api,
+          stream: (req, opts) => api.generateStream(req, opts),
           out: o.out,
           overwrite: o.overwrite,
           timeoutMs: o.timeout,

@@ -7,6 +7,8 @@ import { Command, Option } from 'commander';
 import { CampaignError, loadCampaign } from '../loadtest/campaign.ts';
 import { textSummary, writeReport } from '../loadtest/report.ts';
 import { LoadtestError, runCampaign } from '../loadtest/runner.ts';
+import { checkAddress } from '../shared/client.ts';
+import { clientOptionsFromFlags } from './common.ts';
 
 export const EXIT_SLO_MISSED = 2;
 /** 128 + SIGINT, as a shell reports a command stopped with Ctrl-C. */
@@ -20,12 +22,19 @@ const run = new Command('run')
   .option('--html <file>', 'HTML report path (overrides --out)')
   .option('--target <host:port>', 'override the campaign target address')
   .addOption(new Option('--allow-remote', 'allow targets and metrics endpoints other than loopback and target.allowHosts').default(false))
+  .addOption(new Option('--token-file <file>', 'file holding the bearer token to send (DITPIPE_TOKEN may hold the token itself; overrides target.tokenFile)').env('DITPIPE_TOKEN_FILE'))
   .option('--no-status', 'no live status line on stderr')
-  .action(async (file: string, o: { out: string; json?: string; html?: string; target?: string; allowRemote: boolean; status: boolean }) => {
+  .action(async (file: string, o: { out: string; json?: string; html?: string; target?: string; allowRemote: boolean; status: boolean; tokenFile?: string }) => {
     let campaign;
     try {
       campaign = loadCampaign(file);
-      if (o.target) campaign.target.address = o.target;
+      if (o.target) {
+        try {
+          campaign.target.address = checkAddress(o.target, '--target');
+        } catch (err) {
+          throw new CampaignError((err as Error).message);
+        }
+      }
     } catch (err) {
       if (err instanceof CampaignError) {
         console.error(err.message);
@@ -42,7 +51,8 @@ const run = new Command('run')
     process.once('SIGINT', onSignal);
     let report;
     try {
-      report = await runCampaign(campaign, { allowRemote: o.allowRemote, file, status: o.status ? process.stderr : null, signal: ac.signal });
+      const { token } = clientOptionsFromFlags({ tokenFile: o.tokenFile });
+      report = await runCampaign(campaign, { allowRemote: o.allowRemote, file, status: o.status ? process.stderr : null, signal: ac.signal, token });
     } catch (err) {
       if (err instanceof LoadtestError) {
         console.error(`ditpipe loadtest: ${err.message}`);

@@ -7,6 +7,7 @@ import { initDitWeights, type DitInit } from '../shared/model/dit-init.ts';
 import { ditConfigSchema, GRAPH_REVISION, graphRevisionOf, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
 import { ditPreset } from '../shared/model/presets.ts';
 import { croppedSize } from '../shared/image/crop.ts';
+import type { OnnxSummary } from '../shared/onnx/inspect.ts';
 import { readJsonArg } from './common.ts';
 
 /** Builders registered under `model build` besides `dit`; each module exports its subcommand as `command`. */
@@ -179,7 +180,7 @@ function posEmbedValues(c: DitConfig): number {
   return (c.input_size / c.patch_size) ** 2 * c.hidden_size;
 }
 
-function describe(meta: ModelJson, dir: string): string {
+function describe(meta: ModelJson, dir: string, graph?: OnnxSummary): string {
   const io = (v: ModelJson['inputs'][number]): string => `  ${v.name}: ${v.dtype} [${v.shape.join(', ')}]`;
   const lines = [
     `${dir}`,
@@ -206,16 +207,21 @@ function describe(meta: ModelJson, dir: string): string {
   const rev = graphRevisionOf(meta);
   const stale = rev < GRAPH_REVISION ? ` (this ditpipe writes revision ${GRAPH_REVISION}: rebuild for the faster graphs, same numbers)` : '';
   lines.push(`built by: ${meta.createdBy}, graph revision ${rev}${stale}`);
+  if (graph) {
+    const opset = graph.opsets.map((o) => `${o.domain || 'ai.onnx'} ${o.version}`).join(', ');
+    lines.push(`graph:    ${meta.onnx} parses: ONNX IR ${graph.irVersion}, opset ${opset}, ${graph.nodes} nodes, ${graph.initializers} weights${graph.externalInitializers ? ` (${graph.externalInitializers} in external data)` : ''}; inputs/outputs match model.json`);
+  }
   return lines.join('\n');
 }
 
 const info = new Command('info')
-  .description('Show a model directory: params, Gflops per forward, inputs/outputs, source weights')
+  .description('Show a model directory: params, Gflops per forward, inputs/outputs, source weights; checks that model.onnx parses and matches model.json')
   .argument('<dir>', 'model directory')
   .option('--json', 'print model.json')
   .action((dir: string, o: { json?: boolean }) => {
+    // Verifies model.onnx parses and matches model.json (errors exit non-zero, naming the file).
     const m = readModelDir(dir);
-    console.log(o.json ? JSON.stringify(m.meta, null, 2) : describe(m.meta, dir));
+    console.log(o.json ? JSON.stringify(m.meta, null, 2) : describe(m.meta, dir, m.graph));
   });
 
 const build = new Command('build').description('Compile published weights into a model directory').addCommand(buildDit);

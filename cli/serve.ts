@@ -10,34 +10,48 @@ import { compileHttpConfig } from '../services/scheduler/http/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
 import { GRAPH_REVISION, graphRevisionOf } from '../shared/model/modeldir.ts';
-import { addNatsOptions, addServiceOptions, httpPortOption, intArg, logger, natsFromFlags, numberArg, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import {
+  addGrpcServerOptions,
+  addNatsOptions,
+  addServiceOptions,
+  exitOnUnhandled,
+  grpcServerFromFlags,
+  httpPortOption,
+  httpSecurity,
+  intArg,
+  listenGrpc,
+  logger,
+  natsFromFlags,
+  numberArg,
+  queueFromFlags,
+  serveUntilSignal,
+  type GrpcServerFlags,
+  type NatsFlags,
+  type ServiceFlags as CommonServiceFlags,
+} from './common.ts';
 
-interface ServiceFlags extends NatsFlags {
+interface ServiceFlags extends NatsFlags, CommonServiceFlags, GrpcServerFlags {
   natsUrl: string;
-  metricsPort: number;
-  shutdownGrace: number;
-  logLevel: string;
 }
 
 function list(v: string): string[] {
   return v.split(',').map((s) => s.trim()).filter(Boolean);
 }
 
-const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), true), { metricsPort: 9464 })
-  .description('Serve the public Sampler gRPC API; run the sampling loops and send steps to the denoiser pool over NATS.')
+const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Command('scheduler'), true), { metricsPort: 9464 }), { port: 50051, portHelp: 'gRPC port of the Sampler API (0 = any free port)' })
+  .description('Serve the public Sampler gRPC API (and the OpenAI-compatible HTTP API with the playground); run the sampling loops and put steps on the denoisers\' work queue over NATS.')
   .addOption(new Option('--models <names>', 'DiT model names to serve, comma-separated (denoisers serve them)').env('DITPIPE_MODELS').makeOptionMandatory().argParser(list))
   .addOption(new Option('--vae <model=vae,...>', 'VAE per model when its model.json names none').env('DITPIPE_VAE'))
-  .addOption(new Option('--grpc-port <port>', 'gRPC port (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
-  .addOption(new Option('--host <addr>', 'address to bind gRPC (and HTTP, unless --http-host) to').env('DITPIPE_HOST').default('0.0.0.0'))
   .addOption(httpPortOption(8080))
-  .addOption(new Option('--http-host <addr>', 'address to bind the HTTP API to (default: --host)').env('DITPIPE_HTTP_HOST'))
-  .addOption(new Option('--max-samples-in-flight <n>', 'admission limit: images sampled at once, then RESOURCE_EXHAUSTED').env('DITPIPE_MAX_SAMPLES_IN_FLIGHT').default(256).argParser(intArg('--max-samples-in-flight', 1)))
+  .addOption(new Option('--http-host <addr>', 'address to bind the HTTP API to (default: --host); it uses the gRPC server\'s TLS and tokens').env('DITPIPE_HTTP_HOST'))
+  .addOption(new Option('--max-samples-in-flight <n>', 'admission limit: images sampled at once, then RESOURCE_EXHAUSTED (with a retry hint); a request for more is INVALID_ARGUMENT').env('DITPIPE_MAX_SAMPLES_IN_FLIGHT').default(256).argParser(intArg('--max-samples-in-flight', 1)))
   .addOption(new Option('--max-images-per-request <n>', 'most images one request may ask for').env('DITPIPE_MAX_IMAGES_PER_REQUEST').default(64).argParser(intArg('--max-images-per-request', 1, 1024)))
   .addOption(new Option('--step-timeout <ms>', 'longest one denoiser may hold a step before the work queue gives it to another replica').env('DITPIPE_STEP_TIMEOUT_MS').default(30_000).argParser(intArg('--step-timeout', 1)))
   .addOption(new Option('--decode-timeout <ms>', 'longest one decoder may hold a decode before the work queue gives it to another replica').env('DITPIPE_DECODE_TIMEOUT_MS').default(60_000).argParser(intArg('--decode-timeout', 1)))
   .addOption(new Option('--default-cfg <scale>', 'guidance scale when a request sets none').env('DITPIPE_DEFAULT_CFG').default(4).argParser(numberArg('--default-cfg', 1)))
-  .action(async (o: ServiceFlags & { models: string[]; vae?: string; grpcPort: number; host: string; httpPort: number; httpHost?: string; maxSamplesInFlight: number; maxImagesPerRequest: number; stepTimeout: number; decodeTimeout: number; defaultCfg: number }) => {
-    const log = logger('scheduler', o.logLevel);
+  .action(async (o: ServiceFlags & { models: string[]; vae?: string; httpPort: number; httpHost?: string; maxSamplesInFlight: number; maxImagesPerRequest: number; stepTimeout: number; decodeTimeout: number; defaultCfg: number }) => {
+    const log = logger('scheduler', o);
+    exitOnUnhandled(log);
     const vae = Object.fromEntries((o.vae ? list(o.vae) : []).map((kv) => kv.split('=') as [string, string]));
     const config = compileSchedulerConfig({
       models: o.models,
@@ -48,30 +62,46 @@ const scheduler = addServiceOptions(addNatsOptions(new Command('scheduler'), tru
       decodeTimeoutMs: o.decodeTimeout,
       defaultCfgScale: o.defaultCfg,
     });
-    const transport = await natsFromFlags(o, 'ditpipe-scheduler');
+    const grpc = grpcServerFromFlags(o, log);
+    const transport = await natsFromFlags(o, 'ditpipe-scheduler', log);
     const metrics = schedulerMetrics();
-    const http = o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.httpHost ?? o.host }), log };
-    const svc = await startSchedulerService(config, transport, { grpcPort: o.grpcPort, host: o.host, metrics, http, queueSettings: queueFromFlags(o) });
-    log.info({ port: svc.grpc.port, models: config.models }, `Sampler API on ${o.host}:${svc.grpc.port}`);
+    const http = o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.httpHost ?? o.host }), log, ...httpSecurity(grpc) };
+    const svc = await startSchedulerService(config, transport, { grpc, metrics, log, http, queueSettings: queueFromFlags(o) });
+    await listenGrpc(grpc, log, 'Sampler API');
     if (svc.http) log.info({ port: svc.http.port }, `HTTP API (OpenAI-compatible) and playground on ${svc.http.url}/`);
-    await serveUntilSignal({ log, parts: [{ name: 'scheduler', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+    await serveUntilSignal({
+      log,
+      parts: [
+        { name: 'scheduler', stop: (g) => svc.stop(g) },
+        { name: 'gRPC', stop: () => grpc.stop(1_000) },
+      ],
+      transports: [transport],
+      registries: [metrics.registry],
+      metricsPort: o.metricsPort,
+      metricsHost: o.metricsHost,
+      graceMs: o.shutdownGrace,
+    });
   });
 
 const replicaOptions = (cmd: Command, grpcPort: number): Command =>
-  addServiceOptions(addNatsOptions(cmd, true), { metricsPort: 9464 })
+  addGrpcServerOptions(addServiceOptions(addNatsOptions(cmd, true), { metricsPort: 9464 }), {
+    port: grpcPort,
+    portHelp: 'gRPC port for health checks and direct calls (0 = any free port, -1 = off)',
+    minPort: -1,
+  })
     .addOption(new Option('--model-dir <dir>', 'model directory (model.json + model.onnx)').env('DITPIPE_MODEL_DIR').makeOptionMandatory())
     .addOption(new Option('--name <name>', 'name to serve the model under (default: model.json name)').env('DITPIPE_NAME'))
-    .addOption(new Option('--grpc-port <port>', 'gRPC port for health checks and direct calls (0 = any free port, -1 = off)').env('DITPIPE_GRPC_PORT').default(grpcPort).argParser(intArg('--grpc-port', -1, 65535)))
     .addOption(new Option('--execution-provider <ep>', 'onnxruntime execution provider').choices(['cpu', 'cuda']).env('DITPIPE_EXECUTION_PROVIDER').default('cpu'))
     .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)));
 
 const denoiser = replicaOptions(new Command('denoiser'), 50052)
-  .description('Serve denoise steps of one DiT model over NATS, batching steps from many requests into each forward pass.')
+  .description('Serve denoise steps of one DiT model: pull them from the model\'s work queue over NATS when a forward pass can start, batching steps of many requests into each pass.')
   .addOption(new Option('--max-batch-rows <n>', 'rows per forward pass (guidance rows count)').env('DITPIPE_MAX_BATCH_ROWS').default(64).argParser(intArg('--max-batch-rows', 1, 4096)))
   .addOption(new Option('--max-wait <ms>', 'longest wait for more steps before a forward pass').env('DITPIPE_MAX_WAIT_MS').default(2).argParser(numberArg('--max-wait', 0)))
   .addOption(new Option('--simulate <base+perRow>', 'do not run the model: sleep base + perRow × rows ms per pass and answer zeros (capacity tests)').env('DITPIPE_SIMULATE'))
-  .action(async (o: ServiceFlags & { modelDir: string; name?: string; grpcPort: number; executionProvider: 'cpu' | 'cuda'; threads: number; maxBatchRows: number; maxWait: number; simulate?: string }) => {
-    const log = logger('denoiser', o.logLevel);
+  .action(async (o: ServiceFlags & { modelDir: string; name?: string; executionProvider: 'cpu' | 'cuda'; threads: number; maxBatchRows: number; maxWait: number; simulate?: string }) => {
+    const log = logger('denoiser', o);
+    exitOnUnhandled(log);
     const config = compileDenoiserConfig({
       modelDir: o.modelDir,
       name: o.name,
@@ -81,21 +111,32 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
       maxWaitMs: o.maxWait,
       simulate: o.simulate ? parseSimulate(o.simulate) : undefined,
     });
-    const transport = await natsFromFlags(o, 'ditpipe-denoiser');
+    const grpc = o.grpcPort < 0 && o.healthPort < 0 ? null : grpcServerFromFlags(o, log);
+    const transport = await natsFromFlags(o, 'ditpipe-denoiser', log);
     const metrics = denoiserMetrics();
-    const svc = await startDenoiserService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics, queueSettings: queueFromFlags(o) });
+    const svc = await startDenoiserService(config, transport, { grpc, metrics, log, queueSettings: queueFromFlags(o) });
+    if (grpc) await listenGrpc(grpc, log, 'gRPC (health, Denoiser)');
     const queue = svc.server.queues.denoise;
-    log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, stream: queue?.stream, consumer: queue?.consumer, grpcPort: svc.grpc?.port }, `serving ${svc.denoiser.name}`);
+    log.info({ model: svc.denoiser.name, instance: svc.denoiser.info.instanceId, stream: queue?.stream, consumer: queue?.consumer, grpcPort: grpc?.port ?? undefined }, `serving ${svc.denoiser.name}`);
     warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.denoiser.meta));
-    await serveUntilSignal({ log, parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+    await serveUntilSignal({
+      log,
+      parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }, ...(grpc ? [{ name: 'gRPC', stop: () => grpc.stop(1_000) }] : [])],
+      transports: [transport],
+      registries: [metrics.registry],
+      metricsPort: o.metricsPort,
+      metricsHost: o.metricsHost,
+      graceMs: o.shutdownGrace,
+    });
   });
 
 const decoder = replicaOptions(new Command('decoder'), 50053)
-  .description('Serve VAE decoding of sampled latents into PNGs over NATS, batching latents from many requests.')
+  .description('Serve VAE decoding of sampled latents into PNGs: pull decodes from the VAE\'s work queue over NATS, batching latents of many requests.')
   .addOption(new Option('--max-batch <n>', 'images per decode pass').env('DITPIPE_MAX_BATCH').default(16).argParser(intArg('--max-batch', 1, 1024)))
   .addOption(new Option('--max-wait <ms>', 'longest wait for more latents before a decode').env('DITPIPE_MAX_WAIT_MS').default(5).argParser(numberArg('--max-wait', 0)))
-  .action(async (o: ServiceFlags & { modelDir: string; name?: string; grpcPort: number; executionProvider: 'cpu' | 'cuda'; threads: number; maxBatch: number; maxWait: number }) => {
-    const log = logger('decoder', o.logLevel);
+  .action(async (o: ServiceFlags & { modelDir: string; name?: string; executionProvider: 'cpu' | 'cuda'; threads: number; maxBatch: number; maxWait: number }) => {
+    const log = logger('decoder', o);
+    exitOnUnhandled(log);
     const config = compileDecoderConfig({
       modelDir: o.modelDir,
       name: o.name,
@@ -104,13 +145,23 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
       maxBatch: o.maxBatch,
       maxWaitMs: o.maxWait,
     });
-    const transport = await natsFromFlags(o, 'ditpipe-decoder');
+    const grpc = o.grpcPort < 0 && o.healthPort < 0 ? null : grpcServerFromFlags(o, log);
+    const transport = await natsFromFlags(o, 'ditpipe-decoder', log);
     const metrics = decoderMetrics();
-    const svc = await startDecoderService(config, transport, { grpcPort: o.grpcPort < 0 ? null : o.grpcPort, metrics, queueSettings: queueFromFlags(o) });
+    const svc = await startDecoderService(config, transport, { grpc, metrics, log, queueSettings: queueFromFlags(o) });
+    if (grpc) await listenGrpc(grpc, log, 'gRPC (health, Decoder)');
     const queue = svc.server.queues.decode;
-    log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, stream: queue?.stream, consumer: queue?.consumer, grpcPort: svc.grpc?.port }, `serving ${svc.decoder.name}`);
+    log.info({ model: svc.decoder.name, instance: svc.decoder.info.instanceId, stream: queue?.stream, consumer: queue?.consumer, grpcPort: grpc?.port ?? undefined }, `serving ${svc.decoder.name}`);
     warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.decoder.meta));
-    await serveUntilSignal({ log, parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }], transports: [transport], registries: [metrics.registry], metricsPort: o.metricsPort, graceMs: o.shutdownGrace });
+    await serveUntilSignal({
+      log,
+      parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }, ...(grpc ? [{ name: 'gRPC', stop: () => grpc.stop(1_000) }] : [])],
+      transports: [transport],
+      registries: [metrics.registry],
+      metricsPort: o.metricsPort,
+      metricsHost: o.metricsHost,
+      graceMs: o.shutdownGrace,
+    });
   });
 
 /** A model directory compiled by an older ditpipe serves the same numbers, only slower: say so. */

@@ -10,25 +10,38 @@ import { startDenoiserService } from '../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../services/scheduler/config.ts';
 import { compileHttpConfig } from '../services/scheduler/http/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
-import { SamplerApi } from '../shared/client.ts';
+import { request, SamplerApi } from '../shared/client.ts';
 import { SamplerKind } from '../shared/gen/ditpipe/v1/sampler.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
 import { InProcBus } from '../shared/transport/inproc.ts';
 import type { Transport } from '../shared/transport/types.ts';
-import { addNatsOptions, addServiceOptions, httpPortOption, intArg, logger, natsFromFlags, queueFromFlags, serveUntilSignal, type NatsFlags } from './common.ts';
+import {
+  addGrpcServerOptions,
+  addNatsOptions,
+  addServiceOptions,
+  exitOnUnhandled,
+  grpcServerFromFlags,
+  httpPortOption,
+  httpSecurity,
+  intArg,
+  listenGrpc,
+  logger,
+  natsFromFlags,
+  queueFromFlags,
+  serveUntilSignal,
+  tokensFromFlags,
+  type GrpcServerFlags,
+  type NatsFlags,
+  type ServiceFlags,
+} from './common.ts';
 import { ensureDefaultModels } from './default-model.ts';
 import { defaultTitle, generateToDir } from './generate.ts';
 
-interface Flags extends NatsFlags {
+interface Flags extends NatsFlags, ServiceFlags, GrpcServerFlags {
   modelDir?: string;
   vaeDir?: string;
-  grpcPort: number;
   httpPort: number;
-  host: string;
-  metricsPort: number;
-  shutdownGrace: number;
-  logLevel: string;
   threads: number;
   grid: boolean;
   gridOut: string;
@@ -37,13 +50,14 @@ interface Flags extends NatsFlags {
   exitAfterGrid?: boolean;
 }
 
-export const command = addServiceOptions(addNatsOptions(new Command('start'), false), { metricsPort: 9464 })
+export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Command('start'), false), { metricsPort: 9464 }), {
+  port: 50051,
+  portHelp: 'gRPC port of the Sampler API (0 = any free port)',
+})
   .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC and the HTTP API with the playground, and write a sample grid.')
   .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)').env('DITPIPE_MODEL_DIR'))
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)').env('DITPIPE_VAE_DIR'))
-  .addOption(new Option('--grpc-port <port>', 'gRPC port of the Sampler API (0 = any free port)').env('DITPIPE_GRPC_PORT').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
   .addOption(httpPortOption(8080))
-  .addOption(new Option('--host <addr>', 'address to bind gRPC and HTTP to').env('DITPIPE_HOST').default('127.0.0.1'))
   .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)))
   .addOption(new Option('--no-grid', 'do not write the sample grid at start').env('DITPIPE_NO_GRID'))
   .addOption(new Option('--grid-out <dir>', 'folder of the sample grid (its earlier grid and samples are replaced)').env('DITPIPE_GRID_OUT').default('out/samples'))
@@ -51,7 +65,9 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
   .addOption(new Option('--grid-steps <n>', 'DDIM steps for the grid').env('DITPIPE_GRID_STEPS').default(50).argParser(intArg('--grid-steps', 1, 1000)))
   .addOption(new Option('--exit-after-grid', 'stop once the grid is written (smoke tests)').env('DITPIPE_EXIT_AFTER_GRID'))
   .action(async (o: Flags) => {
-    const log = logger('ditpipe', o.logLevel);
+    const log = logger('ditpipe', o);
+    exitOnUnhandled(log);
+    const grpc = grpcServerFromFlags(o, log);
     let ditDir = o.modelDir;
     let vaeDir = o.vaeDir;
     if (!ditDir || !vaeDir) {
@@ -64,7 +80,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
 
     const bus = o.natsUrl ? null : new InProcBus({ maxPayload: 8 * 1024 * 1024 });
     const connect = (name: string): Promise<Transport> =>
-      bus ? Promise.resolve(bus.connect(name)) : natsFromFlags({ ...o, natsUrl: o.natsUrl as string }, `ditpipe-${name}`);
+      bus ? Promise.resolve(bus.connect(name)) : natsFromFlags({ ...o, natsUrl: o.natsUrl as string }, `ditpipe-${name}`, log);
     log.info(bus ? 'transport: in-process bus (set NATS_URL to use NATS)' : `transport: NATS at ${o.natsUrl}`);
 
     const dm = denoiserMetrics();
@@ -74,22 +90,25 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
     const decoderT = await connect('decoder');
     const schedulerT = await connect('scheduler');
     const queueSettings = queueFromFlags(o);
-    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, { metrics: dm, queueSettings });
-    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, { metrics: vm, queueSettings });
+    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, { metrics: dm, log, queueSettings });
+    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, { metrics: vm, log, queueSettings });
     const scheduler = await startSchedulerService(
       compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
       schedulerT,
-      { grpcPort: o.grpcPort, host: o.host, metrics: sm, queueSettings, http: o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.host }), log } },
+      { grpc, metrics: sm, log, queueSettings, http: o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.host }), log, ...httpSecurity(grpc) } },
     );
-    const address = `${o.host === '0.0.0.0' ? '127.0.0.1' : o.host}:${scheduler.grpc.port}`;
-    log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `Sampler API on ${o.host}:${scheduler.grpc.port}`);
+    await listenGrpc(grpc, log, 'Sampler API');
     const playground = scheduler.http ? `${scheduler.http.url}/` : null;
     if (playground) console.log(`playground: open ${playground} (OpenAI-compatible images API at ${scheduler.http!.url}/v1/images/generations)`);
+    log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `serving ${dit.name} (VAE ${vae.name})`);
+    // Where a client on this machine reaches the server: a wildcard bind is reachable on loopback.
+    const address = `${grpc.host === '0.0.0.0' ? '127.0.0.1' : grpc.host === '::' ? '[::1]' : grpc.host.includes(':') ? `[${grpc.host}]` : grpc.host}:${grpc.port}`;
 
     const parts = [
       { name: 'scheduler', stop: (g: number) => scheduler.stop(g) },
       { name: 'denoiser', stop: (g: number) => denoiser.stop(g) },
       { name: 'decoder', stop: (g: number) => decoder.stop(g) },
+      { name: 'gRPC', stop: () => grpc.stop(1_000) },
     ];
     const closeAll = async (): Promise<void> => {
       for (const p of parts) await p.stop(o.shutdownGrace);
@@ -102,11 +121,13 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
       const labels = Array.from({ length: shown }, (_, c) => Array.from({ length: o.gridSamples }, () => ({ index: c }))).flat();
       const out = resolve(o.gridOut);
       log.info(`sampling a grid: ${shown} classes × ${o.gridSamples} samples, DDIM ${o.gridSteps} steps, cfg 4`);
-      const api = new SamplerApi(address);
+      // Through the gRPC API as any client would, unless TLS or tokens guard it (this process holds
+      // no client credentials then): in-process through the scheduler.
+      const api = o.tlsCert || tokensFromFlags(o) ? null : new SamplerApi(address);
       try {
         const started = Date.now();
         const res = await generateToDir({
-          api,
+          stream: api ? (req, opts) => api.generateStream(req, opts) : (req) => scheduler.scheduler.generateEvents(request(req)),
           out,
           // The grid folder belongs to `start`: each start replaces the grid and samples it wrote.
           overwrite: true,
@@ -119,7 +140,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
         log.info(`wrote ${res.images.length} samples in ${((Date.now() - started) / 1000).toFixed(1)} s`);
         console.log(`sample grid: ${res.grid}`);
       } finally {
-        api.close();
+        api?.close();
       }
       if (o.exitAfterGrid) {
         await closeAll();
@@ -134,6 +155,7 @@ export const command = addServiceOptions(addNatsOptions(new Command('start'), fa
       transports: [denoiserT, decoderT, schedulerT],
       registries: [sm.registry, dm.registry, vm.registry],
       metricsPort: o.metricsPort,
+      metricsHost: o.metricsHost,
       graceMs: o.shutdownGrace,
     });
   });

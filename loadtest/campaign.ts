@@ -115,7 +115,13 @@ const schema = z.strictObject({
   target: z.strictObject({
     /** gRPC address of the scheduler, host:port. */
     address: z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'expected host:port (IPv6 in brackets)'),
-    tls: z.union([z.boolean(), z.strictObject({ ca: z.string().min(1).optional() })]).default(false),
+    /** TLS to the target: true (system CAs) or the CA to verify it with and a client certificate (mutual TLS). */
+    tls: z
+      .union([z.boolean(), z.strictObject({ ca: z.string().min(1).optional(), cert: z.string().min(1).optional(), key: z.string().min(1).optional() })])
+      .refine((t) => typeof t === 'boolean' || Boolean(t.cert) === Boolean(t.key), 'cert and key go together')
+      .default(false),
+    /** File holding the bearer token to send (DITPIPE_TOKEN or --token-file override it). */
+    tokenFile: z.string().min(1).optional(),
     /** Deadline of each request. */
     timeout: duration().prefault('60s'),
     /** Hosts besides loopback this campaign may send to (with no --allow-remote needed). */

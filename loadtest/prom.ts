@@ -47,13 +47,45 @@ export interface Scrape {
   error?: string;
 }
 
-/** GET the endpoint; failures are recorded in the scrape (a run does not stop for a metrics hiccup). */
-export async function scrape(endpoint: string, url: string, timeoutMs = 5_000): Promise<Scrape> {
+/** Redirects followed at most, each checked by the caller's guard. */
+const MAX_REDIRECTS = 5;
+
+export interface ScrapeOptions {
+  timeoutMs?: number;
+  /**
+   * Whether the load tester may contact this host (the same guard as for the campaign's own URLs).
+   * A redirect to a host it refuses is not followed; default: every host.
+   */
+  allowHost?: (host: string) => boolean;
+}
+
+/**
+ * GET the endpoint; failures are recorded in the scrape (a run does not stop for a metrics hiccup).
+ * Redirects are followed by hand, each target passing `allowHost` first, so a metrics URL on
+ * loopback cannot send the tool to an address it would refuse if given directly.
+ */
+export async function scrape(endpoint: string, url: string, opts: ScrapeOptions = {}): Promise<Scrape> {
   const at = Date.now();
+  const signal = AbortSignal.timeout(opts.timeoutMs ?? 5_000);
+  let target = url;
   try {
-    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
-    if (!res.ok) return { endpoint, url, at, samples: [], error: `HTTP ${res.status}` };
-    return { endpoint, url, at, samples: parsePrometheusText(await res.text()) };
+    for (let hop = 0; ; hop++) {
+      const res = await fetch(target, { signal, redirect: 'manual' });
+      if (res.status >= 300 && res.status < 400 && res.headers.get('location')) {
+        await res.body?.cancel();
+        const next = new URL(res.headers.get('location') as string, target);
+        if (!/^https?:$/.test(next.protocol)) return { endpoint, url, at, samples: [], error: `redirect to ${next.protocol} refused` };
+        const host = next.hostname.replace(/^\[|\]$/g, '');
+        if (opts.allowHost && !opts.allowHost(host)) {
+          return { endpoint, url, at, samples: [], error: `redirect to ${next.origin} refused: not loopback and not in target.allowHosts` };
+        }
+        if (hop >= MAX_REDIRECTS) return { endpoint, url, at, samples: [], error: `more than ${MAX_REDIRECTS} redirects` };
+        target = next.href;
+        continue;
+      }
+      if (!res.ok) return { endpoint, url, at, samples: [], error: `HTTP ${res.status}` };
+      return { endpoint, url, at, samples: parsePrometheusText(await res.text()) };
+    }
   } catch (err) {
     // fetch says only "fetch failed"; the cause says why (ECONNREFUSED: nothing listens there).
     const cause = (err as { cause?: { code?: string; message?: string } }).cause;

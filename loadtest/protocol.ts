@@ -6,7 +6,9 @@ export interface WorkerInit {
   __module: string;
   index: number;
   address: string;
-  tls: false | { ca?: string };
+  tls: false | { ca?: string; cert?: string; key?: string };
+  /** Bearer token sent with every request. */
+  token?: string;
   timeoutMs: number;
   mix: MixEntry[];
   /** Class counts per model, for mix entries without a class list. */

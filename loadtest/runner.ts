@@ -4,11 +4,10 @@
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { credentials } from '@grpc/grpc-js';
 import { readFileSync } from 'node:fs';
-import { SamplerApi } from '../shared/client.ts';
+import { SamplerApi, type ClientTlsFiles } from '../shared/client.ts';
 import type { ModelInfo } from '../shared/gen/ditpipe/v1/sampler.ts';
-import { remoteHosts, type Campaign, type Phase, type SloSpec } from './campaign.ts';
+import { isLoopback, remoteHosts, type Campaign, type Phase, type SloSpec } from './campaign.ts';
 import { scrape, serverFigures, type Scrape, type ServerFigures } from './prom.ts';
 import type { FromWorker, PhasePlan, RequestResult, ToWorker, WorkerInit } from './protocol.ts';
 import { ghzSummary, latencyBins, Recorder, timeSeries, type GhzSummary, type TimePoint } from './stats.ts';
@@ -86,10 +85,30 @@ export interface Report extends GhzSummary {
 
 export interface RunOptions {
   allowRemote?: boolean;
+  /** Bearer token for the target (overrides target.tokenFile). */
+  token?: string;
   file?: string;
   /** Where the live status line goes; null for none. Default process.stderr. */
   status?: NodeJS.WritableStream | null;
   signal?: AbortSignal;
+}
+
+/** The campaign's TLS setting as client TLS files (false: plaintext). */
+export function clientTls(tls: false | { ca?: string; cert?: string; key?: string }): false | ClientTlsFiles {
+  return tls === false ? false : { caFile: tls.ca, certFile: tls.cert, keyFile: tls.key };
+}
+
+/** The bearer token: given, or read from target.tokenFile (never written into the report). */
+function resolveToken(c: Campaign, given: string | undefined): string | undefined {
+  if (given) return given;
+  if (!c.target.tokenFile) return undefined;
+  try {
+    const t = readFileSync(c.target.tokenFile, 'utf8').trim();
+    if (!t) throw new Error('empty');
+    return t;
+  } catch (err) {
+    throw new LoadtestError(`target.tokenFile ${c.target.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
+  }
 }
 
 function resolveMix(c: Campaign, models: ModelInfo[]): Record<string, number> {
@@ -237,8 +256,12 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
   if (remote.length && !opts.allowRemote)
     throw new LoadtestError(`refusing to send load to ${remote.join(', ')}: not loopback and not in target.allowHosts; pass --allow-remote if that is intended`);
 
+  const allowed = new Set(c.target.allowHosts.map((h) => h.toLowerCase()));
+  const allowHost = (host: string): boolean => Boolean(opts.allowRemote) || isLoopback(host) || allowed.has(host.toLowerCase());
+
   const tls = c.target.tls === false ? false : c.target.tls === true ? {} : c.target.tls;
-  const api = new SamplerApi(c.target.address, { tls: tls === false ? false : credentials.createSsl(tls.ca ? readFileSync(tls.ca) : null) });
+  const token = resolveToken(c, opts.token);
+  const api = new SamplerApi(c.target.address, { tls: clientTls(tls), token });
   let models: ModelInfo[];
   try {
     models = await api.listModels({ timeoutMs: 10_000 });
@@ -249,7 +272,7 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
   }
   const numClasses = resolveMix(c, models);
   const workers = Math.min(c.workers, Math.max(1, availableParallelism() * 4));
-  const pool = await Pool.start(workers, { address: c.target.address, tls, timeoutMs: c.target.timeout, mix: c.mix, numClasses, seed: c.seed });
+  const pool = await Pool.start(workers, { address: c.target.address, tls, token, timeoutMs: c.target.timeout, mix: c.mix, numClasses, seed: c.seed });
   const status = opts.status === undefined ? new StatusLine(process.stderr) : opts.status ? new StatusLine(opts.status) : null;
   let aborted = false;
   const onAbort = (): void => {
@@ -282,7 +305,7 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
     let origin = 0;
     for (let pi = 0; pi < c.phases.length && !aborted; pi++) {
       const p = c.phases[pi];
-      const before = await Promise.all(c.metrics.map((m) => scrape(m.name, m.url)));
+      const before = await Promise.all(c.metrics.map((m) => scrape(m.name, m.url, { allowHost })));
       const rec = new Recorder();
       const inFlight = new Array<number>(workers).fill(0);
       const cpuBefore = process.cpuUsage();
@@ -317,7 +340,7 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
       const endMs = now();
       const wallMs = endMs - startMs;
       const cpu = process.cpuUsage(cpuBefore);
-      const after = await Promise.all(c.metrics.map((m) => scrape(m.name, m.url)));
+      const after = await Promise.all(c.metrics.map((m) => scrape(m.name, m.url, { allowHost })));
       const imagesPerSecond = wallMs > 0 ? rec.images / (wallMs / 1000) : 0;
       const objectives = evaluateSlo(sloFor(c, p), rec, imagesPerSecond);
       const bucketMs = Math.max(1000, Math.ceil(wallMs / 120 / 1000) * 1000);

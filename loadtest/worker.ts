@@ -2,9 +2,7 @@
 // (GenerateStream, so admission and first-step times are seen) and posts results in batches.
 // Open loop: each request is due at a time fixed by the arrival process, and its latency counts
 // from that time even when the send is late (no coordinated omission).
-import { readFileSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
-import { credentials } from '@grpc/grpc-js';
 import { SamplerApi } from '../shared/client.ts';
 import { codeName, DitpipeError } from '../shared/errors.ts';
 import { GuidanceChannels } from '../shared/gen/ditpipe/v1/common.ts';
@@ -90,8 +88,8 @@ function main(): void {
   const port = parentPort;
   if (!port) throw new Error('loadtest worker must run on a worker thread');
   const init = workerData as WorkerInit;
-  const creds = init.tls === false ? undefined : credentials.createSsl(init.tls.ca ? readFileSync(init.tls.ca) : null);
-  const api = new SamplerApi(init.address, { tls: init.tls === false ? false : creds });
+  const tls = init.tls === false ? false : { caFile: init.tls.ca, certFile: init.tls.cert, keyFile: init.tls.key };
+  const api = new SamplerApi(init.address, { tls, token: init.token });
   const post = (m: FromWorker): void => port.postMessage(m);
 
   let current: { plan: PhasePlan; stop: () => void } | null = null;

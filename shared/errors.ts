@@ -11,6 +11,7 @@
 //   call.emit('error', toServiceError(err));  // grpc-js server-streaming handler (destroy() sends no status)
 //   const e = fromServiceError(grpcErr);      // grpc-js client
 import { Metadata, type ServiceError } from '@grpc/grpc-js';
+import { decodeRpcStatus, encodeRpcStatus, retryDelayMs, retryInfo, STATUS_DETAILS_KEY } from './rpc-status.ts';
 
 /** gRPC status codes (numeric values from the gRPC specification). */
 export const Code = {
@@ -74,13 +75,18 @@ export class NotFoundError extends DitpipeError {
   }
 }
 
-/** Out of capacity (admission control, queue full) or over a size limit. */
+/**
+ * Out of capacity (admission control, queue full) or over a size limit. `retryAfterMs`, when set,
+ * travels to gRPC clients as a google.rpc.RetryInfo (see shared/rpc-status.ts): how long to wait.
+ */
 export class ResourceExhaustedError extends DitpipeError {
   readonly code = Code.RESOURCE_EXHAUSTED;
   readonly kind: string = 'ResourceExhausted';
-  constructor(message: string, opts: { cause?: unknown } = {}) {
-    super(message, opts);
+  readonly retryAfterMs: number | undefined;
+  constructor(message: string, opts: { cause?: unknown; retryAfterMs?: number } = {}) {
+    super(message, { cause: opts.cause });
     this.name = 'ResourceExhaustedError';
+    this.retryAfterMs = opts.retryAfterMs;
   }
 }
 
@@ -215,14 +221,14 @@ export class StatusError extends DitpipeError {
  * Rebuilds a typed error from a status code, message and (optional) kind and field from the wire.
  * The kind picks a subclass where one code has several (PayloadTooLarge vs ResourceExhausted).
  */
-export function errorFromStatus(code: number, message: string, kind?: string, field?: string): DitpipeError {
+export function errorFromStatus(code: number, message: string, kind?: string, field?: string, retryAfterMs?: number): DitpipeError {
   switch (code) {
     case Code.INVALID_ARGUMENT:
       return new InvalidArgumentError(message, { field: field || undefined });
     case Code.NOT_FOUND:
       return new NotFoundError(message);
     case Code.RESOURCE_EXHAUSTED:
-      return kind === 'PayloadTooLarge' ? new PayloadTooLargeError(message) : new ResourceExhaustedError(message);
+      return kind === 'PayloadTooLarge' ? new PayloadTooLargeError(message) : new ResourceExhaustedError(message, { retryAfterMs });
     case Code.UNAVAILABLE:
       return kind === 'NoQueue' ? new NoQueueError(message) : new UnavailableError(message);
     case Code.DEADLINE_EXCEEDED:
@@ -262,16 +268,41 @@ export function errorField(err: DitpipeError): string | undefined {
   return err instanceof InvalidArgumentError ? err.field : undefined;
 }
 
+/**
+ * Longest status message sent: grpc-message travels in a header, and a client refuses headers
+ * past its metadata limit (8 KiB in grpc-js) with an error that hides the real status.
+ */
+export const MAX_STATUS_MESSAGE = 1024;
+
+/** `text` cut to `max` characters, saying how long it was. */
+export function truncate(text: string, max: number): string {
+  if (text.length <= max) return text;
+  return `${text.slice(0, Math.max(0, max - 40))}… (${text.length} characters, truncated)`;
+}
+
+/**
+ * A caller's input quoted for an error message, at most `max` characters of it: error messages
+ * echo what was asked for, and a hostile request must not make the answer as large as itself.
+ */
+export function quoteInput(s: string, max = 64): string {
+  if (s.length <= max) return JSON.stringify(s);
+  return `${JSON.stringify(s.slice(0, max))}… (${s.length} characters)`;
+}
+
 /** Converts any error into a grpc-js ServiceError for a handler's callback or `call.destroy()`. */
 export function toServiceError(err: unknown): ServiceError {
   const e = toDitpipeError(err);
+  const message = truncate(e.message, MAX_STATUS_MESSAGE);
   const metadata = new Metadata();
   metadata.set(GRPC_KIND_KEY, e.kind);
   const field = errorField(e);
-  if (field !== undefined) metadata.set(GRPC_FIELD_KEY, field);
-  const out = new Error(`${codeName(e.code)}: ${e.message}`) as ServiceError;
+  if (field !== undefined) metadata.set(GRPC_FIELD_KEY, truncate(field, 128));
+  if (e instanceof ResourceExhaustedError && e.retryAfterMs !== undefined) {
+    metadata.set(STATUS_DETAILS_KEY, Buffer.from(encodeRpcStatus({ code: e.code, message, details: [retryInfo(e.retryAfterMs)] })));
+  }
+  const out = new Error(`${codeName(e.code)}: ${message}`) as ServiceError;
   out.code = e.code;
-  out.details = e.message;
+  out.details = message;
   out.metadata = metadata;
   return out;
 }
@@ -282,5 +313,14 @@ export function fromServiceError(err: ServiceError): DitpipeError {
     const value = err.metadata?.get(key)[0];
     return typeof value === 'string' ? value : undefined;
   };
-  return errorFromStatus(err.code, err.details, text(GRPC_KIND_KEY), text(GRPC_FIELD_KEY));
+  let retryAfterMs: number | undefined;
+  const details = err.metadata?.get(STATUS_DETAILS_KEY)[0];
+  if (details instanceof Buffer) {
+    try {
+      retryAfterMs = retryDelayMs(decodeRpcStatus(details));
+    } catch {
+      retryAfterMs = undefined; // a foreign server's malformed details do not hide its status
+    }
+  }
+  return errorFromStatus(err.code, err.details, text(GRPC_KIND_KEY), text(GRPC_FIELD_KEY), retryAfterMs);
 }

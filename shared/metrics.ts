@@ -81,8 +81,15 @@ export function schedulerMetrics(registry = new Registry()) {
 }
 export type SchedulerMetrics = ReturnType<typeof schedulerMetrics>;
 
-/** Serves the merged registries as Prometheus text on `GET /metrics`; port 0 picks a free port. */
-export async function serveMetrics(registries: Registry[], port: number, host = '0.0.0.0'): Promise<{ server: Server; port: number; close: () => Promise<void> }> {
+/**
+ * Serves the merged registries as Prometheus text on `GET /metrics`; port 0 picks a free port.
+ * Binds loopback unless told otherwise; `host`/`address` are what was bound (what to print).
+ */
+export async function serveMetrics(
+  registries: Registry[],
+  port: number,
+  host = '127.0.0.1',
+): Promise<{ server: Server; port: number; host: string; address: string; close: () => Promise<void> }> {
   const merged = Registry.merge(registries);
   const server = createServer((req, res) => {
     if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
@@ -98,9 +105,12 @@ export async function serveMetrics(registries: Registry[], port: number, host = 
     server.once('error', reject);
     server.listen(port, host, () => resolve());
   });
+  const bound = server.address() as AddressInfo;
   return {
     server,
-    port: (server.address() as AddressInfo).port,
+    port: bound.port,
+    host: bound.address,
+    address: bound.family === 'IPv6' ? `[${bound.address}]:${bound.port}` : `${bound.address}:${bound.port}`,
     close: () => new Promise<void>((resolve) => server.close(() => resolve())),
   };
 }

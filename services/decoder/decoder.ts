@@ -142,6 +142,16 @@ export class Decoder {
     });
   }
 
+  /** True once the inference worker has exited: this replica can never serve again. */
+  get dead(): boolean {
+    return this.session?.dead ?? false;
+  }
+
+  /** Calls `fn` if the inference worker exits (see WorkerSession.onDead). */
+  onDead(fn: (err: Error) => void): void {
+    this.session?.onDead(fn);
+  }
+
   async close(): Promise<void> {
     this.stopping = true;
     await this.batcher.whenIdle();

@@ -203,6 +203,16 @@ export class Denoiser {
     });
   }
 
+  /** True once the inference worker has exited: this replica can never serve again. */
+  get dead(): boolean {
+    return this.session?.dead ?? false;
+  }
+
+  /** Calls `fn` if the inference worker exits (see WorkerSession.onDead). */
+  onDead(fn: (err: Error) => void): void {
+    this.session?.onDead(fn);
+  }
+
   /** Refuses new steps, lets queued and running ones finish, then releases the model. */
   async close(): Promise<void> {
     this.stopping = true;

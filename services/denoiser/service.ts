@@ -1,17 +1,39 @@
-// Starts a denoiser replica on a transport (see shared/server/replica.ts for the shutdown order).
-import { DenoiserDefinition, DenoiserService } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+// Starts a denoiser replica on a transport and, when the caller gives one, on its gRPC server (see
+// shared/server/replica.ts for the shutdown order).
+import { DenoiseRequest, DenoiserDefinition, DenoiserService } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
+import type { Logger } from '../../shared/log.ts';
 import type { DenoiserMetrics } from '../../shared/metrics.ts';
+import type { GrpcServer } from '../../shared/server/grpc.ts';
 import { mountReplica, type RunningReplica } from '../../shared/server/replica.ts';
+import { f32Tensor } from '../../shared/tensor.ts';
 import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
 import type { DenoiserConfig } from './config.ts';
 import { Denoiser } from './denoiser.ts';
 
+/** The largest DenoiseRequest this replica accepts: a full row budget of latents, every field set. */
+export function maxDenoiseRequestBytes(d: Denoiser): number {
+  const c = d.meta.config;
+  const rows = d.config.maxBatchRows;
+  return DenoiseRequest.encode({
+    model: d.name,
+    x: f32Tensor([rows, c.in_channels, c.input_size, c.input_size], new Float32Array(rows * c.in_channels * c.input_size * c.input_size)),
+    t: new Array<bigint>(rows).fill(-1n),
+    y: new Array<number>(rows).fill(-1),
+    cfgScale: Number.MAX_VALUE,
+    guidanceChannels: GuidanceChannels.GUIDANCE_CHANNELS_ALL,
+    requestId: 'x'.repeat(128),
+    stepIndex: 0xffffffff,
+  }).finish().byteLength;
+}
+
 export async function startDenoiserService(
   config: DenoiserConfig,
   transport: Transport,
-  opts: { grpcPort?: number | null; metrics?: DenoiserMetrics; queueSettings?: Partial<QueueSettings> } = {},
+  opts: { grpc?: GrpcServer | null; metrics?: DenoiserMetrics; log?: Logger; queueSettings?: Partial<QueueSettings> } = {},
 ): Promise<RunningReplica & { denoiser: Denoiser }> {
   const denoiser = await Denoiser.create(config, opts.metrics);
+  denoiser.onDead((err) => opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`));
   const replica = await mountReplica(transport, {
     definition: DenoiserDefinition,
     grpcDefinition: DenoiserService,
@@ -23,7 +45,10 @@ export async function startDenoiserService(
       if (ev.kind === 'redelivered') denoiser.metrics.redelivered.inc({ model: denoiser.name }, ev.calls);
       else denoiser.metrics.dropped.inc({ model: denoiser.name, reason: ev.reason }, ev.calls);
     },
-    grpcPort: opts.grpcPort,
+    grpc: opts.grpc,
+    maxRequestBytes: maxDenoiseRequestBytes(denoiser),
+    dead: () => denoiser.dead,
+    onDead: (fn) => denoiser.onDead(fn),
     close: () => denoiser.close(),
   });
   return { ...replica, denoiser };

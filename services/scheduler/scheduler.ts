@@ -8,12 +8,18 @@ import { guidanceRows } from '../../shared/diffusion/guidance.ts';
 import { advance, next, result, start, type SamplerName } from '../../shared/diffusion/state.ts';
 import {
   CancelledError,
+  Code,
   DeadlineExceededError,
+  type DitpipeError,
+  errorField,
   InvalidArgumentError,
+  NotFoundError,
+  quoteInput,
   ResourceExhaustedError,
   UnavailableError,
   codeName,
   toDitpipeError,
+  truncate,
 } from '../../shared/errors.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
 import { ImageFormat, type DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
@@ -29,6 +35,7 @@ import {
   type Timings,
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { servedImageSize } from '../../shared/image/crop.ts';
+import { RateLimitedLog, silentLogger, type Logger } from '../../shared/log.ts';
 import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
 import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
@@ -74,6 +81,16 @@ const SAMPLERS: Record<number, SamplerName> = {
 /** Clock skew allowed between grpc-js's deadline timer and ours. */
 const DEADLINE_SLACK_MS = 50;
 
+/** Longest class name a request may give (longer ones name no class); sizes the gRPC receive limit. */
+export const MAX_CLASS_NAME_LENGTH = 256;
+
+/** Bounds of the retry hint sent with RESOURCE_EXHAUSTED. */
+const RETRY_HINT_MIN_MS = 100;
+const RETRY_HINT_MAX_MS = 30_000;
+
+/** Failures a client caused (logged at info); the rest say something about the service (warn/error). */
+const CLIENT_CODES = new Set<number>([Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.CANCELLED, Code.DEADLINE_EXCEEDED, Code.FAILED_PRECONDITION, Code.OUT_OF_RANGE]);
+
 function timings(t: Partial<Timings>): Timings {
   return { queueMs: 0, denoiseMs: 0, decodeMs: 0, totalMs: 0, ...t };
 }
@@ -81,6 +98,12 @@ function timings(t: Partial<Timings>): Timings {
 export class Scheduler {
   readonly catalog: Catalog;
   readonly metrics: SchedulerMetrics;
+  readonly log: Logger;
+  /**
+   * Rate-limited log of like events (failed requests by code and field; retries and silent replicas
+   * belong here too), so a storm of them stays readable: one line at once, a count later.
+   */
+  readonly events: RateLimitedLog;
   private samplesInFlight = 0;
   private readonly active = new Set<Promise<unknown>>();
   /** Latent-to-pixel maps for projection previews, per VAE and latent size, fitted on first use. */
@@ -88,14 +111,18 @@ export class Scheduler {
   private stopping = false;
   /** Deliveries a call gets from the work queue (its attempts). */
   private readonly maxDeliver: number;
+  /** Moving average of completed requests' durations, for the RESOURCE_EXHAUSTED retry hint. */
+  private typicalRequestMs = 1_000;
 
   constructor(
     readonly config: SchedulerConfig,
     private readonly transport: Transport,
     metrics: SchedulerMetrics = schedulerMetrics(),
-    opts: { queueSettings?: Partial<QueueSettings> } = {},
+    opts: { log?: Logger; queueSettings?: Partial<QueueSettings> } = {},
   ) {
     this.metrics = metrics;
+    this.log = opts.log ?? silentLogger();
+    this.events = new RateLimitedLog(this.log);
     this.maxDeliver = queueSettings(opts.queueSettings).maxDeliver;
     this.catalog = new Catalog(
       transport,
@@ -151,6 +178,29 @@ export class Scheduler {
     }
   }
 
+  /** The events of one request as an async iterable (in-process callers; gRPC uses onEvent). */
+  async *generateEvents(req: GenerateRequest, opts: Omit<GenerateOptions, 'onEvent'> = {}): AsyncGenerator<GenerateEvent> {
+    const queue: GenerateEvent[] = [];
+    let wake: (() => void) | null = null;
+    let settled: { err: unknown } | null = null;
+    void this.generate(req, { ...opts, onEvent: (e) => { queue.push(e); wake?.(); } }).then(
+      () => { settled = { err: null }; },
+      (err: unknown) => { settled = { err }; },
+    ).finally(() => wake?.());
+    for (;;) {
+      while (queue.length) yield queue.shift() as GenerateEvent;
+      const s = settled as { err: unknown } | null;
+      if (s) {
+        if (s.err) throw s.err;
+        return;
+      }
+      await new Promise<void>((r) => {
+        wake = r;
+      });
+      wake = null;
+    }
+  }
+
   private async run(req: GenerateRequest, opts: GenerateOptions, arrived: number): Promise<GenerateResponse> {
     let plan: Plan;
     try {
@@ -162,6 +212,7 @@ export class Scheduler {
     } catch (err) {
       const e = toDitpipeError(err);
       this.metrics.rejected.inc({ reason: codeName(e.code).toLowerCase() });
+      this.logFailure(e, req.model);
       throw e;
     }
     const n = plan.labels.length;
@@ -171,6 +222,7 @@ export class Scheduler {
     try {
       const res = await this.sample(plan, opts, arrived);
       this.metrics.requestSeconds.observe({ ...labels, outcome: 'OK' }, res.timings!.totalMs / 1000);
+      this.typicalRequestMs = 0.8 * this.typicalRequestMs + 0.2 * res.timings!.totalMs;
       return res;
     } catch (err) {
       let e = toDitpipeError(err);
@@ -179,6 +231,7 @@ export class Scheduler {
         e = new DeadlineExceededError('the request deadline passed', { cause: e });
       }
       this.metrics.requestSeconds.observe({ ...labels, outcome: codeName(e.code) }, (performance.now() - arrived) / 1000);
+      this.logFailure(e, plan.model.name);
       throw e;
     } finally {
       this.samplesInFlight -= n;
@@ -187,10 +240,35 @@ export class Scheduler {
     }
   }
 
+  /** Counts and logs a request refused before it reached generate() (e.g. by the gRPC layer). */
+  refused(e: DitpipeError, model = ''): void {
+    this.metrics.rejected.inc({ reason: codeName(e.code).toLowerCase() });
+    this.logFailure(e, model);
+  }
+
+  /** Logs a failed request (code, field), rate-limited per kind so a storm stays readable. */
+  private logFailure(e: DitpipeError, model: string): void {
+    const code = codeName(e.code);
+    const field = errorField(e);
+    const level = CLIENT_CODES.has(e.code) ? 'info' : e.code === Code.RESOURCE_EXHAUSTED || e.code === Code.UNAVAILABLE ? 'warn' : 'error';
+    // class_labels[3] and class_labels[7] are the same kind of failure.
+    const key = `${code}|${field?.replace(/\[\d+\]/g, '[]') ?? ''}`;
+    const fields: Record<string, unknown> = { code, model: truncate(model, 64) };
+    if (field !== undefined) fields.field = field;
+    this.events.event(level, key, fields, `request failed: ${code}${field ? ` (${field})` : ''}: ${truncate(e.message, 300)}`);
+  }
+
+  /** How long a refused client should wait: about half a typical request, when capacity frees up. */
+  private retryHintMs(): number {
+    return Math.round(Math.min(RETRY_HINT_MAX_MS, Math.max(RETRY_HINT_MIN_MS, this.typicalRequestMs / 2)));
+  }
+
   private admit(n: number): void {
     if (this.samplesInFlight + n > this.config.maxSamplesInFlight) {
+      const retryAfterMs = this.retryHintMs();
       throw new ResourceExhaustedError(
-        `scheduler is at capacity: ${this.samplesInFlight} of ${this.config.maxSamplesInFlight} samples in flight, request needs ${n}; retry later`,
+        `scheduler is at capacity: ${this.samplesInFlight} of ${this.config.maxSamplesInFlight} samples in flight, request needs ${n}; retry in ${retryAfterMs} ms`,
+        { retryAfterMs },
       );
     }
     this.samplesInFlight += n;
@@ -199,10 +277,20 @@ export class Scheduler {
   /** Validates every field; errors are INVALID_ARGUMENT naming the field (NOT_FOUND for an unknown model). */
   private async plan(req: GenerateRequest, streaming: boolean): Promise<Plan> {
     if (!req.model) throw new InvalidArgumentError('model is required (see ListModels)', { field: 'model' });
+    if (!this.config.models.includes(req.model)) {
+      throw new NotFoundError(`model ${quoteInput(req.model)} is not served here; available: ${this.config.models.join(', ')}`);
+    }
     const n = req.classLabels.length;
     if (n === 0) throw new InvalidArgumentError('class_labels must name at least one class', { field: 'class_labels' });
     if (n > this.config.maxImagesPerRequest) {
       throw new InvalidArgumentError(`class_labels asks for ${n} images; at most ${this.config.maxImagesPerRequest} per request`, { field: 'class_labels' });
+    }
+    // Such a request could never be admitted: retrying it later would spin forever.
+    if (n > this.config.maxSamplesInFlight) {
+      throw new InvalidArgumentError(
+        `class_labels asks for ${n} images; this scheduler samples at most ${this.config.maxSamplesInFlight} at once (--max-samples-in-flight): split the request`,
+        { field: 'class_labels' },
+      );
     }
     const sampler = SAMPLERS[req.sampler];
     if (!sampler) throw new InvalidArgumentError(`sampler: unknown value ${req.sampler}`, { field: 'sampler' });
@@ -247,10 +335,11 @@ export class Scheduler {
         return l.index;
       }
       if (l.name !== undefined) {
-        const idx = model.classIndex.get(l.name.toLowerCase());
+        const idx = l.name.length > MAX_CLASS_NAME_LENGTH ? undefined : model.classIndex.get(l.name.toLowerCase());
         if (idx === undefined) {
-          const known = model.denoiser.classNames.length ? `known: ${model.denoiser.classNames.join(', ')}` : 'this model has no class names; use indices';
-          throw new InvalidArgumentError(`${field}: unknown class name "${l.name}" (${known})`, { field });
+          const names = model.denoiser.classNames;
+          const known = names.length ? `known: ${truncate(names.join(', '), 400)}` : 'this model has no class names; use indices';
+          throw new InvalidArgumentError(`${field}: unknown class name ${quoteInput(l.name)} (${known})`, { field });
         }
         return idx;
       }
@@ -500,5 +589,6 @@ export class Scheduler {
       }),
     ]);
     clearTimeout(timer);
+    this.events.flush();
   }
 }

@@ -1,9 +1,10 @@
 // A model directory: `model.onnx` (+ `model.onnx.data` for large weights) and `model.json`, which
 // says what the graph is, so services and the CLI never have to open the ONNX file to learn it.
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
+import { isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { z } from 'zod';
 import { imageCropSchema } from '../image/crop.ts';
+import { inspectOnnx, OnnxFormatError, type OnnxSummary, type OnnxValueInfo } from '../onnx/inspect.ts';
 import { writeOnnx, type WriteOptions } from '../onnx/write.ts';
 import type { Graph } from '../onnx/graph.ts';
 import { VERSION } from '../version.ts';
@@ -101,10 +102,40 @@ export interface ModelDir<M extends ModelJson = ModelJson> {
   dir: string;
   onnxPath: string;
   meta: M;
+  /** What model.onnx holds, when it was verified (readModelDir's verifyGraph). */
+  graph?: OnnxSummary;
+}
+
+/**
+ * A file a model.json names, which must lie inside the model directory: a plain relative path,
+ * no "..", and (after symlinks) still inside it. Returns its absolute path.
+ */
+function confined(dir: string, file: string, field: string, jsonPath: string): string {
+  const base = resolve(dir);
+  const full = resolve(base, file);
+  const rel = relative(base, full);
+  if (isAbsolute(file) || rel === '' || rel.startsWith('..') || isAbsolute(rel)) {
+    throw new ModelDirError(`${jsonPath}: field "${field}": ${JSON.stringify(file)} is not a file inside the model directory`);
+  }
+  if (existsSync(full)) {
+    const real = realpathSync(full);
+    const realBase = realpathSync(base);
+    if (!real.startsWith(realBase + sep)) throw new ModelDirError(`${jsonPath}: field "${field}": ${JSON.stringify(file)} leads outside the model directory (symlink to ${real})`);
+  }
+  return full;
+}
+
+export interface ReadModelDirOptions {
+  /**
+   * Parse model.onnx and check it against model.json: the graph's inputs and outputs must be the
+   * ones listed, and agree with the config (channels, sizes). Default true; the check walks the
+   * file's framing only (weights are skipped), so it is cheap even for large models.
+   */
+  verifyGraph?: boolean;
 }
 
 /** Reads and validates `<dir>/model.json`; errors name the directory and the offending field. */
-export function readModelDir(dir: string): ModelDir {
+export function readModelDir(dir: string, opts: ReadModelDirOptions = {}): ModelDir {
   const path = join(dir, MODEL_JSON);
   if (!existsSync(path)) throw new ModelDirError(`${dir} is not a model directory: ${MODEL_JSON} is missing`);
   let raw: unknown;
@@ -118,9 +149,71 @@ export function readModelDir(dir: string): ModelDir {
     const issue = parsed.error.issues[0];
     throw new ModelDirError(`${path}: field "${issue.path.join('.') || '(root)'}": ${issue.message}`);
   }
-  const onnxPath = join(dir, parsed.data.onnx);
-  if (!existsSync(onnxPath)) throw new ModelDirError(`${dir}: ${parsed.data.onnx} is missing`);
-  return { dir, onnxPath, meta: parsed.data };
+  const meta = parsed.data;
+  const onnxPath = confined(dir, meta.onnx, 'onnx', path);
+  if (meta.externalData !== null) confined(dir, meta.externalData, 'externalData', path);
+  if (!existsSync(onnxPath)) throw new ModelDirError(`${dir}: ${meta.onnx} is missing`);
+  const graph = (opts.verifyGraph ?? true) ? verifyGraph(dir, onnxPath, meta, path) : undefined;
+  return { dir, onnxPath, meta, graph };
+}
+
+const shapeText = (s: ReadonlyArray<number | string>): string => `[${s.join(', ')}]`;
+
+/** The graph must be what model.json says, and model.json's config must fit the graph. */
+function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: string): OnnxSummary {
+  let g: OnnxSummary;
+  try {
+    g = inspectOnnx(onnxPath);
+  } catch (err) {
+    if (err instanceof OnnxFormatError) throw new ModelDirError(err.message);
+    throw err;
+  }
+  for (const loc of g.externalLocations) {
+    const full = confined(dir, loc, 'onnx (external data location)', onnxPath);
+    if (!existsSync(full)) throw new ModelDirError(`${onnxPath}: its weights are in ${loc}, which is missing`);
+  }
+  const compare = (kind: 'inputs' | 'outputs', listed: ModelJson['inputs'], actual: OnnxValueInfo[]): void => {
+    const names = (l: Array<{ name: string }>): string => l.map((v) => v.name).join(', ');
+    if (listed.length !== actual.length || listed.some((v, i) => v.name !== actual[i].name)) {
+      throw new ModelDirError(`${jsonPath}: field "${kind}" lists ${names(listed)} but ${meta.onnx} has ${names(actual)}`);
+    }
+    listed.forEach((v, i) => {
+      const a = actual[i];
+      if (v.dtype !== a.dtype || shapeText(v.shape) !== shapeText(a.shape)) {
+        throw new ModelDirError(`${jsonPath}: field "${kind}.${i}": ${v.name} is ${v.dtype} ${shapeText(v.shape)} here but ${a.dtype} ${shapeText(a.shape)} in ${meta.onnx}`);
+      }
+    });
+  };
+  compare('inputs', meta.inputs, g.inputs);
+  compare('outputs', meta.outputs, g.outputs);
+  const io = (list: OnnxValueInfo[], name: string, kind: string): OnnxValueInfo => {
+    const v = list.find((x) => x.name === name);
+    if (!v) throw new ModelDirError(`${jsonPath}: a ${meta.kind} graph needs ${kind} "${name}"; ${meta.onnx} has ${list.map((x) => x.name).join(', ')}`);
+    return v;
+  };
+  const dim = (v: OnnxValueInfo, axis: number, want: number, field: string): void => {
+    const got = v.shape[axis];
+    if (v.shape.length !== 4 || got !== want) {
+      throw new ModelDirError(`${jsonPath}: field "config.${field}" is ${want} but the graph's ${v.name} is ${shapeText(v.shape)} (axis ${axis} is ${got})`);
+    }
+  };
+  if (meta.kind === 'dit') {
+    const c = meta.config;
+    const x = io(g.inputs, 'x', 'input');
+    io(g.inputs, 't', 'input');
+    io(g.inputs, 'y', 'input');
+    const out = io(g.outputs, 'out', 'output');
+    dim(x, 1, c.in_channels, 'in_channels');
+    dim(x, 2, c.input_size, 'input_size');
+    dim(x, 3, c.input_size, 'input_size');
+    dim(out, 1, c.learn_sigma ? 2 * c.in_channels : c.in_channels, c.learn_sigma ? 'learn_sigma' : 'in_channels');
+    dim(out, 2, c.input_size, 'input_size');
+  } else {
+    const c = meta.config;
+    dim(io(g.inputs, 'z', 'input'), 1, c.latent_channels, 'latent_channels');
+    dim(io(g.outputs, 'image', 'output'), 1, c.out_channels, 'out_channels');
+  }
+  return g;
 }
 
 export function readDitModelDir(dir: string): ModelDir<DitModelJson> {

@@ -1,21 +1,24 @@
 // Mounts one replica of an internal service (Denoiser, Decoder) on a transport, and optionally on
-// a gRPC server for health probes and direct calls. Shutdown order: health NOT_SERVING → stop
-// taking work (no more pulls, unsubscribe) and let what it holds finish within the grace period,
-// giving the rest back to the queue → release the service's resources (`close`) → close gRPC.
+// a gRPC server the caller built (for health probes and direct calls; the caller listens on it and
+// closes it after stop()). Shutdown order: health NOT_SERVING → stop taking work (no more pulls,
+// unsubscribe) and let what it holds finish within the grace period, giving the rest back to the
+// queue → release the service's resources (`close`).
 //
 // While running, the gRPC health status (overall and the service's) follows the bus server's
 // liveness: a replica holding work stuck past its attempt time reports NOT_SERVING, so the
-// Kubernetes liveness probe restarts it, and SERVING again once that work returns.
+// Kubernetes liveness probe restarts it, and SERVING again once that work returns. A replica whose
+// `dead()` says it can no longer serve (its inference worker exited) reports NOT_SERVING for good
+// and stops taking work at once (what it holds goes back to the queue).
 import type { ServiceDefinition as GrpcServiceDefinition } from '@grpc/grpc-js';
 import type { QueueSettings, RpcServer, ServiceDefinition, ServiceImpl, Transport, WorkEvent, WorkSource } from '../transport/types.ts';
-import { grpcHandlers, startGrpcServer, type RunningGrpcServer } from './grpc.ts';
+import { grpcHandlers, type GrpcServer } from './grpc.ts';
 
 /** How often the health status is brought in line with the bus server's liveness. */
 const HEALTH_SYNC_MS = 500;
 
 export interface RunningReplica {
   server: RpcServer;
-  grpc: RunningGrpcServer | null;
+  grpc: GrpcServer | null;
   stop(graceMs?: number): Promise<void>;
 }
 
@@ -25,8 +28,14 @@ export interface ReplicaSpec<D extends ServiceDefinition> {
   impl: ServiceImpl<D>;
   /** Subject scope: the model or VAE name. */
   scope: string;
-  /** gRPC port; null or undefined serves no gRPC. */
-  grpcPort?: number | null;
+  /** gRPC server (built and listened on by the caller) to add the service to; null or undefined: none. */
+  grpc?: GrpcServer | null;
+  /** Largest valid request over gRPC, in bytes (sizes the server's receive limit). */
+  maxRequestBytes?: number;
+  /** True once the replica can never serve again (e.g. its inference worker died). */
+  dead?: () => boolean;
+  /** Registers a callback for the moment it dies: the replica then stops taking work at once. */
+  onDead?: (fn: () => void) => void;
   /** Who takes work for each work method (e.g. the service's batcher); see ServeOptions.drivers. */
   drivers?: Record<string, (source: WorkSource) => void>;
   queueSettings?: Partial<QueueSettings>;
@@ -41,21 +50,27 @@ export async function mountReplica<D extends ServiceDefinition>(transport: Trans
     queueSettings: spec.queueSettings,
     onWorkEvent: spec.onWorkEvent,
   });
-  const grpc =
-    spec.grpcPort === null || spec.grpcPort === undefined
-      ? null
-      : await startGrpcServer([{ fullName: spec.definition.fullName, definition: spec.grpcDefinition, impl: grpcHandlers(spec.definition, spec.impl) }], {
-          port: spec.grpcPort,
-        });
+  const grpc = spec.grpc ?? null;
+  grpc?.addService({
+    fullName: spec.definition.fullName,
+    definition: spec.grpcDefinition,
+    impl: grpcHandlers(spec.definition, spec.impl),
+    maxRequestBytes: spec.maxRequestBytes ?? 0,
+  });
   let stopped: Promise<void> | null = null;
   let serving = true;
+  // A dead replica takes no more work (it would fail): what it holds goes back to the queue for the others.
+  spec.onDead?.(() => {
+    serving = false;
+    grpc?.setServing(false, [spec.definition.fullName]);
+    void server.stop(0);
+  });
   const sync = grpc
     ? setInterval(() => {
-        if (stopped || server.live === serving) return;
-        serving = server.live;
-        const status = serving ? 'SERVING' : 'NOT_SERVING';
-        grpc.health.setStatus('', status);
-        grpc.health.setStatus(spec.definition.fullName, status);
+        const live = server.live && !spec.dead?.();
+        if (stopped || live === serving) return;
+        serving = live;
+        grpc.setServing(serving, [spec.definition.fullName]);
       }, HEALTH_SYNC_MS).unref()
     : undefined;
   return {
@@ -64,10 +79,9 @@ export async function mountReplica<D extends ServiceDefinition>(transport: Trans
     stop(graceMs = 10_000) {
       stopped ??= (async () => {
         clearInterval(sync);
-        grpc?.health.setStatus('', 'NOT_SERVING');
+        grpc?.setServing(false, [spec.definition.fullName]);
         await server.stop(graceMs);
         await spec.close();
-        await grpc?.stop(1_000);
       })();
       return stopped;
     },

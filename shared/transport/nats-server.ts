@@ -32,6 +32,8 @@ export interface NatsServerOptions {
   extraConfig?: string;
   /** Milliseconds to wait for readiness (default 10 000). */
   startTimeoutMs?: number;
+  /** Own process group, so a terminal's Ctrl-C to the caller's group does not reach it (`ditpipe up`). */
+  detached?: boolean;
 }
 
 export interface NatsServerHandle {
@@ -85,7 +87,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
   if (opts.extraConfig) lines.push(opts.extraConfig);
   writeFileSync(configPath, `${lines.join('\n')}\n`);
 
-  const child = spawn(findBinary(), ['-c', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(findBinary(), ['-c', configPath], { stdio: ['ignore', 'pipe', 'pipe'], detached: opts.detached ?? false });
   running.add(child);
   const exited = new Promise<void>((resolve) => {
     child.once('exit', () => {

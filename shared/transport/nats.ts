@@ -23,7 +23,6 @@
 import { readFile } from 'node:fs/promises';
 
 import {
-  AuthorizationError,
   ClosedConnectionError,
   connect,
   createInbox,
@@ -64,6 +63,7 @@ import {
   toDitpipeError,
 } from '../errors.ts';
 import type { Bus, BusMessage, BusSubscription, ConnectionEvent, Headers, PullEnd, Puller, QueuedMessage, QueueSpec } from './bus.ts';
+import { diagnoseConnectError } from './nats-diagnose.ts';
 import { BusTransport } from './rpc.ts';
 import type { Transport } from './types.ts';
 
@@ -96,15 +96,22 @@ export interface NatsConnectOptions {
   maxReconnectAttempts?: number;
   /** Wait between reconnect attempts in milliseconds (default 2 000). */
   reconnectTimeWaitMs?: number;
-  /** Timeout of the initial connection in milliseconds (default 5 000). */
+  /** Timeout of one connection attempt in milliseconds (default 5 000). */
   connectTimeoutMs?: number;
-  /** Keep retrying the initial connection instead of failing at once (default false). */
+  /**
+   * Keep retrying the initial connection while the server is not reachable (refused, timed out)
+   * instead of failing at once (default false), for at most firstConnectTimeoutMs. Credential and
+   * TLS mismatches fail at once either way: waiting does not fix them.
+   */
   waitOnFirstConnect?: boolean;
+  /** How long waitOnFirstConnect keeps trying, in milliseconds (default 30 000). */
+  firstConnectTimeoutMs?: number;
 }
 
 /**
  * Connects to NATS. Options are checked first (errors name the field); a failed connection
- * rejects with UnauthenticatedError (credentials refused) or UnavailableError (anything else).
+ * rejects with UnauthenticatedError (credentials refused), FailedPreconditionError (a TLS
+ * mismatch, explained) or UnavailableError (nothing reachable in time), each naming the URL.
  */
 export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnection> {
   const servers = (Array.isArray(opts.servers) ? opts.servers : opts.servers.split(','))
@@ -128,7 +135,8 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
     maxReconnectAttempts: opts.maxReconnectAttempts ?? -1,
     reconnectTimeWait: opts.reconnectTimeWaitMs ?? 2_000,
     timeout: opts.connectTimeoutMs ?? 5_000,
-    waitOnFirstConnect: opts.waitOnFirstConnect ?? false,
+    // Retried here instead (nats.js would retry forever, even when TLS or credentials can never work).
+    waitOnFirstConnect: false,
     // Without this nats.js builds two Error objects (with stack traces) per request: a quarter of
     // the scheduler's CPU per step in the capacity benchmark.
     noAsyncTraces: true,
@@ -153,14 +161,25 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
   if (opts.tls) {
     options.tls = { caFile: opts.tls.caFile, certFile: opts.tls.certFile, keyFile: opts.tls.keyFile };
   }
-  try {
-    return await connect(options);
-  } catch (err) {
-    const where = servers.join(', ');
-    if (err instanceof AuthorizationError || /authoriz|authentic/i.test((err as Error).message)) {
-      throw new UnauthenticatedError(`NATS at ${where} refused the credentials: ${(err as Error).message}`, { cause: err });
+  const where = servers.join(', ');
+  const ctx = { where, first: servers[0], tls: opts.tls };
+  const waitMs = opts.waitOnFirstConnect ? (opts.firstConnectTimeoutMs ?? 30_000) : 0;
+  const deadline = Date.now() + waitMs;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const perAttempt = options.timeout ?? 5_000;
+      return await connect({ ...options, timeout: waitMs > 0 ? Math.max(250, Math.min(perAttempt, deadline - Date.now())) : perAttempt });
+    } catch (err) {
+      const fatal = await diagnoseConnectError(err, ctx);
+      if (fatal) throw fatal;
+      const pause = Math.min(250 * attempt, 2_000);
+      if (Date.now() + pause >= deadline) {
+        const reason = (err as Error).message || String(err);
+        const tried = waitMs > 0 ? ` within ${Math.round(waitMs / 1000)} s (${attempt} attempts)` : '';
+        throw new UnavailableError(`cannot connect to NATS at ${where}${tried}: ${reason}; is a nats-server running there and reachable from here?`, { cause: err });
+      }
+      await new Promise((r) => setTimeout(r, pause));
     }
-    throw new UnavailableError(`cannot connect to NATS at ${where}: ${(err as Error).message}`, { cause: err });
   }
 }
 

@@ -9,6 +9,9 @@ export interface TorchOpenOptions {
   prefer?: 'ema' | 'model';
 }
 
+/** Largest data.pkl read: it holds names, shapes and storage keys (a DiT-XL/2's is about 60 KB). */
+const MAX_PICKLE_BYTES = 64 * 1024 * 1024;
+
 interface Resolved {
   ref: TensorRef;
   entry: string; // zip entry of the storage
@@ -49,13 +52,13 @@ export class TorchCheckpoint implements WeightFile {
       const prefix = pkls[0].slice(0, -'data.pkl'.length);
       const bo = this.zip.entry(`${prefix}byteorder`);
       if (bo) {
-        const order = new TextDecoder().decode(this.zip.readEntry(bo.name)).trim();
+        const order = new TextDecoder().decode(this.zip.readEntry(bo.name, 64)).trim();
         if (order !== 'little') throw new WeightsError(`${path}: byteorder '${order}' is not supported (only little-endian checkpoints)`);
       }
-      const root = unpickle(this.zip.readEntry(pkls[0]), path);
+      const root = unpickle(this.zip.readEntry(pkls[0], MAX_PICKLE_BYTES), path);
       const { dict, selected } = selectStateDict(root, opts.prefer, path);
       this.selected = selected;
-      flatten(dict, '', (name, ref) => this.tensors.set(name, this.resolve(name, ref, prefix)));
+      flatten(dict, path, (name, ref) => this.tensors.set(name, this.resolve(name, ref, prefix)));
       if (this.tensors.size === 0) throw new WeightsError(`${path}: checkpoint holds no tensors`);
     } catch (e) {
       this.zip.close();
@@ -140,17 +143,37 @@ export class TorchCheckpoint implements WeightFile {
   }
 }
 
-function hasTensors(v: PyValue): boolean {
+/** Deepest dict nesting walked; a state_dict nests a handful of levels. */
+const MAX_DEPTH = 64;
+
+/**
+ * Whether a value holds tensors. The pickle memo lets one object appear many times (and a dict
+ * contain itself), so each dict is looked at once, its answer remembered: cost linear in the file.
+ */
+function hasTensors(v: PyValue, seen: Map<Map<PyValue, PyValue>, boolean>, path: string, depth = 0): boolean {
   if (isTensorRef(v)) return true;
-  if (v instanceof Map) for (const x of v.values()) if (hasTensors(x)) return true;
-  return false;
+  if (!(v instanceof Map)) return false;
+  const known = seen.get(v);
+  if (known !== undefined) return known;
+  if (depth > MAX_DEPTH) throw new WeightsError(`${path}: dicts nested more than ${MAX_DEPTH} deep: not a checkpoint of weights`);
+  seen.set(v, false); // a dict that contains itself adds no tensors through that path
+  let found = false;
+  for (const x of v.values()) {
+    if (hasTensors(x, seen, path, depth + 1)) {
+      found = true;
+      break;
+    }
+  }
+  seen.set(v, found);
+  return found;
 }
 
 function selectStateDict(root: PyValue, prefer: 'ema' | 'model' | undefined, path: string): { dict: Map<PyValue, PyValue>; selected: string | null } {
   if (!(root instanceof Map)) throw new WeightsError(`${path}: checkpoint top level is not a dict (state_dict or {"model", "ema"})`);
+  const seen = new Map<Map<PyValue, PyValue>, boolean>();
   const pick = (k: string): Map<PyValue, PyValue> | undefined => {
     const v = root.get(k);
-    return v instanceof Map && hasTensors(v) ? v : undefined;
+    return v instanceof Map && hasTensors(v, seen, path) ? v : undefined;
   };
   const order = prefer === 'model' ? ['model', 'ema', 'state_dict'] : ['ema', 'model', 'state_dict'];
   // A bare state_dict has tensors at its top level; a training checkpoint nests them.
@@ -164,12 +187,35 @@ function selectStateDict(root: PyValue, prefer: 'ema' | 'model' | undefined, pat
   return { dict: root, selected: null };
 }
 
-function flatten(d: Map<PyValue, PyValue>, prefix: string, add: (name: string, ref: TensorRef) => void): void {
-  for (const [k, v] of d) {
-    if (typeof k !== 'string') continue;
-    if (isTensorRef(v)) add(prefix + k, v);
-    else if (v instanceof Map) flatten(v, `${prefix}${k}.`, add);
-  }
+/**
+ * Tensor names of a (nested) state_dict. A dict is walked once: one reached again through the
+ * memo would multiply the names (2^depth for a chain of dicts each holding the next twice), and
+ * one inside itself would never end, so both are refused, naming the file and where.
+ */
+function flatten(root: Map<PyValue, PyValue>, path: string, add: (name: string, ref: TensorRef) => void): void {
+  const placed = new Map<Map<PyValue, PyValue>, string>();
+  const walk = (d: Map<PyValue, PyValue>, prefix: string, depth: number): void => {
+    if (depth > MAX_DEPTH) throw new WeightsError(`${path}: dicts nested more than ${MAX_DEPTH} deep at '${prefix.slice(0, 200)}': not a checkpoint of weights`);
+    placed.set(d, prefix);
+    for (const [k, v] of d) {
+      if (typeof k !== 'string') continue;
+      if (isTensorRef(v)) add(prefix + k, v);
+      else if (v instanceof Map) {
+        const at = placed.get(v);
+        const here = `${prefix}${k}`;
+        if (at !== undefined) {
+          const cycle = here.startsWith(at) || at === '';
+          throw new WeightsError(
+            cycle
+              ? `${path}: the dict at '${at.replace(/\.$/, '') || '(top level)'}' contains itself (through '${here.slice(0, 200)}'): a cycle, not a state_dict`
+              : `${path}: one dict appears both at '${at.replace(/\.$/, '')}' and at '${here.slice(0, 200)}' (shared through the pickle memo): a state_dict nests each dict once`,
+          );
+        }
+        walk(v, `${here}.`, depth + 1);
+      }
+    }
+  };
+  walk(root, '', 0);
 }
 
 export function openTorchCheckpoint(path: string, opts?: TorchOpenOptions): TorchCheckpoint {

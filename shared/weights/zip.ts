@@ -20,6 +20,14 @@ const SIG_EOCD64_LOC = 0x07064b50;
 const SIG_CDH = 0x02014b50;
 const SIG_LFH = 0x04034b50;
 
+/**
+ * Largest entry inflated into memory. torch.save stores tensors uncompressed (read by position);
+ * only a re-zipped checkpoint deflates them, and then each read inflates the whole entry.
+ */
+export const MAX_INFLATED_BYTES = 1024 * 1024 * 1024;
+/** Deflate cannot expand more than about 1032:1; a larger declared size is a lie. */
+const MAX_DEFLATE_RATIO = 1032;
+
 function u64(dv: DataView, off: number, what: string): number {
   const v = dv.getBigUint64(off, true);
   if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new WeightsError(`zip ${what} ${v} is too large`);
@@ -127,18 +135,36 @@ export class ZipReader {
     return this.entries.get(name);
   }
 
-  /** Whole entry, decompressed and CRC-checked (for data.pkl and small entries). */
-  readEntry(name: string): Uint8Array {
+  /**
+   * Whole entry, decompressed and CRC-checked (for data.pkl and small entries). A deflated entry
+   * is inflated against its declared size, never past it, and never past `maxBytes`: a small zip
+   * cannot make the reader allocate gigabytes.
+   */
+  readEntry(name: string, maxBytes = MAX_INFLATED_BYTES): Uint8Array {
     const entry = this.entries.get(name);
     if (!entry) throw new WeightsError(`${this.path}: zip entry '${name}' not found`);
-    const raw = new Uint8Array(this.read(this.dataOffset(entry), entry.compressedSize, `zip entry '${name}'`).buffer);
+    if (entry.size > maxBytes) {
+      throw new WeightsError(`${this.path}: zip entry '${name}' declares ${entry.size} bytes, more than the ${maxBytes}-byte limit for it`);
+    }
     let data: Uint8Array;
-    if (entry.method === 0) data = raw;
-    else if (entry.method === 8) {
+    if (entry.method === 0) {
+      if (entry.compressedSize !== entry.size) throw new WeightsError(`${this.path}: stored zip entry '${name}' has ${entry.compressedSize} bytes, directory says ${entry.size}`);
+      data = new Uint8Array(this.read(this.dataOffset(entry), entry.compressedSize, `zip entry '${name}'`).buffer);
+    } else if (entry.method === 8) {
+      if (entry.size > entry.compressedSize * MAX_DEFLATE_RATIO + 1024) {
+        throw new WeightsError(`${this.path}: zip entry '${name}' declares ${entry.size} bytes from ${entry.compressedSize} compressed, more than deflate can expand: corrupt`);
+      }
+      const raw = new Uint8Array(this.read(this.dataOffset(entry), entry.compressedSize, `zip entry '${name}'`).buffer);
       try {
-        data = new Uint8Array(inflateRawSync(raw));
+        // One byte of room past the declared size tells "more than declared" from "exactly".
+        data = new Uint8Array(inflateRawSync(raw, { maxOutputLength: entry.size + 1 }));
       } catch (e) {
-        throw new WeightsError(`${this.path}: zip entry '${name}' does not inflate: ${(e as Error).message}`);
+        const tooBig = (e as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE' || e instanceof RangeError;
+        throw new WeightsError(
+          tooBig
+            ? `${this.path}: zip entry '${name}' inflates past its declared ${entry.size} bytes: corrupt or hostile`
+            : `${this.path}: zip entry '${name}' does not inflate: ${(e as Error).message}`,
+        );
       }
     } else throw new WeightsError(`${this.path}: zip entry '${name}' uses unsupported compression method ${entry.method}`);
     if (data.byteLength !== entry.size) throw new WeightsError(`${this.path}: zip entry '${name}' has ${data.byteLength} bytes, directory says ${entry.size}`);

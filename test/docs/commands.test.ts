@@ -152,11 +152,15 @@ describe('environment variables', () => {
     expect(missing).toEqual([]);
   });
 
-  it('every variable the README names is read by a service command', async () => {
+  it('every variable the README names is read by a command (a flag\'s variable, or one its --help says it reads)', async () => {
     const named = [...new Set([...README.matchAll(/\b((?:NATS|DITPIPE)_[A-Z0-9_]+)\b/g)].map((m) => m[1]))];
     expect(named.length).toBeGreaterThan(10);
     const read = new Set<string>();
-    for (const s of services) for (const e of (await helpSpec([s])).byEnv.keys()) read.add(e);
+    for (const s of [...services, 'generate']) {
+      for (const e of (await helpSpec([s])).byEnv.keys()) read.add(e);
+      // Read outside a flag (a token list beside the tokens file, a token beside --token-file), said in --help.
+      for (const m of (await helpText([s])).matchAll(/\b((?:NATS|DITPIPE)_[A-Z0-9_]+) may\b/g)) read.add(m[1]);
+    }
     expect(named.filter((n) => !read.has(n))).toEqual([]);
   });
 });

@@ -3,18 +3,21 @@
 import { compileDecoderConfig } from '../../services/decoder/config.ts';
 import { startDecoderService } from '../../services/decoder/service.ts';
 import { compileDenoiserConfig, type DenoiserConfigInput } from '../../services/denoiser/config.ts';
+import type { Denoiser } from '../../services/denoiser/denoiser.ts';
 import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig, type SchedulerConfigInput } from '../../services/scheduler/config.ts';
 import { compileHttpConfig, type HttpConfigInput } from '../../services/scheduler/http/config.ts';
 import type { HttpApiOptions, RunningHttpApi } from '../../services/scheduler/http/server.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
-import { SamplerApi } from '../../shared/client.ts';
+import { SamplerApi, type SamplerApiOptions } from '../../shared/client.ts';
+import type { Logger } from '../../shared/log.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DecoderMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
+import { readModelDir } from '../../shared/model/modeldir.ts';
+import { GrpcServer, type GrpcServerOptions } from '../../shared/server/grpc.ts';
 import type { RunningReplica } from '../../shared/server/replica.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import type { Transport } from '../../shared/transport/types.ts';
-import { readModelDir } from '../../shared/model/modeldir.ts';
 import { testModels } from './models.ts';
 
 export type TransportKind = { kind: 'inproc'; bus?: InProcBus } | { kind: 'nats'; url: string };
@@ -29,16 +32,26 @@ export interface PipelineOptions {
   http?: HttpConfigInput & Omit<HttpApiOptions, 'log'>;
   /** Model directories other than the default test models (names from their model.json). */
   models?: { ditDir?: string; vaeDir?: string };
+  /** The scheduler's gRPC server (TLS, tokens, ...); host and port default to 127.0.0.1:0. */
+  grpc?: Partial<GrpcServerOptions>;
+  /** Give each denoiser a gRPC server on 127.0.0.1:0 (health probes, direct calls). */
+  denoiserGrpc?: boolean;
+  /** How `api` connects (TLS, token). */
+  client?: SamplerApiOptions;
+  log?: Logger;
 }
 
 export interface Pipeline {
   api: SamplerApi;
   address: string;
+  grpc: GrpcServer;
   schedulerMetrics: SchedulerMetrics;
   denoiserMetrics: DenoiserMetrics[];
   decoderMetrics: DecoderMetrics[];
-  denoisers: RunningReplica[];
+  denoisers: Array<RunningReplica & { denoiser: Denoiser }>;
   decoders: RunningReplica[];
+  /** The denoisers' gRPC servers, with denoiserGrpc. */
+  denoiserGrpc: GrpcServer[];
   /** The HTTP API, when asked for. */
   http: RunningHttpApi | null;
   connect(name: string): Promise<Transport>;
@@ -59,13 +72,19 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     return t;
   };
   const dMetrics: DenoiserMetrics[] = [];
-  const denoisers: RunningReplica[] = [];
+  const denoisers: Array<RunningReplica & { denoiser: Denoiser }> = [];
+  const denoiserGrpc: GrpcServer[] = [];
   for (let i = 0; i < (opts.denoisers ?? 1); i++) {
     const m = denoiserMetrics();
     dMetrics.push(m);
+    const grpc = opts.denoiserGrpc ? new GrpcServer({ host: '127.0.0.1', port: 0 }) : null;
     denoisers.push(
-      await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1, ...opts.denoiser }), await connect(`denoiser-${i}`), { metrics: m }),
+      await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1, ...opts.denoiser }), await connect(`denoiser-${i}`), { metrics: m, grpc }),
     );
+    if (grpc) {
+      await grpc.listen();
+      denoiserGrpc.push(grpc);
+    }
   }
   const decoders: RunningReplica[] = [];
   const vMetrics: DecoderMetrics[] = [];
@@ -75,32 +94,38 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     decoders.push(await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), await connect(`decoder-${i}`), { metrics: m }));
   }
   const sMetrics = schedulerMetrics();
+  const grpc = new GrpcServer({ host: '127.0.0.1', port: 0, ...opts.grpc });
   const scheduler = await startSchedulerService(
     compileSchedulerConfig({ models: [ditName], vae: { [ditName]: vaeName }, ...opts.scheduler }),
     await connect('scheduler'),
     {
-      grpcPort: 0,
-      host: '127.0.0.1',
+      grpc,
       metrics: sMetrics,
+      log: opts.log,
       http: opts.http ? { config: compileHttpConfig({ port: 0, host: '127.0.0.1', ...opts.http }), tls: opts.http.tls, authorize: opts.http.authorize } : null,
     },
   );
-  const address = `127.0.0.1:${scheduler.grpc.port}`;
-  const api = new SamplerApi(address);
+  await grpc.listen();
+  const address = grpc.address;
+  const api = new SamplerApi(address, opts.client);
   return {
     api,
     address,
+    grpc,
     schedulerMetrics: sMetrics,
     denoiserMetrics: dMetrics,
     decoderMetrics: vMetrics,
     denoisers,
     decoders,
+    denoiserGrpc,
     http: scheduler.http,
     connect,
     async stop() {
       api.close();
       await scheduler.stop(2_000);
+      await grpc.stop(1_000);
       await Promise.all([...denoisers, ...decoders].map((r) => r.stop(2_000)));
+      await Promise.all(denoiserGrpc.map((g) => g.stop(500)));
       await Promise.all(transports.map((t) => t.close({ graceMs: 1_000 })));
     },
   };

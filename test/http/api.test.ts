@@ -12,6 +12,7 @@ import OpenAI from 'openai';
 import type { ImageGenerateParamsNonStreaming, ImageGenerateParamsStreaming } from 'openai/resources/images';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bearerTokens } from '../../services/scheduler/http/auth.ts';
+import { TokenSet } from '../../shared/server/auth.ts';
 import { httpParam } from '../../services/scheduler/http/errors.ts';
 import { Code, type DitpipeError, type InvalidArgumentError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
@@ -383,7 +384,7 @@ describe('TLS and bearer tokens', () => {
       execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem')], { stdio: 'ignore' });
       return { key: readFileSync(join(dir, 'key.pem')), cert: readFileSync(join(dir, 'cert.pem')) };
     })();
-    const q = await startPipeline({ transport: { kind: 'inproc' }, http: { tls, authorize: bearerTokens(['s3cret']) } });
+    const q = await startPipeline({ transport: { kind: 'inproc' }, http: { tls, authorize: bearerTokens(TokenSet.parse('s3cret-token-for-http\nlisting-only-token-xyz ditpipe.v1.Sampler/ListModels', 'test tokens')) } });
     try {
       const url = q.http!.url;
       expect(url).toMatch(/^https:\/\/127\.0\.0\.1:\d+$/);
@@ -394,9 +395,14 @@ describe('TLS and bearer tokens', () => {
       expect(none.json().error).toMatchObject({ type: 'authentication_error', code: 'unauthenticated' });
       expect((await call(`${url}/v1/models`, { ca, headers: { authorization: 'Bearer wrong' } })).status).toBe(401);
       expect((await call(`${url}/ditpipe/cluster`, { ca })).status).toBe(401);
-      const ok = await call(`${url}/v1/models`, { ca, headers: { authorization: 'Bearer s3cret' } });
+      const ok = await call(`${url}/v1/models`, { ca, headers: { authorization: 'Bearer s3cret-token-for-http' } });
       expect(ok.status, ok.text).toBe(200);
       expect(ok.json().data[0].id).toBe(DIT_NAME);
+      // Scopes are the gRPC token file's: a token for ListModels only may list, not generate.
+      const lister = { authorization: 'Bearer listing-only-token-xyz' };
+      expect((await call(`${url}/v1/models`, { ca, headers: lister })).status).toBe(200);
+      const denied = await call(`${url}/v1/images/generations`, { ca, headers: { ...lister, 'content-type': 'application/json' }, method: 'POST', body: JSON.stringify({ prompt: 'three' }) });
+      expect(denied.status).toBe(403);
       const page = await call(`${url}/`, { ca });
       expect(page.status).toBe(200);
       expect(page.text).toContain('ditpipe playground');

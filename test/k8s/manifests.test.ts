@@ -17,7 +17,7 @@ import { parseAllDocuments } from 'yaml';
 import { queueFromFlags } from '../../cli/common.ts';
 import { DecodeRequest, DecodeResponse, DecoderDefinition, DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
-import { SERVICE_NAMES } from '../../shared/transport/grpc.ts';
+import { SERVICE_NAMES } from '../../shared/server/grpc.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import { methodSubject } from '../../shared/transport/rpc.ts';
 import { DEFAULT_QUEUE_SETTINGS, queueSpec } from '../../shared/transport/work.ts';
@@ -72,7 +72,7 @@ interface PodSpec {
   initContainers?: Container[];
   terminationGracePeriodSeconds?: number;
   securityContext?: { runAsNonRoot?: boolean; runAsUser?: number };
-  volumes?: Array<{ name: string; emptyDir?: unknown; persistentVolumeClaim?: { claimName: string; readOnly?: boolean }; configMap?: { name: string } }>;
+  volumes?: Array<{ name: string; emptyDir?: unknown; persistentVolumeClaim?: { claimName: string; readOnly?: boolean }; configMap?: { name: string }; secret?: { secretName: string; optional?: boolean } }>;
   nodeSelector?: Record<string, string>;
   tolerations?: Array<{ key?: string; operator?: string; effect?: string }>;
 }
@@ -306,18 +306,37 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
       const help = r.spec.options.get('--grpc-port')?.default;
       if (Number(help) !== GRPC_PORT[svc]) problems.push(`${where}: ditpipe ${svc} --grpc-port default is ${help}, expected ${GRPC_PORT[svc]}`);
       const grpcPort = effectiveInt(r, '--grpc-port');
+      const healthPort = effectiveInt(r, '--health-port');
       const metricsPort = effectiveInt(r, '--metrics-port');
       const graceMs = effectiveInt(r, '--shutdown-grace');
       const ports = new Map((c.ports ?? []).map((p) => [p.name, p.containerPort]));
-      if (ports.get('grpc') !== grpcPort) problems.push(`${where}: containerPort "grpc" is ${ports.get('grpc')}, the service listens on ${grpcPort}`);
+      if (grpcPort >= 0 && ports.get('grpc') !== grpcPort) problems.push(`${where}: containerPort "grpc" is ${ports.get('grpc')}, the service listens on ${grpcPort}`);
+      if (grpcPort < 0 && ports.has('grpc')) problems.push(`${where}: containerPort "grpc" declared, but the gRPC API is off (--grpc-port -1)`);
+      if (healthPort >= 0 && ports.get('health') !== healthPort) problems.push(`${where}: containerPort "health" is ${ports.get('health')}, the health port is ${healthPort}`);
       if (ports.get('metrics') !== metricsPort) problems.push(`${where}: containerPort "metrics" is ${ports.get('metrics')}, metrics are on ${metricsPort}`);
+      // Pods are reached on their pod IP: a service bound to loopback would answer nothing.
+      for (const flag of ['--host', '--metrics-host']) {
+        if (effective(r, flag) !== '0.0.0.0') problems.push(`${where}: ${flag} is ${effective(r, flag)}; probes and scrapes come from outside the pod (the image sets 0.0.0.0)`);
+      }
+      // TLS material comes from a mounted Secret.
+      for (const flag of ['--tls-cert', '--tls-key', '--tls-client-ca', '--auth-tokens-file']) {
+        const file = effective(r, flag);
+        if (!file) continue;
+        const mount = c.volumeMounts?.find((m) => file.startsWith(`${m.mountPath}/`));
+        const vol = mount && pod.volumes?.find((v) => v.name === mount.name);
+        if (!vol?.secret) problems.push(`${where}: ${flag} ${file} is not on a mounted Secret`);
+      }
+      const tls = Boolean(effective(r, '--tls-cert'));
+      // kubelet's gRPC probes speak neither TLS nor tokens: with either, they need the plaintext health port.
+      const probePort = tls || effective(r, '--auth-tokens-file') ? healthPort : grpcPort >= 0 ? grpcPort : healthPort;
+      if ((tls || grpcPort < 0) && healthPort < 0) problems.push(`${where}: TLS or no gRPC API, but no --health-port for the probes`);
       for (const kind of ['startupProbe', 'readinessProbe', 'livenessProbe'] as const) {
         const probe = c[kind];
         if (!probe?.grpc) {
           problems.push(`${where}: no gRPC ${kind}`);
           continue;
         }
-        if (probe.grpc.port !== grpcPort) problems.push(`${where}: ${kind} probes port ${probe.grpc.port}, gRPC is on ${grpcPort}`);
+        if (probe.grpc.port !== probePort) problems.push(`${where}: ${kind} probes port ${probe.grpc.port}, health answers in plaintext on ${probePort}`);
         const name = probe.grpc.service ?? '';
         if (name !== '' && name !== HEALTH_NAME[svc]) problems.push(`${where}: ${kind} asks health of "${name}", the server reports "" and "${HEALTH_NAME[svc]}"`);
       }
@@ -849,10 +868,15 @@ describe('k8s manifests', () => {
     den.args = [...(den.args ?? []), '--model-directory', '/x'];
     den.env = [...(den.env ?? []), { name: 'DITPIPE_EXECUTION_PROVIDERS', value: 'cpu' }];
     den.readinessProbe!.grpc!.port = 50051;
+    // TLS without a Secret behind it, and a scheduler bound to loopback inside its pod.
+    const sch = podSpec(docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-scheduler')!)!.containers[0];
+    sch.env = [...(sch.env ?? []).filter((e) => e.name !== 'DITPIPE_TLS_KEY'), { name: 'DITPIPE_TLS_KEY', value: '/tmp/tls.key' }, { name: 'DITPIPE_HOST', value: '127.0.0.1' }];
     const problems = (await checkSet('mutated', docs)).join('\n');
+    expect(problems).toMatch(/--tls-key \/tmp\/tls\.key is not on a mounted Secret/);
+    expect(problems).toMatch(/ditpipe-scheduler container scheduler: --host is 127\.0\.0\.1/);
     expect(problems).toMatch(/has no flag --model-directory/);
     expect(problems).toMatch(/reads no environment variable DITPIPE_EXECUTION_PROVIDERS/);
-    expect(problems).toMatch(/readinessProbe probes port 50051, gRPC is on 50052/);
+    expect(problems).toMatch(/readinessProbe probes port 50051, health answers in plaintext on 50052/);
   });
 });
 

@@ -12,6 +12,7 @@ import { compileDenoiserConfig } from '../../services/denoiser/config.ts';
 import { startDenoiserService } from '../../services/denoiser/service.ts';
 import { compileSchedulerConfig } from '../../services/scheduler/config.ts';
 import { startSchedulerService } from '../../services/scheduler/service.ts';
+import { GrpcServer } from '../../shared/server/grpc.ts';
 import { SamplerApi } from '../../shared/client.ts';
 import { PreviewMethod, SamplerKind, type GenerateEvent, type ModelInfo } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { decodePng } from '../../shared/image/png.ts';
@@ -39,8 +40,10 @@ async function generateOnce(ditDir: string, vaeDir: string): Promise<{ pngs: Uin
   const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1 }), transports[0]);
   const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), transports[1]);
   const name = readDitModelDir(ditDir).meta.name;
-  const scheduler = await startSchedulerService(compileSchedulerConfig({ models: [name] }), transports[2], { grpcPort: 0, host: '127.0.0.1' });
-  const api = new SamplerApi(`127.0.0.1:${scheduler.grpc.port}`);
+  const grpc = new GrpcServer({ host: '127.0.0.1', port: 0 });
+  const scheduler = await startSchedulerService(compileSchedulerConfig({ models: [name] }), transports[2], { grpc });
+  await grpc.listen();
+  const api = new SamplerApi(grpc.address);
   try {
     const res = await api.generate({ model: name, classLabels: [{ name: 'Sandal' }, { index: 1 }, { name: 'bag' }], sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: 10, cfgScale: 4, seed: 42n });
     for (const img of res.images) expect([img.width, img.height]).toEqual([28, 28]);
@@ -48,6 +51,7 @@ async function generateOnce(ditDir: string, vaeDir: string): Promise<{ pngs: Uin
   } finally {
     api.close();
     await scheduler.stop(1000);
+    await grpc.stop(1000);
     await Promise.all([denoiser.stop(1000), decoder.stop(1000)]);
     await Promise.all(transports.map((t) => t.close()));
   }
@@ -126,7 +130,8 @@ describe('the committed Fashion-MNIST model', () => {
     const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: dirs.ditDir, intraOpThreads: 1 }), transports[0]);
     const decoder = await startDecoderService(compileDecoderConfig({ modelDir: dirs.vaeDir, intraOpThreads: 1 }), transports[1]);
     const name = readDitModelDir(dirs.ditDir).meta.name;
-    const scheduler = await startSchedulerService(compileSchedulerConfig({ models: [name] }), transports[2], { grpcPort: 0, host: '127.0.0.1' });
+    const grpc = new GrpcServer({ host: '127.0.0.1', port: 0 });
+    const scheduler = await startSchedulerService(compileSchedulerConfig({ models: [name] }), transports[2], { grpc });
     try {
       const events: GenerateEvent[] = [];
       const res = await scheduler.scheduler.generate(

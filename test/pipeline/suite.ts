@@ -2,7 +2,7 @@
 // real services, real onnxruntime on the golden tiny DiT and VAE, real gRPC on port 0.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { request } from '../../shared/client.ts';
-import { Code, type DitpipeError, type InvalidArgumentError } from '../../shared/errors.ts';
+import { Code, type DitpipeError, type InvalidArgumentError, type ResourceExhaustedError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
 import { OutputFormat, SamplerKind, type GenerateEvent, type GenerateRequest } from '../../shared/gen/ditpipe/v1/sampler.ts';
@@ -162,22 +162,30 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       expect((err as InvalidArgumentError).field).toBe(field);
     });
 
-    it('answers NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED past admission, and keeps serving', async () => {
+    it('answers NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED with a retry hint past admission, and keeps serving', async () => {
       const nf = await rejects(p.api.generate(base({ model: 'nope' })));
       expect(nf.code).toBe(Code.NOT_FOUND);
       expect(nf.message).toContain('nope');
+      // More images than can ever be in flight: retrying cannot help, so it is not RESOURCE_EXHAUSTED.
       const big = await rejects(p.api.generate(base({ classLabels: Array.from({ length: 25 }, () => ({ index: 2 })) })));
-      expect(big.code).toBe(Code.RESOURCE_EXHAUSTED);
+      expect(big.code).toBe(Code.INVALID_ARGUMENT);
+      expect((big as InvalidArgumentError).field).toBe('class_labels');
+      expect(big.message).toMatch(/at most 24 at once/);
       // Fill the admission budget with a slow request, then overflow it.
       const slow = p.api.generate(base({ classLabels: Array.from({ length: 20 }, () => ({ index: 2 })), numSteps: 40, cfgScale: 1 }));
       await expect.poll(() => p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight'), { timeout: 10_000 }).toContain('ditpipe_samples_in_flight 20');
       const over = await rejects(p.api.generate(base({ classLabels: Array.from({ length: 5 }, () => ({ index: 2 })) })));
       expect(over.code).toBe(Code.RESOURCE_EXHAUSTED);
       expect(over.message).toMatch(/capacity/);
+      // google.rpc.RetryInfo in grpc-status-details-bin, read back by the client.
+      const hint = (over as ResourceExhaustedError).retryAfterMs;
+      expect(hint).toBeGreaterThanOrEqual(100);
+      expect(over.message).toContain(`retry in ${hint} ms`);
       expect((await slow).images).toHaveLength(20);
       expect((await p.api.generate(base())).images).toHaveLength(2);
       const rejected = await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_requests_rejected_total');
-      expect(rejected).toMatch(/reason="resource_exhausted"\} [2-9]/);
+      expect(rejected).toMatch(/reason="resource_exhausted"\} [1-9]/);
+      expect(rejected).toMatch(/reason="invalid_argument"\} [1-9]/);
     });
 
     it('splits a step larger than a replica\'s row budget into calls that fit, with the same images', async () => {

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { DeadlineExceededError } from '../../shared/errors.ts';
 import { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo, DenoiserService } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { GrpcServer } from '../../shared/server/grpc.ts';
 import { mountReplica, type RunningReplica } from '../../shared/server/replica.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import type { Transport } from '../../shared/transport/types.ts';
@@ -55,6 +56,7 @@ describe('replica health follows bus liveness', () => {
     const stuck = new Promise<void>((r) => {
       release = r;
     });
+    const grpc = new GrpcServer({ host: '127.0.0.1', port: 0 });
     const replica: RunningReplica = await mountReplica(await transport('replica'), {
       definition: DenoiserDefinition,
       grpcDefinition: DenoiserService,
@@ -67,11 +69,12 @@ describe('replica health follows bus liveness', () => {
         info: () => DenoiserInfo.create({ model: 'health-test' }),
       },
       scope: 'health-test',
-      grpcPort: 0,
+      grpc,
       close: async () => undefined,
     });
+    await grpc.listen();
     try {
-      const port = replica.grpc?.port ?? 0;
+      const port = grpc.port ?? 0;
       expect(await health(port, '')).toBe(1);
       const client = (await transport('client')).client(DenoiserDefinition, { scope: 'health-test', retries: 0 });
       const err = await client.denoise(DenoiseRequest.create({ model: 'health-test' }), { timeoutMs: 100 }).catch((e: unknown) => e);
@@ -87,6 +90,7 @@ describe('replica health follows bus liveness', () => {
     } finally {
       release();
       await replica.stop(500);
+      await grpc.stop(500);
     }
   });
 });

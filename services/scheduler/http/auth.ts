@@ -1,23 +1,27 @@
-// A ready-made HttpAuthorize: bearer tokens (Authorization: Bearer <token>), compared in constant
-// time over their SHA-256 digests so neither content nor length leaks through timing.
-import { createHash, timingSafeEqual } from 'node:crypto';
+// Bearer tokens for the HTTP API (Authorization: Bearer <token>): the same TokenSet, with the same
+// constant-time check and scopes, as the gRPC server's (shared/server/auth.ts). The HTTP API is the
+// Sampler API by another route, so a token scoped to ditpipe.v1.Sampler (or its Generate /
+// ListModels methods) may use the matching HTTP routes.
 import type { IncomingMessage } from 'node:http';
-import { UnauthenticatedError } from '../../../shared/errors.ts';
+import { Metadata } from '@grpc/grpc-js';
+import { Code, PermissionDeniedError, UnauthenticatedError } from '../../../shared/errors.ts';
+import type { TokenSet } from '../../../shared/server/auth.ts';
 import type { HttpAuthorize } from './config.ts';
 
-const digest = (s: string): Buffer => createHash('sha256').update(s, 'utf8').digest();
+/** The Sampler method an HTTP route stands for, for token scopes. */
+function methodOf(req: IncomingMessage): string {
+  const path = (req.url ?? '').split('?')[0];
+  return path.startsWith('/v1/images') ? '/ditpipe.v1.Sampler/Generate' : '/ditpipe.v1.Sampler/ListModels';
+}
 
-export function bearerTokens(tokens: readonly string[]): HttpAuthorize {
-  if (tokens.length === 0 || tokens.some((t) => t.length === 0)) throw new Error('bearerTokens: give at least one non-empty token');
-  const known = tokens.map(digest);
-  return (req: IncomingMessage) => {
+export function bearerTokens(tokens: TokenSet): HttpAuthorize {
+  return (req) => {
+    const md = new Metadata();
     const header = req.headers.authorization;
-    if (!header) throw new UnauthenticatedError('missing "Authorization: Bearer <token>" header');
-    const m = /^Bearer\s+(\S+)\s*$/i.exec(header);
-    if (!m) throw new UnauthenticatedError('the Authorization header must be "Bearer <token>"');
-    const d = digest(m[1]);
-    let ok = false;
-    for (const k of known) ok = timingSafeEqual(k, d) || ok;
-    if (!ok) throw new UnauthenticatedError('the bearer token is not valid');
+    if (header !== undefined) md.set('authorization', header);
+    const verdict = tokens.check(methodOf(req), md);
+    if (verdict === null) return;
+    const message = verdict.details.replace(/the metadata "authorization: Bearer <token>"/, 'the header "Authorization: Bearer <token>"').replace('authorization metadata', 'Authorization header');
+    throw verdict.code === Code.PERMISSION_DENIED ? new PermissionDeniedError(message) : new UnauthenticatedError(message);
   };
 }

@@ -35,7 +35,7 @@ export class ClusterView {
   constructor(
     private readonly scheduler: Scheduler,
     private readonly cacheMs: number,
-    private readonly grpcAddress: string | undefined,
+    private readonly grpcAddress: string | (() => string | undefined) | undefined,
   ) {}
 
   private async models(): Promise<ModelInfo[]> {
@@ -74,7 +74,7 @@ export class ClusterView {
       time: Date.now(),
       source: CLUSTER_SOURCE,
       scheduler: {
-        grpc_address: this.grpcAddress ?? null,
+        grpc_address: (typeof this.grpcAddress === 'function' ? this.grpcAddress() : this.grpcAddress) ?? null,
         requests_in_flight: sum(reqs, {}),
         samples_in_flight: sum(samples, {}),
         max_samples_in_flight: this.scheduler.config.maxSamplesInFlight,

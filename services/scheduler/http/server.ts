@@ -38,8 +38,8 @@ export interface HttpApiOptions {
   authorize?: HttpAuthorize;
   /** Where server errors (5xx other than unavailability) are logged. */
   log?: Logger;
-  /** The gRPC address of the same scheduler, shown by the playground in its request snippets. */
-  grpcAddress?: string;
+  /** The gRPC address of the same scheduler, shown by the playground in its request snippets (read when asked: the gRPC server may listen later). */
+  grpcAddress?: string | (() => string | undefined);
 }
 
 export interface RunningHttpApi {

@@ -1,6 +1,6 @@
-// gRPC plumbing against a real grpc-js server on port 0: health checking, server reflection from
-// the generated descriptor set, typed errors through a gRPC status; and the generated code is up
-// to date with proto/ (what CI's `npm run gen -- --check` enforces).
+// The gRPC server module against a real grpc-js server on port 0: health checking, server
+// reflection from the generated descriptor set, typed errors through a gRPC status; and the
+// generated code is up to date with proto/ (what CI's `npm run gen -- --check` enforces).
 import { spawnSync } from 'node:child_process';
 
 import * as grpc from '@grpc/grpc-js';
@@ -9,11 +9,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { Code, fromServiceError, InvalidArgumentError, ResourceExhaustedError, PayloadTooLargeError, toServiceError } from '../../shared/errors.ts';
 import { ListModelsResponse, ModelInfo, SamplerClient, SamplerService, type SamplerServer } from '../../shared/gen/ditpipe/v1/sampler.ts';
-import { addHealthAndReflection, SERVICE_NAMES } from '../../shared/transport/grpc.ts';
+import { GrpcServer, SERVICE_NAMES } from '../../shared/server/grpc.ts';
 
-let server: grpc.Server;
+let server: GrpcServer;
 let address: string;
-let health: ReturnType<typeof addHealthAndReflection>;
+let health: GrpcServer['health'];
 let modelsCall = 0;
 
 const sampler: SamplerServer = {
@@ -29,17 +29,15 @@ const sampler: SamplerServer = {
 };
 
 beforeAll(async () => {
-  server = new grpc.Server();
-  server.addService(SamplerService, sampler);
-  health = addHealthAndReflection(server, [SERVICE_NAMES.sampler]);
-  const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
-  });
-  address = `127.0.0.1:${port}`;
+  server = new GrpcServer({ host: '127.0.0.1', port: 0 });
+  server.addService({ fullName: SERVICE_NAMES.sampler, definition: SamplerService, impl: sampler, maxRequestBytes: 1024 });
+  health = server.health;
+  await server.listen();
+  address = server.address;
 });
 
 afterAll(async () => {
-  await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
+  await server.stop(1_000);
 });
 
 const rawClient = (): grpc.Client => new grpc.Client(address, grpc.credentials.createInsecure());
