@@ -2,15 +2,28 @@
 // container must be one the CLI really has (read from `ditpipe <cmd> --help`, so renaming a flag
 // breaks this test), probe and metrics ports must be the ports the services listen on, shutdown
 // timings must fit, model names must line up between the build Job, the replicas and the
-// scheduler, and the kustomizations must render (`kubectl kustomize`).
+// scheduler, and the kustomizations must render (`kubectl kustomize`). Every rendered object is
+// validated against the Kubernetes API schemas and KEDA's CRDs (./schemas.ts); KEDA ScaledObjects
+// must read the work queue their target's replicas create (named by the services' own code) from
+// NATS's monitoring port, and on a real nats-server run with the rendered config the queues must
+// fit and report the lag KEDA reads.
 import { execFile } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { basename, dirname, join, relative, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseAllDocuments } from 'yaml';
+import { queueFromFlags } from '../../cli/common.ts';
+import { DecodeRequest, DecodeResponse, DecoderDefinition, DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
+import { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { SERVICE_NAMES } from '../../shared/server/grpc.ts';
+import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
+import { methodSubject } from '../../shared/transport/rpc.ts';
+import { DEFAULT_QUEUE_SETTINGS, queueSpec } from '../../shared/transport/work.ts';
 import { helpSpec, type CliSpec } from '../helpers/cli-help.ts';
+import { assertNoNatsServersRunning, startNatsServer } from '../helpers/nats.ts';
+import { validateObject } from './schemas.ts';
 
 const run = promisify(execFile);
 const ROOT = resolve(import.meta.dirname, '../..');
@@ -27,6 +40,7 @@ const cliSpec = (args: string[]): Promise<CliSpec> => helpSpec(args);
 
 interface Meta {
   name?: string;
+  namespace?: string;
   labels?: Record<string, string>;
   annotations?: Record<string, string>;
 }
@@ -73,9 +87,13 @@ interface K8sDoc {
     template?: { metadata?: Meta; spec: PodSpec };
     jobTemplate?: unknown;
     ports?: Array<{ name?: string; port: number; targetPort?: number | string }>;
-    scaleTargetRef?: { kind: string; name: string };
+    scaleTargetRef?: { apiVersion?: string; kind?: string; name: string };
     minReplicas?: number;
     maxReplicas?: number;
+    // KEDA ScaledObject
+    minReplicaCount?: number;
+    maxReplicaCount?: number;
+    triggers?: Array<{ type: string; name?: string; metadata: Record<string, string> }>;
   } & Partial<PodSpec>;
 }
 interface Loaded {
@@ -244,6 +262,7 @@ const HEALTH_NAME: Record<string, string> = { scheduler: SERVICE_NAMES.sampler, 
 /** Every check on a set of objects that is applied together (a rendered kustomization). */
 async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
   const problems: string[] = [];
+  const queueSettings = new Map<string, string>();
   const workloads = docs.filter((d) => podSpec(d));
   for (const w of workloads) {
     const pod = podSpec(w)!;
@@ -278,6 +297,10 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
       problems.push(...r.problems);
       const svc = r.spec.path.join(' ');
       if (!(svc in GRPC_PORT)) continue;
+
+      // Whichever service starts first creates the work queues and later ones update them, so
+      // every service must see the same queue settings.
+      queueSettings.set(where, QUEUE_FLAGS.map((f) => `${f} ${effective(r, f)}`).join(', '));
 
       // A long-running service: ports, probes, metrics, shutdown.
       const help = r.spec.options.get('--grpc-port')?.default;
@@ -370,9 +393,172 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
       if (!target) problems.push(`${where}: scale target ${ref?.kind}/${ref?.name} not defined`);
       else if (target.spec?.replicas !== undefined) problems.push(`${where}: ${ref?.name} sets replicas, which fights the autoscaler on every apply`);
     }
+    if (d.kind === 'ScaledObject') problems.push(...(await checkScaledObject(label, d, docs)));
+  }
+  // One autoscaler per workload: KEDA makes its own HPA for a ScaledObject, and two HPAs on one
+  // Deployment set its replicas in turn.
+  const scalers = new Map<string, string[]>();
+  for (const d of docs) {
+    const ref = d.spec?.scaleTargetRef;
+    if (!ref || (d.kind !== 'HorizontalPodAutoscaler' && d.kind !== 'ScaledObject')) continue;
+    const key = `${ref.kind ?? 'Deployment'}/${ref.name}`;
+    scalers.set(key, [...(scalers.get(key) ?? []), `${d.kind}/${d.metadata?.name}`]);
+  }
+  for (const [target, by] of scalers) if (by.length > 1) problems.push(`${label}: ${target} is scaled by ${by.join(' and ')}, which fight over its replicas`);
+  if (new Set(queueSettings.values()).size > 1) {
+    problems.push(`${label}: the services get different work-queue settings:\n${[...queueSettings].map(([w, q]) => `  ${w}: ${q}`).join('\n')}`);
   }
   // The scheduler's models are served by denoisers, their VAEs by decoders (names = model.json
   // names, i.e. the build Job's --name; checked against the Job separately).
+  return problems;
+}
+
+// ---------------------------------------------------------------------------------------------
+// KEDA: ScaledObjects on the lag of the services' work queues.
+
+/** What k8s/jobs builds: --out directory → the model's kind, name and (DiT) VAE. Filled in beforeAll. */
+const built = new Map<string, { kind: 'dit' | 'vae'; name: string; vae?: string }>();
+
+async function readBuilt(jobs: K8sDoc[]): Promise<void> {
+  for (const job of jobs) {
+    const pod = podSpec(job);
+    for (const c of [...(pod?.initContainers ?? []), ...(pod?.containers ?? [])].filter(isDitpipe)) {
+      const r = await resolveContainer(c, [], `${job.metadata?.name}/${c.name}`);
+      const kind = r.spec.path.join(' ');
+      const out = r.args.get('--out');
+      if ((kind === 'model build dit' || kind === 'model build vae') && out) {
+        built.set(out, { kind: kind === 'model build dit' ? 'dit' : 'vae', name: r.args.get('--name') ?? basename(out), vae: r.args.get('--vae') });
+      }
+    }
+  }
+}
+
+const QUEUE_FLAGS = ['--queue-ack-wait', '--queue-max-deliver', '--queue-max-messages', '--queue-max-bytes', '--queue-max-age'];
+
+/** The work queue of a replica serving `scope`, named by the code the services run. */
+function workQueueOf(svc: 'denoiser' | 'decoder', scope: string): { stream: string; consumer: string; subject: string } {
+  const definition = svc === 'denoiser' ? DenoiserDefinition : DecoderDefinition;
+  const method = svc === 'denoiser' ? DenoiserDefinition.methods.denoise : DecoderDefinition.methods.decode;
+  const spec = queueSpec(methodSubject(definition, method, { scope }), definition, { scope }, DEFAULT_QUEUE_SETTINGS);
+  return { stream: spec.stream, consumer: spec.consumer, subject: spec.subject };
+}
+
+/** The model (denoiser) or VAE (decoder) a replica container serves: its --name, else the built directory's name. */
+function servedName(r: Resolved): string | undefined {
+  return effective(r, '--name') ?? built.get(effective(r, '--model-dir') ?? '')?.name;
+}
+
+/** The ditpipe service a workload runs, resolved, and the name it serves under. */
+async function replicaOf(w: K8sDoc, docs: K8sDoc[]): Promise<{ svc: string; r: Resolved; scope: string | undefined } | undefined> {
+  const c = podSpec(w)?.containers.find(isDitpipe);
+  if (!c) return undefined;
+  const r = await resolveContainer(c, docs, `${w.kind}/${w.metadata?.name}`);
+  const svc = r.spec.path.join(' ');
+  return { svc, r, scope: svc === 'denoiser' || svc === 'decoder' ? servedName(r) : undefined };
+}
+
+/** The models the render's schedulers serve, and the VAEs those models decode with. */
+async function scheduled(docs: K8sDoc[]): Promise<{ models: Set<string>; vaes: Set<string> }> {
+  const models = new Set<string>();
+  const vaes = new Set<string>();
+  for (const w of docs.filter((d) => d.kind === 'Deployment')) {
+    const rep = await replicaOf(w, docs);
+    if (rep?.svc !== 'scheduler') continue;
+    const names = (effective(rep.r, '--models') ?? '').split(',').map((x) => x.trim()).filter(Boolean);
+    const fallback = Object.fromEntries((effective(rep.r, '--vae') ?? '').split(',').filter(Boolean).map((kv) => kv.split('=').map((x) => x.trim())));
+    for (const m of names) {
+      models.add(m);
+      const vae = [...built.values()].find((b) => b.kind === 'dit' && b.name === m)?.vae ?? fallback[m];
+      if (vae) vaes.add(vae);
+    }
+  }
+  return { models, vaes };
+}
+
+/** The nats-server config file of the pods a Service selects (from their ConfigMap volumes). */
+function natsConfOf(pods: K8sDoc[], docs: K8sDoc[]): string | undefined {
+  for (const p of pods) {
+    for (const v of podSpec(p)?.volumes ?? []) {
+      const cm = v.configMap && docs.find((d) => d.kind === 'ConfigMap' && d.metadata?.name === v.configMap?.name);
+      const conf = cm && Object.entries(cm.data ?? {}).find(([k]) => k.endsWith('.conf'))?.[1];
+      if (conf) return conf;
+    }
+  }
+  return undefined;
+}
+
+function monitorPortOf(conf: string): number | undefined {
+  const m = /^\s*http_port\s*[:=]\s*(\d+)/m.exec(conf) ?? /^\s*http\s*[:=]\s*"?(?:[^\s":]*:)?(\d+)"?\s*$/m.exec(conf);
+  return m ? Number(m[1]) : undefined;
+}
+
+async function checkScaledObject(label: string, so: K8sDoc, docs: K8sDoc[]): Promise<string[]> {
+  const problems: string[] = [];
+  const where = `${label}: ScaledObject/${so.metadata?.name}`;
+  const ref = so.spec?.scaleTargetRef;
+  const kind = ref?.kind ?? 'Deployment';
+  const target = docs.find((t) => t.kind === kind && t.apiVersion === (ref?.apiVersion ?? 'apps/v1') && t.metadata?.name === ref?.name);
+  if (!target) return [`${where}: scale target ${kind}/${ref?.name} is not defined here`];
+  if (target.metadata?.namespace !== so.metadata?.namespace) problems.push(`${where}: in namespace ${so.metadata?.namespace}, its target in ${target.metadata?.namespace}`);
+  if (target.spec?.replicas !== undefined) problems.push(`${where}: ${ref?.name} sets replicas, which fights the autoscaler on every apply`);
+  const min = so.spec?.minReplicaCount ?? 0; // KEDA's defaults
+  const max = so.spec?.maxReplicaCount ?? 100;
+  if (min < 1) {
+    problems.push(`${where}: minReplicaCount ${min}: with no replica, new requests fail UNAVAILABLE (queueing nothing that would wake one) or wait out their deadline in the queue`);
+  }
+  if (max < min) problems.push(`${where}: maxReplicaCount ${max} < minReplicaCount ${min}`);
+  const rep = await replicaOf(target, docs);
+  if (!rep || (rep.svc !== 'denoiser' && rep.svc !== 'decoder')) return [...problems, `${where}: ${kind}/${ref?.name} runs no denoiser or decoder, the services with work queues`];
+  if (!rep.scope) return [...problems, `${where}: no model name for ${ref?.name}'s --model-dir ${effective(rep.r, '--model-dir')} (k8s/jobs builds nothing there)`];
+  const want = workQueueOf(rep.svc, rep.scope);
+  const { models, vaes } = await scheduled(docs);
+  if (rep.svc === 'denoiser' && !models.has(rep.scope)) problems.push(`${where}: ${ref?.name} serves ${rep.scope}, which no scheduler lists in DITPIPE_MODELS (${[...models].join(', ')})`);
+  if (rep.svc === 'decoder' && !vaes.has(rep.scope)) problems.push(`${where}: ${ref?.name} serves ${rep.scope}, the VAE of none of the schedulers' models (${[...vaes].join(', ')})`);
+  const triggers = so.spec?.triggers ?? [];
+  if (triggers.length === 0) problems.push(`${where}: no triggers`);
+  for (const [i, t] of triggers.entries()) {
+    const tw = `${where} trigger ${t.name ?? i}`;
+    if (t.type !== 'nats-jetstream') {
+      problems.push(`${tw}: type ${t.type}; ditpipe's replicas scale on the lag of their work queue (nats-jetstream)`);
+      continue;
+    }
+    const md = t.metadata ?? {};
+    if (md.stream !== want.stream) problems.push(`${tw}: stream ${md.stream}, but ${ref?.name} serves ${rep.scope}, whose work queue is stream ${want.stream}`);
+    if (md.consumer !== want.consumer) problems.push(`${tw}: consumer ${md.consumer}, but the replicas pull from consumer ${want.consumer}`);
+    if (!/^[1-9]\d*$/.test(md.lagThreshold ?? '')) problems.push(`${tw}: lagThreshold ${md.lagThreshold} is not a positive integer`);
+    if (md.activationLagThreshold !== undefined && !/^\d+$/.test(md.activationLagThreshold)) problems.push(`${tw}: activationLagThreshold ${md.activationLagThreshold} is not an integer`);
+    // KEDA's scaler runs in KEDA's namespace: the Service needs its namespace in the name.
+    const ep = md.natsServerMonitoringEndpoint ?? '';
+    const m = /^([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.svc(?:\.cluster\.local)?:(\d+)$/.exec(ep);
+    if (!m) {
+      problems.push(`${tw}: natsServerMonitoringEndpoint "${ep}" is not <service>.<namespace>.svc:<port> (KEDA reads it from its own namespace)`);
+      continue;
+    }
+    const [, svcName, ns, port] = m;
+    const svc = docs.find((d) => d.kind === 'Service' && d.metadata?.name === svcName);
+    if (!svc) {
+      problems.push(`${tw}: natsServerMonitoringEndpoint names Service ${svcName}, which is not defined here`);
+      continue;
+    }
+    if (svc.metadata?.namespace !== ns) problems.push(`${tw}: natsServerMonitoringEndpoint says namespace ${ns}, Service ${svcName} is in ${svc.metadata?.namespace ?? '(none set by the render)'}`);
+    const pods = docs.filter((w) => podSpec(w) && matches((svc.spec?.selector ?? {}) as Record<string, string>, podLabels(w)));
+    const conf = natsConfOf(pods, docs);
+    if (!conf) {
+      problems.push(`${tw}: Service ${svcName} selects no pod with a nats-server config`);
+      continue;
+    }
+    const sp = svc.spec?.ports?.find((p) => p.port === Number(port));
+    const target = sp?.targetPort ?? sp?.port;
+    const cports = pods.flatMap((p) => podSpec(p)!.containers.flatMap((c) => c.ports ?? []));
+    const cport = typeof target === 'string' ? cports.find((p) => p.name === target)?.containerPort : target;
+    const monitor = monitorPortOf(conf);
+    if (!sp) problems.push(`${tw}: port ${port} is no port of Service ${svcName}`);
+    else if (cport === undefined || cport !== monitor) problems.push(`${tw}: ${svcName}:${port} leads to container port ${cport}, but nats-server's monitoring endpoint (http_port) is on ${monitor}`);
+    // Without an accounts block every client is in the global account $G; https only with https_port.
+    if (!/^\s*accounts\s*[:={]/m.test(conf) && md.account !== '$G') problems.push(`${tw}: account ${md.account}; nats-server has no accounts configured, so the queues are in $G`);
+    const https = /^\s*https_port\s*[:=]/m.test(conf);
+    if ((md.useHttps ?? 'false') !== String(https)) problems.push(`${tw}: useHttps ${md.useHttps ?? 'false'}, but nats-server's monitoring is ${https ? 'https' : 'plain http'}`);
+  }
   return problems;
 }
 
@@ -392,10 +578,14 @@ async function render(dir: string): Promise<K8sDoc[]> {
 const files = yamlFiles(K8S);
 const raw: Loaded[] = files.flatMap((f) => parseDocs(readFileSync(f, 'utf8'), rel(f)));
 const kustomizations = files.filter(isKustomization);
+// A kustomize Component (k8s/components/*) renders only as part of the overlays that use it.
+const renderable = kustomizations.filter((k) => parseDocs(readFileSync(k, 'utf8'), rel(k))[0]?.doc.kind === 'Kustomization');
 const rendered = new Map<string, K8sDoc[]>();
+/** JSON patches (RFC 6902) are YAML lists of operations, not objects. */
+const isJsonPatch = (doc: unknown): boolean => Array.isArray(doc);
 
 beforeAll(async () => {
-  await Promise.all(kustomizations.map(async (k) => rendered.set(rel(dirname(k)), await render(dirname(k)))));
+  await Promise.all(renderable.map(async (k) => rendered.set(rel(dirname(k)), await render(dirname(k)))));
   // Ask the CLI for the help of every command the manifests run, all at once (each is a process).
   const all = [...rendered.values()].flat().concat(raw.map((l) => l.doc));
   const containers = all.flatMap((d) => {
@@ -403,21 +593,90 @@ beforeAll(async () => {
     return pod ? [...(pod.initContainers ?? []), ...(pod.containers ?? [])] : [];
   });
   await Promise.all(containers.filter((c) => c.image && isDitpipe(c)).map((c) => cliSpec(c.args ?? [])));
+  await readBuilt(raw.filter((l) => l.file.startsWith('k8s/jobs/')).map((l) => l.doc));
 });
 
 describe('k8s manifests', () => {
   it('every YAML document is a Kubernetes object with apiVersion, kind and metadata.name', () => {
     expect(files.length).toBeGreaterThan(5);
     for (const { file, doc } of raw) {
+      if (isJsonPatch(doc)) {
+        // Only as a kustomization's patch with a target (a JSON patch names no object itself).
+        for (const op of doc as unknown as Array<{ op?: string; path?: string }>) {
+          expect(op.op, file).toMatch(/^(add|remove|replace|move|copy|test)$/);
+          expect(op.path, file).toMatch(/^\//);
+        }
+        const users = kustomizations.filter((k) => (parseDocs(readFileSync(k, 'utf8'), rel(k))[0].doc as { patches?: Array<{ path?: string; target?: unknown }> }).patches?.some((p) => p.path && resolve(dirname(k), p.path) === join(ROOT, file) && p.target));
+        expect(users.length, `${file} is a JSON patch that no kustomization applies with a target`).toBeGreaterThan(0);
+        continue;
+      }
       expect(doc.apiVersion, file).toMatch(/^[a-z0-9.\-/]*v\d/);
       expect(doc.kind, file).toMatch(/^[A-Z]\w+$/);
-      if (isKustomization(file)) expect(doc.kind, file).toBe('Kustomization');
+      if (isKustomization(file)) expect(doc.kind, file).toMatch(/^(Kustomization|Component)$/);
       else expect(doc.metadata?.name, `${file} ${doc.kind}`).toMatch(/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/);
     }
   });
 
+  it('every rendered object, and every object in k8s/jobs, is valid against the Kubernetes 1.27 API schemas or KEDA\'s CRDs', () => {
+    expect([...rendered.keys()].sort()).toEqual(['k8s/base', 'k8s/overlays/gpu', 'k8s/overlays/gpu-keda', 'k8s/overlays/keda']);
+    const problems: string[] = [];
+    let n = 0;
+    for (const [dir, docs] of rendered) {
+      for (const d of docs) {
+        n++;
+        problems.push(...validateObject(d).map((p) => `${dir}: ${p}`));
+      }
+    }
+    for (const { file, doc } of raw.filter((l) => l.file.startsWith('k8s/jobs/'))) {
+      n++;
+      problems.push(...validateObject(doc).map((p) => `${file}: ${p}`));
+    }
+    expect(problems).toEqual([]);
+    expect(n).toBeGreaterThan(60);
+  });
+
+  it('schema validation catches wrong types, missing required fields, unknown fields and unknown kinds', () => {
+    const docs = structuredClone(rendered.get('k8s/overlays/keda')!);
+    const so = docs.find((d) => d.kind === 'ScaledObject' && d.metadata?.name === 'ditpipe-denoiser')!;
+    const spec = so.spec as Record<string, unknown> & { scaleTargetRef: Record<string, unknown>; triggers: Array<{ metadata: Record<string, unknown> }> };
+    spec.minReplicas = 1; // the HPA's name for KEDA's minReplicaCount
+    delete spec.scaleTargetRef.name;
+    spec.triggers[0].metadata.lagThreshold = 8; // KEDA takes strings only
+    const so2 = validateObject(so).join('\n');
+    expect(so2).toMatch(/\/spec\/minReplicas is not a field of keda\.sh\/v1alpha1 ScaledObject/);
+    expect(so2).toMatch(/\/spec\/scaleTargetRef must have required property name/);
+    expect(so2).toMatch(/\/spec\/triggers\/0\/metadata\/lagThreshold must be string/);
+    const den = docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!;
+    (den.spec as Record<string, unknown>).replica = 2;
+    const c = podSpec(den)!.containers[0] as Container & Record<string, unknown>;
+    c.imagePullPolice = 'Always';
+    c.resources!.limits!.memory = 'eight gigs';
+    (c.ports![0] as Record<string, unknown>).containerPort = '50052';
+    const d2 = validateObject(den).join('\n');
+    expect(d2).toMatch(/\/spec\/replica is not a field of apps\/v1 Deployment/);
+    expect(d2).toMatch(/\/spec\/template\/spec\/containers\/0\/imagePullPolice is not a field/);
+    expect(d2).toMatch(/\/spec\/template\/spec\/containers\/0\/resources\/limits\/memory must match format "quantity"/);
+    expect(d2).toMatch(/\/spec\/template\/spec\/containers\/0\/ports\/0\/containerPort must be integer/);
+    // Maps take any key: labels, ConfigMap data, trigger metadata.
+    const cm = docs.find((d) => d.kind === 'ConfigMap')!;
+    cm.data = { ...cm.data, ANY_KEY: 'x' };
+    cm.metadata!.labels = { ...cm.metadata?.labels, 'example.com/any': 'y' };
+    expect(validateObject(cm)).toEqual([]);
+    expect(validateObject({ apiVersion: 'keda.sh/v1', kind: 'ScaledObject', metadata: { name: 'x' } })).toEqual([
+      'ScaledObject/x: no schema for apiVersion keda.sh/v1 kind ScaledObject (neither Kubernetes 1.27 nor KEDA)',
+    ]);
+  });
+
   it('kustomizations list files that exist, and every file beside one is listed in it', () => {
-    expect(kustomizations.map(rel)).toEqual(expect.arrayContaining(['k8s/base/kustomization.yaml', 'k8s/overlays/gpu/kustomization.yaml']));
+    expect(kustomizations.map(rel)).toEqual(
+      expect.arrayContaining([
+        'k8s/base/kustomization.yaml',
+        'k8s/overlays/gpu/kustomization.yaml',
+        'k8s/overlays/keda/kustomization.yaml',
+        'k8s/overlays/gpu-keda/kustomization.yaml',
+        'k8s/components/keda/kustomization.yaml',
+      ]),
+    );
     for (const k of kustomizations) {
       const doc = parseDocs(readFileSync(k, 'utf8'), rel(k))[0].doc as { resources?: string[]; patches?: Array<{ path?: string }>; components?: string[] };
       const listed = [...(doc.resources ?? []), ...(doc.components ?? []), ...(doc.patches ?? []).flatMap((p) => (p.path ? [p.path] : []))];
@@ -459,6 +718,89 @@ describe('k8s manifests', () => {
     const dc = podSpec(dec)!.containers[0];
     expect(effective(await resolveContainer(dc, docs, 'gpu decoder'), '--execution-provider')).toBe('cpu');
     expect(dc.resources?.limits?.['nvidia.com/gpu']).toBeUndefined();
+  });
+
+  it('the KEDA overlays scale denoisers and decoders on their work queues\' lag, with no other autoscaler, in one namespace', async () => {
+    for (const dir of ['k8s/overlays/keda', 'k8s/overlays/gpu-keda']) {
+      const docs = rendered.get(dir)!;
+      expect(await checkSet(dir, docs)).toEqual([]);
+      const kinds = docs.map((d) => `${d.kind}/${d.metadata?.name}`);
+      expect(kinds).toEqual(expect.arrayContaining(['ScaledObject/ditpipe-denoiser', 'ScaledObject/ditpipe-decoder', 'Namespace/ditpipe']));
+      expect(kinds.filter((k) => k.startsWith('HorizontalPodAutoscaler/')), dir).toEqual([]);
+      // The overlay sets the namespace the ScaledObjects' monitoring endpoint names.
+      const namespaces = new Set(docs.filter((d) => d.kind !== 'Namespace').map((d) => d.metadata?.namespace));
+      expect([...namespaces], dir).toEqual([docs.find((d) => d.kind === 'Namespace')?.metadata?.name]);
+      for (const so of docs.filter((d) => d.kind === 'ScaledObject')) {
+        expect(so.spec?.triggers?.map((t) => t.metadata.natsServerMonitoringEndpoint)).toEqual(['nats.ditpipe.svc:8222']);
+      }
+    }
+  });
+
+  it('lag thresholds are one pass of a replica in messages; GPU denoisers are bounded by the GPUs of the GPU overlay', async () => {
+    // docs/kubernetes.md sizes a step message for a 4-image request with guidance: 4 × 2 rows.
+    const ROWS_PER_STEP_MESSAGE = 8;
+    const so = (docs: K8sDoc[], name: string): K8sDoc => docs.find((d) => d.kind === 'ScaledObject' && d.metadata?.name === name)!;
+    const threshold = (docs: K8sDoc[], name: string): number => Number(so(docs, name).spec?.triggers?.[0].metadata.lagThreshold);
+    const replica = async (docs: K8sDoc[], name: string): Promise<Resolved> => (await replicaOf(docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === name)!, docs))!.r;
+    for (const dir of ['k8s/overlays/keda', 'k8s/overlays/gpu-keda']) {
+      const docs = rendered.get(dir)!;
+      expect(threshold(docs, 'ditpipe-denoiser'), dir).toBe(effectiveInt(await replica(docs, 'ditpipe-denoiser'), '--max-batch-rows') / ROWS_PER_STEP_MESSAGE);
+      // A decode message is one image; a decoder pass takes --max-batch images.
+      expect(threshold(docs, 'ditpipe-decoder'), dir).toBe(effectiveInt(await replica(docs, 'ditpipe-decoder'), '--max-batch'));
+    }
+    const cpu = rendered.get('k8s/overlays/keda')!;
+    const gpu = rendered.get('k8s/overlays/gpu-keda')!;
+    expect(threshold(cpu, 'ditpipe-denoiser')).toBe(8);
+    expect(threshold(gpu, 'ditpipe-denoiser')).toBe(32);
+    // One replica per GPU: KEDA may go up to the GPUs k8s/overlays/gpu runs on, no further.
+    const gpuReplicas = rendered.get('k8s/overlays/gpu')!.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!.spec?.replicas;
+    expect(so(gpu, 'ditpipe-denoiser').spec?.maxReplicaCount).toBe(gpuReplicas);
+    const gpuPod = podSpec(gpu.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!)!;
+    expect(String(gpuPod.containers[0].resources?.limits?.['nvidia.com/gpu'])).toBe('1');
+    // The decoders stay on CPUs, scaled alike in both.
+    expect(so(gpu, 'ditpipe-decoder').spec).toEqual(so(cpu, 'ditpipe-decoder').spec);
+  });
+
+  it('a ScaledObject out of step with the services, NATS or the other autoscalers would be caught', async () => {
+    const base = rendered.get('k8s/overlays/keda')!;
+    const mutated = async (change: (docs: K8sDoc[], so: (name: string) => K8sDoc) => void): Promise<string> => {
+      const docs = structuredClone(base);
+      change(docs, (name) => docs.find((d) => d.kind === 'ScaledObject' && d.metadata?.name === name)!);
+      return (await checkSet('mutated', docs)).join('\n');
+    };
+    const trigger = (so: K8sDoc): Record<string, string> => so.spec!.triggers![0].metadata;
+    // A model renamed everywhere but in the ScaledObject: the lag read is of a stream nobody uses.
+    expect(await mutated((_, so) => (trigger(so('ditpipe-denoiser')).stream = 'ditpipe_v1_denoiser_dit-xl-2-512'))).toMatch(
+      /stream ditpipe_v1_denoiser_dit-xl-2-512, but ditpipe-denoiser serves dit-xl-2-256, whose work queue is stream ditpipe_v1_denoiser_dit-xl-2-256/,
+    );
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).consumer = 'decoders'))).toMatch(/consumer decoders, but the replicas pull from consumer decoder/);
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats.ditpipe.svc:4222'))).toMatch(
+      /nats:4222 leads to container port 4222, but nats-server's monitoring endpoint \(http_port\) is on 8222/,
+    );
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats:8222'))).toMatch(/"nats:8222" is not <service>\.<namespace>\.svc:<port>/);
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats.default.svc:8222'))).toMatch(/says namespace default, Service nats is in ditpipe/);
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).account = 'DITPIPE'))).toMatch(/account DITPIPE; nats-server has no accounts configured/);
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).lagThreshold = '0'))).toMatch(/lagThreshold 0 is not a positive integer/);
+    expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.scaleTargetRef!.name = 'ditpipe-denoisers'))).toMatch(/scale target Deployment\/ditpipe-denoisers is not defined here/);
+    expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.scaleTargetRef!.name = 'ditpipe-scheduler'))).toMatch(/runs no denoiser or decoder/);
+    expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.minReplicaCount = 0))).toMatch(/minReplicaCount 0: with no replica/);
+    // The base's CPU autoscaler back in, a fixed count back in: both fight KEDA's HPA.
+    const hpa = rendered.get('k8s/base')!.find((d) => d.kind === 'HorizontalPodAutoscaler')!;
+    expect(await mutated((docs) => docs.push({ ...structuredClone(hpa), metadata: { ...hpa.metadata, namespace: 'ditpipe' } }))).toMatch(
+      /Deployment\/ditpipe-decoder is scaled by ScaledObject\/ditpipe-decoder and HorizontalPodAutoscaler\/ditpipe-decoder|Deployment\/ditpipe-decoder is scaled by HorizontalPodAutoscaler\/ditpipe-decoder and ScaledObject\/ditpipe-decoder/,
+    );
+    expect(await mutated((docs) => (docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!.spec!.replicas = 3))).toMatch(
+      /ScaledObject\/ditpipe-denoiser: ditpipe-denoiser sets replicas, which fights the autoscaler/,
+    );
+    // Queue settings that differ between services (the queues would flip between them).
+    expect(
+      await mutated((docs) => {
+        const c = podSpec(docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-decoder')!)!.containers[0];
+        c.env = [...(c.env ?? []), { name: 'DITPIPE_QUEUE_ACK_WAIT_MS', value: '5000' }];
+      }),
+    ).toMatch(/the services get different work-queue settings:[\s\S]*--queue-ack-wait 5000/);
+    // Unchanged, it passes (the mutations above are what fails).
+    expect(await checkSet('unchanged', structuredClone(base))).toEqual([]);
   });
 
   it('the model build Job and upload pod use real CLI flags, and build exactly the models the services serve', async () => {
@@ -536,6 +878,118 @@ describe('k8s manifests', () => {
     expect(problems).toMatch(/reads no environment variable DITPIPE_EXECUTION_PROVIDERS/);
     expect(problems).toMatch(/readinessProbe probes port 50051, health answers in plaintext on 50052/);
   });
+});
+
+// The queues of each render on a real nats-server run with the render's own NATS config: the
+// server must hold them all (each reserves DITPIPE_QUEUE_MAX_BYTES of its memory store), and
+// the lag KEDA reads from the monitoring endpoint for each ScaledObject must be the work in that
+// model's queue.
+describe('k8s work queues on a real nats-server', () => {
+  afterAll(() => assertNoNatsServersRunning());
+
+  /** The rendered nats.conf on free local ports, with a store directory of the test's own. */
+  function localConf(conf: string, storeDir: string): string {
+    const kept = conf.split('\n').filter((l) => !/^\s*(port|listen|http_port|https_port|http|https)\s*[:=]/.test(l));
+    return kept.join('\n').replace(/^(\s*store_dir\s*[:=]\s*).*$/m, `$1${JSON.stringify(storeDir)}`);
+  }
+
+  interface Jsz {
+    account_details?: Array<{ name: string; stream_detail?: Array<{ name: string; config?: { max_bytes?: number; subjects?: string[] }; consumer_detail?: Array<{ name: string; num_pending: number; num_ack_pending: number }> }> }>;
+  }
+
+  it.each(['k8s/base', 'k8s/overlays/gpu', 'k8s/overlays/keda', 'k8s/overlays/gpu-keda'])(
+    '%s: nats-server holds every work queue, and each ScaledObject reads its model\'s lag (waiting + taken)',
+    async (dir) => {
+      const docs = rendered.get(dir)!;
+      const natsPods = docs.filter((d) => d.kind === 'Deployment' && d.metadata?.name === 'nats');
+      const conf = natsConfOf(natsPods, docs);
+      expect(conf, 'nats-server config').toBeDefined();
+      const replicas: Array<{ svc: 'denoiser' | 'decoder'; scope: string; r: Resolved; deployment: string }> = [];
+      for (const w of docs.filter((d) => d.kind === 'Deployment')) {
+        const rep = await replicaOf(w, docs);
+        if ((rep?.svc === 'denoiser' || rep?.svc === 'decoder') && rep.scope) replicas.push({ svc: rep.svc, scope: rep.scope, r: rep.r, deployment: w.metadata!.name! });
+      }
+      expect(replicas.map((x) => x.svc).sort()).toEqual(['decoder', 'denoiser']);
+      const n = (r: Resolved, f: string): number => effectiveInt(r, f);
+      const settings = queueFromFlags({
+        queueAckWait: n(replicas[0].r, '--queue-ack-wait'),
+        queueMaxDeliver: n(replicas[0].r, '--queue-max-deliver'),
+        queueMaxMessages: n(replicas[0].r, '--queue-max-messages'),
+        queueMaxBytes: n(replicas[0].r, '--queue-max-bytes'),
+        queueMaxAge: n(replicas[0].r, '--queue-max-age'),
+      });
+      const store = mkdtempSync(join(tmpdir(), 'ditpipe-k8s-js-'));
+      const server = await startNatsServer({ jetstream: false, monitorPort: 0, extraConfig: localConf(conf!, store) });
+      const transport = natsTransport(await connectNats({ servers: server.url, name: `k8s-test ${dir}` }));
+      let open = (): void => undefined;
+      const gate = { promise: new Promise<void>((r) => (open = r)), resolve: () => open() };
+      const ac = new AbortController();
+      const calls: Array<Promise<unknown>> = [];
+      try {
+        // The replicas create their queues at start, as the services do (settings from the render).
+        for (const { svc, scope } of replicas) {
+          if (svc === 'denoiser') {
+            await transport.serve(
+              DenoiserDefinition,
+              { denoise: async () => (await gate.promise, DenoiseResponse.create({})), info: () => DenoiserInfo.create({ model: scope }) },
+              { scope, queueSettings: settings },
+            );
+          } else {
+            await transport.serve(
+              DecoderDefinition,
+              { decode: async () => (await gate.promise, DecodeResponse.create({})), info: () => DecoderInfo.create({ model: scope }) },
+              { scope, queueSettings: settings },
+            );
+          }
+        }
+        // Each replica holds one message (it serves one call at a time here) and 2 wait for it.
+        const queues = [];
+        for (const { svc, scope } of replicas) {
+          if (svc === 'denoiser') {
+            const client = transport.client(DenoiserDefinition, { scope, queueSettings: settings, timeoutMs: 60_000 });
+            for (let i = 0; i < 3; i++) calls.push(client.denoise(DenoiseRequest.create({ model: scope, t: [1n], y: [0] }), { signal: ac.signal }).catch(() => undefined));
+            queues.push({ svc, scope, queue: client.queueOf('denoise') });
+          } else {
+            const client = transport.client(DecoderDefinition, { scope, queueSettings: settings, timeoutMs: 60_000 });
+            for (let i = 0; i < 3; i++) calls.push(client.decode(DecodeRequest.create({ model: scope }), { signal: ac.signal }).catch(() => undefined));
+            queues.push({ svc, scope, queue: client.queueOf('decode') });
+          }
+        }
+        for (const q of queues) await expect.poll(() => q.queue.info(), { timeout: 10_000 }).toMatchObject({ pending: 2, ackPending: 1 });
+        // Read the monitoring endpoint as KEDA's nats-jetstream scaler does.
+        const account = '$G';
+        const res = await fetch(`${server.monitorUrl}/jsz?acc=${encodeURIComponent(account)}&consumers=true&config=true`);
+        const jsz = (await res.json()) as Jsz;
+        const streams = jsz.account_details?.find((a) => a.name === account)?.stream_detail ?? [];
+        // Every queue reserved its full max_bytes, and the server took them all.
+        for (const q of queues) {
+          const st = streams.find((x) => x.name === q.queue.stream);
+          expect(st?.config?.max_bytes, q.queue.stream).toBe(settings.maxBytes);
+          expect(st?.config?.subjects).toEqual([q.queue.subject]);
+        }
+        const scaled = docs.filter((d) => d.kind === 'ScaledObject');
+        expect(scaled.length).toBe(dir.endsWith('keda') ? 2 : 0);
+        for (const so of scaled) {
+          const rep = replicas.find((x) => x.deployment === so.spec?.scaleTargetRef?.name)!;
+          const md = so.spec!.triggers![0].metadata;
+          expect(md.account).toBe(account);
+          const consumer = streams.find((x) => x.name === md.stream)?.consumer_detail?.find((c) => c.name === md.consumer);
+          expect(consumer, `${so.metadata?.name}: ${md.stream}/${md.consumer} on the server`).toBeDefined();
+          // KEDA's lag: waiting for a replica + taken and not yet answered = the 3 calls outstanding.
+          expect(consumer!.num_pending + consumer!.num_ack_pending, `${so.metadata?.name} (${rep.scope})`).toBe(3);
+          expect(md.stream).toBe(queues.find((q) => q.scope === rep.scope && q.svc === rep.svc)?.queue.stream);
+        }
+      } finally {
+        ac.abort();
+        gate.resolve();
+        await Promise.all(calls);
+        await transport.close({ graceMs: 1_000 });
+        await server.stop();
+        rmSync(store, { recursive: true, force: true });
+      }
+    },
+    60_000,
+  );
 });
 
 describe('k8s/Dockerfile', () => {
