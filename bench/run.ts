@@ -4,7 +4,8 @@
 //
 //   overhead  bench/pipeline/overhead.ts  pipeline vs a direct onnxruntime loop (DiT-S/2, 50 steps)
 //   batching  bench/pipeline/batching.ts  images/s and rows per forward at 1, 4, 16 concurrent requests
-//   capacity  bench/pipeline/capacity.ts  scheduler steps/s against 16 simulated denoisers
+//   capacity  bench/pipeline/capacity.ts  scheduler steps/s and CPU per step against 16 simulated denoisers
+//   dispatch  bench/pipeline/dispatch.ts  push vs pull: a frozen replica, a 4× slower one, a lone request's overhead
 //   scale     bench/pipeline/scale.ts     steps/s and latency as simulated denoisers go 1 → 64 (about 12 min)
 //   diffusion bench/diffusion.ts          sampling-core cost per step (own process)
 //   model-build bench/model-build.ts      peak RSS of compiling DiT-XL/2 (own process)
@@ -13,6 +14,7 @@ import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { batchingOptions, runBatching } from './pipeline/batching.ts';
 import { capacityOptions, runCapacity } from './pipeline/capacity.ts';
+import { dispatchOptions, runDispatch } from './pipeline/dispatch.ts';
 import { forwardOptions, runForward } from './model-forward.ts';
 import { log, machine, ROOT } from './pipeline/cluster.ts';
 import { overheadOptions, runOverhead } from './pipeline/overhead.ts';
@@ -34,6 +36,7 @@ const benches: Record<string, Bench> = {
   overhead: (argv) => runOverhead(overheadOptions(argv)),
   batching: (argv) => runBatching(batchingOptions(argv)),
   capacity: (argv) => runCapacity(capacityOptions(argv)),
+  dispatch: (argv) => runDispatch(dispatchOptions(argv)),
   scale: (argv) => runScale(scaleOptions(argv)),
   diffusion: script('bench/diffusion.ts'),
   'model-build': script('bench/model-build.ts'),
