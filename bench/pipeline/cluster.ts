@@ -140,7 +140,8 @@ export async function startService(
     metricsPort,
     grpcPort,
     async metrics() {
-      const res = await fetch(`http://127.0.0.1:${metricsPort}/metrics`);
+      // Bounded: a stopped (SIGSTOP) process accepts the connection but never answers.
+      const res = await fetch(`http://127.0.0.1:${metricsPort}/metrics`, { signal: AbortSignal.timeout(5_000) });
       return parseMetrics(await res.text());
     },
     stop() {

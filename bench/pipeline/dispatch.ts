@@ -75,8 +75,8 @@ async function frozen(variant: Variant): Promise<Record<string, unknown>> {
     c.denoisers[1].proc.kill('SIGSTOP');
     const frozenMs: number[] = [];
     for (let i = 0; i < 5; i++) frozenMs.push(await timed(10 + i));
-    const after = await rework(c);
     c.denoisers[1].proc.kill('SIGCONT');
+    const after = await rework(c);
     const res = {
       variant: variant.name,
       healthy_ms: healthy.map((x) => round(x, 0)),

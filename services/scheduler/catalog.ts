@@ -1,5 +1,6 @@
 // What the scheduler knows of each served model, learnt from the denoisers and decoders on the bus
-// (their Info methods) and cached for a short while, so validation needs no round trip per request.
+// (their Info methods, asked of every replica, first answer wins) and refreshed in the background
+// every modelInfoTtlMs (5 s), so validation needs no round trip per request.
 import { FailedPreconditionError, NotFoundError, UnavailableError, toDitpipeError } from '../../shared/errors.ts';
 import type { DecoderDefinition, DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import type { DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
@@ -88,13 +89,13 @@ export class Catalog {
       p = this.load(name).finally(() => this.loading.delete(name));
       this.loading.set(name, p);
     }
-    try {
-      return await p;
-    } catch (err) {
-      // A stale description beats none while the pool recovers.
-      if (hit) return hit.model;
-      throw err;
+    // A stale description is refreshed in the background: no request waits for a round trip
+    // once the model was seen, and one that fails (no denoiser answers) keeps the old one.
+    if (hit) {
+      p.catch(() => undefined);
+      return hit.model;
     }
+    return await p;
   }
 
   private async load(name: string): Promise<ServedModel> {

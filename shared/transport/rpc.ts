@@ -2,6 +2,9 @@
 // encoding, shared by both transports (shared/transport/nats.ts, shared/transport/inproc.ts) so
 // they behave the same by construction. Work methods (IDEMPOTENT) go through the work queues of
 // work.ts; this file carries the control calls (every other unary method) by request/reply.
+// A NO_SIDE_EFFECTS method (Info) is answered by every replica (no queue group) and a call takes
+// the first answer, so a frozen replica, which a queue group would still pick, cannot stall it;
+// collect() gathers all answers instead. Other control methods go to one replica (queue group).
 //
 // Wire format of one control call:
 //   request  body = protobuf-encoded request message
@@ -90,6 +93,11 @@ export function collectSubject(methodSubj: string): string {
 
 function isUnary(m: MethodDefinition): boolean {
   return !m.requestStream && !m.responseStream;
+}
+
+/** Answered by every replica: the caller takes the first answer (a call) or all of them (collect). */
+function isBroadcast(m: MethodDefinition): boolean {
+  return m.options.idempotencyLevel === 'NO_SIDE_EFFECTS';
 }
 
 function isIdempotent(m: MethodDefinition): boolean {
@@ -303,7 +311,6 @@ export async function serveOnBus<D extends ServiceDefinition>(
   const queues: Record<string, WorkQueue> = {};
   let stopping: Promise<void> | undefined;
   const mount = async (): Promise<void> => {
-    const plain: string[] = [];
     for (const [key, method] of methods) {
       const subject = methodSubject(definition, method, opts);
       if (isWorkMethod(method)) {
@@ -336,15 +343,15 @@ export async function serveOnBus<D extends ServiceDefinition>(
         else runSimpleDriver(work, concurrency, { inFlight: () => inFlight, settled: () => new Promise<void>((r) => waiters.push(r)) });
         continue;
       }
+      if (isBroadcast(method)) {
+        const all = collectSubject(subject);
+        subjects.push(all);
+        subs.push(await bus.subscribe(all, undefined, (m, r) => handle(key, method, all, m, r)));
+        continue;
+      }
       subjects.push(subject);
       subs.push(await bus.subscribe(subject, queue, (m, r) => handle(key, method, subject, m, r)));
-      if (method.options.idempotencyLevel === 'NO_SIDE_EFFECTS') {
-        const all = collectSubject(subject);
-        plain.push(all);
-        subs.push(await bus.subscribe(all, undefined, (m, r) => handle(key, method, all, m, r)));
-      }
     }
-    subjects.push(...plain);
   };
   try {
     await mount();
@@ -409,7 +416,7 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
   for (const [key, method] of Object.entries(definition.methods)) {
     if (!isUnary(method)) continue;
     const subject = methodSubject(definition, method, opts);
-    subjects.set(key, subject);
+    subjects.set(key, isBroadcast(method) ? collectSubject(subject) : subject);
     if (isWorkMethod(method)) {
       work.set(
         key,
@@ -509,7 +516,7 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
     const waitMs = positive(collectOpts.waitMs, 'waitMs') ?? DEFAULT_COLLECT_MS;
     const headers = { [H_TIMEOUT]: String(Math.ceil(waitMs)) };
     const data = encodeChecked(what, method, request, headers);
-    const replies = await abortable(bus.requestMany(collectSubject(subject), { data, headers }, waitMs), collectOpts.signal, what);
+    const replies = await abortable(bus.requestMany(subject, { data, headers }, waitMs), collectOpts.signal, what);
     const out: unknown[] = [];
     for (const r of replies) {
       if (replyError(r) === undefined) out.push(method.responseType.decode(r.data));

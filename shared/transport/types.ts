@@ -20,10 +20,10 @@
 //   (shared/transport/work.ts has the protocol; proto/ditpipe/v1/work.proto the envelope). A call
 //   a replica took but did not answer (it died, froze, or held it past the attempt time) is
 //   delivered to another replica by the server: redelivery is the retry mechanism for work.
-// - Every other unary method (Info, marked NO_SIDE_EFFECTS) is a *control call*: request/reply on
-//   `<prefix>.<service>.<scope>.<method>` in a queue group (one replica answers; retried after
-//   UNAVAILABLE or a timeout), and for NO_SIDE_EFFECTS also on `<subject>.all` without a queue
-//   group, for `collect()`.
+// - Every other unary method is a *control call* by request/reply (retried after UNAVAILABLE or a
+//   timeout). NO_SIDE_EFFECTS ones (Info) are asked on `<subject>.all`, which every replica
+//   answers: a call takes the first answer (a frozen replica cannot stall it), `collect()` all of
+//   them. Any other control method would go to one replica of a queue group on `<subject>`.
 // Subjects: prefix `ditpipe.v1`, service and method lower-cased proto names, scope a model (or other)
 // name chosen by the caller, e.g. `ditpipe.v1.denoiser.dit-s2.denoise`. Only unary methods travel
 // over a bus; streaming methods are gRPC-only.

@@ -59,7 +59,7 @@ describe('nats only', () => {
     const nc = await connectNats({ servers: server.url, name: 'raw' });
     const t = natsTransport(nc);
     await t.serve(DenoiserDefinition, echoImpl, { scope: 'raw', queueSettings: TEST_QUEUE });
-    const reply = await nc.request('ditpipe.v1.denoiser.raw.info', new Uint8Array([0x0a, 0xff, 0xff]), { timeout: 2_000 });
+    const reply = await nc.request('ditpipe.v1.denoiser.raw.info.all', new Uint8Array([0x0a, 0xff, 0xff]), { timeout: 2_000 });
     expect(reply.data.length).toBe(0);
     expect(reply.headers?.get(H_STATUS)).toBe(String(Code.INVALID_ARGUMENT));
     expect(reply.headers?.get(H_KIND)).toBe('InvalidArgument');

@@ -154,8 +154,8 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       const impl = doubler('a');
       const srv = await server.serve(DenoiserDefinition, impl, serveOpts());
       expect(srv.instance).toMatch(/^[0-9a-f]{32}$/);
-      // Denoise is work (IDEMPOTENT): a queue, not a subscription. Info is a control call.
-      expect(srv.subjects).toEqual([`ditpipe.v1.denoiser.${scope}.info`, `ditpipe.v1.denoiser.${scope}.info.all`]);
+      // Denoise is work (IDEMPOTENT): a queue, not a subscription. Info (NO_SIDE_EFFECTS) is asked of every replica.
+      expect(srv.subjects).toEqual([`ditpipe.v1.denoiser.${scope}.info.all`]);
       expect(srv.queues.denoise).toMatchObject({ stream: `ditpipe_v1_denoiser_${scope}`, consumer: 'denoiser', subject: `ditpipe.v1.denoiser.${scope}.denoise` });
       const denoiser = client.client(DenoiserDefinition, clientOpts({ timeoutMs: 5_000 }));
       expect(denoiser.subjectOf('denoise')).toBe(`ditpipe.v1.denoiser.${scope}.denoise`);
@@ -233,6 +233,19 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       await (await connect('b')).serve(DenoiserDefinition, doubler('b'), serveOpts());
       const infos = await client.collect('info', {}, { waitMs: 300 });
       expect(infos.map((i) => i.instanceId).sort()).toEqual(['a', 'b']);
+    });
+
+    it('a NO_SIDE_EFFECTS call takes the first answer, so a replica that never answers cannot stall it', async () => {
+      fresh();
+      // 'hung' is alive and subscribed, but its Info never returns (a frozen process in NATS's eyes).
+      const hung = { ...doubler('hung'), info: () => new Promise<DenoiserInfo>(() => undefined) };
+      await (await connect('hung')).serve(DenoiserDefinition, hung, serveOpts());
+      await (await connect('ok')).serve(DenoiserDefinition, doubler('ok'), serveOpts());
+      const client = (await connect('client')).client(DenoiserDefinition, clientOpts());
+      // One replica of a queue group would get half of these and time out; asked of both, each is answered.
+      for (let i = 0; i < 8; i++) {
+        expect((await client.info({}, { timeoutMs: 1_000 })).instanceId).toBe('ok');
+      }
     });
 
     it('carries typed errors with their status codes, exact messages and fields', async () => {
