@@ -27,8 +27,9 @@ export const protobufFileName = "ditpipe/v1/decoder.proto";
 /**
  * Internal service: VAE decoding of sampled latents into images, served over NATS.
  *
- * Decoding is a pure function of the latents, so both methods are idempotent and the
- * NATS client retries them after UNAVAILABLE or a timeout.
+ * Decoding is a pure function of the latents, so Decode is marked idempotent and travels as work
+ * (work.proto) on a JetStream work queue that replicas pull from; a decode whose holder stops
+ * confirming it is redelivered to another replica. Info is a plain NATS request.
  */
 
 /** Format of the decoded images. */

@@ -28,9 +28,10 @@ export const protobufFileName = "ditpipe/v1/denoiser.proto";
 /**
  * Internal service: one denoising step of a DiT model, served over NATS.
  *
- * A step is a pure function of (x_t, t, y, guidance settings): it can be retried on any
- * replica, so both methods are marked idempotent and the NATS client retries them after
- * UNAVAILABLE or a timeout. The denoiser batches steps from many requests (at different
+ * A step is a pure function of (x_t, t, y, guidance settings), so it can run on any replica:
+ * Denoise is marked idempotent and travels as work (work.proto) on a JetStream work queue that
+ * replicas pull from; a step whose holder stops confirming it is redelivered to another replica.
+ * Info is a plain NATS request. The denoiser batches steps from many requests (at different
  * timesteps) into one forward pass and applies classifier-free guidance itself.
  */
 
