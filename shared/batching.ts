@@ -106,11 +106,17 @@ export class Batcher<J, R> {
       }
       // Right after a pass, its jobs' next steps are on their way back: wait (up to maxWait) for as
       // many in one pull. Otherwise an idle replica waits for the next job, and a busy one for what
-      // its oldest job may still wait.
+      // its oldest job may still wait. A lone job coming back has no company to wait for: its pull
+      // is an idle one (it ends when the job arrives), so a round trip longer than maxWait does not
+      // make the pull lapse and the job wait in the queue for the next one.
       const now = performance.now();
       const cohort = now - this.lastPassEnd < this.opts.maxWaitMs ? this.lastPassJobs - this.queue.length : 0;
-      const waitMs =
-        cohort > 0 ? Math.max(0, this.lastPassEnd + this.opts.maxWaitMs - now) : this.queue.length === 0 ? IDLE_PULL_MS : Math.max(0, this.startAt() - now);
+      const company = cohort > 0 && cohort + this.queue.length > 1;
+      const waitMs = company
+        ? Math.max(0, this.lastPassEnd + this.opts.maxWaitMs - now)
+        : this.queue.length === 0
+          ? IDLE_PULL_MS
+          : Math.max(0, this.startAt() - now);
       this.taking = true;
       try {
         this.pending = await source.take(() => this.opts.maxRows - this.queued, waitMs, Math.max(1, cohort));

@@ -165,6 +165,25 @@ describe('Batcher with a work source', () => {
     q.close();
   });
 
+  it('a lone job that comes back later than maxWait is still awaited by one pull, which does not lapse first', async () => {
+    const { passes, q } = pulled(5, 2);
+    q.add('a1', 2);
+    await expect.poll(() => passes.length, { timeout: 2_000 }).toBe(1);
+    await q.results.get('a1');
+    const before = q.takes.length;
+    // Its next step takes 30 ms to come back (a round trip through the scheduler), past maxWait.
+    await sleep(30);
+    q.add('a2', 2);
+    await expect.poll(() => passes.length, { timeout: 2_000 }).toBe(2);
+    // One take waited for it: an idle one, not a 2 ms wait for company that lapsed and left the
+    // job in the queue until the next pull.
+    const after = q.takes.slice(before, before + 1);
+    expect(after).toHaveLength(1);
+    expect(after[0].waitMs).toBeGreaterThan(100);
+    expect(q.takes.length - before).toBeLessThanOrEqual(2);
+    q.close();
+  });
+
   it('gives jobs with different keys separate passes (the decoder batches latents of one size)', async () => {
     const passes: Array<{ key: string; jobs: string[] }> = [];
     const batcher = new Batcher<string, string>(
