@@ -661,7 +661,8 @@ class NatsPuller implements Puller {
 
 /**
  * A Transport on a NATS connection. close() stops the servers mounted through it (each waits
- * for its calls in flight), then drains the connection (which also closes it).
+ * for its calls in flight), then drains the connection (which also closes it); a connection
+ * whose server is down is closed without draining, so close() does not fail for want of NATS.
  */
 export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string } = {}): Transport {
   const closed = nc.closed().then((err) => err ?? null);
@@ -670,7 +671,13 @@ export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string }
     new NatsBus(nc, opts.inboxPrefix),
     async () => {
       if (nc.isClosed()) return;
-      if (!nc.isDraining()) await nc.drain();
+      try {
+        if (!nc.isDraining()) await nc.drain();
+      } catch {
+        // The server went away while draining (its final flush is refused on a disconnect):
+        // there is nothing left to deliver on this connection, so it is simply closed.
+        await nc.close();
+      }
       await nc.closed();
     },
     closed,

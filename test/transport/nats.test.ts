@@ -136,6 +136,20 @@ describe('nats only', () => {
     }
   });
 
+  it('closes cleanly while the NATS server is down, after serving and calling', async () => {
+    const down = await startNatsServer();
+    const conn = (name: string): Promise<NatsConnection> => connectNats({ servers: down.url, name, reconnectTimeWaitMs: 100 });
+    const replicaT = natsTransport(await conn('replica'));
+    const clientT = natsTransport(await conn('client'));
+    await replicaT.serve(DenoiserDefinition, echoImpl, { scope: 'close-down', queueSettings: TEST_QUEUE });
+    const client = clientT.client(DenoiserDefinition, { scope: 'close-down', queueSettings: TEST_QUEUE });
+    expect((await client.denoise(step, { timeoutMs: 10_000 })).batchRows).toBe(7);
+    await down.stop();
+    await new Promise((r) => setTimeout(r, 300));
+    // Draining needs a final round trip to the server; without one the connection is closed.
+    await expect(Promise.all([replicaT.close({ graceMs: 100 }), clientT.close({ graceMs: 100 })])).resolves.toBeDefined();
+  });
+
   it('validates connection options, naming the field', async () => {
     await expect(connectNats({ servers: [] })).rejects.toThrow(/at least one server URL/);
     const e = await connectNats({ servers: server.url, user: 'a' }).catch((err: unknown) => err);
