@@ -318,10 +318,16 @@ export async function serveUntilSignal(opts: {
     }
     await Promise.all(
       opts.transports.map((t) =>
-        t.close({ graceMs: opts.graceMs }).catch((err: unknown) => {
-          // Draining needs the server; with NATS gone there is nothing left to drain.
-          opts.log.warn({ err: (err as Error).message }, 'closed the NATS connection without draining it (NATS unreachable)');
-        }),
+        t.close({ graceMs: opts.graceMs }).then(
+          (r) => {
+            // Draining needs the server; with NATS gone there is nothing left to drain.
+            if (!r.drained) opts.log.warn({ reason: r.reason }, 'closed the NATS connection without draining it (NATS unreachable)');
+          },
+          (err: unknown) => {
+            failed = true;
+            opts.log.error({ err: (err as Error).message }, 'the transport did not close cleanly');
+          },
+        ),
       ),
     );
     await metrics?.close();

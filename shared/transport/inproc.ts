@@ -153,7 +153,15 @@ export class InProcBus {
       for (const l of member.listeners) l('closed');
       resolveClosed(null);
     };
-    const transport = new BusTransport('inproc', this.busFor(member), async () => sever(), closed);
+    const transport = new BusTransport(
+      'inproc',
+      this.busFor(member),
+      async () => {
+        sever();
+        return { drained: true };
+      },
+      closed,
+    );
     this.severs.set(transport, sever);
     return transport;
   }

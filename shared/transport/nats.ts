@@ -65,7 +65,7 @@ import {
 import type { Bus, BusMessage, BusSubscription, ConnectionEvent, Headers, PullEnd, Puller, QueuedMessage, QueueSpec } from './bus.ts';
 import { diagnoseConnectError } from './nats-diagnose.ts';
 import { BusTransport } from './rpc.ts';
-import type { Transport } from './types.ts';
+import type { CloseResult, Transport } from './types.ts';
 
 /** The NATS default max_payload, used until the server's INFO says otherwise. */
 const NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024;
@@ -669,16 +669,19 @@ export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string }
   return new BusTransport(
     'nats',
     new NatsBus(nc, opts.inboxPrefix),
-    async () => {
-      if (nc.isClosed()) return;
+    async (): Promise<CloseResult> => {
+      if (nc.isClosed()) return { drained: true };
+      let result: CloseResult = { drained: true };
       try {
         if (!nc.isDraining()) await nc.drain();
-      } catch {
-        // The server went away while draining (its final flush is refused on a disconnect):
-        // there is nothing left to deliver on this connection, so it is simply closed.
+      } catch (err) {
+        // The server went away before or while draining (its final flush is refused on a
+        // disconnect): nothing more can be delivered on this connection, so it is simply closed.
+        result = { drained: false, reason: `NATS unreachable: ${(err as Error).message}` };
         await nc.close();
       }
       await nc.closed();
+      return result;
     },
     closed,
   );

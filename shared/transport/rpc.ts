@@ -33,6 +33,7 @@ import { type Bus, type BusMessage, type BusSubscription, H_FIELD, H_KIND, H_MES
 import type {
   CallContext,
   CallOptions,
+  CloseResult,
   ClientOptions,
   CollectOptions,
   MethodDefinition,
@@ -551,12 +552,12 @@ export function clientOnBus<D extends ServiceDefinition>(bus: Bus, definition: D
  */
 export class BusTransport implements Transport {
   private readonly servers = new Set<RpcServer>();
-  private closing: Promise<void> | undefined;
+  private closing: Promise<CloseResult> | undefined;
 
   constructor(
     readonly kind: 'nats' | 'inproc',
     private readonly bus: Bus,
-    private readonly closeConnection: () => Promise<void>,
+    private readonly closeConnection: () => Promise<CloseResult>,
     readonly closed: Promise<Error | null>,
   ) {}
 
@@ -575,10 +576,10 @@ export class BusTransport implements Transport {
     return clientOnBus(this.bus, definition, opts);
   }
 
-  close(opts: { graceMs?: number } = {}): Promise<void> {
+  close(opts: { graceMs?: number } = {}): Promise<CloseResult> {
     this.closing ??= (async () => {
       await Promise.all([...this.servers].map((s) => s.stop(opts.graceMs)));
-      await this.closeConnection();
+      return this.closeConnection();
     })();
     return this.closing;
   }

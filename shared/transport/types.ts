@@ -279,6 +279,13 @@ export interface RpcServer {
   stop(graceMs?: number): Promise<void>;
 }
 
+/** How a transport's connection ended on close(). */
+export interface CloseResult {
+  readonly drained: boolean;
+  /** Why it was not drained (e.g. the NATS server was unreachable). */
+  readonly reason?: string;
+}
+
 /** Carries RPCs: one per process (NATS connection) or per in-process bus member. */
 export interface Transport {
   readonly kind: 'nats' | 'inproc';
@@ -288,9 +295,11 @@ export interface Transport {
   client<D extends ServiceDefinition>(definition: D, opts: ClientOptions): RpcClient<D>;
   /**
    * Ordered shutdown: stops every server mounted here (each waits up to graceMs for its calls in
-   * flight), then drains and closes the connection. Idempotent.
+   * flight), then drains and closes the connection. Idempotent. Resolves with whether the
+   * connection was drained: one whose server is unreachable is closed without draining (nothing
+   * more can be delivered on it), and `reason` says why.
    */
-  close(opts?: { graceMs?: number }): Promise<void>;
+  close(opts?: { graceMs?: number }): Promise<CloseResult>;
   /** Resolves when closed: null after close(), the error when the connection failed for good. */
   readonly closed: Promise<Error | null>;
 }
