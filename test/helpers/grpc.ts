@@ -6,8 +6,8 @@ import { BinaryReader, BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 const identity = (b: Buffer): Buffer => b;
 
 /** grpc.health.v1.Health/Check of `service` ('' = the server): 1 SERVING, 2 NOT_SERVING. */
-export async function healthStatus(address: string, service = ''): Promise<number> {
-  const client = new grpc.Client(address, grpc.credentials.createInsecure());
+export async function healthStatus(address: string, service = '', creds: grpc.ChannelCredentials = grpc.credentials.createInsecure()): Promise<number> {
+  const client = new grpc.Client(address, creds);
   try {
     const reply = await new Promise<Buffer>((resolve, reject) => {
       const req = Buffer.from(new BinaryWriter().uint32((1 << 3) | WireType.LengthDelimited).string(service).finish());

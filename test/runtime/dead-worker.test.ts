@@ -3,12 +3,12 @@
 // calls, close() returns, and the scheduler finishes the request on the other replica with the
 // same images.
 import type { Worker } from 'node:worker_threads';
-import * as grpc from '@grpc/grpc-js';
 import { describe, expect, it } from 'vitest';
 import { Code, UnavailableError, toServiceError } from '../../shared/errors.ts';
 import { WorkerExitedError, WorkerSession } from '../../shared/runtime/session.ts';
 import { f32Tensor } from '../../shared/tensor.ts';
 import { DIT_NAME } from '../helpers/models.ts';
+import { healthStatus } from '../helpers/grpc.ts';
 import { startPipeline } from '../helpers/pipeline.ts';
 
 const SLOW_WORKER = new URL('./fixtures/slow-worker.ts', import.meta.url);
@@ -16,17 +16,6 @@ const SLOW_WORKER = new URL('./fixtures/slow-worker.ts', import.meta.url);
 /** The session's worker thread: killed from outside, as a crash or the OOM killer would. */
 const workerOf = (s: WorkerSession): Worker => Reflect.get(s, 'worker') as Worker;
 
-async function healthOf(port: number): Promise<number> {
-  const client = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
-  try {
-    const reply = await new Promise<Buffer>((resolve, reject) => {
-      client.makeUnaryRequest('/grpc.health.v1.Health/Check', (b: Buffer) => b, (b: Buffer) => b, Buffer.alloc(0), (err, v) => (err || !v ? reject(err ?? new Error('no reply')) : resolve(v)));
-    });
-    return reply[1];
-  } finally {
-    client.close();
-  }
-}
 
 describe('a dead inference worker', () => {
   it('rejects the pass in flight and every later run with UNAVAILABLE at once', async () => {
@@ -62,7 +51,7 @@ describe('a dead inference worker', () => {
       const ref = await p.api.generate(req);
       const victim = p.denoisers[0];
       const port = p.denoiserGrpc[0].port ?? 0;
-      expect(await healthOf(port)).toBe(1);
+      expect(await healthStatus(`127.0.0.1:${port}`)).toBe(1);
       let steps = 0;
       const images = [];
       for await (const ev of p.api.generateStream(req, { timeoutMs: 60_000 })) {
@@ -75,7 +64,7 @@ describe('a dead inference worker', () => {
       images.sort((a, b) => a.sampleIndex - b.sampleIndex);
       images.forEach((img, i) => expect(Buffer.from(img.png).equals(ref.images[i].png)).toBe(true));
       expect(victim.denoiser.dead).toBe(true);
-      await expect.poll(() => healthOf(port), { timeout: 5_000, interval: 100 }).toBe(2);
+      await expect.poll(() => healthStatus(`127.0.0.1:${port}`), { timeout: 5_000, interval: 100 }).toBe(2);
       // Its own calls fail fast with UNAVAILABLE (retryable), not INTERNAL.
       const step = { model: DIT_NAME, x: f32Tensor([1, 4, 8, 8], new Float32Array(256)), t: [10n], y: [1], cfgScale: 1, guidanceChannels: 0, requestId: 'r', stepIndex: 0, omitVariance: false };
       const direct = await victim.denoiser.denoise(step).catch((e: unknown) => e);

@@ -11,6 +11,7 @@ import { Code, InvalidArgumentError, type DitpipeError } from '../../shared/erro
 import { ListModelsResponse, ModelInfo, SamplerService, type SamplerServer } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { TokenSet } from '../../shared/server/auth.ts';
 import { GrpcServer, loadGrpcTls, SERVICE_NAMES } from '../../shared/server/grpc.ts';
+import { healthStatus } from '../helpers/grpc.ts';
 import { makeTestPki, type TestPki } from '../helpers/certs.ts';
 import { DIT_NAME } from '../helpers/models.ts';
 import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
@@ -33,18 +34,6 @@ async function fails(p: Promise<unknown>): Promise<DitpipeError> {
   throw new Error('expected the call to fail');
 }
 
-/** grpc.health.v1.Health/Check for "" over the given credentials: 1 SERVING. */
-async function health(address: string, creds: grpc.ChannelCredentials): Promise<number> {
-  const client = new grpc.Client(address, creds);
-  try {
-    const reply = await new Promise<Buffer>((resolve, reject) => {
-      client.makeUnaryRequest('/grpc.health.v1.Health/Check', (b: Buffer) => b, (b: Buffer) => b, Buffer.alloc(0), (err, v) => (err || !v ? reject(err ?? new Error('no reply')) : resolve(v)));
-    });
-    return reply[1];
-  } finally {
-    client.close();
-  }
-}
 
 /** A server-reflection list request; resolves with the status code (0 = answered). */
 async function reflectionCode(address: string, creds: grpc.ChannelCredentials): Promise<number> {
@@ -164,9 +153,9 @@ describe('health, reflection and mutual TLS', () => {
   });
 
   it('keeps health reachable for probes: without a token over TLS, and on the plaintext health port', async () => {
-    expect(await health(server.address, clientCreds(pki.client))).toBe(1);
+    expect(await healthStatus(server.address, '', clientCreds(pki.client))).toBe(1);
     expect(server.healthPort).toBeGreaterThan(0);
-    expect(await health(`127.0.0.1:${server.healthPort}`, grpc.credentials.createInsecure())).toBe(1);
+    expect(await healthStatus(`127.0.0.1:${server.healthPort}`, '', grpc.credentials.createInsecure())).toBe(1);
     // The health port serves health only.
     const api = new SamplerApi(`127.0.0.1:${server.healthPort}`, { token: FULL });
     try {
@@ -183,7 +172,7 @@ describe('health, reflection and mutual TLS', () => {
     await guarded.listen();
     try {
       expect(await reflectionCode(guarded.address, grpc.credentials.createInsecure())).toBe(Code.UNAUTHENTICATED);
-      expect(await health(guarded.address, grpc.credentials.createInsecure())).toBe(1);
+      expect(await healthStatus(guarded.address, '', grpc.credentials.createInsecure())).toBe(1);
     } finally {
       await guarded.stop(500);
     }

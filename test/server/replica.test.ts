@@ -1,7 +1,6 @@
 // A replica's gRPC health follows its liveness on the bus: work it holds stuck past its attempt
 // time turns health NOT_SERVING (so Kubernetes' liveness probe restarts the pod), and it turns
 // back to SERVING once that work returns. Real nats-server (JetStream), real gRPC health checks.
-import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { DeadlineExceededError } from '../../shared/errors.ts';
@@ -10,6 +9,7 @@ import { GrpcServer } from '../../shared/server/grpc.ts';
 import { mountReplica, type RunningReplica } from '../../shared/server/replica.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import type { Transport } from '../../shared/transport/types.ts';
+import { healthStatus } from '../helpers/grpc.ts';
 import { type NatsServerHandle, startNatsServer } from '../helpers/nats.ts';
 
 let nats: NatsServerHandle;
@@ -29,26 +29,6 @@ async function transport(name: string): Promise<Transport> {
   return t;
 }
 
-/** grpc.health.v1.Health/Check: 1 SERVING, 2 NOT_SERVING. */
-async function health(port: number, service: string): Promise<number> {
-  const client = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
-  const name = Buffer.from(service);
-  try {
-    const reply = await new Promise<Buffer>((resolve, reject) => {
-      client.makeUnaryRequest(
-        '/grpc.health.v1.Health/Check',
-        (b: Buffer) => b,
-        (b: Buffer) => b,
-        Buffer.concat([Buffer.from([0x0a, name.length]), name]),
-        (err, value) => (err || !value ? reject(err ?? new Error('no reply')) : resolve(value)),
-      );
-    });
-    expect(reply[0]).toBe(0x08); // field 1, varint
-    return reply[1];
-  } finally {
-    client.close();
-  }
-}
 
 describe('replica health follows bus liveness', () => {
   it('reports NOT_SERVING while a step is stuck past its attempt time, SERVING again once it returns', async () => {
@@ -75,17 +55,17 @@ describe('replica health follows bus liveness', () => {
     await grpc.listen();
     try {
       const port = grpc.port ?? 0;
-      expect(await health(port, '')).toBe(1);
+      expect(await healthStatus(`127.0.0.1:${port}`, '')).toBe(1);
       const client = (await transport('client')).client(DenoiserDefinition, { scope: 'health-test', retries: 0 });
       const err = await client.denoise(DenoiseRequest.create({ model: 'health-test' }), { timeoutMs: 100 }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(DeadlineExceededError);
       // Past the attempt time plus the 1 s grace, the replica is stuck: health down.
-      await expect.poll(() => health(port, ''), { timeout: 5_000, interval: 100 }).toBe(2);
-      expect(await health(port, 'ditpipe.v1.Denoiser')).toBe(2);
+      await expect.poll(() => healthStatus(`127.0.0.1:${port}`, ''), { timeout: 5_000, interval: 100 }).toBe(2);
+      expect(await healthStatus(`127.0.0.1:${port}`, 'ditpipe.v1.Denoiser')).toBe(2);
       expect(replica.server.live).toBe(false);
       release();
-      await expect.poll(() => health(port, ''), { timeout: 5_000, interval: 100 }).toBe(1);
-      expect(await health(port, 'ditpipe.v1.Denoiser')).toBe(1);
+      await expect.poll(() => healthStatus(`127.0.0.1:${port}`, ''), { timeout: 5_000, interval: 100 }).toBe(1);
+      expect(await healthStatus(`127.0.0.1:${port}`, 'ditpipe.v1.Denoiser')).toBe(1);
       expect(replica.server.live).toBe(true);
     } finally {
       release();
