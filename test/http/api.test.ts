@@ -14,12 +14,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bearerTokens } from '../../services/scheduler/http/auth.ts';
 import { TokenSet } from '../../shared/server/auth.ts';
 import { httpParam } from '../../services/scheduler/http/errors.ts';
-import { Code, type DitpipeError, type InvalidArgumentError } from '../../shared/errors.ts';
+import { Code, type InvalidArgumentError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
 import { PreviewMethod, SamplerKind, type GenerateEvent, type GenerateRequest } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { CLASS_NAMES, DIT_NAME } from '../helpers/models.ts';
 import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
+import { failureOf } from '../helpers/failure.ts';
 
 interface Answer {
   status: number;
@@ -71,14 +72,6 @@ function sse(text: string): Array<{ event: string; data: any }> { // eslint-disa
     });
 }
 
-async function rejects(p: Promise<unknown>): Promise<DitpipeError> {
-  try {
-    await p;
-  } catch (err) {
-    return err as DitpipeError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 let p: Pipeline;
 let base: string;
@@ -125,7 +118,7 @@ describe('OpenAI images API with the official client', () => {
     expect(m.ditpipe.image_size).toBe(32);
     expect(m.ditpipe.replicas).toBe(1);
     expect((await openai.models.retrieve(DIT_NAME)).id).toBe(DIT_NAME);
-    const nf = await rejects(openai.models.retrieve('nope'));
+    const nf = await failureOf(openai.models.retrieve('nope'));
     expect(nf).toBeInstanceOf(OpenAI.NotFoundError);
   });
 
@@ -148,14 +141,14 @@ describe('OpenAI images API with the official client', () => {
   });
 
   it('turns errors into the client\'s typed errors with status, param and code', async () => {
-    const bad = await rejects(openai.images.generate({ model: DIT_NAME, prompt: 'three', ditpipe: { steps: 0 } } as ImageGenerateParamsNonStreaming));
+    const bad = await failureOf(openai.images.generate({ model: DIT_NAME, prompt: 'three', ditpipe: { steps: 0 } } as ImageGenerateParamsNonStreaming));
     expect(bad).toBeInstanceOf(OpenAI.BadRequestError);
     const e = bad as unknown as InstanceType<typeof OpenAI.BadRequestError>;
     expect(e.status).toBe(400);
     expect(e.param).toBe('ditpipe.steps');
     expect(e.code).toBe('invalid_argument');
     expect(e.message).toContain('ditpipe.steps must be within 1..1000');
-    expect(await rejects(openai.images.generate({ model: 'nope', prompt: 'three' }))).toBeInstanceOf(OpenAI.NotFoundError);
+    expect(await failureOf(openai.images.generate({ model: 'nope', prompt: 'three' }))).toBeInstanceOf(OpenAI.NotFoundError);
   });
 });
 
@@ -181,7 +174,7 @@ describe('one validation, two front ends', () => {
     const err = res.json().error;
     expect(err).toMatchObject({ type: 'invalid_request_error', param, code: 'invalid_argument' });
     expect(err.message.startsWith(param)).toBe(true);
-    const ge = await rejects(p.api.generate(grpcReq));
+    const ge = await failureOf(p.api.generate(grpcReq));
     expect(ge.code).toBe(Code.INVALID_ARGUMENT);
     expect((ge as InvalidArgumentError).field).toBe(field);
     expect(httpParam(field)).toBe(param);
@@ -423,7 +416,7 @@ describe('previews over gRPC', () => {
     expect(previews.every((pv) => pv.step >= 1 && pv.step < 8 && pv.method === PreviewMethod.PREVIEW_METHOD_DECODER && pv.png.length > 0)).toBe(true);
     const firstImage = events.findIndex((e) => e.image);
     expect(events.slice(firstImage).some((e) => e.preview)).toBe(false);
-    const bad = await rejects((async () => {
+    const bad = await failureOf((async () => {
       for await (const _ of p.api.generateStream({ model: DIT_NAME, classLabels: [{ index: 4 }], numSteps: 8, preview: { everySteps: 2, method: 7 as PreviewMethod } })) void _;
     })());
     expect((bad as InvalidArgumentError).field).toBe('preview.method');

@@ -2,12 +2,13 @@
 // real services, real onnxruntime on the golden tiny DiT and VAE, real gRPC on port 0.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { request } from '../../shared/client.ts';
-import { Code, type DitpipeError, type InvalidArgumentError, type ResourceExhaustedError } from '../../shared/errors.ts';
+import { Code, type InvalidArgumentError, type ResourceExhaustedError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
 import { OutputFormat, SamplerKind, type GenerateEvent, type GenerateRequest } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { CLASS_NAMES, DIT_NAME } from '../helpers/models.ts';
 import { startPipeline, type Pipeline, type TransportKind } from '../helpers/pipeline.ts';
+import { failureOf } from '../helpers/failure.ts';
 
 const base = (over: Partial<GenerateRequest> = {}): Partial<GenerateRequest> => ({
   model: DIT_NAME,
@@ -20,14 +21,6 @@ const base = (over: Partial<GenerateRequest> = {}): Partial<GenerateRequest> => 
 
 const same = (a: Uint8Array, b: Uint8Array): boolean => Buffer.from(a).equals(b);
 
-async function rejects(p: Promise<unknown>): Promise<DitpipeError> {
-  try {
-    await p;
-  } catch (err) {
-    return err as DitpipeError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 async function counter(registry: { getSingleMetricAsString(name: string): Promise<string> }, name: string): Promise<number> {
   const text = await registry.getSingleMetricAsString(name);
@@ -126,7 +119,7 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
     it('stops dispatching steps when the client deadline passes', async () => {
       const dispatched = (): Promise<number> => counter(p.schedulerMetrics.registry, 'ditpipe_steps_dispatched_total');
       const before = await dispatched();
-      const err = await rejects(p.api.generate(base({ numSteps: 1000, cfgScale: 1 }), { timeoutMs: 300 }));
+      const err = await failureOf(p.api.generate(base({ numSteps: 1000, cfgScale: 1 }), { timeoutMs: 300 }));
       expect(err.code).toBe(Code.DEADLINE_EXCEEDED);
       await expect.poll(async () => (await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight')).includes('ditpipe_samples_in_flight 0'), { timeout: 10_000 }).toBe(true);
       const after = await dispatched();
@@ -156,25 +149,25 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       ['too many images', { classLabels: Array.from({ length: 65 }, () => ({ index: 1 })) }, 'class_labels'],
     ];
     it.each(bad)('rejects %s with INVALID_ARGUMENT naming the field', async (_name, over, field) => {
-      const err = await rejects(p.api.generate(base(over)));
+      const err = await failureOf(p.api.generate(base(over)));
       expect(err.code).toBe(Code.INVALID_ARGUMENT);
       expect(err.message).toContain(field);
       expect((err as InvalidArgumentError).field).toBe(field);
     });
 
     it('answers NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED with a retry hint past admission, and keeps serving', async () => {
-      const nf = await rejects(p.api.generate(base({ model: 'nope' })));
+      const nf = await failureOf(p.api.generate(base({ model: 'nope' })));
       expect(nf.code).toBe(Code.NOT_FOUND);
       expect(nf.message).toContain('nope');
       // More images than can ever be in flight: retrying cannot help, so it is not RESOURCE_EXHAUSTED.
-      const big = await rejects(p.api.generate(base({ classLabels: Array.from({ length: 25 }, () => ({ index: 2 })) })));
+      const big = await failureOf(p.api.generate(base({ classLabels: Array.from({ length: 25 }, () => ({ index: 2 })) })));
       expect(big.code).toBe(Code.INVALID_ARGUMENT);
       expect((big as InvalidArgumentError).field).toBe('class_labels');
       expect(big.message).toMatch(/at most 24 at once/);
       // Fill the admission budget with a slow request, then overflow it.
       const slow = p.api.generate(base({ classLabels: Array.from({ length: 20 }, () => ({ index: 2 })), numSteps: 40, cfgScale: 1 }));
       await expect.poll(() => p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight'), { timeout: 10_000 }).toContain('ditpipe_samples_in_flight 20');
-      const over = await rejects(p.api.generate(base({ classLabels: Array.from({ length: 5 }, () => ({ index: 2 })) })));
+      const over = await failureOf(p.api.generate(base({ classLabels: Array.from({ length: 5 }, () => ({ index: 2 })) })));
       expect(over.code).toBe(Code.RESOURCE_EXHAUSTED);
       expect(over.message).toMatch(/capacity/);
       // google.rpc.RetryInfo in grpc-status-details-bin, read back by the client.

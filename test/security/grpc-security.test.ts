@@ -7,7 +7,7 @@ import * as grpc from '@grpc/grpc-js';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SamplerApi, checkAddress } from '../../shared/client.ts';
-import { Code, InvalidArgumentError, type DitpipeError } from '../../shared/errors.ts';
+import { Code, InvalidArgumentError } from '../../shared/errors.ts';
 import { ListModelsResponse, ModelInfo, SamplerService, type SamplerServer } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { TokenSet } from '../../shared/server/auth.ts';
 import { GrpcServer, loadGrpcTls, SERVICE_NAMES } from '../../shared/server/grpc.ts';
@@ -15,6 +15,7 @@ import { healthStatus } from '../helpers/grpc.ts';
 import { makeTestPki, type TestPki } from '../helpers/certs.ts';
 import { DIT_NAME } from '../helpers/models.ts';
 import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
+import { failureOf } from '../helpers/failure.ts';
 
 const FULL = 'full-access-token-0123456789abcdef';
 const LIST_ONLY = 'list-only-token-0123456789abcdef';
@@ -25,14 +26,6 @@ beforeAll(() => {
 });
 afterAll(() => pki?.cleanup());
 
-async function fails(p: Promise<unknown>): Promise<DitpipeError> {
-  try {
-    await p;
-  } catch (err) {
-    return err as DitpipeError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 
 /** A server-reflection list request; resolves with the status code (0 = answered). */
@@ -81,7 +74,7 @@ describe('TLS and bearer tokens on the Sampler API', () => {
     for (const token of [undefined, 'not-the-token-0123456789abcdef']) {
       const api = new SamplerApi(p.address, { tls, token });
       try {
-        const e = await fails(api.listModels());
+        const e = await failureOf(api.listModels());
         expect(e.code).toBe(Code.UNAUTHENTICATED);
       } finally {
         api.close();
@@ -90,7 +83,7 @@ describe('TLS and bearer tokens on the Sampler API', () => {
     const scoped = new SamplerApi(p.address, { tls, token: LIST_ONLY });
     try {
       expect((await scoped.listModels()).map((m) => m.name)).toEqual([DIT_NAME]);
-      const e = await fails(scoped.generate({ model: DIT_NAME, classLabels: [{ index: 1 }], numSteps: 2 }));
+      const e = await failureOf(scoped.generate({ model: DIT_NAME, classLabels: [{ index: 1 }], numSteps: 2 }));
       expect(e.code).toBe(Code.PERMISSION_DENIED);
       expect(e.message).toContain('/ditpipe.v1.Sampler/Generate');
     } finally {
@@ -144,7 +137,7 @@ describe('health, reflection and mutual TLS', () => {
     ] as const) {
       const api = new SamplerApi(server.address, { tls, token: FULL });
       try {
-        const e = await fails(api.listModels({ timeoutMs: 5_000 }));
+        const e = await failureOf(api.listModels({ timeoutMs: 5_000 }));
         expect(e.code, name).toBe(Code.UNAVAILABLE);
       } finally {
         api.close();
@@ -159,7 +152,7 @@ describe('health, reflection and mutual TLS', () => {
     // The health port serves health only.
     const api = new SamplerApi(`127.0.0.1:${server.healthPort}`, { token: FULL });
     try {
-      expect((await fails(api.listModels())).code).toBe(Code.UNIMPLEMENTED);
+      expect((await failureOf(api.listModels())).code).toBe(Code.UNIMPLEMENTED);
     } finally {
       api.close();
     }
@@ -186,12 +179,12 @@ describe('health, reflection and mutual TLS', () => {
     const wrongCa = new SamplerApi(server.address, { tls: { caFile: pki.otherCa.cert, certFile: pki.client.cert, keyFile: pki.client.key } });
     const nobody = new SamplerApi('127.0.0.1:1');
     try {
-      expect((await fails(plain.listModels({ timeoutMs: 5_000 }))).message).toMatch(/if it serves TLS, add --tls/);
-      expect((await fails(wrongCa.listModels({ timeoutMs: 5_000 }))).message).toMatch(/not trusted: give the CA that signed it with --tls-ca/);
-      expect((await fails(nobody.listModels({ timeoutMs: 5_000 }))).message).toMatch(/is a server listening on 127\.0\.0\.1:1\? try npm start/);
+      expect((await failureOf(plain.listModels({ timeoutMs: 5_000 }))).message).toMatch(/if it serves TLS, add --tls/);
+      expect((await failureOf(wrongCa.listModels({ timeoutMs: 5_000 }))).message).toMatch(/not trusted: give the CA that signed it with --tls-ca/);
+      expect((await failureOf(nobody.listModels({ timeoutMs: 5_000 }))).message).toMatch(/is a server listening on 127\.0\.0\.1:1\? try npm start/);
       const tlsToPlain = new SamplerApi(p2.address, { tls: { caFile: pki.ca.cert } });
       try {
-        expect((await fails(tlsToPlain.listModels({ timeoutMs: 5_000 }))).message).toMatch(/does not speak TLS: drop --tls/);
+        expect((await failureOf(tlsToPlain.listModels({ timeoutMs: 5_000 }))).message).toMatch(/does not speak TLS: drop --tls/);
       } finally {
         tlsToPlain.close();
       }

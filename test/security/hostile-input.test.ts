@@ -13,7 +13,7 @@ import { BinaryWriter } from '@bufbuild/protobuf/wire';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { compileDenoiserConfig } from '../../services/denoiser/config.ts';
 import { Denoiser } from '../../services/denoiser/denoiser.ts';
-import { Code, InvalidArgumentError, type DitpipeError } from '../../shared/errors.ts';
+import { Code, InvalidArgumentError } from '../../shared/errors.ts';
 import { readModelDir } from '../../shared/model/modeldir.ts';
 import { openTorchCheckpoint } from '../../shared/weights/torch.ts';
 import { WeightsError } from '../../shared/weights/types.ts';
@@ -22,6 +22,7 @@ import { scrape } from '../../loadtest/prom.ts';
 import { DIT_NAME, testModels } from '../helpers/models.ts';
 import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
 import { writeZip } from '../helpers/zip.ts';
+import { failureOf } from '../helpers/failure.ts';
 
 const BIN = resolve(import.meta.dirname, '../../bin/ditpipe.js');
 const dir = mkdtempSync(join(tmpdir(), 'ditpipe-hostile-'));
@@ -122,18 +123,10 @@ describe('the Sampler API', () => {
     await p?.stop();
   });
 
-  async function fails(pr: Promise<unknown>): Promise<DitpipeError> {
-    try {
-      await pr;
-    } catch (e) {
-      return e as DitpipeError;
-    }
-    throw new Error('expected a failure');
-  }
 
   it('refuses a request larger than the largest valid one before decoding it', async () => {
     expect(p.grpc.maxReceiveBytes).toBeLessThan(1024 * 1024);
-    const e = await fails(p.api.generate({ model: 'm'.repeat(2 * 1024 * 1024), classLabels: [{ index: 1 }] }));
+    const e = await failureOf(p.api.generate({ model: 'm'.repeat(2 * 1024 * 1024), classLabels: [{ index: 1 }] }));
     expect(e.code).toBe(Code.RESOURCE_EXHAUSTED);
     expect(e.message).toMatch(/larger than max/);
     expect((await p.api.generate({ model: DIT_NAME, classLabels: [{ index: 1 }], numSteps: 2 })).images).toHaveLength(1);
@@ -159,11 +152,11 @@ describe('the Sampler API', () => {
   });
 
   it('truncates echoed input, so the status still reaches the client', async () => {
-    const nf = await fails(p.api.generate({ model: 'x'.repeat(30_000), classLabels: [{ index: 1 }] }));
+    const nf = await failureOf(p.api.generate({ model: 'x'.repeat(30_000), classLabels: [{ index: 1 }] }));
     expect(nf.code).toBe(Code.NOT_FOUND);
     expect(nf.message.length).toBeLessThan(300);
     expect(nf.message).toContain('… (30000 characters)');
-    const bad = await fails(p.api.generate({ model: DIT_NAME, classLabels: [{ name: 'y'.repeat(200) }] }));
+    const bad = await failureOf(p.api.generate({ model: DIT_NAME, classLabels: [{ name: 'y'.repeat(200) }] }));
     expect(bad).toBeInstanceOf(InvalidArgumentError);
     expect(bad.message).toContain('… (200 characters)');
   });
