@@ -78,6 +78,8 @@ const MAX_CANCEL_MEMORY = 100_000;
 /** Completed call ids remembered to tell a duplicate answer from a late one. */
 const RECENT_IDS = 8_192;
 const MAX_ERROR_MESSAGE = 2_000;
+/** How often a replica that may not create its queue looks whether the scheduler has created it. */
+const NO_QUEUE_POLL_MS = 250;
 
 /**
  * One writer for every encode here: its buffer grows once to the largest message and is reused,
@@ -618,7 +620,13 @@ export class WorkServer implements WorkSource {
   }
 
   async start(): Promise<void> {
-    await this.bus.ensureQueue(this.spec);
+    try {
+      await this.bus.ensureQueue(this.spec);
+    } catch (err) {
+      // A replica that may not create queues waits for the scheduler to create it (see take()).
+      if (!(err instanceof NoQueueError)) throw err;
+      this.recheck = true;
+    }
     this.puller = await this.bus.puller(this.spec, (m) => this.onDelivery(m));
     this.cancelSub = await this.bus.subscribe(cancelSubject(this.spec.subject), undefined, (m) => this.onCancel(m));
     this.unlisten = this.bus.onConnection((ev) => {
@@ -662,8 +670,12 @@ export class WorkServer implements WorkSource {
         await this.bus.ensureQueue(this.spec);
         this.recheck = false;
       } catch (err) {
-        this.opts.onError?.(err, this.method.name);
-        await new Promise((r) => setTimeout(r, Math.min(waitMs, 1_000)));
+        // No queue yet is no error: the scheduler creates it with its first work.
+        if (err instanceof NoQueueError) await new Promise((r) => setTimeout(r, NO_QUEUE_POLL_MS));
+        else {
+          this.opts.onError?.(err, this.method.name);
+          await new Promise((r) => setTimeout(r, Math.min(waitMs, 1_000)));
+        }
         return 0;
       }
     }
