@@ -8,10 +8,10 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type NatsConnection, PermissionViolationError } from '@nats-io/transport-node';
+import { headers as natsHeaders, type MsgHdrs, type NatsConnection, PermissionViolationError } from '@nats-io/transport-node';
 import { jetstreamManager, RetentionPolicy, StorageType } from '@nats-io/jetstream';
-import { PermissionDeniedError, UnauthenticatedError } from '../../shared/errors.ts';
-import { DenoiserDefinition } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError } from '../../shared/errors.ts';
+import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import { makeServiceNkeys, type ServiceNkey, writeSeedFiles } from '../../shared/transport/nats-credentials.ts';
 import { NATS_SERVICES, type NatsService } from '../../shared/transport/nats-permissions.ts';
@@ -149,3 +149,65 @@ describe('NATS permissions per service', () => {
     }
   }, 60_000);
 });
+
+describe('work queues are bounded, whoever sends', () => {
+  it('a flood of the work subject is refused once the queue is full, clearly, and real calls succeed afterwards', async () => {
+    const scope = 'flood';
+    const settings = { maxMessages: 20, maxBytes: 1024 * 1024, ackWaitMs: 1_000 };
+    const replica = natsTransport(await connectNats({ servers: nats.url, nkeyFile: seeds.denoiser, service: 'denoiser', name: 'flood-replica' }));
+    const scheduler = natsTransport(await connectNats({ servers: nats.url, nkeyFile: seeds.scheduler, service: 'scheduler', name: 'flood-scheduler' }));
+    // Only the scheduler's credential may publish work at all (above); flood with it, as a runaway scheduler would.
+    const raw = await connectNats({ servers: nats.url, nkeyFile: seeds.scheduler, service: 'scheduler', name: 'flood-raw' });
+    let open = (): void => undefined;
+    const gate = new Promise<void>((r) => (open = r));
+    let served = 0;
+    try {
+      await replica.serve(
+        DenoiserDefinition,
+        {
+          denoise: async () => {
+            await gate;
+            served++;
+            return DenoiseResponse.create({ batchRows: 1 });
+          },
+          info: () => DenoiserInfo.create({ model: scope }),
+        },
+        { scope, queueSettings: settings },
+      );
+      const client = scheduler.client(DenoiserDefinition, { scope, queueSettings: settings, timeoutMs: 30_000 });
+      // The replica holds one call (gated): it stays in the queue until answered, with 19 more
+      // waiting, which makes the 20 the queue may hold; the rest are refused.
+      const first = client.denoise(step).then(() => 'ok', (e: unknown) => e);
+      await expect.poll(() => client.queueOf('denoise').info(), { timeout: 10_000 }).toMatchObject({ pending: 0, ackPending: 1 });
+      const calls = [first, ...Array.from({ length: 59 }, () => client.denoise(step).then(() => 'ok', (e: unknown) => e))];
+      const refused = (await Promise.race([Promise.all(calls.slice(20)), new Promise<never>((_, r) => setTimeout(() => r(new Error('refusals did not come')), 10_000))])) as unknown[];
+      for (const e of refused) {
+        expect(e).toBeInstanceOf(ResourceExhaustedError);
+        expect((e as Error).message).toBe(`work queue for ditpipe.v1.denoiser.${scope}.denoise is full (maximum messages exceeded); retry later`);
+      }
+      // Raw messages straight onto the subject meet the same wall.
+      const answers = await Promise.all(
+        Array.from({ length: 10 }, (_, i) => raw.request(`ditpipe.v1.denoiser.${scope}.denoise`, new Uint8Array([0x0a, 0x00]), { timeout: 5_000, headers: msgId(`raw-${i}`) })),
+      );
+      for (const a of answers) expect(new TextDecoder().decode(a.data)).toMatch(/"description":"maximum messages exceeded"/);
+      open();
+      const done = await Promise.all(calls.slice(0, 20));
+      expect(done.filter((d) => d === 'ok').length).toBe(20);
+      // The queue drained: new calls are served.
+      expect((await client.denoise(step)).batchRows).toBe(1);
+      expect(served).toBe(21);
+    } finally {
+      open();
+      await raw.close();
+      await Promise.all([replica.close({ graceMs: 500 }), scheduler.close({ graceMs: 500 })]);
+    }
+  }, 60_000);
+});
+
+const step = { model: 'm', t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false };
+
+function msgId(id: string): MsgHdrs {
+  const h = natsHeaders();
+  h.set('Nats-Msg-Id', id);
+  return h;
+}
