@@ -16,6 +16,13 @@
 // max_payload from the INFO it sent). The server must run JetStream (`nats-server -js`, or a
 // `jetstream {}` block): work queues live in its memory store.
 //
+// Security: connectNats authenticates with user/password, a token, an nkey seed file or a creds
+// file (operator/JWT mode), over TLS or mutual TLS. Given `service`, the connection takes that
+// service's inbox prefix (its replies come only there) and its least-privilege permissions apply
+// (nats-permissions.ts): a replica then waits for the scheduler to create its work queue instead
+// of creating it, and a refused publish of work fails its calls with PERMISSION_DENIED naming the
+// credential.
+//
 // Why not the library's consumer.fetch(): it opens a subscription per fetch, enforces expires of at
 // least 1 s and cannot end a fetch early, so a replica would hold work it did not ask for. A pull
 // here is one request to $JS.API.CONSUMER.MSG.NEXT on a long-lived inbox: batch 1 with a short
@@ -724,6 +731,8 @@ class NatsPuller implements Puller {
  * A Transport on a NATS connection. close() stops the servers mounted through it (each waits
  * for its calls in flight), then drains the connection (which also closes it); a connection
  * whose server is down is closed without draining, so close() does not fail for want of NATS.
+ * `service` (default: the one connectNats was given) and `inboxPrefix` (default: that service's)
+ * say who this connection is (nats-permissions.ts).
  */
 export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string; service?: NatsService } = {}): Transport {
   const closed = nc.closed().then((err) => err ?? null);

@@ -15,7 +15,9 @@
 //     the replicas to drop the call if they have not started it.
 //   - After a NATS reconnect the caller re-creates the queue if the server lost it and re-sends every
 //     batch with a call still unanswered, so an outage shorter than the calls' timeouts loses nothing.
-// Replica (WorkServer): its driver (the batcher) calls `take()` when it can start a pass. take()
+// Replica (WorkServer): a replica that may not create queues (NATS permissions) waits for the
+//   caller's first work to create it, looking every 250 ms. Its driver (the batcher) calls `take()`
+//   when it can start a pass. take()
 //   takes what is queued without waiting (no_wait pulls sized to the room left), or, when the queue
 //   is empty, waits for one message with a pull of batch 1 that lapses after waitMs — so a replica
 //   never has more than one message on its way that it did not ask for, and a frozen replica takes
