@@ -666,6 +666,11 @@ export class WorkServer implements WorkSource {
       await new Promise((r) => setTimeout(r, Math.min(pause, waitMs)));
       return -1;
     }
+    if (this.recheck && !this.bus.connected) {
+      // Nothing to ask while NATS is away; the reconnect checks again.
+      await new Promise((r) => setTimeout(r, NO_QUEUE_POLL_MS));
+      return 0;
+    }
     if (this.recheck) {
       // The server may have restarted without our queue (memory storage): create it again.
       try {
