@@ -248,7 +248,10 @@ function fromNatsMsg(m: Msg): BusMessage {
   return { data: m.data, headers };
 }
 
-function mapRequestError(err: unknown, subject: string, timeoutMs: number): DitpipeError {
+function mapRequestError(err: unknown, subject: string, timeoutMs: number, service?: NatsService): DitpipeError {
+  const cause = (err as Error | undefined)?.cause;
+  if (err instanceof PermissionViolationError) return permissionDenied(err, service);
+  if (cause instanceof PermissionViolationError) return permissionDenied(cause, service);
   if (err instanceof NoRespondersError || (err instanceof RequestError && err.isNoResponders())) {
     return new UnavailableError(`no responders on ${subject}`, { cause: err });
   }
@@ -410,7 +413,7 @@ export class NatsBus implements Bus {
       });
       return fromNatsMsg(reply);
     } catch (err) {
-      throw mapRequestError(err, subject, timeoutMs);
+      throw mapRequestError(err, subject, timeoutMs, this.service);
     }
   }
 
@@ -424,7 +427,7 @@ export class NatsBus implements Bus {
       });
       for await (const m of replies) out.push(fromNatsMsg(m));
     } catch (err) {
-      const mapped = mapRequestError(err, subject, waitMs);
+      const mapped = mapRequestError(err, subject, waitMs, this.service);
       // Nobody listening is an empty answer for a scatter-gather, not a failure.
       if (!(mapped instanceof UnavailableError && /no responders/.test(mapped.message))) throw mapped;
     }
@@ -435,7 +438,7 @@ export class NatsBus implements Bus {
     try {
       this.nc.publish(subject, msg.data, { headers: toNatsHeaders(msg.headers) });
     } catch (err) {
-      throw mapRequestError(err, subject, 0);
+      throw mapRequestError(err, subject, 0, this.service);
     }
   }
 
@@ -444,18 +447,24 @@ export class NatsBus implements Bus {
     queue: string | undefined,
     handler: (msg: BusMessage, reply: (msg: BusMessage) => void) => void,
   ): Promise<BusSubscription> {
+    let denied: Error | undefined;
     const sub = this.nc.subscribe(subject, {
       queue,
       callback: (err, m) => {
-        if (err) return; // subscription-level errors (permissions) surface via the connection's status
+        if (err) {
+          denied ??= err; // a refused subscription (permissions); also reported on the connection's status
+          return;
+        }
         handler(fromNatsMsg(m), (r) => {
           m.respond(r.data, { headers: toNatsHeaders(r.headers) });
         });
       },
     });
     // The server must know the interest before a client can be served. While the connection is
-    // down the subscription takes effect when it comes back.
+    // down the subscription takes effect when it comes back. The server refuses a subscription
+    // before it answers the flush, so a refused one fails here.
     await this.flushed(subject);
+    if (denied instanceof PermissionViolationError) throw permissionDenied(denied, this.service);
     return {
       drain: async () => {
         if (this.nc.isClosed() || sub.isClosed()) return;
@@ -474,7 +483,7 @@ export class NatsBus implements Bus {
           { cause: err },
         );
       }
-      throw mapRequestError(err, '$JS.API.INFO', 0);
+      throw mapRequestError(err, '$JS.API.INFO', 0, this.service);
     });
     return this.jsm;
   }
@@ -509,7 +518,7 @@ export class NatsBus implements Bus {
         );
       }
       if (err instanceof JetStreamApiError) return new FailedPreconditionError(`work queue ${spec.stream}: ${e.message}`, { cause: err });
-      return mapRequestError(err, `$JS.API (${spec.stream})`, 0);
+      return mapRequestError(err, `$JS.API (${spec.stream})`, 0, this.service);
     };
     try {
       let info;
@@ -551,7 +560,7 @@ export class NatsBus implements Bus {
         this.nc.publish(spec.subject, msg.data, { reply: `${this.ackInbox}.${token}`, headers });
       } catch (err) {
         this.acks.delete(token);
-        reject(mapRequestError(err, spec.subject, 0));
+        reject(mapRequestError(err, spec.subject, 0, this.service));
       }
     });
   }
@@ -619,7 +628,7 @@ export class NatsBus implements Bus {
         const who = this.service === 'denoiser' || this.service === 'decoder' ? ' yet (the scheduler creates it when it first sends work)' : '';
         throw new NoQueueError(`work queue ${spec.stream} does not exist on the NATS server${who}`, { cause: err });
       }
-      throw mapRequestError(err, `$JS.API (${spec.stream})`, 0);
+      throw mapRequestError(err, `$JS.API (${spec.stream})`, 0, this.service);
     }
   }
 }

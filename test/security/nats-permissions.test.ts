@@ -4,9 +4,10 @@
 // credential can do nothing but a denoiser's part: it cannot take or snoop on work as another
 // service would, enqueue work, create streams, publish to the decoder's or scheduler's subjects,
 // or read the scheduler's or decoder's replies.
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection, PermissionViolationError } from '@nats-io/transport-node';
 import { jetstreamManager, RetentionPolicy, StorageType } from '@nats-io/jetstream';
@@ -15,10 +16,11 @@ import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import { makeServiceNkeys, type ServiceNkey, writeSeedFiles } from '../../shared/transport/nats-credentials.ts';
 import { NATS_SERVICES, type NatsService } from '../../shared/transport/nats-permissions.ts';
-import { DIT_NAME, VAE_NAME } from '../helpers/models.ts';
+import { DIT_NAME, testModels, VAE_NAME } from '../helpers/models.ts';
 import { assertNoNatsServersRunning, type NatsServerHandle, startNatsServer } from '../helpers/nats.ts';
 import { type Pipeline, startPipeline } from '../helpers/pipeline.ts';
 
+const BIN = resolve(import.meta.dirname, '../../bin/ditpipe.js');
 let nats: NatsServerHandle;
 let dir: string;
 let seeds: Record<NatsService, string>;
@@ -118,7 +120,7 @@ describe('NATS permissions per service', () => {
       const err = await client.denoise({ model: DIT_NAME, t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(PermissionDeniedError);
       expect((err as Error).message).toBe(
-        `NATS permission denied for publish on ditpipe.v1.denoiser.${DIT_NAME}.denoise: this credential is the denoiser's, which may not publish to it (each service's permissions are in shared/transport/nats-permissions.ts; use the credential of the service you run)`,
+        `NATS permission denied for publish on ditpipe.v1.denoiser.${DIT_NAME}.denoise: this connection is the denoiser's, and the denoiser's permissions do not allow it; check that this process has the denoiser's credential (permissions: shared/transport/nats-permissions.ts)`,
       );
       const denied = [
         `ditpipe.v1.decoder.${VAE_NAME}.decode`,
@@ -148,6 +150,23 @@ describe('NATS permissions per service', () => {
       await t.close({ graceMs: 500 });
     }
   }, 60_000);
+});
+
+describe('a service given another service\'s credential', () => {
+  it('exits 1 at start, naming what was refused and whose credential it needs', () => {
+    const { ditDir } = testModels();
+    const r = spawnSync(process.execPath, [BIN, 'denoiser', '--nats-url', nats.url, '--model-dir', ditDir, '--grpc-port', '-1', '--metrics-port', '-1', '--nats-connect-timeout', '5000'], {
+      encoding: 'utf8',
+      timeout: 90_000,
+      env: { ...process.env, NATS_NKEY: seeds.scheduler },
+    });
+    const out = `${r.stdout}${r.stderr}`;
+    expect(r.status, out).toBe(1);
+    expect(out).toMatch(/NATS permission denied for subscription on _INBOX\.denoiser\.[^:]+: this connection is the denoiser's, and the denoiser's permissions do not allow it; check that this process has the denoiser's credential/);
+    // The error it exits with says the same, not the client library's raw words.
+    expect(out).not.toMatch(/Permissions Violation/);
+    expect(out).not.toMatch(/\n\s+at /);
+  }, 120_000);
 });
 
 describe('work queues are bounded, whoever sends', () => {
