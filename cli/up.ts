@@ -94,7 +94,7 @@ async function stopChild(c: Child, graceMs: number): Promise<string> {
 }
 
 export const command = new Command('up')
-  .description('Start a local cluster: nats-server plus separate scheduler, denoiser and decoder processes (Ctrl-C stops it in order).')
+  .description('Start a local cluster: nats-server (an nkey per service, each with only its permissions) plus separate scheduler, denoiser and decoder processes (Ctrl-C stops it in order).')
   .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model)'))
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
   .addOption(new Option('--denoisers <n>', 'denoiser processes').default(2).argParser(intArg('--denoisers', 1, 256)))

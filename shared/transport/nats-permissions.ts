@@ -18,6 +18,8 @@
 //              (to wait for the scheduler to create the queue), listens for Info on
 //              `<prefix>.denoiser.*.info.all` and for cancel notices, and answers on the
 //              scheduler's inbox; it reads only its own inbox `_INBOX.denoiser.>`.
+// The load tester (`ditpipe loadtest`) and `ditpipe generate` talk gRPC to the scheduler only:
+// they need no NATS credential.
 // So a replica's credential cannot enqueue work, create or change streams, take another
 // service's work, subscribe to another service's subjects or read anyone else's replies. A
 // replica may publish to the scheduler's inbox (it must answer there): a compromised replica can
