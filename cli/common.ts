@@ -3,7 +3,7 @@
 // the metrics endpoint, and ordered shutdown on SIGTERM/SIGINT.
 import { readFileSync } from 'node:fs';
 import { Option, type Command } from 'commander';
-import type { NatsConnection } from '@nats-io/transport-node';
+import { type NatsConnection, PermissionViolationError } from '@nats-io/transport-node';
 import type { Registry } from 'prom-client';
 import { bearerTokens } from '../services/scheduler/http/auth.ts';
 import type { HttpAuthorize, HttpTlsOptions } from '../services/scheduler/http/config.ts';
@@ -13,6 +13,7 @@ import { serveMetrics } from '../shared/metrics.ts';
 import { TokenSet } from '../shared/server/auth.ts';
 import { GrpcServer, loadGrpcTls, type ReflectionMode } from '../shared/server/grpc.ts';
 import { connectNats, natsTransport, type NatsConnectOptions } from '../shared/transport/nats.ts';
+import { type NatsService, permissionDenied } from '../shared/transport/nats-permissions.ts';
 import type { QueueSettings, Transport } from '../shared/transport/types.ts';
 import { DEFAULT_QUEUE_SETTINGS, queueSettings } from '../shared/transport/work.ts';
 
@@ -22,6 +23,7 @@ export interface NatsFlags {
   natsPassword?: string;
   natsToken?: string;
   natsCreds?: string;
+  natsNkey?: string;
   natsTlsCa?: string;
   natsTlsCert?: string;
   natsTlsKey?: string;
@@ -41,7 +43,8 @@ export function addNatsOptions(cmd: Command, required: boolean): Command {
     .addOption(new Option('--nats-user <user>', 'NATS user (with --nats-password)').env('NATS_USER'))
     .addOption(new Option('--nats-password <password>', 'NATS password').env('NATS_PASSWORD'))
     .addOption(new Option('--nats-token <token>', 'NATS token').env('NATS_TOKEN'))
-    .addOption(new Option('--nats-creds <file>', 'NATS credentials file (JWT + nkey seed)').env('NATS_CREDS'))
+    .addOption(new Option('--nats-creds <file>', 'NATS credentials file (JWT + nkey seed, operator mode)').env('NATS_CREDS'))
+    .addOption(new Option('--nats-nkey <file>', 'file holding this service\'s NATS nkey seed (SU...; `ditpipe up` and `ditpipe nats-config --nkeys` make them)').env('NATS_NKEY'))
     .addOption(new Option('--nats-tls-ca <file>', 'CA certificate to verify the NATS server').env('NATS_TLS_CA'))
     .addOption(new Option('--nats-tls-cert <file>', 'client certificate for NATS mutual TLS').env('NATS_TLS_CERT'))
     .addOption(new Option('--nats-tls-key <file>', 'client key for NATS mutual TLS').env('NATS_TLS_KEY'))
@@ -70,7 +73,8 @@ export function queueFromFlags(f: NatsFlags): QueueSettings {
   });
 }
 
-export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string): NatsConnectOptions {
+/** Connection options from the flags; `service` is the ditpipe service connecting (its inbox prefix and permissions). */
+export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string, service?: NatsService): NatsConnectOptions {
   const tls = f.natsTlsCa || f.natsTlsCert || f.natsTlsKey ? { caFile: f.natsTlsCa, certFile: f.natsTlsCert, keyFile: f.natsTlsKey } : undefined;
   return {
     servers: f.natsUrl,
@@ -79,6 +83,8 @@ export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string): N
     password: f.natsPassword,
     token: f.natsToken,
     credsFile: f.natsCreds,
+    nkeyFile: f.natsNkey,
+    service,
     tls,
     waitOnFirstConnect: true,
     firstConnectTimeoutMs: f.natsConnectTimeout ?? 30_000,
@@ -89,7 +95,7 @@ export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string): N
  * Logs what happens to a NATS connection (lost, reconnecting, back, errors), rate-limited: a
  * service that lost NATS says so instead of going quiet, and keeps reconnecting.
  */
-export function watchNatsConnection(nc: NatsConnection, log: Logger): void {
+export function watchNatsConnection(nc: NatsConnection, log: Logger, service?: NatsService): void {
   const events = new RateLimitedLog(log, { windowMs: 30_000 });
   void (async () => {
     for await (const s of nc.status()) {
@@ -106,6 +112,11 @@ export function watchNatsConnection(nc: NatsConnection, log: Logger): void {
           log.info({ server }, `reconnected to NATS${server ? ` at ${server}` : ''}`);
           break;
         case 'error':
+          if (s.error instanceof PermissionViolationError) {
+            const e = permissionDenied(s.error, service);
+            events.event('error', `denied|${s.error.operation}|${s.error.subject}`, { subject: s.error.subject, operation: s.error.operation }, e.message);
+            break;
+          }
           events.event('warn', `error|${String((s as { error?: Error }).error?.message)}`, { err: String((s as { error?: Error }).error?.message) }, 'NATS connection error');
           break;
         default:
@@ -115,9 +126,9 @@ export function watchNatsConnection(nc: NatsConnection, log: Logger): void {
   })().catch((err: unknown) => log.debug({ err: String(err) }, 'NATS status stream ended'));
 }
 
-export async function natsFromFlags(f: NatsFlags & { natsUrl: string }, name: string, log?: Logger): Promise<Transport> {
-  const nc = await connectNats(natsOptions(f, name));
-  if (log) watchNatsConnection(nc, log);
+export async function natsFromFlags(f: NatsFlags & { natsUrl: string }, name: string, log?: Logger, service?: NatsService): Promise<Transport> {
+  const nc = await connectNats(natsOptions(f, name, service));
+  if (log) watchNatsConnection(nc, log, service);
   return natsTransport(nc);
 }
 

@@ -8,6 +8,7 @@ const modules: Array<() => Promise<{ command?: Command; commands?: Command[] }>>
   () => import('./generate.ts'),
   () => import('./loadtest.ts'),
   () => import('./model.ts'),
+  () => import('./nats-config.ts'),
   () => import('./sample.ts'),
   () => import('./serve.ts'),
   () => import('./start.ts'),

@@ -63,7 +63,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
       defaultCfgScale: o.defaultCfg,
     });
     const grpc = grpcServerFromFlags(o, log);
-    const transport = await natsFromFlags(o, 'ditpipe-scheduler', log);
+    const transport = await natsFromFlags(o, 'ditpipe-scheduler', log, 'scheduler');
     const metrics = schedulerMetrics();
     const http = o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.httpHost ?? o.host }), log, ...httpSecurity(grpc) };
     const svc = await startSchedulerService(config, transport, { grpc, metrics, log, http, queueSettings: queueFromFlags(o) });
@@ -112,7 +112,7 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
       simulate: o.simulate ? parseSimulate(o.simulate) : undefined,
     });
     const grpc = o.grpcPort < 0 && o.healthPort < 0 ? null : grpcServerFromFlags(o, log);
-    const transport = await natsFromFlags(o, 'ditpipe-denoiser', log);
+    const transport = await natsFromFlags(o, 'ditpipe-denoiser', log, 'denoiser');
     const metrics = denoiserMetrics();
     const svc = await startDenoiserService(config, transport, { grpc, metrics, log, queueSettings: queueFromFlags(o) });
     if (grpc) await listenGrpc(grpc, log, 'gRPC (health, Denoiser)');
@@ -146,7 +146,7 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
       maxWaitMs: o.maxWait,
     });
     const grpc = o.grpcPort < 0 && o.healthPort < 0 ? null : grpcServerFromFlags(o, log);
-    const transport = await natsFromFlags(o, 'ditpipe-decoder', log);
+    const transport = await natsFromFlags(o, 'ditpipe-decoder', log, 'decoder');
     const metrics = decoderMetrics();
     const svc = await startDecoderService(config, transport, { grpc, metrics, log, queueSettings: queueFromFlags(o) });
     if (grpc) await listenGrpc(grpc, log, 'gRPC (health, Decoder)');

@@ -1,5 +1,7 @@
 // `ditpipe up`: a local cluster — a nats-server (from PATH) and separate processes for the
-// scheduler, N denoisers and M decoders, their logs prefixed. Ctrl-C shuts it down in order:
+// scheduler, N denoisers and M decoders, their logs prefixed. NATS requires credentials: a fresh
+// nkey per service each run, with that service's permissions only; each child finds its seed
+// file through NATS_NKEY. Ctrl-C shuts it down in order:
 // scheduler (drains requests), then denoisers and decoders, then NATS. Every child runs in its own
 // process group, so a terminal's Ctrl-C (SIGINT to the whole foreground group) reaches only `up`,
 // which then stops them in that order itself. Exit status: 0 after an ordered stop, 1 when a
@@ -7,9 +9,13 @@
 // another replica, but still makes the final status 1).
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { resolve } from 'node:path';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { readDitModelDir, readVaeModelDir } from '../shared/model/modeldir.ts';
+import { makeServiceNkeys, writeSeedFiles } from '../shared/transport/nats-credentials.ts';
+import { NATS_SERVICES, type NatsService } from '../shared/transport/nats-permissions.ts';
 import { startNatsServer, type NatsServerHandle } from '../shared/transport/nats-server.ts';
 import { LOG_FORMATS, prettyFor, type LogFormat } from '../shared/log.ts';
 import { httpPortOption, intArg } from './common.ts';
@@ -46,9 +52,13 @@ interface Child {
 /** What a service logs once it serves, in JSON or pretty form alike. */
 const READY = /"msg":"(?:serving |Sampler API on )|\b(?:serving \S+|Sampler API on \S+)/;
 
-function startChild(name: string, args: string[], onLine?: (line: string) => void): Child {
+function startChild(name: string, args: string[], env: Record<string, string>, onLine?: (line: string) => void): Child {
   // Own process group: a terminal's Ctrl-C reaches only `up`, which then stops the children in order.
-  const proc = spawn(process.execPath, [resolve(ROOT, 'bin/ditpipe.js'), ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  // Credentials travel in the environment (a file's path), never on the command line `ps` shows.
+  const childEnv = { ...process.env, ...env };
+  // Other NATS credentials in the caller's environment would clash with the one given here.
+  for (const k of ['NATS_USER', 'NATS_PASSWORD', 'NATS_TOKEN', 'NATS_CREDS']) delete childEnv[k];
+  const proc = spawn(process.execPath, [resolve(ROOT, 'bin/ditpipe.js'), ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: childEnv });
   const kill = (): void => {
     proc.kill('SIGKILL');
   };
@@ -84,7 +94,7 @@ async function stopChild(c: Child, graceMs: number): Promise<string> {
 }
 
 export const command = new Command('up')
-  .description('Start a local cluster: nats-server plus separate scheduler, denoiser and decoder processes (Ctrl-C stops it in order).')
+  .description('Start a local cluster: nats-server (an nkey per service, each with only its permissions) plus separate scheduler, denoiser and decoder processes (Ctrl-C stops it in order).')
   .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model)'))
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
   .addOption(new Option('--denoisers <n>', 'denoiser processes').default(2).argParser(intArg('--denoisers', 1, 256)))
@@ -110,8 +120,22 @@ export const command = new Command('up')
     const vae = readVaeModelDir(vaeDir).meta;
     // The cluster's nats-server lives in this process's lifetime only, in its own process group too,
     // so a terminal's Ctrl-C does not take NATS away from services that are still draining.
-    const nats: NatsServerHandle = await startNatsServer({ port: o.natsPort === 0 ? undefined : o.natsPort, maxPayload: 8 * 1024 * 1024, detached: true });
-    process.stderr.write(`[up] nats-server on ${nats.url} (max_payload 8 MiB)\n`);
+    // Every service gets its own nkey, made for this run (seeds in a directory only this user
+    // reads, removed on exit), and only its permissions (shared/transport/nats-permissions.ts):
+    // nothing reaches NATS without one of them.
+    const credDir = mkdtempSync(join(tmpdir(), 'ditpipe-up-nkeys-'));
+    const removeCreds = (): void => rmSync(credDir, { recursive: true, force: true });
+    process.once('exit', removeCreds);
+    const keys = makeServiceNkeys();
+    const seeds = writeSeedFiles(credDir, keys);
+    const nats: NatsServerHandle = await startNatsServer({
+      port: o.natsPort === 0 ? undefined : o.natsPort,
+      maxPayload: 8 * 1024 * 1024,
+      detached: true,
+      auth: { users: NATS_SERVICES.map((service) => ({ service, nkey: keys[service].publicKey })) },
+    });
+    process.stderr.write(`[up] nats-server on ${nats.url} (max_payload 8 MiB; an nkey per service, each with only its service's permissions)\n`);
+    const credentials = (service: NatsService): Record<string, string> => ({ NATS_NKEY: seeds[service] });
     // Ports are fixed here, before the processes start, so the banner below can list them all.
     const n = o.denoisers + o.decoders;
     const free = await freePorts(n + (o.metricsPort === 0 ? n + 1 : 0) + (o.grpcPort === 0 ? 1 : 0));
@@ -130,7 +154,7 @@ export const command = new Command('up')
       const name = denoiser ? `denoiser-${i}` : `decoder-${i - o.denoisers}`;
       const args = [denoiser ? 'denoiser' : 'decoder', ...common, '--model-dir', denoiser ? ditDir : vaeDir, '--grpc-port', String(health[i]), '--host', '127.0.0.1', '--threads', String(o.threads), '--metrics-port', String(metrics[1 + i])];
       if (denoiser && o.simulate) args.push('--simulate', o.simulate);
-      replicas.push(startChild(name, args));
+      replicas.push(startChild(name, args, credentials(denoiser ? 'denoiser' : 'decoder')));
       banner.push(`[up]   ${name.padEnd(12)} health 127.0.0.1:${health[i]}  ${metricsUrl(metrics[1 + i])}`);
     }
     let announced = false;
@@ -140,6 +164,7 @@ export const command = new Command('up')
         'scheduler', ...common, '--models', dit.name, '--vae', `${dit.name}=${dit.vae ?? vae.name}`, '--grpc-port', String(grpcPort), '--host', o.host,
         '--metrics-port', String(metrics[0]), '--http-port', String(o.httpPort),
       ],
+      credentials('scheduler'),
       (line) => {
         // Print the address the scheduler bound, as it logged it.
         const m = /Sampler API on (\S+)/.exec(line);
@@ -171,6 +196,7 @@ export const command = new Command('up')
         if (code !== '0' && !failures.some((f) => f.startsWith(`${all[i].name} `))) failures.push(`${all[i].name} exited with ${code} while stopping`);
       });
       await nats.stop();
+      removeCreds();
       if (failures.length) process.stderr.write(`[up] stopped; failed: ${failures.join('; ')}\n`);
       else process.stderr.write('[up] stopped\n');
       process.exit(failures.length ? 1 : 0);

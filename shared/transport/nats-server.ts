@@ -1,8 +1,9 @@
 // Starts a real nats-server (for `ditpipe up` and the integration tests): a random free port on
 // 127.0.0.1 unless one is given (the server picks it, so there is no race between choosing and
 // binding), JetStream with memory storage only (ditpipe's work queues; nothing is written to disk),
-// optional max_payload, monitoring port and auth through a generated config file, ready when the
-// server logs that it is.
+// optional max_payload, monitoring port and auth (users with per-service permissions, see
+// nats-permissions.ts) through a generated config file (mode 0600), ready when the server logs
+// that it is.
 //
 //   const nats = await startNatsServer({ maxPayload: 64 * 1024, auth: { token: 's3cret' } });
 //   ... connectNats({ servers: nats.url, token: 's3cret' }) ...
@@ -14,6 +15,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { accessSync, constants, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
+import { natsAuthorization, type NatsUser } from './nats-permissions.ts';
 
 export interface NatsServerOptions {
   /** Port to listen on (default: any free port). */
@@ -22,8 +24,13 @@ export interface NatsServerOptions {
   host?: string;
   /** max_payload in bytes (nats-server default 1 MiB). */
   maxPayload?: number;
-  /** Require user/password or token authentication. */
-  auth?: { user: string; password: string } | { token: string };
+  /**
+   * Require authentication: one user/password, a token, or users (nkeys or user/password) each
+   * with its ditpipe service's permissions (shared/transport/nats-permissions.ts).
+   */
+  auth?: { user: string; password: string } | { token: string } | { users: NatsUser[] };
+  /** Extra environment of the server process (values for `$VARIABLE`s in the config). */
+  env?: Record<string, string>;
   /** JetStream memory store in bytes, or false to run without JetStream (default 1 GiB). */
   jetstream?: { maxMemory: number } | false;
   /** HTTP monitoring port (what KEDA's nats-jetstream scaler reads); 0 = any free port (default: off). */
@@ -74,7 +81,9 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
   const configPath = join(dir, 'nats.conf');
   const lines = [`listen: "${opts.host ?? '127.0.0.1'}:${opts.port ?? -1}"`];
   if (opts.maxPayload !== undefined) lines.push(`max_payload: ${opts.maxPayload}`);
-  if (opts.auth && 'token' in opts.auth) {
+  if (opts.auth && 'users' in opts.auth) {
+    lines.push(natsAuthorization(opts.auth.users));
+  } else if (opts.auth && 'token' in opts.auth) {
     lines.push(`authorization { token: ${JSON.stringify(opts.auth.token)} }`);
   } else if (opts.auth) {
     lines.push(`authorization { user: ${JSON.stringify(opts.auth.user)}, password: ${JSON.stringify(opts.auth.password)} }`);
@@ -85,9 +94,11 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
   }
   if (opts.monitorPort !== undefined) lines.push(`http: "127.0.0.1:${opts.monitorPort === 0 ? -1 : opts.monitorPort}"`);
   if (opts.extraConfig) lines.push(opts.extraConfig);
-  writeFileSync(configPath, `${lines.join('\n')}\n`);
+  // Only this user reads it: it may hold passwords or tokens.
+  writeFileSync(configPath, `${lines.join('\n')}\n`, { mode: 0o600 });
 
-  const child = spawn(findBinary(), ['-c', configPath], { stdio: ['ignore', 'pipe', 'pipe'], detached: opts.detached ?? false });
+  const env = opts.env ? { ...process.env, ...opts.env } : process.env;
+  const child = spawn(findBinary(), ['-c', configPath], { stdio: ['ignore', 'pipe', 'pipe'], detached: opts.detached ?? false, env });
   running.add(child);
   const exited = new Promise<void>((resolve) => {
     child.once('exit', () => {

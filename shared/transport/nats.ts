@@ -16,6 +16,13 @@
 // max_payload from the INFO it sent). The server must run JetStream (`nats-server -js`, or a
 // `jetstream {}` block): work queues live in its memory store.
 //
+// Security: connectNats authenticates with user/password, a token, an nkey seed file or a creds
+// file (operator/JWT mode), over TLS or mutual TLS. Given `service`, the connection takes that
+// service's inbox prefix (its replies come only there) and its least-privilege permissions apply
+// (nats-permissions.ts): a replica then waits for the scheduler to create its work queue instead
+// of creating it, and a refused publish of work fails its calls with PERMISSION_DENIED naming the
+// credential.
+//
 // Why not the library's consumer.fetch(): it opens a subscription per fetch, enforces expires of at
 // least 1 s and cannot end a fetch early, so a replica would hold work it did not ask for. A pull
 // here is one request to $JS.API.CONSUMER.MSG.NEXT on a long-lived inbox: batch 1 with a short
@@ -28,6 +35,8 @@ import {
   createInbox,
   credsAuthenticator,
   DrainingConnectionError,
+  nkeyAuthenticator,
+  PermissionViolationError,
   headers as natsHeaders,
   type Msg,
   type MsgHdrs,
@@ -64,6 +73,7 @@ import {
 } from '../errors.ts';
 import type { Bus, BusMessage, BusSubscription, ConnectionEvent, Headers, PullEnd, Puller, QueuedMessage, QueueSpec } from './bus.ts';
 import { diagnoseConnectError } from './nats-diagnose.ts';
+import { inboxPrefixOf, type NatsService, permissionDenied } from './nats-permissions.ts';
 import { BusTransport } from './rpc.ts';
 import type { CloseResult, Transport } from './types.ts';
 
@@ -95,8 +105,16 @@ export interface NatsConnectOptions {
   password?: string;
   /** Token authentication. */
   token?: string;
-  /** Path of a NATS credentials file (JWT + nkey seed), as made by `nsc`. */
+  /** Path of a NATS credentials file (JWT + nkey seed), as made by `nsc` (operator/JWT mode). */
   credsFile?: string;
+  /** Path of a file holding an nkey seed (`SU...`), for a server that lists the user's public nkey. */
+  nkeyFile?: string;
+  /**
+   * The ditpipe service this connection is (shared/transport/nats-permissions.ts): its replies come
+   * on that service's inbox prefix (which its permissions confine it to), permission errors name
+   * it, and a replica waits for the scheduler to create its work queue instead of creating it.
+   */
+  service?: NatsService;
   /** TLS: CA to verify the server with; client certificate and key for mutual TLS. */
   tls?: { caFile?: string; certFile?: string; keyFile?: string };
   /** Reconnect attempts after a lost connection; -1 = forever (default -1). */
@@ -130,10 +148,10 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
       field: opts.user === undefined ? 'user' : 'password',
     });
   }
-  const methods = [opts.user !== undefined, opts.token !== undefined, opts.credsFile !== undefined].filter(Boolean).length;
+  const methods = [opts.user !== undefined, opts.token !== undefined, opts.credsFile !== undefined, opts.nkeyFile !== undefined].filter(Boolean).length;
   if (methods > 1) {
-    throw new InvalidArgumentError('nats authentication: give only one of user/password, token or credsFile', {
-      field: 'credsFile',
+    throw new InvalidArgumentError('nats authentication: give only one of user/password, token, credsFile or nkeyFile', {
+      field: opts.nkeyFile !== undefined ? 'nkeyFile' : 'credsFile',
     });
   }
   const options: NodeConnectionOptions = {
@@ -165,6 +183,8 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
     }
     options.authenticator = credsAuthenticator(creds);
   }
+  if (opts.nkeyFile !== undefined) options.authenticator = nkeyAuthenticator(await readSeedFile(opts.nkeyFile));
+  if (opts.service !== undefined) options.inboxPrefix = inboxPrefixOf(opts.service);
   if (opts.tls) {
     options.tls = { caFile: opts.tls.caFile, certFile: opts.tls.certFile, keyFile: opts.tls.keyFile };
   }
@@ -175,7 +195,9 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
   for (let attempt = 1; ; attempt++) {
     try {
       const perAttempt = options.timeout ?? 5_000;
-      return await connect({ ...options, timeout: waitMs > 0 ? Math.max(250, Math.min(perAttempt, deadline - Date.now())) : perAttempt });
+      const nc = await connect({ ...options, timeout: waitMs > 0 ? Math.max(250, Math.min(perAttempt, deadline - Date.now())) : perAttempt });
+      if (opts.service !== undefined) services.set(nc, opts.service);
+      return nc;
     } catch (err) {
       const fatal = await diagnoseConnectError(err, ctx);
       if (fatal) throw fatal;
@@ -190,6 +212,25 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
   }
 }
 
+/** The service each connection made with `service` is (natsTransport reads it). */
+const services = new WeakMap<NatsConnection, NatsService>();
+
+/** An nkey seed from a file: one line `SU…` (a user seed), surrounding whitespace ignored. */
+async function readSeedFile(file: string): Promise<Uint8Array> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw new InvalidArgumentError(`nats nkeyFile ${file}: ${(err as Error).message}`, { field: 'nkeyFile', cause: err });
+  }
+  const seed = text.trim();
+  if (!/^SU[A-Z2-7]{56}$/.test(seed)) {
+    throw new InvalidArgumentError(`nats nkeyFile ${file} does not hold a user nkey seed (one line starting with SU, 58 characters; make one with \`ditpipe nats-config --nkeys <dir>\` or \`nk -gen user\`)`, {
+      field: 'nkeyFile',
+    });
+  }
+  return new TextEncoder().encode(seed);
+}
 
 function toNatsHeaders(h: Headers): MsgHdrs | undefined {
   const keys = Object.keys(h);
@@ -207,7 +248,10 @@ function fromNatsMsg(m: Msg): BusMessage {
   return { data: m.data, headers };
 }
 
-function mapRequestError(err: unknown, subject: string, timeoutMs: number): DitpipeError {
+function mapRequestError(err: unknown, subject: string, timeoutMs: number, service?: NatsService): DitpipeError {
+  const cause = (err as Error | undefined)?.cause;
+  if (err instanceof PermissionViolationError) return permissionDenied(err, service);
+  if (cause instanceof PermissionViolationError) return permissionDenied(cause, service);
   if (err instanceof NoRespondersError || (err instanceof RequestError && err.isNoResponders())) {
     return new UnavailableError(`no responders on ${subject}`, { cause: err });
   }
@@ -289,13 +333,21 @@ export class NatsBus implements Bus {
   private ackSeq = 0;
   private sweeper: NodeJS.Timeout | undefined;
 
+  private readonly inboxPrefix: string | undefined;
+  /** The service this connection is, when known: a replica waits for its queue instead of creating it. */
+  readonly service: NatsService | undefined;
+
   constructor(
     readonly nc: NatsConnection,
-    private readonly inboxPrefix?: string,
+    opts: { inboxPrefix?: string; service?: NatsService } = {},
   ) {
+    this.service = opts.service;
+    this.inboxPrefix = opts.inboxPrefix ?? (opts.service ? inboxPrefixOf(opts.service) : undefined);
     void (async () => {
       for await (const s of nc.status()) {
-        if (s.type === 'disconnect') {
+        if (s.type === 'error' && s.error instanceof PermissionViolationError) {
+          this.onPermissionError(s.error);
+        } else if (s.type === 'disconnect') {
           this.up = false;
           this.emit('disconnected');
         } else if (s.type === 'reconnect') {
@@ -314,6 +366,16 @@ export class NatsBus implements Bus {
       this.acks.clear();
       this.emit('closed');
     });
+  }
+
+  /** A refused publish of work fails its calls at once, saying which credential lacks what. */
+  private onPermissionError(err: PermissionViolationError): void {
+    if (err.operation !== 'publish') return;
+    for (const [token, w] of this.acks) {
+      if (w.subject !== err.subject) continue;
+      this.acks.delete(token);
+      w.reject(permissionDenied(err, this.service));
+    }
   }
 
   private emit(event: ConnectionEvent): void {
@@ -351,7 +413,7 @@ export class NatsBus implements Bus {
       });
       return fromNatsMsg(reply);
     } catch (err) {
-      throw mapRequestError(err, subject, timeoutMs);
+      throw mapRequestError(err, subject, timeoutMs, this.service);
     }
   }
 
@@ -365,7 +427,7 @@ export class NatsBus implements Bus {
       });
       for await (const m of replies) out.push(fromNatsMsg(m));
     } catch (err) {
-      const mapped = mapRequestError(err, subject, waitMs);
+      const mapped = mapRequestError(err, subject, waitMs, this.service);
       // Nobody listening is an empty answer for a scatter-gather, not a failure.
       if (!(mapped instanceof UnavailableError && /no responders/.test(mapped.message))) throw mapped;
     }
@@ -376,7 +438,7 @@ export class NatsBus implements Bus {
     try {
       this.nc.publish(subject, msg.data, { headers: toNatsHeaders(msg.headers) });
     } catch (err) {
-      throw mapRequestError(err, subject, 0);
+      throw mapRequestError(err, subject, 0, this.service);
     }
   }
 
@@ -385,18 +447,24 @@ export class NatsBus implements Bus {
     queue: string | undefined,
     handler: (msg: BusMessage, reply: (msg: BusMessage) => void) => void,
   ): Promise<BusSubscription> {
+    let denied: Error | undefined;
     const sub = this.nc.subscribe(subject, {
       queue,
       callback: (err, m) => {
-        if (err) return; // subscription-level errors (permissions) surface via the connection's status
+        if (err) {
+          denied ??= err; // a refused subscription (permissions); also reported on the connection's status
+          return;
+        }
         handler(fromNatsMsg(m), (r) => {
           m.respond(r.data, { headers: toNatsHeaders(r.headers) });
         });
       },
     });
     // The server must know the interest before a client can be served. While the connection is
-    // down the subscription takes effect when it comes back.
+    // down the subscription takes effect when it comes back. The server refuses a subscription
+    // before it answers the flush, so a refused one fails here.
     await this.flushed(subject);
+    if (denied instanceof PermissionViolationError) throw permissionDenied(denied, this.service);
     return {
       drain: async () => {
         if (this.nc.isClosed() || sub.isClosed()) return;
@@ -415,7 +483,7 @@ export class NatsBus implements Bus {
           { cause: err },
         );
       }
-      throw mapRequestError(err, '$JS.API.INFO', 0);
+      throw mapRequestError(err, '$JS.API.INFO', 0, this.service);
     });
     return this.jsm;
   }
@@ -433,6 +501,12 @@ export class NatsBus implements Bus {
   }
 
   private async createQueue(spec: QueueSpec): Promise<void> {
+    if (this.service === 'denoiser' || this.service === 'decoder') {
+      // Replicas may not create or change streams (nats-permissions.ts): the scheduler creates
+      // the queue when it first sends work; until then the replica finds none and waits.
+      await this.queueInfo(spec);
+      return;
+    }
     const jsm = await this.manager();
     const want = streamConfig(spec);
     const explain = (err: unknown): DitpipeError => {
@@ -444,7 +518,7 @@ export class NatsBus implements Bus {
         );
       }
       if (err instanceof JetStreamApiError) return new FailedPreconditionError(`work queue ${spec.stream}: ${e.message}`, { cause: err });
-      return mapRequestError(err, `$JS.API (${spec.stream})`, 0);
+      return mapRequestError(err, `$JS.API (${spec.stream})`, 0, this.service);
     };
     try {
       let info;
@@ -486,7 +560,7 @@ export class NatsBus implements Bus {
         this.nc.publish(spec.subject, msg.data, { reply: `${this.ackInbox}.${token}`, headers });
       } catch (err) {
         this.acks.delete(token);
-        reject(mapRequestError(err, spec.subject, 0));
+        reject(mapRequestError(err, spec.subject, 0, this.service));
       }
     });
   }
@@ -550,8 +624,11 @@ export class NatsBus implements Bus {
       const info = await jsm.consumers.info(spec.stream, spec.consumer);
       return { pending: info.num_pending, ackPending: info.num_ack_pending, waitingPulls: info.num_waiting };
     } catch (err) {
-      if (err instanceof JetStreamApiError && err.status === 404) throw new NoQueueError(`work queue ${spec.stream} does not exist on the NATS server`, { cause: err });
-      throw mapRequestError(err, `$JS.API (${spec.stream})`, 0);
+      if (err instanceof JetStreamApiError && err.status === 404) {
+        const who = this.service === 'denoiser' || this.service === 'decoder' ? ' yet (the scheduler creates it when it first sends work)' : '';
+        throw new NoQueueError(`work queue ${spec.stream} does not exist on the NATS server${who}`, { cause: err });
+      }
+      throw mapRequestError(err, `$JS.API (${spec.stream})`, 0, this.service);
     }
   }
 }
@@ -663,12 +740,15 @@ class NatsPuller implements Puller {
  * A Transport on a NATS connection. close() stops the servers mounted through it (each waits
  * for its calls in flight), then drains the connection (which also closes it); a connection
  * whose server is down is closed without draining, so close() does not fail for want of NATS.
+ * `service` (default: the one connectNats was given) and `inboxPrefix` (default: that service's)
+ * say who this connection is (nats-permissions.ts).
  */
-export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string } = {}): Transport {
+export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string; service?: NatsService } = {}): Transport {
   const closed = nc.closed().then((err) => err ?? null);
+  const service = opts.service ?? services.get(nc);
   return new BusTransport(
     'nats',
-    new NatsBus(nc, opts.inboxPrefix),
+    new NatsBus(nc, { inboxPrefix: opts.inboxPrefix, service }),
     async (): Promise<CloseResult> => {
       if (nc.isClosed()) return { drained: true };
       let result: CloseResult = { drained: true };

@@ -160,8 +160,10 @@ export interface SubjectOptions {
 
 /**
  * Settings of the work queues (one JetStream stream and durable pull consumer per work method and
- * scope). Whichever service starts first creates them and later ones update them, so every
- * service of a deployment must use the same settings (the DITPIPE_QUEUE_* variables; see
+ * scope). The caller (the scheduler) creates them when it first sends work and updates them to its
+ * settings; a replica connected as its service (NatsConnectOptions.service) may not and only waits
+ * for them, otherwise the first to start creates them. Every service of a deployment must use the
+ * same settings (the DITPIPE_QUEUE_* variables; see
  * shared/transport/work.ts for the defaults).
  */
 export interface QueueSettings {

@@ -15,7 +15,9 @@
 //     the replicas to drop the call if they have not started it.
 //   - After a NATS reconnect the caller re-creates the queue if the server lost it and re-sends every
 //     batch with a call still unanswered, so an outage shorter than the calls' timeouts loses nothing.
-// Replica (WorkServer): its driver (the batcher) calls `take()` when it can start a pass. take()
+// Replica (WorkServer): a replica that may not create queues (NATS permissions) waits for the
+//   caller's first work to create it, looking every 250 ms. Its driver (the batcher) calls `take()`
+//   when it can start a pass. take()
 //   takes what is queued without waiting (no_wait pulls sized to the room left), or, when the queue
 //   is empty, waits for one message with a pull of batch 1 that lapses after waitMs — so a replica
 //   never has more than one message on its way that it did not ask for, and a frozen replica takes
@@ -78,6 +80,8 @@ const MAX_CANCEL_MEMORY = 100_000;
 /** Completed call ids remembered to tell a duplicate answer from a late one. */
 const RECENT_IDS = 8_192;
 const MAX_ERROR_MESSAGE = 2_000;
+/** How often a replica that may not create its queue looks whether the scheduler has created it. */
+const NO_QUEUE_POLL_MS = 250;
 
 /**
  * One writer for every encode here: its buffer grows once to the largest message and is reused,
@@ -618,7 +622,13 @@ export class WorkServer implements WorkSource {
   }
 
   async start(): Promise<void> {
-    await this.bus.ensureQueue(this.spec);
+    try {
+      await this.bus.ensureQueue(this.spec);
+    } catch (err) {
+      // A replica that may not create queues waits for the scheduler to create it (see take()).
+      if (!(err instanceof NoQueueError)) throw err;
+      this.recheck = true;
+    }
     this.puller = await this.bus.puller(this.spec, (m) => this.onDelivery(m));
     this.cancelSub = await this.bus.subscribe(cancelSubject(this.spec.subject), undefined, (m) => this.onCancel(m));
     this.unlisten = this.bus.onConnection((ev) => {
@@ -656,14 +666,23 @@ export class WorkServer implements WorkSource {
       await new Promise((r) => setTimeout(r, Math.min(pause, waitMs)));
       return -1;
     }
+    if (this.recheck && !this.bus.connected) {
+      // Nothing to ask while NATS is away; the reconnect checks again.
+      await new Promise((r) => setTimeout(r, NO_QUEUE_POLL_MS));
+      return 0;
+    }
     if (this.recheck) {
       // The server may have restarted without our queue (memory storage): create it again.
       try {
         await this.bus.ensureQueue(this.spec);
         this.recheck = false;
       } catch (err) {
-        this.opts.onError?.(err, this.method.name);
-        await new Promise((r) => setTimeout(r, Math.min(waitMs, 1_000)));
+        // No queue yet is no error: the scheduler creates it with its first work.
+        if (err instanceof NoQueueError) await new Promise((r) => setTimeout(r, NO_QUEUE_POLL_MS));
+        else {
+          this.opts.onError?.(err, this.method.name);
+          await new Promise((r) => setTimeout(r, Math.min(waitMs, 1_000)));
+        }
         return 0;
       }
     }

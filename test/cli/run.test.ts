@@ -6,6 +6,8 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { SamplerApi } from '../../shared/client.ts';
+import { UnauthenticatedError } from '../../shared/errors.ts';
+import { connectNats } from '../../shared/transport/nats.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { readFileSync } from 'node:fs';
 import { assertNoNatsServersRunning, startNatsServer } from '../helpers/nats.ts';
@@ -91,6 +93,11 @@ describe('ditpipe up + generate', () => {
       expect(`127.0.0.1:${banner[0].port}`).toBe(address);
       expect(new Set(banner.flatMap((b) => [b.port, b.metrics])).size).toBe(8);
       for (const b of banner.slice(1)) expect(await healthStatus(`127.0.0.1:${b.port}`), b.name).toBe(1);
+      // NATS is on with credentials: a client without any is refused, and no seed is ever printed.
+      const natsUrl = /\[up\] nats-server on (\S+) /.exec(log())![1];
+      const refused = await connectNats({ servers: natsUrl }).catch((e: unknown) => e);
+      expect(refused).toBeInstanceOf(UnauthenticatedError);
+      expect(log()).not.toMatch(/SU[A-Z2-7]{56}/);
       await expect.poll(async () => (await fetch(`http://127.0.0.1:${banner[0].metrics}/metrics`).catch(() => null))?.status, { timeout: 30_000, interval: 250 }).toBe(200);
       for (const b of banner.slice(1)) {
         const scrape = async (): Promise<string> => (await fetch(`http://127.0.0.1:${b.metrics}/metrics`).then((r) => r.text()).catch(() => ''));

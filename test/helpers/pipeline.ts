@@ -16,11 +16,18 @@ import { readModelDir } from '../../shared/model/modeldir.ts';
 import { GrpcServer, type GrpcServerOptions } from '../../shared/server/grpc.ts';
 import type { RunningReplica } from '../../shared/server/replica.ts';
 import { InProcBus } from '../../shared/transport/inproc.ts';
-import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
+import { connectNats, type NatsConnectOptions, natsTransport } from '../../shared/transport/nats.ts';
+import { NATS_SERVICES, type NatsService } from '../../shared/transport/nats-permissions.ts';
 import type { Transport } from '../../shared/transport/types.ts';
 import { testModels } from './models.ts';
 
-export type TransportKind = { kind: 'inproc'; bus?: InProcBus } | { kind: 'nats'; url: string };
+/**
+ * With `connect`, NATS connections get each service's own options (credentials, TLS; the service
+ * name sets the inbox prefix its permissions allow).
+ */
+export type TransportKind =
+  | { kind: 'inproc'; bus?: InProcBus }
+  | { kind: 'nats'; url: string; connect?: (service: NatsService) => Partial<NatsConnectOptions> };
 
 export interface PipelineOptions {
   transport: TransportKind;
@@ -67,7 +74,9 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const url = opts.transport.kind === 'nats' ? opts.transport.url : '';
   const transports: Transport[] = [];
   const connect = async (name: string): Promise<Transport> => {
-    const t = bus ? bus.connect(name) : natsTransport(await connectNats({ servers: url, name }));
+    const service = NATS_SERVICES.find((x) => name.startsWith(x));
+    const extra = opts.transport.kind === 'nats' && opts.transport.connect && service ? { service, ...opts.transport.connect(service) } : {};
+    const t = bus ? bus.connect(name) : natsTransport(await connectNats({ servers: url, name, ...extra }));
     transports.push(t);
     return t;
   };

@@ -13,7 +13,11 @@ import { tmpdir } from 'node:os';
 import { basename, dirname, join, relative, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseAllDocuments } from 'yaml';
+import { parse as parseYaml, parseAllDocuments } from 'yaml';
+import { DEFAULT_SECRET, k8sAuthorization, nkeyVariable } from '../../cli/nats-config.ts';
+import { UnauthenticatedError } from '../../shared/errors.ts';
+import { NATS_SERVICES, type NatsService } from '../../shared/transport/nats-permissions.ts';
+import type { Transport } from '../../shared/transport/types.ts';
 import { queueFromFlags } from '../../cli/common.ts';
 import { DecodeRequest, DecodeResponse, DecoderDefinition, DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
@@ -56,7 +60,7 @@ interface Container {
   image?: string;
   command?: string[];
   args?: string[];
-  env?: Array<{ name: string; value?: string; valueFrom?: { configMapKeyRef?: { name: string; key: string }; secretKeyRef?: unknown } }>;
+  env?: Array<{ name: string; value?: string; valueFrom?: { configMapKeyRef?: { name: string; key: string }; secretKeyRef?: { name: string; key: string } } }>;
   envFrom?: Array<{ configMapRef?: { name: string }; secretRef?: { name: string } }>;
   ports?: Array<{ name?: string; containerPort: number }>;
   startupProbe?: Probe;
@@ -71,8 +75,14 @@ interface PodSpec {
   containers: Container[];
   initContainers?: Container[];
   terminationGracePeriodSeconds?: number;
-  securityContext?: { runAsNonRoot?: boolean; runAsUser?: number };
-  volumes?: Array<{ name: string; emptyDir?: unknown; persistentVolumeClaim?: { claimName: string; readOnly?: boolean }; configMap?: { name: string }; secret?: { secretName: string; optional?: boolean } }>;
+  securityContext?: { runAsNonRoot?: boolean; runAsUser?: number; runAsGroup?: number; fsGroup?: number };
+  volumes?: Array<{
+    name: string;
+    emptyDir?: unknown;
+    persistentVolumeClaim?: { claimName: string; readOnly?: boolean };
+    configMap?: { name: string };
+    secret?: { secretName: string; optional?: boolean; defaultMode?: number; items?: Array<{ key: string; path: string }> };
+  }>;
   nodeSelector?: Record<string, string>;
   tolerations?: Array<{ key?: string; operator?: string; effect?: string }>;
 }
@@ -487,6 +497,80 @@ function natsConfOf(pods: K8sDoc[], docs: K8sDoc[]): string | undefined {
   return undefined;
 }
 
+/**
+ * Fresh credentials from `ditpipe nats-config --secret` (run for real), laid out as the render
+ * uses them: the NATS pod's environment (its secretKeyRefs resolved) and, per service, the seed
+ * file its pod mounts (written under dir).
+ */
+async function natsSecrets(docs: K8sDoc[], dir: string): Promise<{ env: Record<string, string>; seedOf: (docs: K8sDoc[], svc: NatsService) => string }> {
+  const { stdout } = await run(process.execPath, [join(ROOT, 'bin/ditpipe.js'), 'nats-config', '--secret'], { timeout: 60_000 });
+  const secret = parseYaml(stdout) as { metadata: { name: string }; stringData: Record<string, string> };
+  expect(secret.metadata.name).toBe(DEFAULT_SECRET);
+  const nats = docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'nats');
+  const env: Record<string, string> = {};
+  for (const e of podSpec(nats!)?.containers[0].env ?? []) {
+    const ref = e.valueFrom?.secretKeyRef;
+    if (ref?.name === secret.metadata.name) env[e.name] = secret.stringData[ref.key];
+    else if (e.value !== undefined) env[e.name] = e.value;
+  }
+  const { writeFileSync, mkdirSync } = await import('node:fs');
+  const seedOf = (all: K8sDoc[], svc: NatsService): string => {
+    const m = seedMountOf(all, svc);
+    expect(m, `${svc}: seed from the Secret`).toBeDefined();
+    const file = join(dir, 'seeds', svc, m!.key);
+    mkdirSync(dirname(file), { recursive: true });
+    writeFileSync(file, secret.stringData[m!.key], { mode: 0o600 });
+    return file;
+  };
+  return { env, seedOf };
+}
+
+/** Where a service's pod finds its NATS seed: NATS_NKEY → the Secret volume mounted there, and its one key. */
+function seedMountOf(docs: K8sDoc[], svc: NatsService): { deployment: K8sDoc; path: string; secret: string; key: string; items: Array<{ key: string; path: string }> } | undefined {
+  for (const d of docs.filter((x) => x.kind === 'Deployment' && podLabels(x)['app.kubernetes.io/component'] === svc)) {
+    const pod = podSpec(d)!;
+    const c = pod.containers.find(isDitpipe);
+    const path = c?.env?.find((e) => e.name === 'NATS_NKEY')?.value;
+    if (!c || !path) continue;
+    const mount = c.volumeMounts?.find((m) => m.mountPath === dirname(path));
+    const vol = pod.volumes?.find((v) => v.name === mount?.name);
+    const item = vol?.secret?.items?.find((i) => i.path === basename(path));
+    if (vol?.secret && item) return { deployment: d, path, secret: vol.secret.secretName, key: item.key, items: vol.secret.items ?? [] };
+  }
+  return undefined;
+}
+
+/** Whether a label selector (matchLabels, matchExpressions In/NotIn/Exists) selects these labels. */
+function selects(sel: { matchLabels?: Record<string, string>; matchExpressions?: Array<{ key: string; operator: string; values?: string[] }> } | undefined, labels: Record<string, string>): boolean {
+  if (!sel) return false;
+  for (const [k, v] of Object.entries(sel.matchLabels ?? {})) if (labels[k] !== v) return false;
+  for (const e of sel.matchExpressions ?? []) {
+    const has = e.key in labels;
+    if (e.operator === 'In' && !(has && e.values?.includes(labels[e.key]))) return false;
+    if (e.operator === 'NotIn' && has && e.values?.includes(labels[e.key])) return false;
+    if (e.operator === 'Exists' && !has) return false;
+    if (e.operator === 'DoesNotExist' && has) return false;
+  }
+  return true;
+}
+
+interface PolicyPeer {
+  podSelector?: Parameters<typeof selects>[0];
+  namespaceSelector?: Parameters<typeof selects>[0];
+  ipBlock?: unknown;
+}
+interface PolicyRule {
+  ports?: Array<{ port?: number | string; protocol?: string }>;
+  from?: PolicyPeer[];
+}
+
+/** The ingress rules of every NetworkPolicy that selects a pod with these labels. */
+function ingressFor(docs: K8sDoc[], labels: Record<string, string>): PolicyRule[] | undefined {
+  const policies = docs.filter((d) => d.kind === 'NetworkPolicy' && selects((d.spec as { podSelector?: Parameters<typeof selects>[0] }).podSelector, labels));
+  if (policies.length === 0) return undefined;
+  return policies.flatMap((p) => (p.spec as { ingress?: PolicyRule[] }).ingress ?? []);
+}
+
 function monitorPortOf(conf: string): number | undefined {
   const m = /^\s*http_port\s*[:=]\s*(\d+)/m.exec(conf) ?? /^\s*http\s*[:=]\s*"?(?:[^\s":]*:)?(\d+)"?\s*$/m.exec(conf);
   return m ? Number(m[1]) : undefined;
@@ -854,7 +938,8 @@ describe('k8s manifests', () => {
     const dir = mkdtempSync(join(tmpdir(), 'ditpipe-k8s-'));
     try {
       writeFileSync(join(dir, 'nats.conf'), conf);
-      const r = await run('nats-server', ['-c', join(dir, 'nats.conf'), '-t'], { timeout: 20_000 });
+      const { env } = await natsSecrets(rendered.get('k8s/base')!, dir);
+      const r = await run('nats-server', ['-c', join(dir, 'nats.conf'), '-t'], { timeout: 20_000, env: { ...process.env, ...env } });
       expect(`${r.stdout}${r.stderr}`).toMatch(/valid/);
     } finally {
       rmSync(dir, { recursive: true, force: true });
@@ -884,6 +969,73 @@ describe('k8s manifests', () => {
 // server must hold them all (each reserves DITPIPE_QUEUE_MAX_BYTES of its memory store), and
 // the lag KEDA reads from the monitoring endpoint for each ScaledObject must be the work in that
 // model's queue.
+describe('k8s NATS security', () => {
+  const dirs = ['k8s/base', 'k8s/overlays/gpu', 'k8s/overlays/keda', 'k8s/overlays/gpu-keda'];
+
+  it.each(dirs)('%s: NATS admits only the three ditpipe nkeys, with the permissions the code defines, from the Secret', (dir) => {
+    const docs = rendered.get(dir)!;
+    const nats = docs.filter((d) => d.kind === 'Deployment' && d.metadata?.name === 'nats');
+    const conf = natsConfOf(nats, docs) ?? '';
+    const flat = (t: string): string => t.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('#')).join('\n');
+    // The block is `ditpipe nats-config`'s output: regenerate it into nats.yaml when the permissions change.
+    expect(flat(conf)).toContain(flat(k8sAuthorization()));
+    expect(conf.match(/^\s*authorization\s*\{/gm)).toHaveLength(1);
+    const env = podSpec(nats[0])!.containers[0].env ?? [];
+    for (const svc of NATS_SERVICES) {
+      expect(env.find((e) => e.name === nkeyVariable(svc))?.valueFrom?.secretKeyRef, svc).toEqual({ name: DEFAULT_SECRET, key: `${svc}.pub` });
+    }
+  });
+
+  it.each(dirs)("%s: each service reads only its own seed from the Secret, a file its pod's user can read", (dir) => {
+    const docs = rendered.get(dir)!;
+    for (const svc of NATS_SERVICES) {
+      const m = seedMountOf(docs, svc);
+      expect(m, `${svc} mounts its seed and points NATS_NKEY at it`).toBeDefined();
+      expect(m!.secret).toBe(DEFAULT_SECRET);
+      expect(m!.items, svc).toEqual([{ key: `${svc}.nk`, path: `${svc}.nk` }]);
+      const pod = podSpec(m!.deployment)!;
+      const vol = pod.volumes!.find((v) => v.secret?.secretName === DEFAULT_SECRET)!;
+      // Group-readable (0440) by the pod's group: not world-readable, yet readable by a non-root user.
+      expect(vol.secret!.defaultMode).toBe(0o440);
+      expect(pod.securityContext?.fsGroup).toBe(pod.securityContext?.runAsGroup);
+    }
+    // Every ditpipe service pod has one: none is left without a credential.
+    const services = docs.filter((d) => d.kind === 'Deployment' && podSpec(d)?.containers.some(isDitpipe));
+    for (const d of services) expect(podSpec(d)!.containers.find(isDitpipe)!.env?.some((e) => e.name === 'NATS_NKEY'), d.metadata?.name).toBe(true);
+  });
+
+  it.each(dirs)("%s: NetworkPolicies admit only ditpipe's service pods to NATS, nothing but scrapes to replicas", (dir) => {
+    const docs = rendered.get(dir)!;
+    const workloads = docs.filter((d) => d.kind === 'Deployment');
+    const nats = workloads.find((d) => d.metadata?.name === 'nats')!;
+    const natsRules = ingressFor(docs, podLabels(nats));
+    expect(natsRules, 'a NetworkPolicy selects the NATS pod').toBeDefined();
+    const clientPort = 4222;
+    const clientRules = natsRules!.filter((r) => !r.ports || r.ports.some((p) => p.port === clientPort || p.port === 'client'));
+    expect(clientRules.length).toBeGreaterThan(0);
+    for (const r of clientRules) {
+      // Only pods of this namespace, by label: no namespace or IP range, no rule open to all.
+      expect(r.from?.length, 'NATS client port open to everyone').toBeGreaterThan(0);
+      for (const peer of r.from!) expect(peer.namespaceSelector ?? peer.ipBlock, JSON.stringify(peer)).toBeUndefined();
+    }
+    const admitted = workloads.filter((w) => clientRules.some((r) => r.from!.some((peer) => selects(peer.podSelector, podLabels(w)))));
+    expect(admitted.map((w) => podLabels(w)['app.kubernetes.io/component']).sort()).toEqual(['decoder', 'denoiser', 'scheduler']);
+    // Other pods with the ditpipe image (e.g. the model build Job's) are not admitted.
+    expect(selects(clientRules[0].from![0].podSelector, { 'app.kubernetes.io/name': 'ditpipe', 'app.kubernetes.io/component': 'model-build' })).toBe(false);
+    for (const w of workloads.filter((x) => ['denoiser', 'decoder'].includes(podLabels(x)['app.kubernetes.io/component'] ?? ''))) {
+      const rules = ingressFor(docs, podLabels(w));
+      expect(rules, `${w.metadata?.name}: selected by a NetworkPolicy`).toBeDefined();
+      const metrics = podSpec(w)!.containers.find(isDitpipe)!.ports!.find((p) => p.name === 'metrics')!.containerPort;
+      for (const r of rules!) {
+        expect(r.ports?.map((p) => p.port), `${w.metadata?.name} admits only its metrics port`).toEqual([metrics]);
+        expect(r.from?.length, `${w.metadata?.name}: metrics open to everyone`).toBeGreaterThan(0);
+      }
+    }
+    const scheduler = workloads.find((x) => podLabels(x)['app.kubernetes.io/component'] === 'scheduler')!;
+    expect(ingressFor(docs, podLabels(scheduler)), 'the scheduler is selected by a NetworkPolicy').toBeDefined();
+  });
+});
+
 describe('k8s work queues on a real nats-server', () => {
   afterAll(() => assertNoNatsServersRunning());
 
@@ -919,23 +1071,30 @@ describe('k8s work queues on a real nats-server', () => {
         queueMaxAge: n(replicas[0].r, '--queue-max-age'),
       });
       const store = mkdtempSync(join(tmpdir(), 'ditpipe-k8s-js-'));
-      const server = await startNatsServer({ jetstream: false, monitorPort: 0, extraConfig: localConf(conf!, store) });
-      const transport = natsTransport(await connectNats({ servers: server.url, name: `k8s-test ${dir}` }));
+      // Credentials as a platform team makes them (`ditpipe nats-config --secret`), each service
+      // with the seed its pod mounts.
+      const secrets = await natsSecrets(docs, store);
+      const server = await startNatsServer({ jetstream: false, monitorPort: 0, extraConfig: localConf(conf!, store), env: secrets.env });
+      await expect(connectNats({ servers: server.url })).rejects.toBeInstanceOf(UnauthenticatedError);
+      const as = async (svc: 'scheduler' | 'denoiser' | 'decoder'): Promise<Transport> =>
+        natsTransport(await connectNats({ servers: server.url, name: `k8s-test ${dir} ${svc}`, service: svc, nkeyFile: secrets.seedOf(docs, svc) }));
+      const transport = await as('scheduler');
+      const replicaTransports = { denoiser: await as('denoiser'), decoder: await as('decoder') };
       let open = (): void => undefined;
       const gate = { promise: new Promise<void>((r) => (open = r)), resolve: () => open() };
       const ac = new AbortController();
       const calls: Array<Promise<unknown>> = [];
       try {
-        // The replicas create their queues at start, as the services do (settings from the render).
+        // The replicas start first, as the services may, and wait for the scheduler's queues (settings from the render).
         for (const { svc, scope } of replicas) {
           if (svc === 'denoiser') {
-            await transport.serve(
+            await replicaTransports.denoiser.serve(
               DenoiserDefinition,
               { denoise: async () => (await gate.promise, DenoiseResponse.create({})), info: () => DenoiserInfo.create({ model: scope }) },
               { scope, queueSettings: settings },
             );
           } else {
-            await transport.serve(
+            await replicaTransports.decoder.serve(
               DecoderDefinition,
               { decode: async () => (await gate.promise, DecodeResponse.create({})), info: () => DecoderInfo.create({ model: scope }) },
               { scope, queueSettings: settings },
@@ -983,7 +1142,8 @@ describe('k8s work queues on a real nats-server', () => {
         ac.abort();
         gate.resolve();
         await Promise.all(calls);
-        await transport.close({ graceMs: 1_000 });
+        await Promise.all([transport, ...Object.values(replicaTransports)].map((t) => t.close({ graceMs: 1_000 })));
+        expect(server.log(), 'permission violations').not.toMatch(/Violation/);
         await server.stop();
         rmSync(store, { recursive: true, force: true });
       }

@@ -5,7 +5,8 @@ import { spawnSync } from 'node:child_process';
 import { resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FailedPreconditionError, UnavailableError } from '../../shared/errors.ts';
-import { connectNats } from '../../shared/transport/nats.ts';
+import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import { probeNatsInfo } from '../../shared/transport/nats-diagnose.ts';
 import { makeTestPki, type TestPki } from '../helpers/certs.ts';
 import { testModels } from '../helpers/models.ts';
@@ -16,6 +17,7 @@ const BIN = resolve(import.meta.dirname, '../../bin/ditpipe.js');
 let pki: TestPki;
 let mtls: NatsServerHandle;
 let plain: NatsServerHandle;
+let tls: NatsServerHandle;
 
 beforeAll(async () => {
   pki = makeTestPki();
@@ -23,10 +25,14 @@ beforeAll(async () => {
     extraConfig: `tls { cert_file: ${JSON.stringify(pki.server.cert)}, key_file: ${JSON.stringify(pki.server.key)}, ca_file: ${JSON.stringify(pki.ca.cert)}, verify: true, timeout: 2 }`,
   });
   plain = await startNatsServer();
+  // Server-verified TLS: clients check the server's certificate, the server asks for none.
+  tls = await startNatsServer({
+    extraConfig: `tls { cert_file: ${JSON.stringify(pki.server.cert)}, key_file: ${JSON.stringify(pki.server.key)}, timeout: 2 }`,
+  });
 });
 
 afterAll(async () => {
-  await Promise.all([mtls?.stop(), plain?.stop()]);
+  await Promise.all([mtls?.stop(), plain?.stop(), tls?.stop()]);
   assertNoNatsServersRunning();
   pki?.cleanup();
 });
@@ -43,6 +49,44 @@ async function failure(p: Promise<unknown>): Promise<Error> {
 
 // Each waits up to a minute if it had to: a test that hangs instead of failing fast times out.
 const patient = { waitOnFirstConnect: true, firstConnectTimeoutMs: 60_000 };
+
+const echoImpl = {
+  denoise: () => DenoiseResponse.create({ batchRows: 3 }),
+  info: () => DenoiserInfo.create({ model: 'm' }),
+};
+const step = { model: 'm', t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false };
+
+/** A replica and a caller on two TLS connections: work and a control call go through. */
+async function serveAndCall(url: string, tlsOpts: { caFile: string; certFile?: string; keyFile?: string }, scope: string): Promise<void> {
+  const a = natsTransport(await connectNats({ servers: url, tls: tlsOpts, name: `${scope}-replica` }));
+  const b = natsTransport(await connectNats({ servers: url, tls: tlsOpts, name: `${scope}-caller` }));
+  try {
+    await a.serve(DenoiserDefinition, echoImpl, { scope });
+    const client = b.client(DenoiserDefinition, { scope, timeoutMs: 10_000 });
+    expect((await client.denoise(step)).batchRows).toBe(3);
+    expect((await client.info({})).model).toBe('m');
+  } finally {
+    await Promise.all([a.close(), b.close()]);
+  }
+}
+
+describe('NATS over TLS', () => {
+  it('server-verified TLS: serves and calls with the CA that signed the server; refuses without it', async () => {
+    expect(await probeNatsInfo(tls.url)).toMatchObject({ tls_required: true });
+    expect((await probeNatsInfo(tls.url))?.tls_verify).toBeFalsy();
+    await serveAndCall(tls.url, { caFile: pki.ca.cert }, 'tls');
+    const untrusted = await failure(connectNats({ servers: tls.url, ...patient }));
+    expect(untrusted).toBeInstanceOf(FailedPreconditionError);
+    expect(untrusted.message).toContain('--nats-tls-ca');
+  });
+
+  it('mutual TLS: serves and calls with a client certificate the server trusts; a stranger\'s is refused', async () => {
+    await serveAndCall(mtls.url, { caFile: pki.ca.cert, certFile: pki.client.cert, keyFile: pki.client.key }, 'mtls');
+    const stranger = await failure(connectNats({ servers: mtls.url, tls: { caFile: pki.ca.cert, certFile: pki.strangerClient.cert, keyFile: pki.strangerClient.key }, connectTimeoutMs: 3_000, ...patient }));
+    expect(stranger).toBeInstanceOf(FailedPreconditionError);
+    expect(stranger.message).toContain(`with the client certificate ${pki.strangerClient.cert}: is it signed by a CA the server trusts?`);
+  });
+});
 
 describe('NATS connect', () => {
   it('gives up after the first-connect timeout with an error naming the URL', async () => {

@@ -4,10 +4,17 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NatsConnection } from '@nats-io/transport-node';
 
-import { Code, FailedPreconditionError, InvalidArgumentError, UnauthenticatedError, UnavailableError } from '../../shared/errors.ts';
+import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { encodeAccount, encodeOperator, encodeUser, fmtCreds } from '@nats-io/jwt';
+import { createAccount, createOperator, createUser } from '@nats-io/nkeys';
+import { Code, FailedPreconditionError, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError, UnavailableError } from '../../shared/errors.ts';
 import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { H_KIND, H_MESSAGE, H_STATUS } from '../../shared/transport/bus.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
+import { makeServiceNkeys, writeSeedFiles } from '../../shared/transport/nats-credentials.ts';
+import { NATS_SERVICES, natsPermissions, type NatsService } from '../../shared/transport/nats-permissions.ts';
 import type { Transport } from '../../shared/transport/types.ts';
 import { assertNoNatsServersRunning, type NatsServerHandle, startNatsServer } from '../helpers/nats.ts';
 import { TEST_QUEUE, transportSuite } from './suite.ts';
@@ -209,6 +216,87 @@ describe('nats authentication', () => {
       expect(await t.closed).toBeNull();
     } finally {
       await secured.stop();
+    }
+  });
+
+  it('nkey: refused without one or with a stranger\'s, served with the listed ones; a malformed seed file is named', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'ditpipe-nkey-test-'));
+    const keys = makeServiceNkeys();
+    const seeds = writeSeedFiles(dir, keys);
+    const secured = await startNatsServer({ auth: { users: NATS_SERVICES.map((service) => ({ service, nkey: keys[service].publicKey })) } });
+    try {
+      expect(statSync(seeds.denoiser).mode & 0o777).toBe(0o600);
+      await expect(connectNats({ servers: secured.url })).rejects.toBeInstanceOf(UnauthenticatedError);
+      const strangers = writeSeedFiles(join(dir, 'strangers'), makeServiceNkeys());
+      await expect(connectNats({ servers: secured.url, nkeyFile: strangers.scheduler })).rejects.toBeInstanceOf(UnauthenticatedError);
+      writeFileSync(join(dir, 'bad.nk'), 'not a seed\n');
+      const bad = await connectNats({ servers: secured.url, nkeyFile: join(dir, 'bad.nk') }).catch((e: unknown) => e);
+      expect(bad).toBeInstanceOf(InvalidArgumentError);
+      expect((bad as InvalidArgumentError).field).toBe('nkeyFile');
+      expect((bad as Error).message).toContain(`nats nkeyFile ${join(dir, 'bad.nk')} does not hold a user nkey seed`);
+      await expect(connectNats({ servers: secured.url, nkeyFile: seeds.denoiser, token: 'x' })).rejects.toBeInstanceOf(InvalidArgumentError);
+      // The denoiser serves, the scheduler calls: both work (stream made by the scheduler's first call).
+      const replica = natsTransport(await connectNats({ servers: secured.url, nkeyFile: seeds.denoiser, service: 'denoiser' }));
+      const scheduler = natsTransport(await connectNats({ servers: secured.url, nkeyFile: seeds.scheduler, service: 'scheduler' }));
+      await replica.serve(DenoiserDefinition, echoImpl, { scope: 'nk', queueSettings: TEST_QUEUE });
+      const client = scheduler.client(DenoiserDefinition, { scope: 'nk', queueSettings: TEST_QUEUE, timeoutMs: 10_000 });
+      expect((await client.denoise(step)).batchRows).toBe(7);
+      expect(await client.collect('info', {}, { waitMs: 200 })).toHaveLength(1);
+      await Promise.all([replica.close(), scheduler.close()]);
+      expect(secured.log()).not.toMatch(/Violation/);
+    } finally {
+      await secured.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('creds (operator/JWT mode): a user JWT signed by the account in a creds file is served; one signed by an account the server does not know is refused', async () => {
+    // Operator, account (with JetStream) and a user per service, signed as nsc would, with the
+    // services' permissions in their user JWTs; the server resolves the account from memory.
+    const operator = createOperator();
+    const account = createAccount();
+    const system = createAccount();
+    const opJwt = await encodeOperator('ditpipe-test', operator, { system_account: system.getPublicKey() });
+    // Unlimited, JetStream in memory included (an account's limits default to none at all).
+    const limits = { conn: -1, subs: -1, data: -1, payload: -1, imports: -1, exports: -1, leaf: -1, wildcards: true, mem_storage: -1, disk_storage: -1, streams: -1, consumer: -1 };
+    const accJwt = await encodeAccount('ditpipe', account, { limits }, { signer: operator });
+    const sysJwt = await encodeAccount('SYS', system, {}, { signer: operator });
+    const dir = mkdtempSync(join(tmpdir(), 'ditpipe-creds-test-'));
+    const creds = async (service: NatsService, signer = account): Promise<string> => {
+      const user = createUser();
+      const p = natsPermissions(service);
+      const jwt = await encodeUser(service, user, signer, { pub: { allow: p.publish }, sub: { allow: p.subscribe } });
+      const file = join(dir, `${service}-${user.getPublicKey().slice(0, 8)}.creds`);
+      writeFileSync(file, fmtCreds(jwt, user), { mode: 0o600 });
+      return file;
+    };
+    const secured = await startNatsServer({
+      extraConfig: [
+        `operator: ${JSON.stringify(opJwt)}`,
+        `system_account: ${system.getPublicKey()}`,
+        'resolver: MEMORY',
+        `resolver_preload: { ${account.getPublicKey()}: ${JSON.stringify(accJwt)}, ${system.getPublicKey()}: ${JSON.stringify(sysJwt)} }`,
+      ].join('\n'),
+    });
+    try {
+      await expect(connectNats({ servers: secured.url })).rejects.toBeInstanceOf(UnauthenticatedError);
+      const stranger = createAccount(); // an account the server does not know
+      await expect(connectNats({ servers: secured.url, credsFile: await creds('scheduler', stranger) })).rejects.toBeInstanceOf(UnauthenticatedError);
+      const missing = await connectNats({ servers: secured.url, credsFile: join(dir, 'none.creds') }).catch((e: unknown) => e);
+      expect((missing as InvalidArgumentError).field).toBe('credsFile');
+      const replica = natsTransport(await connectNats({ servers: secured.url, credsFile: await creds('denoiser'), service: 'denoiser' }));
+      const scheduler = natsTransport(await connectNats({ servers: secured.url, credsFile: await creds('scheduler'), service: 'scheduler' }));
+      await replica.serve(DenoiserDefinition, echoImpl, { scope: 'jwt', queueSettings: TEST_QUEUE });
+      const client = scheduler.client(DenoiserDefinition, { scope: 'jwt', queueSettings: TEST_QUEUE, timeoutMs: 10_000 });
+      expect((await client.denoise(step)).batchRows).toBe(7);
+      // The permissions in the JWT hold: the denoiser's user cannot enqueue work.
+      const intruder = natsTransport(await connectNats({ servers: secured.url, credsFile: await creds('denoiser'), service: 'denoiser' }));
+      const denied = await intruder.client(DenoiserDefinition, { scope: 'jwt', queueSettings: TEST_QUEUE, timeoutMs: 10_000 }).denoise(step).catch((e: unknown) => e);
+      expect(denied).toBeInstanceOf(PermissionDeniedError);
+      await Promise.all([replica.close(), scheduler.close(), intruder.close()]);
+    } finally {
+      await secured.stop();
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
