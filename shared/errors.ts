@@ -269,8 +269,9 @@ export function errorField(err: DitpipeError): string | undefined {
 }
 
 /**
- * Longest status message sent: grpc-message travels in a header, and a client refuses headers
- * past its metadata limit (8 KiB in grpc-js) with an error that hides the real status.
+ * Longest status message sent, over gRPC and between the services: grpc-message travels in a
+ * header, and a client refuses headers past its metadata limit (8 KiB in grpc-js) with an error
+ * that hides the real status.
  */
 export const MAX_STATUS_MESSAGE = 1024;
 

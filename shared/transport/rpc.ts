@@ -24,8 +24,10 @@ import {
   errorFromStatus,
   InternalError,
   InvalidArgumentError,
+  MAX_STATUS_MESSAGE,
   PayloadTooLargeError,
   toDitpipeError,
+  truncate,
   UnavailableError,
   UnimplementedError,
 } from '../errors.ts';
@@ -56,8 +58,6 @@ const MAX_BACKOFF_MS = 1_000;
 const DEFAULT_GRACE_MS = 10_000;
 const DEFAULT_COLLECT_MS = 250;
 const DEFAULT_STUCK_GRACE_MS = 1_000;
-/** Error messages are cut to this many characters so an error reply always fits. */
-const MAX_ERROR_MESSAGE = 2_000;
 
 const TOKEN_RE = /^[^\s.*>]+$/;
 
@@ -119,7 +119,7 @@ function positive(value: number | undefined, field: string): number | undefined 
 /** Encodes an error as reply headers. */
 export function errorReply(err: unknown): BusMessage {
   const e = toDitpipeError(err);
-  const message = e.message.length > MAX_ERROR_MESSAGE ? `${e.message.slice(0, MAX_ERROR_MESSAGE)}…` : e.message;
+  const message = truncate(e.message, MAX_STATUS_MESSAGE);
   const headers: Record<string, string> = { [H_STATUS]: String(e.code), [H_MESSAGE]: encodeURIComponent(message), [H_KIND]: e.kind };
   const field = errorField(e);
   if (field !== undefined) headers[H_FIELD] = field;

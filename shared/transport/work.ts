@@ -36,11 +36,13 @@ import {
   errorFromStatus,
   FailedPreconditionError,
   InvalidArgumentError,
+  MAX_STATUS_MESSAGE,
   NoQueueError,
   PayloadTooLargeError,
   PermissionDeniedError,
   ResourceExhaustedError,
   toDitpipeError,
+  truncate,
   UnauthenticatedError,
   UnavailableError,
 } from '../errors.ts';
@@ -79,7 +81,6 @@ const CANCEL_MEMORY_MS = 5 * 60_000;
 const MAX_CANCEL_MEMORY = 100_000;
 /** Completed call ids remembered to tell a duplicate answer from a late one. */
 const RECENT_IDS = 8_192;
-const MAX_ERROR_MESSAGE = 2_000;
 /** How often a replica that may not create its queue looks whether the scheduler has created it. */
 const NO_QUEUE_POLL_MS = 250;
 
@@ -166,6 +167,9 @@ export function isWorkMethod(m: MethodDefinition): boolean {
 }
 
 /** Errors that no retry can fix: the calls fail with them at once. */
+/** The longest delay setTimeout takes; a longer one fires at once (Node clamps it to 1 ms). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 function definitive(e: DitpipeError): boolean {
   return (
     e instanceof FailedPreconditionError ||
@@ -178,10 +182,6 @@ function definitive(e: DitpipeError): boolean {
 
 function queueHandle(bus: Bus, spec: QueueSpec): WorkQueue {
   return { stream: spec.stream, consumer: spec.consumer, subject: spec.subject, info: () => bus.queueInfo(spec) };
-}
-
-function truncate(message: string): string {
-  return message.length > MAX_ERROR_MESSAGE ? `${message.slice(0, MAX_ERROR_MESSAGE)}…` : message;
 }
 
 function cancelled(signal: AbortSignal, what: string): CancelledError {
@@ -758,7 +758,8 @@ export class WorkServer implements WorkSource {
     const dropped = { cancelled: 0, deadline: 0 };
     const started: Array<() => void> = [];
     for (const item of batch.items) {
-      const deadline = item.deadlineMs > 0n ? Number(item.deadlineMs) : Number.POSITIVE_INFINITY;
+      // No deadline, or one further away than a timer can hold (about 24.8 days): none.
+      const deadline = item.deadlineMs > 0n && Number(item.deadlineMs) - now <= MAX_TIMER_MS ? Number(item.deadlineMs) : Number.POSITIVE_INFINITY;
       if (this.cancelledIds.has(`${reply} ${item.id}`)) {
         dropped.cancelled++;
         continue;
@@ -839,7 +840,7 @@ export class WorkServer implements WorkSource {
     }
     if (err !== undefined) {
       const e = toDitpipeError(err);
-      result = { id, code: e.code, response: new Uint8Array(0), message: truncate(e.message), kind: e.kind, field: errorField(e) ?? '', instance: this.opts.instance };
+      result = { id, code: e.code, response: new Uint8Array(0), message: truncate(e.message, MAX_STATUS_MESSAGE), kind: e.kind, field: errorField(e) ?? '', instance: this.opts.instance };
     }
     const list = this.answers.get(held.reply);
     if (list) list.push(result!);

@@ -2,8 +2,7 @@
 // go to the public gRPC API (Sampler), and hundreds of truncated, corrupted and oversized weight
 // and model files to the loaders. In between, the service keeps returning the very same images;
 // every answer is a clear status (never UNKNOWN or INTERNAL) and every bad file a typed error
-// naming what is wrong; memory stays bounded. (The internal NATS subjects are fuzzed once the
-// JetStream dispatch, which defines them anew, is in.)
+// naming what is wrong; memory stays bounded. The internal NATS subjects: fuzz-nats.test.ts.
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
