@@ -30,10 +30,10 @@ const maxRssBytes = (): number => process.resourceUsage().maxRSS * 1024; // maxR
 function phase(): void {
   const t0 = performance.now();
   if (values.phase === 'init') {
-    const r = initDitWeights(ditPreset(values.preset!), values.weights!, { init: 'random', seed: 0 });
+    const r = initDitWeights(ditPreset(values.preset), values.weights!, { init: 'random', seed: 0 });
     console.log(JSON.stringify({ seconds: (performance.now() - t0) / 1000, maxRssBytes: maxRssBytes(), weightBytes: r.bytes, params: r.params }));
   } else {
-    const m = buildDitModel({ weights: values.weights!, out: values.out!, preset: values.preset!, dtype: values.dtype as 'f32' | 'f16' });
+    const m = buildDitModel({ weights: values.weights!, out: values.out!, preset: values.preset, dtype: values.dtype as 'f32' | 'f16' });
     console.log(JSON.stringify({ seconds: (performance.now() - t0) / 1000, maxRssBytes: maxRssBytes(), gflops: m.meta.gflops, params: m.meta.params }));
   }
 }
@@ -51,9 +51,9 @@ if (values.phase) {
   const weights = join(dir, 'weights.safetensors');
   const out = join(dir, 'model');
   try {
-    const common = ['--preset', values.preset!, '--weights', weights];
+    const common = ['--preset', values.preset, '--weights', weights];
     const init = runPhase('init', common);
-    const build = runPhase('build', [...common, '--out', out, '--dtype', values.dtype!]);
+    const build = runPhase('build', [...common, '--out', out, '--dtype', values.dtype]);
     const dataFile = join(out, 'model.onnx.data');
     const onnxBytes = statSync(join(out, 'model.onnx')).size + (existsSync(dataFile) ? statSync(dataFile).size : 0);
     console.log(

@@ -285,7 +285,7 @@ export function clientOptionsFromFlags(f: GrpcClientFlags, env = process.env): S
     try {
       token = readFileSync(f.tokenFile, 'utf8').trim();
     } catch (err) {
-      throw new Error(`--token-file ${f.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
+      throw new Error(`--token-file ${f.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`, { cause: err });
     }
     if (!token) throw new Error(`--token-file ${f.tokenFile} is empty`);
   } else if (env.DITPIPE_TOKEN?.trim()) token = env.DITPIPE_TOKEN.trim();

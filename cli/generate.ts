@@ -11,6 +11,7 @@ import { labelledGrid } from '../shared/image/grid.ts';
 import { VERSION } from '../shared/version.ts';
 import { classFileName, describeClasses, findClass } from './classes.ts';
 import { addGrpcClientOptions, clientOptionsFromFlags, intArg, numberArg, type GrpcClientFlags } from './common.ts';
+import { DEFAULT_SAMPLER } from '../shared/diffusion/sampler/registry.ts';
 import { GUIDANCE_FLAGS, inCliTerms, SAMPLER_FLAGS, UsageError } from './request-errors.ts';
 
 export { SAMPLER_FLAGS } from './request-errors.ts';
@@ -183,7 +184,7 @@ export const command = addGrpcClientOptions(
   .addOption(new Option('--class <labels>', 'classes by index or name (or the name as output files spell it), comma-separated, e.g. "3,Sandal,Ankle_boot"').makeOptionMandatory().argParser(splitList))
   .addOption(new Option('--num <n>', 'images per class').default(1).argParser(intArg('--num', 1, 1024)))
   .addOption(new Option('--steps <n>', 'sampling steps (default: the server default for the sampler)').argParser(intArg('--steps', 1, 1000)))
-  .addOption(new Option('--sampler <name>', 'sampler').choices(Object.keys(SAMPLER_FLAGS)).default('ddpm'))
+  .addOption(new Option('--sampler <name>', 'sampler').choices(Object.keys(SAMPLER_FLAGS)).default(DEFAULT_SAMPLER))
   .addOption(new Option('--cfg <scale>', 'classifier-free guidance scale (1 = none; default: the server default)').argParser(numberArg('--cfg', 1)))
   .addOption(new Option('--guidance-channels <which>', 'latent channels guidance applies to').choices(Object.keys(GUIDANCE_FLAGS)).default('3'))
   .addOption(new Option('--eta <eta>', 'DDIM eta (with --sampler ddim)').argParser(numberArg('--eta', 0)))

@@ -11,7 +11,8 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import cliProgress from 'cli-progress';
 import { croppedSize, imageCropSchema, isNoCrop, parseCrop, type ImageCrop } from '../shared/image/crop.ts';
-import { writeModelDir, type ModelDir, type VaeModelJson } from '../shared/model/modeldir.ts';
+import type { ModelDir, VaeModelJson } from '../shared/model/modeldir.ts';
+import { writeModelDir } from '../shared/model/modeldir-write.ts';
 import {
   buildVaeDecoderGraph,
   DEFAULT_LATENT_SIZE,

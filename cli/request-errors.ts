@@ -5,6 +5,7 @@
 import { InvalidArgumentError, type DitpipeError } from '../shared/errors.ts';
 import { GuidanceChannels } from '../shared/gen/ditpipe/v1/common.ts';
 import { SamplerKind } from '../shared/gen/ditpipe/v1/sampler.ts';
+import { SAMPLER_KINDS } from '../shared/sampler-kinds.ts';
 
 /** GenerateRequest field (as `ditpipe-field` names it, indices dropped) → the generate flag(s) that set it. */
 export const GENERATE_FLAGS: Readonly<Record<string, string>> = {
@@ -20,11 +21,7 @@ export const GENERATE_FLAGS: Readonly<Record<string, string>> = {
 };
 
 /** CLI values of the enums generate sets (the flag's choices). */
-export const SAMPLER_FLAGS: Readonly<Record<string, SamplerKind>> = {
-  ddpm: SamplerKind.SAMPLER_KIND_DDPM,
-  ddim: SamplerKind.SAMPLER_KIND_DDIM,
-  dpmpp: SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP,
-};
+export const SAMPLER_FLAGS: Readonly<Record<string, SamplerKind>> = SAMPLER_KINDS;
 export const GUIDANCE_FLAGS: Readonly<Record<string, GuidanceChannels>> = {
   '3': GuidanceChannels.GUIDANCE_CHANNELS_THREE,
   all: GuidanceChannels.GUIDANCE_CHANNELS_ALL,

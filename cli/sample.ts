@@ -6,10 +6,16 @@ import * as ort from 'onnxruntime-node';
 import {
   advance,
   combineGuidance,
+  DEFAULT_SAMPLER,
   DiffusionInputError,
   guidanceRows,
+  modelOutChannels,
   next,
+  packGuidedRows,
   result,
+  SAMPLER_NAMES,
+  samplerByName,
+  samplerList,
   spacedDiffusion,
   start,
   type SamplerName,
@@ -99,9 +105,8 @@ function readNoise(path: string, latent: number[], steps: number, needsStepNoise
 
 /** Runs the sampling loop and writes `trajectory`, `sample`, `timesteps` and `labels` to `out`. */
 export async function runSample(o: SampleOptions): Promise<SampleResult> {
-  if (o.sampler !== 'ddpm' && o.sampler !== 'ddim' && o.sampler !== 'dpmpp') {
-    throw new SampleArgumentError(`--sampler: must be ddpm, ddim or dpmpp, got '${String(o.sampler)}'`);
-  }
+  const samplerDef = samplerByName(o.sampler);
+  if (!samplerDef) throw new SampleArgumentError(`--sampler: must be ${samplerList('')}, got '${String(o.sampler)}'`);
   if (!(Number.isFinite(o.cfg) && o.cfg >= 1)) throw new SampleArgumentError(`--cfg: must be a number >= 1, got ${o.cfg}`);
   if (o.seed !== undefined && o.noiseFrom !== undefined) {
     throw new SampleArgumentError('--seed and --noise-from exclude each other: the noise is either drawn or read');
@@ -120,7 +125,7 @@ export async function runSample(o: SampleOptions): Promise<SampleResult> {
     if (err instanceof DiffusionInputError) throw new SampleArgumentError(`--respacing: ${err.message.replace(/^respacing: /, '')}`);
     throw err;
   }
-  const drawsNoise = o.sampler === 'ddpm' || (o.sampler === 'ddim' && o.eta > 0);
+  const drawsNoise = samplerDef.drawsNoise({ eta: o.eta });
   const injected = o.noiseFrom ? readNoise(o.noiseFrom, [n, C, S, S], steps, drawsNoise) : null;
 
   let state;
@@ -150,21 +155,20 @@ export async function runSample(o: SampleOptions): Promise<SampleResult> {
   }
 
   const rows = guidanceRows(n, o.cfg);
-  const y = BigInt64Array.from([...labels, ...Array.from({ length: rows - n }, () => c.num_classes)], (v) => BigInt(v));
-  const outChannels = c.learn_sigma ? 2 * C : C;
-  const xIn = new Float32Array(rows * C * S * S);
+  const outChannels = modelOutChannels(C, c.learn_sigma);
+  const input = { x: new Float32Array(rows * C * S * S), t: new BigInt64Array(rows), y: new BigInt64Array(rows) };
+  const t = new Array<bigint>(n);
   const guided = new Float32Array(n * outChannels * S * S);
   const timesteps: number[] = [];
   const session = await ort.InferenceSession.create(model.onnxPath);
   try {
     for (let p = next(state); p; p = next(state)) {
       timesteps.push(p.timestep);
-      xIn.set(p.x);
-      if (rows > n) xIn.set(p.x, per);
+      packGuidedRows(input, 0, { x: p.x, t: t.fill(BigInt(p.timestep)), y: labels, n }, o.cfg, c.num_classes);
       const r = await session.run({
-        x: new ort.Tensor('float32', xIn, [rows, C, S, S]),
-        t: new ort.Tensor('int64', new BigInt64Array(rows).fill(BigInt(p.timestep)), [rows]),
-        y: new ort.Tensor('int64', y, [rows]),
+        x: new ort.Tensor('float32', input.x, [rows, C, S, S]),
+        t: new ort.Tensor('int64', input.t, [rows]),
+        y: new ort.Tensor('int64', input.y, [rows]),
       });
       combineGuidance(r.out.data as Float32Array, { rows: n, outChannels, inChannels: C, plane: S * S, scale: o.cfg, channels: o.guidanceChannels }, guided);
       advance(state, guided);
@@ -217,7 +221,7 @@ export const command = new Command('sample')
   )
   .requiredOption('--model-dir <dir>', 'DiT model directory (from `ditpipe model build dit`)')
   .requiredOption('--labels <list>', 'comma-separated class labels (indices, or names the model carries, also as output files spell them); one sample each')
-  .addOption(new Option('--sampler <name>', 'reverse-diffusion sampler').choices(['ddpm', 'ddim', 'dpmpp']).default('ddpm'))
+  .addOption(new Option('--sampler <name>', 'reverse-diffusion sampler').choices(SAMPLER_NAMES).default(DEFAULT_SAMPLER))
   .option('--respacing <spec>', 'timestep respacing of the 1000-step schedule: "250", "ddim50", "10,10,5"', '250')
   .option('--cfg <scale>', 'classifier-free guidance scale (1 = none)', parseNumber('--cfg', 1), 1)
   .addOption(new Option('--guidance-channels <which>', "guided latent channels: 3 (the original's) or all").choices(['3', 'all']).default('3'))

@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
+import { DEFAULT_SAMPLER, SAMPLER_NAMES } from '../shared/diffusion/sampler/registry.ts';
 
 const UNITS: Record<string, number> = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000 };
 
@@ -57,7 +58,7 @@ const mixSchema = z.strictObject({
   model: z.string().min(1, 'must not be empty'),
   /** Reverse-diffusion steps per image; unset uses the scheduler's default for the sampler. */
   steps: z.number().int('must be an integer').min(1, 'must be >= 1').max(1000, 'must be <= 1000').optional(),
-  sampler: z.enum(['ddpm', 'ddim', 'dpmpp']).default('ddpm'),
+  sampler: z.enum(SAMPLER_NAMES).default(DEFAULT_SAMPLER),
   /** Classifier-free guidance scale (1 = none); unset uses the scheduler's default. */
   cfg: z.number('must be a number').min(1, 'must be >= 1').finite('must be finite').optional(),
   eta: z.number('must be a number').min(0, 'must be >= 0').max(1, 'must be <= 1').optional(),

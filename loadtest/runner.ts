@@ -228,8 +228,8 @@ class Pool {
     if (active.size === 0) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const h = (i: number, m: FromWorker): void => {
-        if (m.type === 'results' && plans[i] && m.phase === plans[i]!.id) onResults(i, m.results, m.inFlight);
-        else if (m.type === 'phaseDone' && plans[i] && m.phase === plans[i]!.id) {
+        if (m.type === 'results' && plans[i] && m.phase === plans[i].id) onResults(i, m.results, m.inFlight);
+        else if (m.type === 'phaseDone' && plans[i] && m.phase === plans[i].id) {
           active.delete(i);
           if (active.size === 0) {
             this.handlers.delete(h);
@@ -289,7 +289,7 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
     if (c.warmup && !aborted) {
       const rec = new Recorder();
       const n = c.warmup.requests ?? Number.MAX_SAFE_INTEGER;
-      const conc = split(c.warmup.concurrency, new Array(workers).fill(1));
+      const conc = split(c.warmup.concurrency, new Array<number>(workers).fill(1));
       const reqs = split(Math.min(n, 1e12), conc);
       const startMs = now() + 20;
       const plans = conc.map((cc, i): PhasePlan | null => (cc > 0 && reqs[i] > 0 ? { id: ++phaseId, startMs, durationMs: c.warmup!.duration ?? c.maxPhaseDuration, requests: reqs[i], closed: { concurrency: cc } } : null));
@@ -318,11 +318,11 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
       let plans: Array<PhasePlan | null>;
       if (p.rate !== undefined) {
         const { from, to } = typeof p.rate === 'number' ? { from: p.rate, to: p.rate } : p.rate;
-        const share = split(Math.min(n, 1e12), new Array(workers).fill(1));
-        const maxIf = split(p.maxInFlight, new Array(workers).fill(1));
+        const share = split(Math.min(n, 1e12), new Array<number>(workers).fill(1));
+        const maxIf = split(p.maxInFlight, new Array<number>(workers).fill(1));
         plans = share.map((s, i) => (s > 0 ? { id, startMs, durationMs, requests: s, open: { from, to, arrivals: p.arrivals, maxInFlight: Math.max(1, maxIf[i]), offset: i, workers } } : null));
       } else {
-        const conc = split(p.concurrency!, new Array(workers).fill(1));
+        const conc = split(p.concurrency!, new Array<number>(workers).fill(1));
         const reqs = split(Math.min(n, 1e12), conc);
         plans = conc.map((cc, i) => (cc > 0 && reqs[i] > 0 ? { id, startMs, durationMs, requests: reqs[i], closed: { concurrency: cc } } : null));
       }

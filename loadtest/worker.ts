@@ -6,7 +6,8 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { SamplerApi } from '../shared/client.ts';
 import { codeName, DitpipeError } from '../shared/errors.ts';
 import { GuidanceChannels } from '../shared/gen/ditpipe/v1/common.ts';
-import { OutputFormat, SamplerKind, type ClassLabel, type GenerateRequest } from '../shared/gen/ditpipe/v1/sampler.ts';
+import { OutputFormat, type ClassLabel, type GenerateRequest } from '../shared/gen/ditpipe/v1/sampler.ts';
+import { SAMPLER_KINDS } from '../shared/sampler-kinds.ts';
 import type { MixEntry } from './campaign.ts';
 import type { FromWorker, PhasePlan, RequestResult, ToWorker, WorkerInit } from './protocol.ts';
 
@@ -34,7 +35,6 @@ function pickWeighted<T>(items: T[], weight: (x: T) => number, r: number): T {
   return items[items.length - 1];
 }
 
-const SAMPLERS = { ddpm: SamplerKind.SAMPLER_KIND_DDPM, ddim: SamplerKind.SAMPLER_KIND_DDIM, dpmpp: SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP } as const;
 
 function label(c: string | number): ClassLabel {
   if (typeof c === 'number') return { index: c };
@@ -56,7 +56,7 @@ export function drawRequest(mix: MixEntry[], numClasses: Record<string, number>,
   const req: Partial<GenerateRequest> = {
     model: entry.model,
     classLabels: labels,
-    sampler: SAMPLERS[entry.sampler],
+    sampler: SAMPLER_KINDS[entry.sampler],
     outputFormat: entry.output === 'latent' ? OutputFormat.OUTPUT_FORMAT_RAW_LATENT : OutputFormat.OUTPUT_FORMAT_PNG,
   };
   if (entry.steps !== undefined) req.numSteps = entry.steps;

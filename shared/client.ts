@@ -63,8 +63,8 @@ function readPem(path: string, what: string): Buffer {
 export function channelCredentials(tls: SamplerApiOptions['tls']): ChannelCredentials {
   if (tls === undefined || tls === false) return credentials.createInsecure();
   if (tls === true) return credentials.createSsl();
-  if (tls instanceof Object && 'compose' in tls) return tls as ChannelCredentials;
-  const files = tls as ClientTlsFiles;
+  if (tls instanceof Object && 'compose' in tls) return tls;
+  const files = tls;
   if (Boolean(files.certFile) !== Boolean(files.keyFile)) {
     throw new InvalidArgumentError('a client certificate needs both --tls-cert and --tls-key', { field: files.certFile ? 'tls.key' : 'tls.cert' });
   }

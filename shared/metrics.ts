@@ -5,6 +5,7 @@
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { DISCARD_REASONS, DROP_REASONS } from './transport/types.ts';
 
 const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 const ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
@@ -41,6 +42,23 @@ export function decoderMetrics(registry = new Registry()) {
   };
 }
 export type DecoderMetrics = ReturnType<typeof decoderMetrics>;
+
+// Fault counters start with their known label sets at 0, so the series exist before the first
+// fault: rate() and alerts on them work from the start, and a scrape shows what can be counted.
+
+/** A denoiser's or decoder's redelivered/dropped series for its model, at 0. */
+export function zeroReplicaWorkSeries(m: { redelivered: Counter<'model'>; dropped: Counter<'model' | 'reason'> }, model: string): void {
+  m.redelivered.inc({ model }, 0);
+  for (const reason of DROP_REASONS) m.dropped.inc({ model, reason }, 0);
+}
+
+/** The scheduler's discarded/resent series for both worker services, at 0. */
+export function zeroSchedulerWorkSeries(m: { discardedAnswers: Counter<'service' | 'reason'>; resent: Counter<'service'> }): void {
+  for (const service of ['denoiser', 'decoder']) {
+    m.resent.inc({ service }, 0);
+    for (const reason of DISCARD_REASONS) m.discardedAnswers.inc({ service, reason }, 0);
+  }
+}
 
 export function schedulerMetrics(registry = new Registry()) {
   const r = [registry];

@@ -12,7 +12,7 @@
 import * as ort from 'onnxruntime-node';
 import { parseArgs } from 'node:util';
 import { SamplerApi } from '../../shared/client.ts';
-import { advance, combineGuidance, guidanceRows, next, result, start, type SamplerState } from '../../shared/diffusion/index.ts';
+import { advance, combineGuidance, guidanceRows, modelOutChannels, next, packGuidedRows, result, start, type SamplerState } from '../../shared/diffusion/index.ts';
 import { OutputFormat, SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { readDitModelDir } from '../../shared/model/modeldir.ts';
 import { readF32Tensor } from '../../shared/tensor.ts';
@@ -46,7 +46,7 @@ async function directRun(session: ort.InferenceSession, dir: ReturnType<typeof r
   const c = dir.meta.config;
   const plane = c.input_size * c.input_size;
   const rowSize = c.in_channels * plane;
-  const outCh = c.learn_sigma ? 2 * c.in_channels : c.in_channels;
+  const outCh = modelOutChannels(c.in_channels, c.learn_sigma);
   const outRow = outCh * plane;
   const per = guidanceRows(1, o.cfg);
   const t0 = performance.now();
@@ -62,13 +62,10 @@ async function directRun(session: ort.InferenceSession, dir: ReturnType<typeof r
     const x = new Float32Array(rows * rowSize);
     const t = new BigInt64Array(rows);
     const y = new BigInt64Array(rows);
+    // Each request's own [cond; uncond] pair, as combineGuidance reads it below.
     let r = 0;
     pending.forEach((p, i) => {
-      for (let k = 0; k < per; k++, r++) {
-        x.set(p!.x, r * rowSize);
-        t[r] = BigInt(p!.timestep);
-        y[r] = BigInt(k === 0 ? label(i) : c.num_classes);
-      }
+      r += packGuidedRows({ x, t, y }, r, { x: p!.x, t: [BigInt(p!.timestep)], y: [label(i)], n: 1 }, o.cfg, c.num_classes);
     });
     const f0 = performance.now();
     const out = await session.run({

@@ -9,7 +9,9 @@ import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { SamplerApi } from '../../shared/client.ts';
-import { SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { SAMPLER_NAMES, samplerByName } from '../../shared/diffusion/sampler/registry.ts';
+import type { SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { SAMPLER_KINDS } from '../../shared/sampler-kinds.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { openSafetensors, writeSafetensors } from '../../shared/weights/index.ts';
 
@@ -39,9 +41,10 @@ interface Config {
 }
 
 function parseConfig(name: string): Config {
-  const m = /^(ddpm|ddim|dpmpp)(\d+)-cfg([\d.]+)$/.exec(name);
-  if (!m) throw new Error(`config "${name}": expected e.g. ddpm250-cfg4`);
-  const sampler = { ddpm: SamplerKind.SAMPLER_KIND_DDPM, ddim: SamplerKind.SAMPLER_KIND_DDIM, dpmpp: SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP }[m[1] as 'ddpm'];
+  const m = /^([a-z-]+?)(\d+)-cfg([\d.]+)$/.exec(name);
+  const def = m ? samplerByName(m[1]) : undefined;
+  if (!m || !def) throw new Error(`config "${name}": expected <sampler><steps>-cfg<scale>, e.g. ddpm250-cfg4 (samplers: ${SAMPLER_NAMES.join(', ')})`);
+  const sampler = SAMPLER_KINDS[def.name];
   return { name, sampler, steps: Number(m[2]), cfg: Number(m[3]) };
 }
 

@@ -1,6 +1,6 @@
 // Decoder configuration: validated once, defaults filled; the rest of the service sees only this.
 import { z } from 'zod';
-import { InvalidArgumentError } from '../../shared/errors.ts';
+import { compileConfig, fieldDefault } from '../../shared/config.ts';
 
 const schema = z.object({
   /** VAE model directory (model.json + model.onnx) built by `ditpipe model build vae`. */
@@ -19,13 +19,12 @@ const schema = z.object({
 export type DecoderConfig = z.output<typeof schema>;
 export type DecoderConfigInput = z.input<typeof schema>;
 
+/** The schema's default of one field (for --help; the CLI passes only what the user set). */
+export function decoderConfigDefault<K extends keyof typeof schema.shape>(key: K): DecoderConfig[K] {
+  return fieldDefault(schema, key) as DecoderConfig[K];
+}
+
 /** Validates and completes the configuration; errors name the field. */
 export function compileDecoderConfig(input: DecoderConfigInput): DecoderConfig {
-  const r = schema.safeParse(input);
-  if (!r.success) {
-    const issue = r.error.issues[0];
-    const field = issue.path.join('.');
-    throw new InvalidArgumentError(`decoder config: ${field}: ${issue.message}`, { field });
-  }
-  return r.data;
+  return compileConfig('decoder', schema, input);
 }

@@ -2,7 +2,7 @@
 // shared/server/replica.ts for the shutdown order).
 import { DecodeRequest, DecoderDefinition, DecoderService, ImageFormat } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import type { Logger } from '../../shared/log.ts';
-import type { DecoderMetrics } from '../../shared/metrics.ts';
+import { zeroReplicaWorkSeries, type DecoderMetrics } from '../../shared/metrics.ts';
 import type { GrpcServer } from '../../shared/server/grpc.ts';
 import { mountReplica, type RunningReplica } from '../../shared/server/replica.ts';
 import { f32Tensor } from '../../shared/tensor.ts';
@@ -33,6 +33,7 @@ export async function startDecoderService(
 ): Promise<RunningReplica & { decoder: Decoder }> {
   const decoder = await Decoder.create(config, opts.metrics);
   decoder.onDead((err) => opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`));
+  zeroReplicaWorkSeries(decoder.metrics, decoder.name);
   const replica = await mountReplica(transport, {
     definition: DecoderDefinition,
     grpcDefinition: DecoderService,
@@ -40,6 +41,7 @@ export async function startDecoderService(
     scope: decoder.name,
     drivers: { decode: (source) => decoder.attach(source) },
     queueSettings: opts.queueSettings,
+    log: opts.log,
     onWorkEvent: (ev) => {
       if (ev.kind === 'redelivered') decoder.metrics.redelivered.inc({ model: decoder.name }, ev.calls);
       else decoder.metrics.dropped.inc({ model: decoder.name, reason: ev.reason }, ev.calls);

@@ -1,6 +1,7 @@
 // Denoiser configuration: validated once, defaults filled; the rest of the service sees only this.
 import { z } from 'zod';
 import { InvalidArgumentError } from '../../shared/errors.ts';
+import { compileConfig, fieldDefault } from '../../shared/config.ts';
 
 const schema = z.object({
   /** Model directory (model.json + model.onnx) built by `ditpipe model build dit`. */
@@ -24,15 +25,14 @@ const schema = z.object({
 export type DenoiserConfig = z.output<typeof schema>;
 export type DenoiserConfigInput = z.input<typeof schema>;
 
+/** The schema's default of one field (for --help; the CLI passes only what the user set). */
+export function denoiserConfigDefault<K extends keyof typeof schema.shape>(key: K): DenoiserConfig[K] {
+  return fieldDefault(schema, key) as DenoiserConfig[K];
+}
+
 /** Validates and completes the configuration; errors name the field. */
 export function compileDenoiserConfig(input: DenoiserConfigInput): DenoiserConfig {
-  const r = schema.safeParse(input);
-  if (!r.success) {
-    const issue = r.error.issues[0];
-    const field = issue.path.join('.');
-    throw new InvalidArgumentError(`denoiser config: ${field}: ${issue.message}`, { field });
-  }
-  return r.data;
+  return compileConfig('denoiser', schema, input);
 }
 
 /** Parses "a+b" or "a,b" (milliseconds per pass, per row) as given on the command line. */

@@ -4,9 +4,9 @@
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Batcher } from '../../shared/batching.ts';
-import { combineGuidance, guidanceRows } from '../../shared/diffusion/guidance.ts';
+import { combineGuidance, guidanceRows, modelOutChannels, packGuidedRows } from '../../shared/diffusion/guidance.ts';
 import { InvalidArgumentError, NotFoundError, UnavailableError } from '../../shared/errors.ts';
-import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
+import { checkGuidance } from '../../shared/sampling-settings.ts';
 import type { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { denoiserMetrics, type DenoiserMetrics } from '../../shared/metrics.ts';
 import { readDitModelDir, type DitModelJson } from '../../shared/model/modeldir.ts';
@@ -51,7 +51,7 @@ export class Denoiser {
     const c = meta.config;
     this.name = config.name ?? meta.name;
     this.plane = c.input_size * c.input_size;
-    this.outChannels = c.learn_sigma ? 2 * c.in_channels : c.in_channels;
+    this.outChannels = modelOutChannels(c.in_channels, c.learn_sigma);
     this.metrics = metrics;
     metrics.modelGflops.set({ model: this.name }, meta.gflops);
     this.batcher = new Batcher((jobs, rows) => this.forward(jobs, rows), {
@@ -147,12 +147,8 @@ export class Denoiser {
       }
     }
     const scale = req.cfgScale ?? 1;
-    if (!Number.isFinite(scale) || scale < 1) throw new InvalidArgumentError(`cfg_scale must be finite and >= 1, got ${scale}`, { field: 'cfg_scale' });
-    const g = req.guidanceChannels;
-    if (g !== GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED && g !== GuidanceChannels.GUIDANCE_CHANNELS_THREE && g !== GuidanceChannels.GUIDANCE_CHANNELS_ALL) {
-      throw new InvalidArgumentError(`guidance_channels: unknown value ${g}`, { field: 'guidance_channels' });
-    }
-    return { n, x: data, t: req.t, y: req.y, scale, omitVariance: req.omitVariance, channels: g === GuidanceChannels.GUIDANCE_CHANNELS_ALL ? 'all' : 3 };
+    const channels = checkGuidance(scale, req.guidanceChannels);
+    return { n, x: data, t: req.t, y: req.y, scale, omitVariance: req.omitVariance, channels };
   }
 
   /** One forward pass over the rows of several steps: [cond rows; uncond rows] per guided step. */
@@ -164,17 +160,7 @@ export class Denoiser {
     const t = new BigInt64Array(rows);
     const y = new BigInt64Array(rows);
     let r = 0;
-    for (const j of jobs) {
-      const copies = j.scale === 1 ? 1 : 2;
-      for (let k = 0; k < copies; k++) {
-        x.set(j.x, r * rowSize);
-        for (let i = 0; i < j.n; i++) {
-          t[r + i] = j.t[i];
-          y[r + i] = BigInt(k === 0 ? j.y[i] : c.num_classes);
-        }
-        r += j.n;
-      }
-    }
+    for (const j of jobs) r += packGuidedRows({ x, t, y }, r, j, j.scale, c.num_classes);
     const started = performance.now();
     let out: Float32Array;
     if (this.session) {

@@ -3,7 +3,7 @@
 import { DenoiseRequest, DenoiserDefinition, DenoiserService } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
 import type { Logger } from '../../shared/log.ts';
-import type { DenoiserMetrics } from '../../shared/metrics.ts';
+import { zeroReplicaWorkSeries, type DenoiserMetrics } from '../../shared/metrics.ts';
 import type { GrpcServer } from '../../shared/server/grpc.ts';
 import { mountReplica, type RunningReplica } from '../../shared/server/replica.ts';
 import { f32Tensor } from '../../shared/tensor.ts';
@@ -35,6 +35,7 @@ export async function startDenoiserService(
 ): Promise<RunningReplica & { denoiser: Denoiser }> {
   const denoiser = await Denoiser.create(config, opts.metrics);
   denoiser.onDead((err) => opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`));
+  zeroReplicaWorkSeries(denoiser.metrics, denoiser.name);
   const replica = await mountReplica(transport, {
     definition: DenoiserDefinition,
     grpcDefinition: DenoiserService,
@@ -42,6 +43,7 @@ export async function startDenoiserService(
     scope: denoiser.name,
     drivers: { denoise: (source) => denoiser.attach(source) },
     queueSettings: opts.queueSettings,
+    log: opts.log,
     onWorkEvent: (ev) => {
       if (ev.kind === 'redelivered') denoiser.metrics.redelivered.inc({ model: denoiser.name }, ev.calls);
       else denoiser.metrics.dropped.inc({ model: denoiser.name, reason: ev.reason }, ev.calls);

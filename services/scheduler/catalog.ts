@@ -8,9 +8,12 @@ import type { ModelInfo } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { servedImageSize } from '../../shared/image/crop.ts';
 import type { ClientWorkEvent, QueueSettings, RpcClient, Transport } from '../../shared/transport/types.ts';
 import type { SchedulerConfig } from './config.ts';
+import { RateLimitedLog, silentLogger, type Logger } from '../../shared/log.ts';
 
 export interface CatalogOptions {
   queueSettings?: Partial<QueueSettings>;
+  /** Where failures of background refreshes and optional look-ups go (they fail no request); default: nowhere. */
+  log?: Logger;
   /** Work events of the denoiser and decoder clients, for metrics. */
   onWorkEvent?: (service: 'denoiser' | 'decoder', event: ClientWorkEvent) => void;
 }
@@ -34,13 +37,16 @@ export class Catalog {
   private readonly loading = new Map<string, Promise<ServedModel>>();
   private readonly denoisers = new Map<string, RpcClient<typeof DenoiserDefinition>>();
   private readonly decoders = new Map<string, RpcClient<typeof DecoderDefinition>>();
+  private readonly events: RateLimitedLog;
 
   constructor(
     private readonly transport: Transport,
     private readonly config: SchedulerConfig,
     private readonly definitions: { denoiser: typeof DenoiserDefinition; decoder: typeof DecoderDefinition },
     private readonly opts: CatalogOptions = {},
-  ) {}
+  ) {
+    this.events = new RateLimitedLog(opts.log ?? silentLogger());
+  }
 
   denoiserClient(model: string): RpcClient<typeof DenoiserDefinition> {
     let c = this.denoisers.get(model);
@@ -92,7 +98,9 @@ export class Catalog {
     // A stale description is refreshed in the background: no request waits for a round trip
     // once the model was seen, and one that fails (no denoiser answers) keeps the old one.
     if (hit) {
-      p.catch(() => undefined);
+      p.catch((err: unknown) =>
+        this.events.event('warn', `refresh|${name}`, { model: name, err: toDitpipeError(err).message }, `model "${name}": refreshing its description failed; keeping the one from ${new Date(hit.expires - this.config.modelInfoTtlMs).toISOString()}`),
+      );
       return hit.model;
     }
     return await p;
@@ -111,8 +119,9 @@ export class Catalog {
     if (vae) {
       try {
         decoder = await this.decoderClient(vae).info({}, { timeoutMs: Math.min(this.config.decodeTimeoutMs, 10_000) });
-      } catch {
+      } catch (err) {
         decoder = null; // PNG requests fail with UNAVAILABLE until a decoder shows up; raw latents still work
+        this.events.event('info', `decoder|${vae}`, { model: name, vae, err: toDitpipeError(err).message }, `model "${name}": no decoder answers for VAE "${vae}" yet; raw latents work, PNG requests wait for one`);
       }
     }
     const model: ServedModel = {
@@ -150,7 +159,8 @@ export class Catalog {
       let m: ServedModel;
       try {
         m = await this.get(name);
-      } catch {
+      } catch (err) {
+        this.events.event('info', `list|${name}`, { model: name, err: toDitpipeError(err).message }, `ListModels leaves out model "${name}": ${toDitpipeError(err).message}`);
         continue;
       }
       const [denoisers, decoders] = await Promise.all([

@@ -1,6 +1,7 @@
 // Scheduler configuration: validated once, defaults filled; the rest of the service sees only this.
 import { z } from 'zod';
-import { InvalidArgumentError } from '../../shared/errors.ts';
+import { SAMPLERS, type SamplerName } from '../../shared/diffusion/sampler/registry.ts';
+import { compileConfig, fieldDefault } from '../../shared/config.ts';
 
 const name = z.string().regex(/^[A-Za-z0-9_-]+$/, 'letters, digits, "-" and "_" only');
 
@@ -13,10 +14,15 @@ const schema = z.object({
   maxSamplesInFlight: z.number().int().min(1).default(256),
   /** Most images one request may ask for. */
   maxImagesPerRequest: z.number().int().min(1).max(1024).default(64),
-  /** Default steps per sampler when a request leaves num_steps unset. */
+  /** Default steps per sampler when a request leaves num_steps unset; each sampler's own default (its file in shared/diffusion/sampler/). */
   defaultSteps: z
-    .object({ ddpm: z.number().int().min(1).max(1000), ddim: z.number().int().min(1).max(1000), dpmpp: z.number().int().min(1).max(1000) })
-    .default({ ddpm: 250, ddim: 50, dpmpp: 20 }),
+    .object(
+      Object.fromEntries(SAMPLERS.map((s) => [s.name, z.number().int().min(1).max(1000).default(s.defaultSteps)])) as Record<
+        SamplerName,
+        z.ZodDefault<z.ZodNumber>
+      >,
+    )
+    .prefault({}),
   /** Default classifier-free guidance scale (the DiT sampling script's default). */
   defaultCfgScale: z.number().min(1).default(4),
   /**
@@ -34,13 +40,12 @@ const schema = z.object({
 export type SchedulerConfig = z.output<typeof schema>;
 export type SchedulerConfigInput = z.input<typeof schema>;
 
+/** The schema's default of one field (for --help; the CLI passes only what the user set). */
+export function schedulerConfigDefault<K extends keyof typeof schema.shape>(key: K): SchedulerConfig[K] {
+  return fieldDefault(schema, key) as SchedulerConfig[K];
+}
+
 /** Validates and completes the configuration; errors name the field. */
 export function compileSchedulerConfig(input: SchedulerConfigInput): SchedulerConfig {
-  const r = schema.safeParse(input);
-  if (!r.success) {
-    const issue = r.error.issues[0];
-    const field = issue.path.join('.');
-    throw new InvalidArgumentError(`scheduler config: ${field}: ${issue.message}`, { field });
-  }
-  return r.data;
+  return compileConfig('scheduler', schema, input);
 }

@@ -4,8 +4,11 @@
 // turn the final latents into images. All request state lives here; replicas hold none.
 import { randomBytes, randomUUID } from 'node:crypto';
 import { DiffusionInputError } from '../../shared/diffusion/errors.ts';
-import { guidanceRows } from '../../shared/diffusion/guidance.ts';
+import { guidanceRows, modelOutChannels } from '../../shared/diffusion/guidance.ts';
+import { samplerByName } from '../../shared/diffusion/sampler/registry.ts';
 import { advance, next, result, start, type SamplerName } from '../../shared/diffusion/state.ts';
+import { samplerOfKind } from '../../shared/sampler-kinds.ts';
+import { checkEta, checkGuidance } from '../../shared/sampling-settings.ts';
 import {
   CancelledError,
   Code,
@@ -26,7 +29,6 @@ import { ImageFormat, type DecoderInfo } from '../../shared/gen/ditpipe/v1/decod
 import {
   OutputFormat,
   PreviewMethod,
-  SamplerKind,
   type GenerateEvent,
   type GenerateRequest,
   type GenerateResponse,
@@ -36,8 +38,8 @@ import {
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { servedImageSize } from '../../shared/image/crop.ts';
 import { RateLimitedLog, silentLogger, type Logger } from '../../shared/log.ts';
-import { schedulerMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
-import { copyF32TensorInto, f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
+import { schedulerMetrics, zeroSchedulerWorkSeries, type SchedulerMetrics } from '../../shared/metrics.ts';
+import { copyF32TensorInto, f32Tensor } from '../../shared/tensor.ts';
 import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
 import { queueSettings } from '../../shared/transport/work.ts';
 import { DecoderDefinition } from '../../shared/gen/ditpipe/v1/decoder.ts';
@@ -70,13 +72,6 @@ export interface GenerateOptions {
   /** Receives accepted, progress and image events as they happen (GenerateStream). */
   onEvent?: (event: GenerateEvent) => void;
 }
-
-const SAMPLERS: Record<number, SamplerName> = {
-  [SamplerKind.SAMPLER_KIND_UNSPECIFIED]: 'ddpm',
-  [SamplerKind.SAMPLER_KIND_DDPM]: 'ddpm',
-  [SamplerKind.SAMPLER_KIND_DDIM]: 'ddim',
-  [SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP]: 'dpmpp',
-};
 
 /** Clock skew allowed between grpc-js's deadline timer and ours. */
 const DEADLINE_SLACK_MS = 50;
@@ -130,12 +125,14 @@ export class Scheduler {
       { denoiser: DenoiserDefinition, decoder: DecoderDefinition },
       {
         queueSettings: opts.queueSettings,
+        log: this.log,
         onWorkEvent: (service, ev) => {
           if (ev.kind === 'discarded') metrics.discardedAnswers.inc({ service, reason: ev.reason });
           else metrics.resent.inc({ service }, ev.messages);
         },
       },
     );
+    zeroSchedulerWorkSeries(metrics);
     metrics.onCollectQueues(() => this.readQueues());
   }
 
@@ -182,16 +179,16 @@ export class Scheduler {
   async *generateEvents(req: GenerateRequest, opts: Omit<GenerateOptions, 'onEvent'> = {}): AsyncGenerator<GenerateEvent> {
     const queue: GenerateEvent[] = [];
     let wake: (() => void) | null = null;
-    let settled: { err: unknown } | null = null;
+    let settled: { failed: boolean; err?: unknown } | null = null;
     void this.generate(req, { ...opts, onEvent: (e) => { queue.push(e); wake?.(); } }).then(
-      () => { settled = { err: null }; },
-      (err: unknown) => { settled = { err }; },
+      () => { settled = { failed: false }; },
+      (err: unknown) => { settled = { failed: true, err }; },
     ).finally(() => wake?.());
     for (;;) {
       while (queue.length) yield queue.shift() as GenerateEvent;
-      const s = settled as { err: unknown } | null;
+      const s = settled as { failed: boolean; err?: unknown } | null;
       if (s) {
-        if (s.err) throw s.err;
+        if (s.failed) throw s.err;
         return;
       }
       await new Promise<void>((r) => {
@@ -292,25 +289,16 @@ export class Scheduler {
         { field: 'class_labels' },
       );
     }
-    const sampler = SAMPLERS[req.sampler];
-    if (!sampler) throw new InvalidArgumentError(`sampler: unknown value ${req.sampler}`, { field: 'sampler' });
+    const samplerDef = samplerOfKind(req.sampler);
+    if (!samplerDef) throw new InvalidArgumentError(`sampler: unknown value ${req.sampler}`, { field: 'sampler' });
+    const sampler = samplerDef.name;
     const numSteps = req.numSteps ?? this.config.defaultSteps[sampler];
     if (!Number.isInteger(numSteps) || numSteps < 1 || numSteps > 1000) {
       throw new InvalidArgumentError(`num_steps must be within 1..1000, got ${numSteps}`, { field: 'num_steps' });
     }
     const cfgScale = req.cfgScale ?? this.config.defaultCfgScale;
-    if (!Number.isFinite(cfgScale) || cfgScale < 1) {
-      throw new InvalidArgumentError(`cfg_scale must be finite and >= 1 (1 = no guidance), got ${cfgScale}`, { field: 'cfg_scale' });
-    }
-    const g = req.guidanceChannels;
-    if (g !== GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED && g !== GuidanceChannels.GUIDANCE_CHANNELS_THREE && g !== GuidanceChannels.GUIDANCE_CHANNELS_ALL) {
-      throw new InvalidArgumentError(`guidance_channels: unknown value ${g}`, { field: 'guidance_channels' });
-    }
-    const eta = req.eta ?? 0;
-    if (!Number.isFinite(eta) || eta < 0 || eta > 1) throw new InvalidArgumentError(`eta must be within 0..1, got ${eta}`, { field: 'eta' });
-    if (req.eta !== undefined && eta !== 0 && sampler !== 'ddim') {
-      throw new InvalidArgumentError(`eta applies to SAMPLER_KIND_DDIM only; got eta ${eta} with ${SamplerKind[req.sampler]}`, { field: 'eta' });
-    }
+    const guided = checkGuidance(cfgScale, req.guidanceChannels);
+    const eta = checkEta(req.eta, samplerDef);
     const fmt = req.outputFormat;
     if (fmt !== OutputFormat.OUTPUT_FORMAT_UNSPECIFIED && fmt !== OutputFormat.OUTPUT_FORMAT_PNG && fmt !== OutputFormat.OUTPUT_FORMAT_RAW_LATENT) {
       throw new InvalidArgumentError(`output_format: unknown value ${fmt}`, { field: 'output_format' });
@@ -353,7 +341,7 @@ export class Scheduler {
       sampler,
       numSteps,
       cfgScale,
-      guidance: g === GuidanceChannels.GUIDANCE_CHANNELS_ALL ? g : GuidanceChannels.GUIDANCE_CHANNELS_THREE,
+      guidance: guided === 'all' ? GuidanceChannels.GUIDANCE_CHANNELS_ALL : GuidanceChannels.GUIDANCE_CHANNELS_THREE,
       eta,
       seed,
       raw: fmt === OutputFormat.OUTPUT_FORMAT_RAW_LATENT,
@@ -386,8 +374,8 @@ export class Scheduler {
         numSteps: plan.numSteps,
         shape: [c.inChannels, c.inputSize, c.inputSize],
         count: n,
-        // Only DDPM reads the learned variance; the others take the mean channels alone (see omitVariance).
-        learnSigma: c.learnSigma && plan.sampler === 'ddpm',
+        // Only samplers that read the learned variance get it; the others take the mean channels alone (see omitVariance).
+        learnSigma: c.learnSigma && samplerByName(plan.sampler)!.learnedVariance,
         seed: plan.seed,
         eta: plan.eta,
       });
@@ -400,8 +388,8 @@ export class Scheduler {
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
     const denoiseStart = performance.now();
-    const omitVariance = c.learnSigma && plan.sampler !== 'ddpm';
-    const outChannels = c.learnSigma && !omitVariance ? 2 * c.inChannels : c.inChannels;
+    const omitVariance = c.learnSigma && !samplerByName(plan.sampler)!.learnedVariance;
+    const outChannels = modelOutChannels(c.inChannels, c.learnSigma && !omitVariance);
     const inPer = c.inChannels * c.inputSize * c.inputSize;
     const outPer = outChannels * c.inputSize * c.inputSize;
     // A step of many samples is split into calls that fit one replica's row budget (guidance rows

@@ -1,9 +1,8 @@
-/** gRPC status code INVALID_ARGUMENT, so services can map the error without a lookup table. */
-const INVALID_ARGUMENT = 3;
-
-/** A sampling request or tensor that cannot be used; `field` names what was wrong. */
+/**
+ * A sampling request or tensor that cannot be used; `field` names what was wrong. The diffusion
+ * math knows nothing of gRPC: the scheduler turns it into an InvalidArgumentError for the field.
+ */
 export class DiffusionInputError extends Error {
-  readonly grpcCode = INVALID_ARGUMENT;
   constructor(
     readonly field: string,
     message: string,

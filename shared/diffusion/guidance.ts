@@ -28,6 +28,46 @@ export function guidedChannels(opts: Pick<GuidanceOptions, 'outChannels' | 'inCh
   throw new DiffusionInputError('guidanceChannels', `must be 3 or 'all', got ${String(mode)}`);
 }
 
+/** Channels of a DiT's output: C (eps), or 2C when it learns sigma (eps, then the variance values). */
+export function modelOutChannels(inChannels: number, learnSigma: boolean): number {
+  return learnSigma ? 2 * inChannels : inChannels;
+}
+
+/** One request's rows of a guided model input: N latents at one timestep each, with their labels. */
+export interface GuidedRowsSource {
+  /** [N, C, H, W]. */
+  readonly x: Float32Array;
+  readonly t: ArrayLike<bigint>;
+  readonly y: ArrayLike<number>;
+  readonly n: number;
+}
+
+/**
+ * Writes `src` as model input rows at row `at` of x/t/y: the N conditional rows, then (scale ≠ 1)
+ * the same N latents and timesteps again with the null label `nullLabel` (the unconditional rows),
+ * the [cond; uncond] layout combineGuidance reads. Returns the rows written (guidanceRows).
+ */
+export function packGuidedRows(
+  dst: { readonly x: Float32Array; readonly t: BigInt64Array; readonly y: BigInt64Array },
+  at: number,
+  src: GuidedRowsSource,
+  scale: number,
+  nullLabel: number,
+): number {
+  const rowSize = src.x.length / src.n;
+  const copies = guidanceRows(1, scale);
+  let r = at;
+  for (let k = 0; k < copies; k++) {
+    dst.x.set(src.x, r * rowSize);
+    for (let i = 0; i < src.n; i++) {
+      dst.t[r + i] = src.t[i];
+      dst.y[r + i] = BigInt(k === 0 ? src.y[i] : nullLabel);
+    }
+    r += src.n;
+  }
+  return r - at;
+}
+
 /** How many model rows a step of N samples needs: 2N with guidance, N at scale 1. */
 export function guidanceRows(rows: number, scale: number): number {
   return scale === 1 ? rows : 2 * rows;

@@ -20,7 +20,17 @@ export {
   type StepLayout,
   type VarianceType,
 } from './samplers.ts';
-export { combineGuidance, guidanceRows, guidedChannels, type GuidanceOptions } from './guidance.ts';
+export { SAMPLERS, SAMPLER_NAMES, DEFAULT_SAMPLER, samplerByName, samplerByProtoKind, samplerList, samplersWithOption } from './sampler/registry.ts';
+export { defineSampler, type SamplerDef, type SamplerOption, type StepArgs } from './sampler/types.ts';
+export {
+  combineGuidance,
+  guidanceRows,
+  guidedChannels,
+  modelOutChannels,
+  packGuidedRows,
+  type GuidanceOptions,
+  type GuidedRowsSource,
+} from './guidance.ts';
 export { fillNormal, philox4x32, seedKey, STREAM_INITIAL, STREAM_STEP } from './philox.ts';
 export {
   advance,

@@ -23,7 +23,8 @@ export interface StepLayout {
 export type VarianceType = 'learned-range' | 'fixed-large' | 'fixed-small';
 
 
-function checkStep(d: SpacedDiffusion, index: number, layout: StepLayout, x: Float32Array, modelOut: Float32Array, out: Float32Array): void {
+/** Validates the index and the tensor sizes of one step; every step function calls it first. */
+export function checkStep(d: SpacedDiffusion, index: number, layout: StepLayout, x: Float32Array, modelOut: Float32Array, out: Float32Array): void {
   if (!Number.isInteger(index) || index < 0 || index >= d.numTimesteps) {
     throw new DiffusionInputError('step', `respaced index ${index} is outside 0..${d.numTimesteps - 1}`);
   }

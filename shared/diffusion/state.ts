@@ -2,21 +2,15 @@
 // step, sends it wherever it likes, and feeds the (already guided) model output back to `advance`.
 // Nothing blocks and nothing is shared between requests.
 import { DiffusionInputError } from './errors.ts';
+import { modelOutChannels } from './guidance.ts';
 import { fillNormal, seedKey, STREAM_INITIAL, STREAM_STEP } from './philox.ts';
 import { spacedDiffusion, type SpacedDiffusion } from './respace.ts';
-import {
-  ddimStep,
-  ddpmStep,
-  dpmppMemory,
-  dpmppStep,
-  predictX0 as predictX0At,
-  type DpmppMemory,
-  type StepLayout,
-  type VarianceType,
-} from './samplers.ts';
+import { samplerByName, samplerList, type SamplerName } from './sampler/registry.ts';
+import type { SamplerDef } from './sampler/types.ts';
+import { predictX0 as predictX0At, type StepLayout, type VarianceType } from './samplers.ts';
 import type { ScheduleName } from './schedule.ts';
 
-export type SamplerName = 'ddpm' | 'ddim' | 'dpmpp';
+export type { SamplerName } from './sampler/registry.ts';
 
 /** Noise supplied by the caller instead of the generator (e.g. the golden trajectories' noise). */
 export interface InjectedNoise {
@@ -50,7 +44,7 @@ export interface SampleRequest {
   readonly seed: bigint;
   /** Index of this request's first sample in the noise streams, default 0. */
   readonly sampleIndexOffset?: number;
-  /** DDIM eta, default 0. */
+  /** eta of the samplers that take it (DDIM), default the sampler's; ignored by the others. */
   readonly eta?: number;
   /** Clamp the x0 prediction to [-1, 1]; default false, as the DiT sampling scripts. */
   readonly clipDenoised?: boolean;
@@ -61,6 +55,8 @@ export interface SampleRequest {
 
 export interface SamplerState {
   readonly sampler: SamplerName;
+  /** The sampler's declaration (sampler/registry.ts). */
+  readonly def: SamplerDef<SamplerName>;
   readonly diffusion: SpacedDiffusion;
   readonly layout: StepLayout;
   readonly totalSteps: number;
@@ -77,7 +73,8 @@ export interface SamplerState {
   readonly injected: InjectedNoise | null;
   /** Scratch for the step noise (null when the sampler never draws noise). */
   readonly noiseBuf: Float32Array | null;
-  readonly dpmpp: DpmppMemory | null;
+  /** The sampler's memory between steps (multistep history), or null. */
+  readonly memory: unknown;
   /** Per-sample timestep buffer returned by `next` (reused every step). */
   readonly tBuf: Int32Array;
 }
@@ -102,9 +99,8 @@ function positiveInt(v: unknown, field: string): number {
 
 /** Validates the request, draws (or takes) the starting noise, and returns a fresh state. */
 export function start(req: SampleRequest): SamplerState {
-  if (req.sampler !== 'ddpm' && req.sampler !== 'ddim' && req.sampler !== 'dpmpp') {
-    throw new DiffusionInputError('sampler', `must be 'ddpm', 'ddim' or 'dpmpp', got '${String(req.sampler)}'`);
-  }
+  const def = samplerByName(req.sampler);
+  if (!def) throw new DiffusionInputError('sampler', `must be ${samplerList()}, got '${String(req.sampler)}'`);
   if (!Array.isArray(req.shape) || req.shape.length !== 3) {
     throw new DiffusionInputError('shape', 'must be [C, H, W]');
   }
@@ -121,7 +117,7 @@ export function start(req: SampleRequest): SamplerState {
   if (req.numSteps !== undefined && req.numSteps !== totalSteps) {
     throw new DiffusionInputError('numSteps', `is ${req.numSteps} but respacing '${respacing}' gives ${totalSteps} steps`);
   }
-  const eta = req.eta ?? 0;
+  const eta = req.eta ?? def.options.eta?.default ?? 0;
   if (!(typeof eta === 'number' && Number.isFinite(eta) && eta >= 0)) {
     throw new DiffusionInputError('eta', `must be a finite number >= 0, got ${String(eta)}`);
   }
@@ -135,7 +131,7 @@ export function start(req: SampleRequest): SamplerState {
   }
   const key = seedKey(req.seed);
   const n = count * channels * plane;
-  const layout: StepLayout = { count, channels, plane, outChannels: req.learnSigma ? 2 * channels : channels };
+  const layout: StepLayout = { count, channels, plane, outChannels: modelOutChannels(channels, req.learnSigma) };
 
   const x = new Float32Array(n);
   if (req.noise) {
@@ -147,9 +143,10 @@ export function start(req: SampleRequest): SamplerState {
     const per = channels * plane;
     for (let s = 0; s < count; s++) fillNormal(x, s * per, per, key, offset + s, 0, STREAM_INITIAL);
   }
-  const drawsNoise = req.sampler === 'ddpm' || (req.sampler === 'ddim' && eta > 0);
+  const drawsNoise = def.drawsNoise({ eta });
   return {
-    sampler: req.sampler,
+    sampler: def.name,
+    def,
     diffusion,
     layout,
     totalSteps,
@@ -163,7 +160,7 @@ export function start(req: SampleRequest): SamplerState {
     sampleIndexOffset: offset,
     injected: req.noise ?? null,
     noiseBuf: drawsNoise && !req.noise ? new Float32Array(n) : null,
-    dpmpp: req.sampler === 'dpmpp' ? dpmppMemory(n) : null,
+    memory: def.memory ? def.memory(n) : null,
     tBuf: new Int32Array(count),
   };
 }
@@ -182,7 +179,7 @@ export function next(state: SamplerState): PendingStep | null {
 }
 
 function stepNoise(state: SamplerState, step: number, index: number): Float32Array | null {
-  const needs = index !== 0 && (state.sampler === 'ddpm' || (state.sampler === 'ddim' && state.eta > 0));
+  const needs = index !== 0 && state.def.drawsNoise({ eta: state.eta });
   if (!needs) return null;
   if (state.injected) {
     const z = state.injected.stepNoise(step);
@@ -210,17 +207,19 @@ export function advance(state: SamplerState, modelOutput: Float32Array): Sampler
   const step = state.stepsDone;
   const index = state.totalSteps - 1 - step;
   const { diffusion: d, layout, x } = state;
-  switch (state.sampler) {
-    case 'ddpm':
-      ddpmStep(d, index, x, modelOutput, stepNoise(state, step, index), layout, { variance: state.variance, clipDenoised: state.clipDenoised }, x);
-      break;
-    case 'ddim':
-      ddimStep(d, index, x, modelOutput, stepNoise(state, step, index), layout, { eta: state.eta, clipDenoised: state.clipDenoised }, x);
-      break;
-    case 'dpmpp':
-      dpmppStep(d, index, x, modelOutput, layout, state.dpmpp as DpmppMemory, { clipDenoised: state.clipDenoised }, x);
-      break;
-  }
+  state.def.step({
+    diffusion: d,
+    index,
+    x,
+    modelOut: modelOutput,
+    noise: stepNoise(state, step, index),
+    layout,
+    variance: state.variance,
+    eta: state.eta,
+    clipDenoised: state.clipDenoised,
+    memory: state.memory,
+    out: x,
+  });
   if (state.trajectory) state.trajectory.set(x, step * x.length);
   state.stepsDone = step + 1;
   return state;
@@ -236,7 +235,7 @@ export function predictX0(state: SamplerState, modelOutput: Float32Array, out: F
   if (isDone(state)) throw new DiffusionInputError('state', 'sampling is already finished');
   if (!(modelOutput instanceof Float32Array)) throw new DiffusionInputError('modelOutput', 'must be a Float32Array');
   const index = state.totalSteps - 1 - state.stepsDone;
-  const arithmetic = state.sampler === 'dpmpp' ? 'float64' : 'float32';
+  const arithmetic = state.def.x0Arithmetic;
   predictX0At(state.diffusion, index, state.x, modelOutput, state.layout, { arithmetic, clipDenoised: state.clipDenoised }, out);
   return out;
 }

@@ -1,8 +1,8 @@
 // Decoded images → PNG files. Pixels follow the DiT sampling script: clamp(127.5·x + 128, 0, 255)
 // truncated (toUint8Nhwc); 3 channels become RGB, 1 channel grayscale.
 import { decode, encode } from 'fast-png';
-import { toUint8Nhwc } from '../model/vae.ts';
 import type { WireTensor } from '../runtime/protocol.ts';
+import { toUint8Nhwc } from './pixels.ts';
 
 export interface Pixels {
   width: number;

@@ -6,6 +6,7 @@ import {
   expectShape,
   type WeightFile,
 } from '../weights/index.ts';
+import { modelOutChannels } from '../diffusion/guidance.ts';
 import type { DitConfig } from './modeldir.ts';
 
 export type DitFormat = 'original' | 'diffusers';
@@ -20,7 +21,7 @@ export interface DitTensorSpec {
 }
 
 export function ditOutChannels(c: DitConfig): number {
-  return c.learn_sigma ? 2 * c.in_channels : c.in_channels;
+  return modelOutChannels(c.in_channels, c.learn_sigma);
 }
 
 export function ditTokens(c: DitConfig): number {

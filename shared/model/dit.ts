@@ -36,7 +36,8 @@ import {
   ditTensorSpecs,
   type DitFormat,
 } from './dit-names.ts';
-import { ditConfigSchema, writeModelDir, type DitConfig, type ModelDir } from './modeldir.ts';
+import { ditConfigSchema, type DitConfig, type ModelDir } from './modeldir.ts';
+import { writeModelDir } from './modeldir-write.ts';
 import { defaultHeadsForWidth, ditPreset } from './presets.ts';
 
 export type { DitConfig } from './modeldir.ts';
@@ -133,7 +134,7 @@ export function parseDitConfigJson(raw: unknown, where = '--config'): DitConfigJ
   if (names !== undefined && !(Array.isArray(names) && names.every((n) => typeof n === 'string'))) {
     throw new DitConfigError(`${where}: field "class_names": expected an array of strings`);
   }
-  return { config: r.data, ...(names ? { classNames: names as string[] } : {}) };
+  return { config: r.data, ...(names ? { classNames: names } : {}) };
 }
 
 /** The constructor arguments of a user-supplied config (see parseDitConfigJson). */

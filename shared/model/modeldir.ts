@@ -1,13 +1,11 @@
 // A model directory: `model.onnx` (+ `model.onnx.data` for large weights) and `model.json`, which
 // says what the graph is, so services and the CLI never have to open the ONNX file to learn it.
-import { existsSync, mkdirSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { z } from 'zod';
+import { modelOutChannels } from '../diffusion/guidance.ts';
 import { imageCropSchema } from '../image/crop.ts';
 import { inspectOnnx, OnnxFormatError, type OnnxSummary, type OnnxValueInfo } from '../onnx/inspect.ts';
-import { writeOnnx, type WriteOptions } from '../onnx/write.ts';
-import type { Graph } from '../onnx/graph.ts';
-import { VERSION } from '../version.ts';
 
 export const MODEL_JSON = 'model.json';
 export const MODEL_ONNX = 'model.onnx';
@@ -206,7 +204,7 @@ function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: s
     dim(x, 1, c.in_channels, 'in_channels');
     dim(x, 2, c.input_size, 'input_size');
     dim(x, 3, c.input_size, 'input_size');
-    dim(out, 1, c.learn_sigma ? 2 * c.in_channels : c.in_channels, c.learn_sigma ? 'learn_sigma' : 'in_channels');
+    dim(out, 1, modelOutChannels(c.in_channels, c.learn_sigma), c.learn_sigma ? 'learn_sigma' : 'in_channels');
     dim(out, 2, c.input_size, 'input_size');
   } else {
     const c = meta.config;
@@ -237,39 +235,4 @@ export const GRAPH_REVISION = 2;
 /** The graph revision a model directory was built with (directories from before the field: 1). */
 export function graphRevisionOf(meta: ModelJson): number {
   return meta.graphRevision ?? 1;
-}
-
-/** What a graph builder knows; `writeModelDir` adds what writing the graph tells. */
-export type ModelJsonDraft =
-  | Omit<DitModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy' | 'graphRevision'>
-  | Omit<VaeModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy' | 'graphRevision'>;
-
-/** Multiply-accumulates per forward at batch 1, ×1e-9. */
-export function graphGflops(graph: Graph): number {
-  let macs = 0;
-  for (const m of graph.macs.values()) macs += m;
-  return macs / 1e9;
-}
-
-export function writeModelDir(dir: string, graph: Graph, draft: ModelJsonDraft, opts: WriteOptions = {}): ModelDir {
-  mkdirSync(dir, { recursive: true });
-  const onnxPath = join(dir, MODEL_ONNX);
-  const res = writeOnnx(graph, onnxPath, opts);
-  const meta = modelJsonSchema.parse({
-    ...draft,
-    format: 'ditpipe-model',
-    version: 1,
-    inputs: graph.inputs.map(({ name, dtype, shape }) => ({ name, dtype, shape: [...shape] })),
-    outputs: graph.outputs.map(({ name, dtype, shape }) => ({ name, dtype, shape: [...shape] })),
-    params: res.params,
-    gflops: graphGflops(graph),
-    flopsConvention: 'multiply-accumulates',
-    weightDtype: opts.weightDtype ?? 'float32',
-    onnx: MODEL_ONNX,
-    externalData: res.externalData,
-    createdBy: `ditpipe ${VERSION}`,
-    graphRevision: GRAPH_REVISION,
-  });
-  writeFileSync(join(dir, MODEL_JSON), `${JSON.stringify(meta, null, 2)}\n`);
-  return { dir, onnxPath, meta };
 }

@@ -208,7 +208,7 @@ export class Graph {
     this.macs.set(y.name, numel([...x.shape.slice(0, -1), n]) * k);
     if (x.shape.length === 2) return y;
     const shape = [...x.shape.slice(0, -1), n];
-    return this.op('Reshape', [y, this.constInt64([-1, ...(inner as number[]), n], [shape.length], 'shape')], { dtype: x.dtype, shape });
+    return this.op('Reshape', [y, this.constInt64([-1, ...inner, n], [shape.length], 'shape')], { dtype: x.dtype, shape });
   }
 
   conv(
@@ -241,8 +241,8 @@ export class Graph {
       // Dims copied through (0) cancel out. What is left of the input's static size, over the
       // target's other sizes, is the -1 dim, times any symbolic input dims left over ('64*B').
       const moved = x.shape.filter((_, i) => target[i] !== 0);
-      const leftover = moved.filter((d) => typeof d === 'string') as string[];
-      const total = (moved.filter((d) => typeof d === 'number') as number[]).reduce((p, q) => p * q, 1);
+      const leftover = moved.filter((d): d is string => typeof d === 'string');
+      const total = moved.filter((d): d is number => typeof d === 'number').reduce((p, q) => p * q, 1);
       const known = target.filter((d, i) => i !== minus && d !== 0).reduce((p, q) => p * q, 1);
       const factor = total / known;
       shape[minus] = leftover.length === 0 ? factor : [...(factor === 1 ? [] : [factor]), ...leftover].join('*');
@@ -264,7 +264,7 @@ export class Graph {
     const ax = axis < 0 ? xs[0].shape.length + axis : axis;
     const shape = [...xs[0].shape];
     const sizes = xs.map((v) => v.shape[ax]);
-    shape[ax] = sizes.every((s) => typeof s === 'number') ? (sizes as number[]).reduce((p, q) => p + q, 0) : sizes[0];
+    shape[ax] = sizes.every((s) => typeof s === 'number') ? sizes.reduce((p, q) => p + q, 0) : sizes[0];
     return this.op('Concat', xs, { dtype: xs[0].dtype, shape }, { axis });
   }
 

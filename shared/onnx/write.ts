@@ -5,7 +5,7 @@ import { closeSync, openSync, writeSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import { f32ToF16Bits } from '../weights/decode.ts';
-import { Graph, ONNX_DTYPE, type AttrValue, type Node, type Value } from './graph.ts';
+import { type Graph, ONNX_DTYPE, type AttrValue, type Node, type Value } from './graph.ts';
 
 export const IR_VERSION = 8;
 export const OPSET = 17;

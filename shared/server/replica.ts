@@ -10,6 +10,8 @@
 // `dead()` says it can no longer serve (its inference worker exited) reports NOT_SERVING for good
 // and stops taking work at once (what it holds goes back to the queue).
 import type { ServiceDefinition as GrpcServiceDefinition } from '@grpc/grpc-js';
+import { codeName, toDitpipeError } from '../errors.ts';
+import { RateLimitedLog, silentLogger, type Logger } from '../log.ts';
 import type { QueueSettings, RpcServer, ServiceDefinition, ServiceImpl, Transport, WorkEvent, WorkSource } from '../transport/types.ts';
 import { grpcHandlers, type GrpcServer } from './grpc.ts';
 
@@ -40,15 +42,24 @@ export interface ReplicaSpec<D extends ServiceDefinition> {
   drivers?: Record<string, (source: WorkSource) => void>;
   queueSettings?: Partial<QueueSettings>;
   onWorkEvent?: (event: WorkEvent) => void;
+  /** Where errors no caller can be told of go (a reply that could not be sent, a malformed work message dropped, a failed pull); default: nowhere. */
+  log?: Logger;
   close: () => Promise<void>;
 }
 
 export async function mountReplica<D extends ServiceDefinition>(transport: Transport, spec: ReplicaSpec<D>): Promise<RunningReplica> {
+  // Rate-limited per method and code: a storm of bad messages or a NATS outage gives a line now and a count later.
+  const events = new RateLimitedLog(spec.log ?? silentLogger());
   const server = await transport.serve(spec.definition, spec.impl, {
     scope: spec.scope,
     drivers: spec.drivers,
     queueSettings: spec.queueSettings,
     onWorkEvent: spec.onWorkEvent,
+    onError: (err, method) => {
+      const e = toDitpipeError(err);
+      const code = codeName(e.code);
+      events.event('warn', `${method}|${code}`, { method, code, err: e.message }, `${spec.definition.name}.${method}: ${e.message} (no caller to answer)`);
+    },
   });
   const grpc = spec.grpc ?? null;
   grpc?.addService({
@@ -81,6 +92,7 @@ export async function mountReplica<D extends ServiceDefinition>(transport: Trans
         clearInterval(sync);
         grpc?.setServing(false, [spec.definition.fullName]);
         await server.stop(graceMs);
+        events.flush();
         await spec.close();
       })();
       return stopped;

@@ -67,7 +67,6 @@ import {
   type DitpipeError,
   NoQueueError,
   ResourceExhaustedError,
-  UnauthenticatedError,
   UnavailableError,
   toDitpipeError,
 } from '../errors.ts';

@@ -238,7 +238,11 @@ export interface ServeOptions extends SubjectOptions {
 
 export type WorkEvent =
   | { kind: 'redelivered'; method: string; calls: number }
-  | { kind: 'dropped'; method: string; reason: 'cancelled' | 'deadline' | 'stopping'; calls: number };
+  | { kind: 'dropped'; method: string; reason: DropReason; calls: number };
+
+/** Why a replica gave back work it had taken without computing it. */
+export const DROP_REASONS = ['cancelled', 'deadline', 'stopping'] as const;
+export type DropReason = (typeof DROP_REASONS)[number];
 
 export interface ClientOptions extends SubjectOptions {
   /** Default overall timeout per call in milliseconds (default 30 000). */
@@ -257,8 +261,12 @@ export interface ClientOptions extends SubjectOptions {
   onWorkEvent?: (event: ClientWorkEvent) => void;
 }
 
+/** Why a caller dropped an answer: already answered (a redelivered copy) or no longer awaited. */
+export const DISCARD_REASONS = ['duplicate', 'late'] as const;
+export type DiscardReason = (typeof DISCARD_REASONS)[number];
+
 export type ClientWorkEvent =
-  | { kind: 'discarded'; method: string; reason: 'duplicate' | 'late' }
+  | { kind: 'discarded'; method: string; reason: DiscardReason }
   | { kind: 'resent'; method: string; messages: number };
 
 /** A service mounted on a transport. */

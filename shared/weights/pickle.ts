@@ -216,7 +216,7 @@ export function unpickle(data: Uint8Array, where: string): PyValue {
   const popMark = (): PyValue[] => {
     const k = stack.lastIndexOf(MARK);
     if (k < 0) fail('missing mark');
-    const items = stack.splice(k) as StackItem[];
+    const items = stack.splice(k);
     return items.slice(1) as PyValue[];
   };
   const global = (module: string, name: string): PyGlobal => {

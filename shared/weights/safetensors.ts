@@ -135,7 +135,7 @@ function parseHeader(
     const [begin, end] = off as [number, number];
     if (end < begin) throw new WeightsError(`${where}: data_offsets [${begin}, ${end}] end before begin`);
     if (end > dataLen) throw new WeightsError(`${where}: data_offsets [${begin}, ${end}] beyond the data section (${dataLen} bytes): truncated or corrupt`);
-    const shape = r.shape as number[];
+    const shape = r.shape;
     const dtype: WeightDType = r.dtype;
     const want = numelOf(shape) * DTYPE_SIZE[dtype];
     if (end - begin !== want) throw new WeightsError(`${where}: ${end - begin} bytes in data_offsets but shape [${shape.join(', ')}] of ${dtype} needs ${want}`);

@@ -108,8 +108,14 @@ export class ZipReader {
         const len = cd.getUint16(e + 2, true);
         if (id === 0x0001) {
           let q = e + 4;
-          if (size === 0xffffffff) (size = u64(cd, q, 'entry size')), (q += 8);
-          if (compressedSize === 0xffffffff) (compressedSize = u64(cd, q, 'entry size')), (q += 8);
+          if (size === 0xffffffff) {
+            size = u64(cd, q, 'entry size');
+            q += 8;
+          }
+          if (compressedSize === 0xffffffff) {
+            compressedSize = u64(cd, q, 'entry size');
+            q += 8;
+          }
           if (localHeaderOffset === 0xffffffff) localHeaderOffset = u64(cd, q, 'entry offset');
         }
         e += 4 + len;

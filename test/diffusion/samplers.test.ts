@@ -326,7 +326,7 @@ describe('state machine', () => {
 
   it('validates requests, naming the field', () => {
     const cases: Array<[Record<string, unknown>, RegExp]> = [
-      [{ sampler: 'euler' }, /sampler: must be 'ddpm', 'ddim' or 'dpmpp'/],
+      [{ sampler: 'euler' }, /sampler: must be 'ddpm', 'ddim', 'dpmpp' or 'euler-a'/],
       [{ count: 0 }, /count: must be a positive integer/],
       [{ shape: [4, 2] }, /shape: must be \[C, H, W\]/],
       [{ respacing: 'ddim7x' }, /respacing: DDIM step count '7x'/],
@@ -371,7 +371,7 @@ describe('state machine', () => {
 });
 
 describe('x0 prediction (previews)', () => {
-  const samplers: Array<[SamplerName, boolean]> = [['ddpm', true], ['ddim', false], ['dpmpp', true]];
+  const samplers: Array<[SamplerName, boolean]> = [['ddpm', true], ['ddim', false], ['dpmpp', true], ['euler-a', false]];
   it.each(samplers)('%s: equals (x − √(1−ᾱ)·ε)/√ᾱ at every step, is the final sample at the last step, and changes nothing', (sampler, learnSigma) => {
     const req = { sampler, numSteps: 6, shape: [2, 3, 3] as const, count: 2, learnSigma, seed: 42n };
     const withPreview = start(req);

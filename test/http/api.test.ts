@@ -61,7 +61,8 @@ async function metric(p: Pipeline, name: string, match: Record<string, string> =
   return sum;
 }
 
-function sse(text: string): Array<{ event: string; data: any }> { // eslint-disable-line @typescript-eslint/no-explicit-any
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+function sse(text: string): Array<{ event: string; data: any }> {
   return text
     .split('\n\n')
     .filter((b) => b.includes('data:'))

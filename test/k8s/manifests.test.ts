@@ -652,8 +652,8 @@ async function render(dir: string): Promise<K8sDoc[]> {
     return parseDocs(r.stdout, `kubectl kustomize ${rel(dir)}`).map((l) => l.doc);
   } catch (err) {
     const e = err as NodeJS.ErrnoException & { stderr?: string };
-    if (e.code === 'ENOENT') throw new Error('kubectl is not on PATH: these tests render the kustomizations with `kubectl kustomize` (kubectl >= 1.27)');
-    throw new Error(`kubectl kustomize ${rel(dir)} failed: ${e.stderr ?? e.message}`);
+    if (e.code === 'ENOENT') throw new Error('kubectl is not on PATH: these tests render the kustomizations with `kubectl kustomize` (kubectl >= 1.27)', { cause: err });
+    throw new Error(`kubectl kustomize ${rel(dir)} failed: ${e.stderr ?? e.message}`, { cause: err });
   }
 }
 

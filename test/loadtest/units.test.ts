@@ -40,7 +40,8 @@ describe('campaign validation', () => {
     expect(c.mix[0]).toMatchObject({ weight: 1, sampler: 'ddpm', images: 1, output: 'png' });
   });
 
-  const cases: Array<[string, (c: Record<string, any>) => void, string, RegExp]> = [
+  type Doc = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+  const cases: Array<[string, (c: Doc) => void, string, RegExp]> = [
     ['zero rate', (c) => (c.phases[1] = { rate: 0, requests: 3 }), 'phases[1].rate', /must be > 0/],
     ['negative concurrency', (c) => (c.phases[1].concurrency = -1), 'phases[1].concurrency', /must be >= 1/],
     ['both loops', (c) => (c.phases[0].concurrency = 3), 'phases[0].concurrency', /not both/],
@@ -62,7 +63,7 @@ describe('campaign validation', () => {
     ['duplicate phase names', (c) => ((c.phases[0].name = 'a'), (c.phases[1].name = 'a')), 'phases[1].name', /used by an earlier phase/],
   ];
   it.each(cases)('rejects %s', (_, mutate, field, msg) => {
-    const c = good() as Record<string, any>;
+    const c = good() as Doc;
     mutate(c);
     const err = errorOf(c);
     const issue = err.issues.find((i) => i.field === field);

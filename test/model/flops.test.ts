@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { buildDitGraph } from '../../shared/model/dit.ts';
 import { shapeOnlyDitWeights } from '../../shared/model/dit-init.ts';
-import { graphGflops } from '../../shared/model/modeldir.ts';
+import { graphGflops } from '../../shared/model/modeldir-write.ts';
 import { DIT_PRESETS, ditPreset } from '../../shared/model/presets.ts';
 
 // Peebles & Xie, Table 4 (256×256, i.e. 32×32 latents).

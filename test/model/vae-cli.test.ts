@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { buildVaeModel } from '../../cli/model-vae.ts';
 import { readVaeModelDir } from '../../shared/model/modeldir.ts';
-import { toUint8Nhwc } from '../../shared/model/vae.ts';
+import { toUint8Nhwc } from '../../shared/image/pixels.ts';
 import { MissingTensorError, ShapeMismatchError } from '../../shared/weights/index.ts';
 import { loadCase, maxAbsDiff, renameWeights, ROOT, runDecoder, writeConfig } from './vae-helpers.ts';
 

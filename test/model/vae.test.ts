@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { buildVaeModel } from '../../cli/model-vae.ts';
 import { readVaeModelDir } from '../../shared/model/modeldir.ts';
-import { toUint8Nhwc } from '../../shared/model/vae.ts';
+import { toUint8Nhwc } from '../../shared/image/pixels.ts';
 import { loadCase, maxAbsDiff, renameWeights, runDecoder, toLdmName, toLegacyName, writeConfig, type GoldenCase } from './vae-helpers.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'ditpipe-vae-'));

@@ -1,7 +1,10 @@
 // /metrics of all three services, scraped over HTTP during a run, is valid Prometheus exposition
 // (`promtool check metrics`, Debian package prometheus) and carries the documented series.
 import { spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { PreviewMethod } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { serveMetrics } from '../../shared/metrics.ts';
 import { DIT_NAME } from '../helpers/models.ts';
 import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
@@ -48,5 +51,36 @@ describe('/metrics', () => {
     expect(`${check.stdout}${check.stderr}`.trim()).toBe('');
     expect(check.status).toBe(0);
     expect((await fetch(`http://127.0.0.1:${server.port}/nope`)).status).toBe(404);
+  });
+
+  it('registers every metric the docs name, and each has samples after a run', async () => {
+    // Names in code spans of README.md and docs/*.md (`ditpipe_x`, `ditpipe_x{label}`), less the
+    // JetStream stream names (ditpipe_v1_…) and histogram series suffixes.
+    const root = resolve(import.meta.dirname, '../..');
+    const files = ['README.md', ...readdirSync(join(root, 'docs')).filter((f) => f.endsWith('.md')).map((f) => `docs/${f}`)];
+    const documented = new Map<string, string>();
+    for (const f of files) {
+      for (const m of readFileSync(join(root, f), 'utf8').matchAll(/`(ditpipe_[a-z0-9_]*[a-z0-9])(?:\{[^`]*\})?`/g)) {
+        const name = m[1].replace(/_(bucket|count|sum)$/, '');
+        if (!name.startsWith('ditpipe_v1_') && !documented.has(name)) documented.set(name, f);
+      }
+    }
+    expect(documented.size).toBeGreaterThan(20);
+    const registries = [p.schedulerMetrics.registry, p.denoiserMetrics[0].registry, p.decoderMetrics[0].registry];
+    // The run above went through the pipeline; a stream with previews and a refused request add
+    // the series only they touch.
+    let events = 0;
+    for await (const _ of p.api.generateStream({ model: DIT_NAME, classLabels: [{ index: 3 }], numSteps: 4, seed: 6n, preview: { everySteps: 2, method: PreviewMethod.PREVIEW_METHOD_DECODER } })) events++;
+    expect(events).toBeGreaterThan(2);
+    await expect(p.api.generate({ model: DIT_NAME, classLabels: [{ index: 3 }], numSteps: 5000, seed: 6n })).rejects.toThrow(/steps/i);
+    const unregistered: string[] = [];
+    const empty: string[] = [];
+    for (const [name, file] of documented) {
+      const metric = registries.map((r) => r.getSingleMetric(name)).find((m) => m !== undefined);
+      if (!metric) unregistered.push(`${name} (${file})`);
+      else if ((await metric.get()).values.length === 0) empty.push(`${name} (${file})`);
+    }
+    expect(unregistered).toEqual([]);
+    expect(empty).toEqual([]);
   });
 });

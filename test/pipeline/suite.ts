@@ -1,7 +1,6 @@
 // The pipeline test suite, run once per transport (pipeline-inproc.test.ts, pipeline-nats.test.ts):
 // real services, real onnxruntime on the golden tiny DiT and VAE, real gRPC on port 0.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { request } from '../../shared/client.ts';
 import { Code, type InvalidArgumentError, type ResourceExhaustedError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';

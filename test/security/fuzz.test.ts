@@ -62,7 +62,7 @@ describe('fuzzing the Sampler API', () => {
         s.on('data', () => undefined);
         s.on('error', (e: grpc.ServiceError) => resolve({ code: e.code, details: e.details }));
         s.on('status', (st: grpc.StatusObject) => {
-          if (st.code === 0) resolve({ code: 0, details: '' });
+          if (st.code === grpc.status.OK) resolve({ code: 0, details: '' });
         });
       } else {
         client.makeUnaryRequest(method, identity, identity, body, new grpc.Metadata(), { deadline }, (err) =>
@@ -203,7 +203,7 @@ describe('fuzzing the model loaders', () => {
       const err = load(path);
       if (err === null) continue; // a flip inside tensor data is still a valid file
       refused++;
-      if (!(err instanceof WeightsError) || !(err as Error).message.includes(path)) odd.push(`${path}: ${String(err)}`.slice(0, 300));
+      if (!(err instanceof WeightsError) || !err.message.includes(path)) odd.push(`${path}: ${err instanceof Error ? String(err) : JSON.stringify(err)}`.slice(0, 300));
       rmSync(path);
     }
     expect(odd).toEqual([]);

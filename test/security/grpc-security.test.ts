@@ -100,7 +100,7 @@ describe('TLS and bearer tokens on the Sampler API', () => {
 describe('health, reflection and mutual TLS', () => {
   let server: GrpcServer;
   const impl: SamplerServer = {
-    generate: (_c, cb) => cb({ code: Code.UNIMPLEMENTED, details: 'no' } as grpc.ServiceError),
+    generate: (_c, cb) => cb({ code: Code.UNIMPLEMENTED, details: 'no' }),
     generateStream: (c) => c.end(),
     listModels: (_c, cb) => cb(null, ListModelsResponse.create({ models: [ModelInfo.create({ name: 'm' })] })),
   };

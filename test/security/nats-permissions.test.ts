@@ -199,7 +199,10 @@ describe('work queues are bounded, whoever sends', () => {
       const first = client.denoise(step).then(() => 'ok', (e: unknown) => e);
       await expect.poll(() => client.queueOf('denoise').info(), { timeout: 10_000 }).toMatchObject({ pending: 0, ackPending: 1 });
       const calls = [first, ...Array.from({ length: 59 }, () => client.denoise(step).then(() => 'ok', (e: unknown) => e))];
-      const refused = (await Promise.race([Promise.all(calls.slice(20)), new Promise<never>((_, r) => setTimeout(() => r(new Error('refusals did not come')), 10_000))])) as unknown[];
+      const refused: unknown[] = await Promise.race([
+        Promise.all(calls.slice(20)),
+        new Promise<never>((_, r) => setTimeout(() => r(new Error('refusals did not come')), 10_000)),
+      ]);
       for (const e of refused) {
         expect(e).toBeInstanceOf(ResourceExhaustedError);
         expect((e as Error).message).toBe(`work queue for ditpipe.v1.denoiser.${scope}.denoise is full (maximum messages exceeded); retry later`);

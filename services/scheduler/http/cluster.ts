@@ -10,7 +10,7 @@ import type { Scheduler } from '../scheduler.ts';
 type Labels = Record<string, string | number | undefined>;
 
 async function values(m: Counter<string> | Gauge<string> | Histogram<string>): Promise<Array<{ value: number; labels: Labels; metricName?: string }>> {
-  return (await m.get()).values as Array<{ value: number; labels: Labels; metricName?: string }>;
+  return (await m.get()).values;
 }
 
 function sum(vs: Array<{ value: number; labels: Labels; metricName?: string }>, match: Labels, suffix?: string): number {

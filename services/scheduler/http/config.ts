@@ -2,7 +2,7 @@
 // validated once, defaults filled.
 import type { IncomingMessage } from 'node:http';
 import { z } from 'zod';
-import { InvalidArgumentError } from '../../../shared/errors.ts';
+import { compileConfig } from '../../../shared/config.ts';
 
 const schema = z.object({
   /** TCP port (0 = any free port). */
@@ -37,11 +37,5 @@ export interface HttpTlsOptions {
 export type HttpAuthorize = (req: IncomingMessage) => void | Promise<void>;
 
 export function compileHttpConfig(input: HttpConfigInput): HttpConfig {
-  const r = schema.safeParse(input);
-  if (!r.success) {
-    const issue = r.error.issues[0];
-    const field = issue.path.join('.');
-    throw new InvalidArgumentError(`http config: ${field}: ${issue.message}`, { field });
-  }
-  return r.data;
+  return compileConfig('http', schema, input);
 }

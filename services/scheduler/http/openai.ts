@@ -16,6 +16,8 @@ import {
   type Preview,
   type Timings,
 } from '../../../shared/gen/ditpipe/v1/sampler.ts';
+import { DEFAULT_SAMPLER, SAMPLER_NAMES } from '../../../shared/diffusion/sampler/registry.ts';
+import { SAMPLER_KINDS } from '../../../shared/sampler-kinds.ts';
 import type { SchedulerConfig } from '../config.ts';
 import { badRequest } from './errors.ts';
 
@@ -30,7 +32,7 @@ const seed = z.union([
 /** ditpipe's own parameters: the `ditpipe` object of a request (all optional). */
 export const ditpipeExtension = z.strictObject({
   steps: z.number().optional(),
-  sampler: z.enum(['ddpm', 'ddim', 'dpmpp']).optional(),
+  sampler: z.enum(SAMPLER_NAMES).optional(),
   cfg_scale: z.number().optional(),
   guidance_channels: z.enum(['three', 'all']).optional(),
   eta: z.number().optional(),
@@ -59,7 +61,6 @@ export const imagesRequest = z.object({
 });
 export type ImagesRequest = z.infer<typeof imagesRequest>;
 
-const SAMPLERS = { ddpm: SamplerKind.SAMPLER_KIND_DDPM, ddim: SamplerKind.SAMPLER_KIND_DDIM, dpmpp: SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP } as const;
 
 /** Parses a request body; a shape error is INVALID_ARGUMENT naming the field by its JSON path. */
 export function parseImagesRequest(body: unknown): ImagesRequest {
@@ -98,13 +99,13 @@ export function toGenerateRequest(r: ImagesRequest, config: SchedulerConfig): { 
   }
   const x = r.ditpipe ?? {};
   const stream = r.stream === true;
-  const sampler = x.sampler === undefined ? SamplerKind.SAMPLER_KIND_UNSPECIFIED : SAMPLERS[x.sampler];
+  const sampler = x.sampler === undefined ? SamplerKind.SAMPLER_KIND_UNSPECIFIED : SAMPLER_KINDS[x.sampler];
   let preview = x.preview
     ? { everySteps: x.preview.every_steps, method: x.preview.method === 'projection' ? PreviewMethod.PREVIEW_METHOD_PROJECTION : PreviewMethod.PREVIEW_METHOD_DECODER }
     : undefined;
   // OpenAI's streaming knob: that many previews, spread evenly over the steps.
   if (!preview && stream && r.partial_images) {
-    const steps = typeof x.steps === 'number' ? x.steps : config.defaultSteps[x.sampler ?? 'ddpm'];
+    const steps = typeof x.steps === 'number' ? x.steps : config.defaultSteps[x.sampler ?? DEFAULT_SAMPLER];
     preview = { everySteps: Math.max(1, Math.ceil(steps / (r.partial_images + 1))), method: PreviewMethod.PREVIEW_METHOD_DECODER };
   }
   const n = r.n ?? 1;

@@ -50,6 +50,8 @@ export enum SamplerKind {
   SAMPLER_KIND_DDIM = 2,
   /** SAMPLER_KIND_DPM_SOLVER_PP - DPM-Solver++ (2M, multistep), for 10–25 step sampling. */
   SAMPLER_KIND_DPM_SOLVER_PP = 3,
+  /** SAMPLER_KIND_EULER_ANCESTRAL - Euler ancestral ("Euler a", eta 1): stochastic, for 20–50 step sampling. */
+  SAMPLER_KIND_EULER_ANCESTRAL = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -67,6 +69,9 @@ export function samplerKindFromJSON(object: any): SamplerKind {
     case 3:
     case "SAMPLER_KIND_DPM_SOLVER_PP":
       return SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP;
+    case 4:
+    case "SAMPLER_KIND_EULER_ANCESTRAL":
+      return SamplerKind.SAMPLER_KIND_EULER_ANCESTRAL;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -84,6 +89,8 @@ export function samplerKindToJSON(object: SamplerKind): string {
       return "SAMPLER_KIND_DDIM";
     case SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP:
       return "SAMPLER_KIND_DPM_SOLVER_PP";
+    case SamplerKind.SAMPLER_KIND_EULER_ANCESTRAL:
+      return "SAMPLER_KIND_EULER_ANCESTRAL";
     case SamplerKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

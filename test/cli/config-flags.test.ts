@@ -1,0 +1,40 @@
+// Service flags take their --help defaults from the config schemas and pass on only what the user
+// set, so compile*Config is the one place defaults are filled.
+import { Command, Option } from 'commander';
+import { describe, expect, it } from 'vitest';
+import { userSet } from '../../cli/config-flags.ts';
+import { compileSchedulerConfig, schedulerConfigDefault } from '../../services/scheduler/config.ts';
+import { helpSpec } from '../helpers/cli-help.ts';
+
+function cmd(): Command {
+  return new Command('x')
+    .exitOverride()
+    .addOption(new Option('--max-images <n>').env('TEST_MAX_IMAGES').default(schedulerConfigDefault('maxImagesPerRequest')).argParser(Number));
+}
+
+describe('service flags and config defaults', () => {
+  it('userSet is undefined for a flag left at its --help default, the value when given on the command line or in the environment', () => {
+    const a = cmd().parse([], { from: 'user' });
+    expect(a.opts().maxImages).toBe(64);
+    expect(userSet(a, a.opts(), 'maxImages')).toBeUndefined();
+    const b = cmd().parse(['--max-images', '7'], { from: 'user' });
+    expect(userSet(b, b.opts(), 'maxImages')).toBe(7);
+    process.env.TEST_MAX_IMAGES = '9';
+    try {
+      const c = cmd().parse([], { from: 'user' });
+      expect(userSet(c, c.opts(), 'maxImages')).toBe(9);
+    } finally {
+      delete process.env.TEST_MAX_IMAGES;
+    }
+  });
+
+  it("ditpipe scheduler --help shows the schema's defaults, which compileSchedulerConfig fills in", async () => {
+    const spec = await helpSpec(['scheduler']);
+    const full = compileSchedulerConfig({ models: ['m'] });
+    expect(spec.options.get('--max-samples-in-flight')?.default).toBe(String(full.maxSamplesInFlight));
+    expect(spec.options.get('--max-images-per-request')?.default).toBe(String(full.maxImagesPerRequest));
+    expect(spec.options.get('--step-timeout')?.default).toBe(String(full.stepTimeoutMs));
+    expect(spec.options.get('--default-cfg')?.default).toBe(String(full.defaultCfgScale));
+    expect(() => schedulerConfigDefault('models')).toThrow(/no default/);
+  });
+});
