@@ -38,7 +38,15 @@ interface Case {
 }
 
 function request(c: Case, seed: bigint) {
-  return { sampler: c.sampler, respacing: c.respacing, shape: [C, H, W] as [number, number, number], count, learnSigma: c.learnSigma, seed, eta: c.eta };
+  return {
+    sampler: c.sampler,
+    respacing: c.respacing,
+    shape: [C, H, W] as [number, number, number],
+    count,
+    learnSigma: c.learnSigma,
+    seed,
+    eta: c.eta,
+  };
 }
 
 function timeCase(c: Case) {

@@ -31,15 +31,27 @@ function phase(): void {
   const t0 = performance.now();
   if (values.phase === 'init') {
     const r = initDitWeights(ditPreset(values.preset), values.weights!, { init: 'random', seed: 0 });
-    console.log(JSON.stringify({ seconds: (performance.now() - t0) / 1000, maxRssBytes: maxRssBytes(), weightBytes: r.bytes, params: r.params }));
+    console.log(
+      JSON.stringify({ seconds: (performance.now() - t0) / 1000, maxRssBytes: maxRssBytes(), weightBytes: r.bytes, params: r.params }),
+    );
   } else {
     const m = buildDitModel({ weights: values.weights!, out: values.out!, preset: values.preset, dtype: values.dtype as 'f32' | 'f16' });
-    console.log(JSON.stringify({ seconds: (performance.now() - t0) / 1000, maxRssBytes: maxRssBytes(), gflops: m.meta.gflops, params: m.meta.params }));
+    console.log(
+      JSON.stringify({
+        seconds: (performance.now() - t0) / 1000,
+        maxRssBytes: maxRssBytes(),
+        gflops: m.meta.gflops,
+        params: m.meta.params,
+      }),
+    );
   }
 }
 
 function runPhase(name: 'init' | 'build', args: string[]): Record<string, number> {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', import.meta.filename, '--phase', name, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] });
+  const r = spawnSync(process.execPath, ['--import', 'tsx', import.meta.filename, '--phase', name, ...args], {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   if (r.status !== 0) throw new Error(`${name} phase failed (exit ${r.status})`);
   return JSON.parse(r.stdout.trim().split('\n').pop()!) as Record<string, number>;
 }

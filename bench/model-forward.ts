@@ -47,9 +47,21 @@ export function forwardOptions(argv: string[]): ForwardOptions {
 function feeds(meta: ReturnType<typeof readDitModelDir>['meta'], b: number): Record<string, ort.Tensor> {
   const { in_channels: c, input_size: s, num_classes: k } = meta.config;
   return {
-    x: new ort.Tensor('float32', Float32Array.from({ length: b * c * s * s }, (_, i) => Math.sin(i)), [b, c, s, s]),
-    t: new ort.Tensor('int64', BigInt64Array.from({ length: b }, (_, i) => BigInt((i * 37) % 1000)), [b]),
-    y: new ort.Tensor('int64', BigInt64Array.from({ length: b }, (_, i) => BigInt(i % (k + 1))), [b]),
+    x: new ort.Tensor(
+      'float32',
+      Float32Array.from({ length: b * c * s * s }, (_, i) => Math.sin(i)),
+      [b, c, s, s],
+    ),
+    t: new ort.Tensor(
+      'int64',
+      BigInt64Array.from({ length: b }, (_, i) => BigInt((i * 37) % 1000)),
+      [b],
+    ),
+    y: new ort.Tensor(
+      'int64',
+      BigInt64Array.from({ length: b }, (_, i) => BigInt(i % (k + 1))),
+      [b],
+    ),
   };
 }
 
@@ -57,7 +69,11 @@ export async function runForward(o: ForwardOptions): Promise<unknown> {
   const models = await Promise.all(
     o.modelDirs.map(async (dir) => {
       const m = readDitModelDir(dir);
-      const session = await ort.InferenceSession.create(m.onnxPath, { graphOptimizationLevel: 'all', intraOpNumThreads: o.threads, interOpNumThreads: 1 });
+      const session = await ort.InferenceSession.create(m.onnxPath, {
+        graphOptimizationLevel: 'all',
+        intraOpNumThreads: o.threads,
+        interOpNumThreads: 1,
+      });
       return { dir, m, session };
     }),
   );
@@ -86,7 +102,9 @@ export async function runForward(o: ForwardOptions): Promise<unknown> {
         speedVsFirst: round(medians[0] / medians[i], 3),
       };
       results.push(row);
-      log(`${row.model} (rev ${row.graphRevision}) batch ${b}: ${row.medianMs} ms, ${row.rowsPerSec} rows/s, ×${row.speedVsFirst} vs the first`);
+      log(
+        `${row.model} (rev ${row.graphRevision}) batch ${b}: ${row.medianMs} ms, ${row.rowsPerSec} rows/s, ×${row.speedVsFirst} vs the first`,
+      );
     });
   }
   await Promise.all(models.map(({ session }) => session.release()));

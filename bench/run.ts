@@ -25,7 +25,11 @@ type Bench = (argv: string[]) => Promise<unknown>;
 /** A benchmark script that prints its JSON as the last thing on stdout, run in its own process. */
 function script(file: string): Bench {
   return async (argv) => {
-    const r = spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, file), ...argv], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 64 * 1024 * 1024 });
+    const r = spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, file), ...argv], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+      maxBuffer: 64 * 1024 * 1024,
+    });
     if (r.status !== 0) throw new Error(`${file} failed (exit ${r.status})`);
     const out = r.stdout.trim();
     return JSON.parse(out.slice(out.indexOf('{'))) as unknown;

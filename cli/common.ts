@@ -36,7 +36,10 @@ export interface NatsFlags {
 }
 
 export function addNatsOptions(cmd: Command, required: boolean): Command {
-  const url = new Option('--nats-url <urls>', `NATS server URL(s), comma-separated${required ? '' : '; unset runs every service in this process on an in-process bus'}`).env('NATS_URL');
+  const url = new Option(
+    '--nats-url <urls>',
+    `NATS server URL(s), comma-separated${required ? '' : '; unset runs every service in this process on an in-process bus'}`,
+  ).env('NATS_URL');
   if (required) url.makeOptionMandatory();
   return cmd
     .addOption(url)
@@ -44,21 +47,57 @@ export function addNatsOptions(cmd: Command, required: boolean): Command {
     .addOption(new Option('--nats-password <password>', 'NATS password').env('NATS_PASSWORD'))
     .addOption(new Option('--nats-token <token>', 'NATS token').env('NATS_TOKEN'))
     .addOption(new Option('--nats-creds <file>', 'NATS credentials file (JWT + nkey seed, operator mode)').env('NATS_CREDS'))
-    .addOption(new Option('--nats-nkey <file>', 'file holding this service\'s NATS nkey seed (SU...; `ditpipe up` and `ditpipe nats-config --nkeys` make them)').env('NATS_NKEY'))
+    .addOption(
+      new Option(
+        '--nats-nkey <file>',
+        "file holding this service's NATS nkey seed (SU...; `ditpipe up` and `ditpipe nats-config --nkeys` make them)",
+      ).env('NATS_NKEY'),
+    )
     .addOption(new Option('--nats-tls-ca <file>', 'CA certificate to verify the NATS server').env('NATS_TLS_CA'))
     .addOption(new Option('--nats-tls-cert <file>', 'client certificate for NATS mutual TLS').env('NATS_TLS_CERT'))
     .addOption(new Option('--nats-tls-key <file>', 'client key for NATS mutual TLS').env('NATS_TLS_KEY'))
     .addOption(
-      new Option('--nats-connect-timeout <ms>', 'how long to wait for NATS at start before exiting with an error (TLS and credential mismatches fail at once)')
+      new Option(
+        '--nats-connect-timeout <ms>',
+        'how long to wait for NATS at start before exiting with an error (TLS and credential mismatches fail at once)',
+      )
         .env('NATS_CONNECT_TIMEOUT_MS')
         .default(30_000)
         .argParser(intArg('--nats-connect-timeout', 1)),
     )
-    .addOption(new Option('--queue-ack-wait <ms>', 'work queues: a step or decode a replica took and stopped confirming goes to another replica after this long').env('DITPIPE_QUEUE_ACK_WAIT_MS').default(DEFAULT_QUEUE_SETTINGS.ackWaitMs).argParser(intArg('--queue-ack-wait', 100, 3_600_000)))
-    .addOption(new Option('--queue-max-deliver <n>', 'work queues: deliveries of one message (attempts) before it is given up').env('DITPIPE_QUEUE_MAX_DELIVER').default(DEFAULT_QUEUE_SETTINGS.maxDeliver).argParser(intArg('--queue-max-deliver', 1, 1000)))
-    .addOption(new Option('--queue-max-messages <n>', 'work queues: most messages a queue holds (then RESOURCE_EXHAUSTED)').env('DITPIPE_QUEUE_MAX_MESSAGES').default(DEFAULT_QUEUE_SETTINGS.maxMessages).argParser(intArg('--queue-max-messages', 1)))
-    .addOption(new Option('--queue-max-bytes <bytes>', 'work queues: most bytes a queue holds in the NATS server\'s memory (then RESOURCE_EXHAUSTED)').env('DITPIPE_QUEUE_MAX_BYTES').default(DEFAULT_QUEUE_SETTINGS.maxBytes).argParser(intArg('--queue-max-bytes', 1024)))
-    .addOption(new Option('--queue-max-age <ms>', 'work queues: messages older than this are dropped').env('DITPIPE_QUEUE_MAX_AGE_MS').default(DEFAULT_QUEUE_SETTINGS.maxAgeMs).argParser(intArg('--queue-max-age', 1000)));
+    .addOption(
+      new Option(
+        '--queue-ack-wait <ms>',
+        'work queues: a step or decode a replica took and stopped confirming goes to another replica after this long',
+      )
+        .env('DITPIPE_QUEUE_ACK_WAIT_MS')
+        .default(DEFAULT_QUEUE_SETTINGS.ackWaitMs)
+        .argParser(intArg('--queue-ack-wait', 100, 3_600_000)),
+    )
+    .addOption(
+      new Option('--queue-max-deliver <n>', 'work queues: deliveries of one message (attempts) before it is given up')
+        .env('DITPIPE_QUEUE_MAX_DELIVER')
+        .default(DEFAULT_QUEUE_SETTINGS.maxDeliver)
+        .argParser(intArg('--queue-max-deliver', 1, 1000)),
+    )
+    .addOption(
+      new Option('--queue-max-messages <n>', 'work queues: most messages a queue holds (then RESOURCE_EXHAUSTED)')
+        .env('DITPIPE_QUEUE_MAX_MESSAGES')
+        .default(DEFAULT_QUEUE_SETTINGS.maxMessages)
+        .argParser(intArg('--queue-max-messages', 1)),
+    )
+    .addOption(
+      new Option('--queue-max-bytes <bytes>', "work queues: most bytes a queue holds in the NATS server's memory (then RESOURCE_EXHAUSTED)")
+        .env('DITPIPE_QUEUE_MAX_BYTES')
+        .default(DEFAULT_QUEUE_SETTINGS.maxBytes)
+        .argParser(intArg('--queue-max-bytes', 1024)),
+    )
+    .addOption(
+      new Option('--queue-max-age <ms>', 'work queues: messages older than this are dropped')
+        .env('DITPIPE_QUEUE_MAX_AGE_MS')
+        .default(DEFAULT_QUEUE_SETTINGS.maxAgeMs)
+        .argParser(intArg('--queue-max-age', 1000)),
+    );
 }
 
 /** The work queue settings the flags give (every service of a deployment must use the same). */
@@ -75,7 +114,8 @@ export function queueFromFlags(f: NatsFlags): QueueSettings {
 
 /** Connection options from the flags; `service` is the ditpipe service connecting (its inbox prefix and permissions). */
 export function natsOptions(f: NatsFlags & { natsUrl: string }, name: string, service?: NatsService): NatsConnectOptions {
-  const tls = f.natsTlsCa || f.natsTlsCert || f.natsTlsKey ? { caFile: f.natsTlsCa, certFile: f.natsTlsCert, keyFile: f.natsTlsKey } : undefined;
+  const tls =
+    f.natsTlsCa || f.natsTlsCert || f.natsTlsKey ? { caFile: f.natsTlsCa, certFile: f.natsTlsCert, keyFile: f.natsTlsKey } : undefined;
   return {
     servers: f.natsUrl,
     name,
@@ -102,7 +142,12 @@ export function watchNatsConnection(nc: NatsConnection, log: Logger, service?: N
       const server = 'server' in s ? String(s.server) : undefined;
       switch (s.type) {
         case 'disconnect':
-          events.event('warn', 'disconnect', { server }, `lost the NATS connection${server ? ` to ${server}` : ''}; reconnecting (calls in flight fail UNAVAILABLE and are retried)`);
+          events.event(
+            'warn',
+            'disconnect',
+            { server },
+            `lost the NATS connection${server ? ` to ${server}` : ''}; reconnecting (calls in flight fail UNAVAILABLE and are retried)`,
+          );
           break;
         case 'reconnecting':
           events.event('info', 'reconnecting', { server }, 'reconnecting to NATS');
@@ -114,10 +159,20 @@ export function watchNatsConnection(nc: NatsConnection, log: Logger, service?: N
         case 'error':
           if (s.error instanceof PermissionViolationError) {
             const e = permissionDenied(s.error, service);
-            events.event('error', `denied|${s.error.operation}|${s.error.subject}`, { subject: s.error.subject, operation: s.error.operation }, e.message);
+            events.event(
+              'error',
+              `denied|${s.error.operation}|${s.error.subject}`,
+              { subject: s.error.subject, operation: s.error.operation },
+              e.message,
+            );
             break;
           }
-          events.event('warn', `error|${String((s as { error?: Error }).error?.message)}`, { err: String((s as { error?: Error }).error?.message) }, 'NATS connection error');
+          events.event(
+            'warn',
+            `error|${String((s as { error?: Error }).error?.message)}`,
+            { err: String((s as { error?: Error }).error?.message) },
+            'NATS connection error',
+          );
           break;
         default:
           break;
@@ -126,7 +181,12 @@ export function watchNatsConnection(nc: NatsConnection, log: Logger, service?: N
   })().catch((err: unknown) => log.debug({ err: String(err) }, 'NATS status stream ended'));
 }
 
-export async function natsFromFlags(f: NatsFlags & { natsUrl: string }, name: string, log?: Logger, service?: NatsService): Promise<Transport> {
+export async function natsFromFlags(
+  f: NatsFlags & { natsUrl: string },
+  name: string,
+  log?: Logger,
+  service?: NatsService,
+): Promise<Transport> {
   const nc = await connectNats(natsOptions(f, name, service));
   if (log) watchNatsConnection(nc, log, service);
   return natsTransport(nc);
@@ -172,16 +232,46 @@ export interface ServiceFlags {
 
 export function addServiceOptions(cmd: Command, defaults: { metricsPort: number }): Command {
   return cmd
-    .addOption(new Option('--metrics-port <port>', 'port of the Prometheus /metrics endpoint (0 = any free port, -1 = off)').env('DITPIPE_METRICS_PORT').default(defaults.metricsPort).argParser(intArg('--metrics-port', -1, 65535)))
-    .addOption(new Option('--metrics-host <addr>', 'address the metrics endpoint binds (0.0.0.0 = every interface; the container image sets that)').env('DITPIPE_METRICS_HOST').default('127.0.0.1'))
-    .addOption(new Option('--shutdown-grace <ms>', 'time in-flight work gets to finish on SIGTERM').env('DITPIPE_SHUTDOWN_GRACE_MS').default(10_000).argParser(intArg('--shutdown-grace', 0)))
-    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).env('DITPIPE_LOG_LEVEL').default('info'))
-    .addOption(new Option('--log-format <format>', 'log lines: pretty (for a person), json (for a collector), auto = pretty when stderr is a terminal').choices([...LOG_FORMATS]).env('DITPIPE_LOG_FORMAT').default('auto'));
+    .addOption(
+      new Option('--metrics-port <port>', 'port of the Prometheus /metrics endpoint (0 = any free port, -1 = off)')
+        .env('DITPIPE_METRICS_PORT')
+        .default(defaults.metricsPort)
+        .argParser(intArg('--metrics-port', -1, 65535)),
+    )
+    .addOption(
+      new Option('--metrics-host <addr>', 'address the metrics endpoint binds (0.0.0.0 = every interface; the container image sets that)')
+        .env('DITPIPE_METRICS_HOST')
+        .default('127.0.0.1'),
+    )
+    .addOption(
+      new Option('--shutdown-grace <ms>', 'time in-flight work gets to finish on SIGTERM')
+        .env('DITPIPE_SHUTDOWN_GRACE_MS')
+        .default(10_000)
+        .argParser(intArg('--shutdown-grace', 0)),
+    )
+    .addOption(
+      new Option('--log-level <level>', 'log level')
+        .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace'])
+        .env('DITPIPE_LOG_LEVEL')
+        .default('info'),
+    )
+    .addOption(
+      new Option(
+        '--log-format <format>',
+        'log lines: pretty (for a person), json (for a collector), auto = pretty when stderr is a terminal',
+      )
+        .choices([...LOG_FORMATS])
+        .env('DITPIPE_LOG_FORMAT')
+        .default('auto'),
+    );
 }
 
 /** `--http-port`: the scheduler's HTTP API and playground (OpenAI-compatible images API); -1 turns it off. */
 export function httpPortOption(defaultPort: number): Option {
-  return new Option('--http-port <port>', 'port of the HTTP API (OpenAI-compatible /v1/images/generations, /v1/models) and the playground page at / (0 = any free port, -1 = off)')
+  return new Option(
+    '--http-port <port>',
+    'port of the HTTP API (OpenAI-compatible /v1/images/generations, /v1/models) and the playground page at / (0 = any free port, -1 = off)',
+  )
     .env('DITPIPE_HTTP_PORT')
     .default(defaultPort)
     .argParser(intArg('--http-port', -1, 65535));
@@ -208,17 +298,45 @@ export interface GrpcServerFlags {
  */
 export function addGrpcServerOptions(cmd: Command, d: { port: number; portHelp: string; minPort?: number }): Command {
   return cmd
-    .addOption(new Option('--host <addr>', 'address gRPC binds (0.0.0.0 = every interface; the container image sets that)').env('DITPIPE_HOST').default('127.0.0.1'))
-    .addOption(new Option('--grpc-port <port>', d.portHelp).env('DITPIPE_GRPC_PORT').default(d.port).argParser(intArg('--grpc-port', d.minPort ?? 0, 65535)))
+    .addOption(
+      new Option('--host <addr>', 'address gRPC binds (0.0.0.0 = every interface; the container image sets that)')
+        .env('DITPIPE_HOST')
+        .default('127.0.0.1'),
+    )
+    .addOption(
+      new Option('--grpc-port <port>', d.portHelp)
+        .env('DITPIPE_GRPC_PORT')
+        .default(d.port)
+        .argParser(intArg('--grpc-port', d.minPort ?? 0, 65535)),
+    )
     .addOption(new Option('--tls-cert <file>', 'serve gRPC over TLS with this certificate (PEM, with --tls-key)').env('DITPIPE_TLS_CERT'))
     .addOption(new Option('--tls-key <file>', 'private key of --tls-cert (PEM)').env('DITPIPE_TLS_KEY'))
-    .addOption(new Option('--tls-client-ca <file>', 'mutual TLS: accept only clients with a certificate signed by this CA').env('DITPIPE_TLS_CLIENT_CA'))
     .addOption(
-      new Option('--auth-tokens-file <file>', 'require a bearer token from this file (one per line, optionally followed by the services or methods it may call); DITPIPE_AUTH_TOKENS may add comma-separated tokens')
-        .env('DITPIPE_AUTH_TOKENS_FILE'),
+      new Option('--tls-client-ca <file>', 'mutual TLS: accept only clients with a certificate signed by this CA').env(
+        'DITPIPE_TLS_CLIENT_CA',
+      ),
     )
-    .addOption(new Option('--health-port <port>', 'plaintext port serving only grpc.health.v1, for probes that speak neither TLS nor tokens (-1 = off)').env('DITPIPE_HEALTH_PORT').default(-1).argParser(intArg('--health-port', -1, 65535)))
-    .addOption(new Option('--reflection <mode>', 'server reflection: on (needs the token when tokens are set), public (no token), off').choices(['on', 'public', 'off']).env('DITPIPE_REFLECTION').default('on'));
+    .addOption(
+      new Option(
+        '--auth-tokens-file <file>',
+        'require a bearer token from this file (one per line, optionally followed by the services or methods it may call); DITPIPE_AUTH_TOKENS may add comma-separated tokens',
+      ).env('DITPIPE_AUTH_TOKENS_FILE'),
+    )
+    .addOption(
+      new Option(
+        '--health-port <port>',
+        'plaintext port serving only grpc.health.v1, for probes that speak neither TLS nor tokens (-1 = off)',
+      )
+        .env('DITPIPE_HEALTH_PORT')
+        .default(-1)
+        .argParser(intArg('--health-port', -1, 65535)),
+    )
+    .addOption(
+      new Option('--reflection <mode>', 'server reflection: on (needs the token when tokens are set), public (no token), off')
+        .choices(['on', 'public', 'off'])
+        .env('DITPIPE_REFLECTION')
+        .default('on'),
+    );
 }
 
 /** Bearer tokens from --auth-tokens-file and DITPIPE_AUTH_TOKENS; null when neither is set. */
@@ -256,8 +374,16 @@ export function httpSecurity(grpc: GrpcServer): { tls?: HttpTlsOptions; authoriz
 /** Listens and logs where (the bound address) and how (TLS, tokens). */
 export async function listenGrpc(server: GrpcServer, log: Logger, what: string): Promise<void> {
   await server.listen();
-  if (server.port !== null) log.info({ port: server.port, address: server.address, security: server.security }, `${what} on ${server.address} (${server.security})`);
-  if (server.healthPort !== null) log.info({ healthPort: server.healthPort }, `gRPC health on ${server.options.healthHost ?? server.host}:${server.healthPort} (plaintext, health only)`);
+  if (server.port !== null)
+    log.info(
+      { port: server.port, address: server.address, security: server.security },
+      `${what} on ${server.address} (${server.security})`,
+    );
+  if (server.healthPort !== null)
+    log.info(
+      { healthPort: server.healthPort },
+      `gRPC health on ${server.options.healthHost ?? server.host}:${server.healthPort} (plaintext, health only)`,
+    );
 }
 
 export interface GrpcClientFlags {
@@ -272,10 +398,14 @@ export interface GrpcClientFlags {
 export function addGrpcClientOptions(cmd: Command): Command {
   return cmd
     .option('--tls', 'use TLS to the server (with the system CAs unless --tls-ca)')
-    .addOption(new Option('--tls-ca <file>', 'CA certificate that signed the server\'s (implies --tls)').env('DITPIPE_TLS_CA'))
+    .addOption(new Option('--tls-ca <file>', "CA certificate that signed the server's (implies --tls)").env('DITPIPE_TLS_CA'))
     .addOption(new Option('--tls-cert <file>', 'client certificate for mutual TLS (implies --tls)').env('DITPIPE_TLS_CLIENT_CERT'))
     .addOption(new Option('--tls-key <file>', 'key of --tls-cert').env('DITPIPE_TLS_CLIENT_KEY'))
-    .addOption(new Option('--token-file <file>', 'file holding the bearer token to send (DITPIPE_TOKEN may hold the token itself)').env('DITPIPE_TOKEN_FILE'));
+    .addOption(
+      new Option('--token-file <file>', 'file holding the bearer token to send (DITPIPE_TOKEN may hold the token itself)').env(
+        'DITPIPE_TOKEN_FILE',
+      ),
+    );
 }
 
 export function clientOptionsFromFlags(f: GrpcClientFlags, env = process.env): SamplerApiOptions {
@@ -285,7 +415,10 @@ export function clientOptionsFromFlags(f: GrpcClientFlags, env = process.env): S
     try {
       token = readFileSync(f.tokenFile, 'utf8').trim();
     } catch (err) {
-      throw new Error(`--token-file ${f.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`, { cause: err });
+      throw new Error(
+        `--token-file ${f.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`,
+        { cause: err },
+      );
     }
     if (!token) throw new Error(`--token-file ${f.tokenFile} is empty`);
   } else if (env.DITPIPE_TOKEN?.trim()) token = env.DITPIPE_TOKEN.trim();
@@ -368,10 +501,15 @@ export async function serveUntilSignal(opts: {
  * Node's raw trace: the last line of defence; the known sources are handled where they arise.
  */
 export function exitOnUnhandled(log: Logger): void {
-  const fatal = (kind: string) => (err: unknown): void => {
-    log.fatal({ err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) }, `${kind}: ${err instanceof Error ? err.message : String(err)}`);
-    process.exit(1);
-  };
+  const fatal =
+    (kind: string) =>
+    (err: unknown): void => {
+      log.fatal(
+        { err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) },
+        `${kind}: ${err instanceof Error ? err.message : String(err)}`,
+      );
+      process.exit(1);
+    };
   process.on('unhandledRejection', fatal('unhandled rejection'));
   process.on('uncaughtException', fatal('uncaught exception'));
 }

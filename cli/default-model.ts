@@ -43,7 +43,9 @@ export function ensureDefaultModels(opts: { weightsDir?: string; cacheDir?: stri
   const files = ['dit.safetensors', 'dit.json', 'vae.safetensors', 'vae.json'].map((f) => join(src, f));
   const missing = files.filter((f) => !existsSync(f));
   if (missing.length > 0) {
-    throw new Error(`default model weights missing: ${missing.join(', ')} (train them with models/fashion-mnist/run.sh, or pass --model-dir/--vae-dir)`);
+    throw new Error(
+      `default model weights missing: ${missing.join(', ')} (train them with models/fashion-mnist/run.sh, or pass --model-dir/--vae-dir)`,
+    );
   }
   const [ditWeights, ditJson, vaeWeights, vaeJson] = files;
   const ditDir = join(cache, DEFAULT_DIT_NAME);
@@ -51,16 +53,26 @@ export function ensureDefaultModels(opts: { weightsDir?: string; cacheDir?: stri
   // Built the way a user would by hand: the committed JSON records are the --config files.
   const vaeRecord = parseVaeConfigJson(JSON.parse(readFileSync(vaeJson, 'utf8')), vaeJson);
   const sameVae = (m: ModelJson): boolean =>
-    m.kind === 'vae-decoder' && m.scalingFactor === vaeRecord.scalingFactor && JSON.stringify(m.outputCrop ?? null) === JSON.stringify(vaeRecord.outputCrop ?? null);
+    m.kind === 'vae-decoder' &&
+    m.scalingFactor === vaeRecord.scalingFactor &&
+    JSON.stringify(m.outputCrop ?? null) === JSON.stringify(vaeRecord.outputCrop ?? null);
   if (!upToDate(vaeDir, vaeWeights, sameVae)) {
     log(`building the VAE decoder from ${vaeWeights} → ${vaeDir}`);
     buildVaeModel({ weights: vaeWeights, out: vaeDir, name: DEFAULT_VAE_NAME, config: vaeJson });
   }
   const given = readDitConfigArg(ditJson);
-  const sameDit = (m: ModelJson): boolean => m.kind === 'dit' && JSON.stringify(m.classNames ?? null) === JSON.stringify(given.classNames ?? null);
+  const sameDit = (m: ModelJson): boolean =>
+    m.kind === 'dit' && JSON.stringify(m.classNames ?? null) === JSON.stringify(given.classNames ?? null);
   if (!upToDate(ditDir, ditWeights, sameDit)) {
     log(`building the DiT from ${ditWeights} → ${ditDir}`);
-    buildDitModel({ weights: ditWeights, out: ditDir, name: DEFAULT_DIT_NAME, config: given.config, classNames: given.classNames, vae: DEFAULT_VAE_NAME });
+    buildDitModel({
+      weights: ditWeights,
+      out: ditDir,
+      name: DEFAULT_DIT_NAME,
+      config: given.config,
+      classNames: given.classNames,
+      vae: DEFAULT_VAE_NAME,
+    });
   }
   return { ditDir, vaeDir, dit: DEFAULT_DIT_NAME, vae: DEFAULT_VAE_NAME };
 }

@@ -35,7 +35,9 @@ export function resolveClasses(entries: string[], model: Pick<ModelInfo, 'name' 
     }
     const i = findClass(s, model.classNames);
     if (i < 0) {
-      const known = model.classNames.length ? `classes: ${describeClasses(model.classNames)}` : `it has no class names; use indices 0..${model.numClasses - 1}`;
+      const known = model.classNames.length
+        ? `classes: ${describeClasses(model.classNames)}`
+        : `it has no class names; use indices 0..${model.numClasses - 1}`;
       throw new UsageError(`--class ${s}: not a class of ${model.name} (${known})`);
     }
     return i;
@@ -137,7 +139,13 @@ export async function generateToDir(o: GenerateToDirOptions): Promise<GenerateTo
   const scale = Math.max(1, Math.floor(96 / Math.max(1, images[0]?.height ?? 96)));
   const grid = join(o.out, 'grid.png');
   const title = (o.title ?? ((r) => defaultTitle(r)))(run);
-  writeFileSync(grid, await labelledGrid([...rows].map(([label, pngs]) => ({ label, pngs })), { scale, title }));
+  writeFileSync(
+    grid,
+    await labelledGrid(
+      [...rows].map(([label, pngs]) => ({ label, pngs })),
+      { scale, title },
+    ),
+  );
   const runJson = join(o.out, 'run.json');
   const record = {
     tool: `ditpipe ${VERSION}`,
@@ -151,8 +159,21 @@ export async function generateToDir(o: GenerateToDirOptions): Promise<GenerateTo
     numSteps: run.numSteps,
     cfgScale: run.cfgScale,
     // Server-side timings of the whole request, and the wall time this client saw.
-    timings: { queueMs: timings?.queueMs ?? null, denoiseMs: timings?.denoiseMs ?? null, decodeMs: timings?.decodeMs ?? null, totalMs: timings?.totalMs ?? null, clientMs },
-    images: images.map((img) => ({ file: imageFileName(img), sampleIndex: img.sampleIndex, classLabel: img.classLabel, className: img.className, width: img.width, height: img.height })),
+    timings: {
+      queueMs: timings?.queueMs ?? null,
+      denoiseMs: timings?.denoiseMs ?? null,
+      decodeMs: timings?.decodeMs ?? null,
+      totalMs: timings?.totalMs ?? null,
+      clientMs,
+    },
+    images: images.map((img) => ({
+      file: imageFileName(img),
+      sampleIndex: img.sampleIndex,
+      classLabel: img.classLabel,
+      className: img.className,
+      width: img.width,
+      height: img.height,
+    })),
     grid: 'grid.png',
   };
   writeFileSync(runJson, `${JSON.stringify(record, null, 2)}\n`);
@@ -178,20 +199,40 @@ interface Flags extends GrpcClientFlags {
 export const command = addGrpcClientOptions(
   new Command('generate')
     .description('Generate images from a running ditpipe scheduler and write PNGs, a labelled grid and run.json into a folder.')
-    .addOption(new Option('--server <host:port>', 'scheduler gRPC address').env('DITPIPE_SERVER').default('127.0.0.1:50051').argParser((v) => checkAddress(v, '--server'))),
+    .addOption(
+      new Option('--server <host:port>', 'scheduler gRPC address')
+        .env('DITPIPE_SERVER')
+        .default('127.0.0.1:50051')
+        .argParser((v) => checkAddress(v, '--server')),
+    ),
 )
   .addOption(new Option('--model <name>', 'served model name, as ListModels lists it (default: the first model the server lists)'))
-  .addOption(new Option('--class <labels>', 'classes by index or name (or the name as output files spell it), comma-separated, e.g. "3,Sandal,Ankle_boot"').makeOptionMandatory().argParser(splitList))
+  .addOption(
+    new Option(
+      '--class <labels>',
+      'classes by index or name (or the name as output files spell it), comma-separated, e.g. "3,Sandal,Ankle_boot"',
+    )
+      .makeOptionMandatory()
+      .argParser(splitList),
+  )
   .addOption(new Option('--num <n>', 'images per class').default(1).argParser(intArg('--num', 1, 1024)))
-  .addOption(new Option('--steps <n>', 'sampling steps (default: the server default for the sampler)').argParser(intArg('--steps', 1, 1000)))
+  .addOption(
+    new Option('--steps <n>', 'sampling steps (default: the server default for the sampler)').argParser(intArg('--steps', 1, 1000)),
+  )
   .addOption(new Option('--sampler <name>', 'sampler').choices(Object.keys(SAMPLER_FLAGS)).default(DEFAULT_SAMPLER))
-  .addOption(new Option('--cfg <scale>', 'classifier-free guidance scale (1 = none; default: the server default)').argParser(numberArg('--cfg', 1)))
-  .addOption(new Option('--guidance-channels <which>', 'latent channels guidance applies to').choices(Object.keys(GUIDANCE_FLAGS)).default('3'))
+  .addOption(
+    new Option('--cfg <scale>', 'classifier-free guidance scale (1 = none; default: the server default)').argParser(numberArg('--cfg', 1)),
+  )
+  .addOption(
+    new Option('--guidance-channels <which>', 'latent channels guidance applies to').choices(Object.keys(GUIDANCE_FLAGS)).default('3'),
+  )
   .addOption(new Option('--eta <eta>', 'DDIM eta (with --sampler ddim)').argParser(numberArg('--eta', 0)))
-  .addOption(new Option('--seed <n>', 'noise seed (default: the server picks one and reports it)').argParser((v) => {
-    if (!/^\d+$/.test(v) || BigInt(v) >= 2n ** 64n) throw new Error(`--seed must be an integer within 0..2^64-1, got "${v}"`);
-    return v;
-  }))
+  .addOption(
+    new Option('--seed <n>', 'noise seed (default: the server picks one and reports it)').argParser((v) => {
+      if (!/^\d+$/.test(v) || BigInt(v) >= 2n ** 64n) throw new Error(`--seed must be an integer within 0..2^64-1, got "${v}"`);
+      return v;
+    }),
+  )
   .addOption(new Option('--out <dir>', 'run folder for the images, grid.png and run.json (must be empty or new)').default('out/generate'))
   .option('--overwrite', 'reuse a non-empty --out: remove the images, grid and run.json an earlier run wrote there')
   .addOption(new Option('--timeout <ms>', 'request deadline').default(600_000).argParser(intArg('--timeout', 1)))
@@ -202,11 +243,21 @@ export const command = addGrpcClientOptions(
       const model = o.model === undefined ? models[0] : models.find((m) => m.name === o.model);
       if (!model) {
         const serving = models.map((m) => m.name).join(', ');
-        throw new UsageError(o.model === undefined ? `the server at ${o.server} serves no model yet` : `--model ${o.model}: not served by ${o.server} (serving: ${serving || 'none yet'})`);
+        throw new UsageError(
+          o.model === undefined
+            ? `the server at ${o.server} serves no model yet`
+            : `--model ${o.model}: not served by ${o.server} (serving: ${serving || 'none yet'})`,
+        );
       }
       const classes = resolveClasses(o.class, model);
       const labels = classes.flatMap((index) => Array.from({ length: o.num }, () => ({ index })));
-      const bar = new SingleBar({ format: 'sampling [{bar}] step {value}/{total} | {duration}s', hideCursor: true, noTTYOutput: true, notTTYSchedule: 2000, stream: process.stderr });
+      const bar = new SingleBar({
+        format: 'sampling [{bar}] step {value}/{total} | {duration}s',
+        hideCursor: true,
+        noTTYOutput: true,
+        notTTYSchedule: 2000,
+        stream: process.stderr,
+      });
       let started = false;
       let res: GenerateToDirResult;
       try {
@@ -216,7 +267,18 @@ export const command = addGrpcClientOptions(
           overwrite: o.overwrite,
           timeoutMs: o.timeout,
           title: (r) => defaultTitle(r, o.sampler),
-          record: { server: o.server, flags: { class: o.class, num: o.num, sampler: o.sampler, steps: o.steps ?? null, cfg: o.cfg ?? null, eta: o.eta ?? null, seed: o.seed ?? null } },
+          record: {
+            server: o.server,
+            flags: {
+              class: o.class,
+              num: o.num,
+              sampler: o.sampler,
+              steps: o.steps ?? null,
+              cfg: o.cfg ?? null,
+              eta: o.eta ?? null,
+              seed: o.seed ?? null,
+            },
+          },
           request: {
             model: model.name,
             classLabels: labels,
@@ -238,7 +300,9 @@ export const command = addGrpcClientOptions(
       } finally {
         if (started) bar.stop();
       }
-      console.log(`${res.images.length} image(s) from ${model.name}, seed ${res.seed}, ${res.run.numSteps} steps, cfg ${res.run.cfgScale}, in ${o.out}; grid: ${res.grid}`);
+      console.log(
+        `${res.images.length} image(s) from ${model.name}, seed ${res.seed}, ${res.run.numSteps} steps, cfg ${res.run.cfgScale}, in ${o.out}; grid: ${res.grid}`,
+      );
     } finally {
       api.close();
     }

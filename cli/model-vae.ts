@@ -60,7 +60,8 @@ function headerScalingFactor(file: WeightFile): number | undefined {
   const v = file instanceof SafetensorsFile ? file.metadata.scaling_factor : undefined;
   if (v === undefined) return undefined;
   const x = Number(v);
-  if (!(x > 0) || !Number.isFinite(x)) throw new VaeConfigError(`${file.path}: header metadata scaling_factor must be a positive number, got "${v}"`);
+  if (!(x > 0) || !Number.isFinite(x))
+    throw new VaeConfigError(`${file.path}: header metadata scaling_factor must be a positive number, got "${v}"`);
   return x;
 }
 
@@ -92,14 +93,18 @@ export function buildVaeModel(opts: BuildVaeOptions): ModelDir<VaeModelJson> {
     }
     note(`scaling factor: ${scalingFactor} (${hit[1]})`);
     const outputCrop = opts.outputCrop ?? given.outputCrop;
-    if (outputCrop && !isNoCrop(outputCrop)) note(`output crop: ${JSON.stringify(outputCrop)} px (${opts.outputCrop ? '--output-crop' : opts.config ? '--config' : sidecar})`);
+    if (outputCrop && !isNoCrop(outputCrop))
+      note(`output crop: ${JSON.stringify(outputCrop)} px (${opts.outputCrop ? '--output-crop' : opts.config ? '--config' : sidecar})`);
     const { names, config } = resolveVae(file, opts.format ?? 'auto', given);
     if (outputCrop) {
       const ok = imageCropSchema.safeParse(outputCrop);
       if (!ok.success) throw new VaeConfigError(`--output-crop ${JSON.stringify(outputCrop)}: ${ok.error.issues[0].message}`);
       const side = (config.latent_size ?? DEFAULT_LATENT_SIZE) * 2 ** (config.block_out_channels.length - 1);
       const left = croppedSize(side, side, outputCrop);
-      if (left.height < 1) throw new VaeConfigError(`--output-crop ${JSON.stringify(outputCrop)}: leaves no pixels of the ${side}×${side} images this VAE decodes at latent_size ${config.latent_size}`);
+      if (left.height < 1)
+        throw new VaeConfigError(
+          `--output-crop ${JSON.stringify(outputCrop)}: leaves no pixels of the ${side}×${side} images this VAE decodes at latent_size ${config.latent_size}`,
+        );
     }
     const name = opts.name ?? basename(resolve(opts.out));
     const graph = buildVaeDecoderGraph(file, config, { names, name });
@@ -163,13 +168,20 @@ export const command = new Command('vae')
     `latent scaling factor (default: the config's scaling_factor, the safetensors header's, or that of a config beside the weights; never guessed: ${SD_SCALING_FACTOR} for Stable Diffusion's VAEs)`,
     positiveNumber('--scaling-factor'),
   )
-  .option('--output-crop <px>', 'pixels the decoder crops from each edge of decoded images: N, or TOP,RIGHT,BOTTOM,LEFT (default: the config\'s output_crop, else none)', cropArg)
+  .option(
+    '--output-crop <px>',
+    "pixels the decoder crops from each edge of decoded images: N, or TOP,RIGHT,BOTTOM,LEFT (default: the config's output_crop, else none)",
+    cropArg,
+  )
   .option('--name <name>', 'model name services advertise (default: the output directory name)')
   .addOption(new Option('--dtype <dtype>', 'weight storage dtype').choices(['f32', 'f16']).default('f32'))
   .requiredOption('--out <dir>', 'output model directory')
   .action((o: CliOptions) => {
     const bar = process.stderr.isTTY
-      ? new cliProgress.SingleBar({ format: 'writing weights [{bar}] {value}/{total}', stream: process.stderr }, cliProgress.Presets.shades_classic)
+      ? new cliProgress.SingleBar(
+          { format: 'writing weights [{bar}] {value}/{total}', stream: process.stderr },
+          cliProgress.Presets.shades_classic,
+        )
       : null;
     let started = false;
     const m = buildVaeModel({
@@ -185,7 +197,9 @@ export const command = new Command('vae')
     if (started) bar?.stop();
     const { meta } = m;
     const size = meta.config.latent_size;
-    const crop = meta.outputCrop ? `, output crop ${meta.outputCrop.top}/${meta.outputCrop.right}/${meta.outputCrop.bottom}/${meta.outputCrop.left} px` : '';
+    const crop = meta.outputCrop
+      ? `, output crop ${meta.outputCrop.top}/${meta.outputCrop.right}/${meta.outputCrop.bottom}/${meta.outputCrop.left} px`
+      : '';
     console.log(
       `${m.dir}: vae-decoder "${meta.name}" (${meta.source.format} names), ${meta.params} params, ` +
         `${meta.gflops.toFixed(3)} GMACs per image at ${size}×${size} latents, scaling factor ${meta.scalingFactor}${crop}`,

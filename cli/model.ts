@@ -2,7 +2,14 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import cliProgress from 'cli-progress';
-import { buildDitModel, DitConfigError, parseDitConfigJson, UnsupportedDtypeError, type DitConfig, type DitConfigJson } from '../shared/model/dit.ts';
+import {
+  buildDitModel,
+  DitConfigError,
+  parseDitConfigJson,
+  UnsupportedDtypeError,
+  type DitConfig,
+  type DitConfigJson,
+} from '../shared/model/dit.ts';
 import { initDitWeights, type DitInit } from '../shared/model/dit-init.ts';
 import { ditConfigSchema, GRAPH_REVISION, graphRevisionOf, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
 import { ditPreset } from '../shared/model/presets.ts';
@@ -11,9 +18,7 @@ import type { OnnxSummary } from '../shared/onnx/inspect.ts';
 import { readJsonArg } from './common.ts';
 
 /** Builders registered under `model build` besides `dit`; each module exports its subcommand as `command`. */
-const builders: Array<() => Promise<{ command: Command }>> = [
-  () => import('./model-vae.ts'),
-];
+const builders: Array<() => Promise<{ command: Command }>> = [() => import('./model-vae.ts')];
 
 /** `--config` takes a JSON file or inline JSON (starting with `{`): constructor arguments or a training record. */
 export function readDitConfigArg(arg: string): DitConfigJson {
@@ -36,7 +41,10 @@ function readClassNames(path: string): string[] {
     }
     return parsed;
   }
-  return text.split(/\r?\n/).map((s) => s.trim()).filter((s, i, all) => s.length > 0 || i < all.length - 1);
+  return text
+    .split(/\r?\n/)
+    .map((s) => s.trim())
+    .filter((s, i, all) => s.length > 0 || i < all.length - 1);
 }
 
 function positiveInt(flag: string): (v: string) => number {
@@ -98,11 +106,17 @@ const buildDit = new Command('dit')
   .requiredOption('--weights <file>', 'DiT weights: safetensors or torch.save checkpoint (original or diffusers names)')
   .addOption(new Option('--format <format>', 'tensor naming scheme').choices(['auto', 'original', 'diffusers']).default('auto'))
   .option('--preset <name>', 'DiT-S/B/L/XL × /2 /4 /8, e.g. DiT-XL/2 (sets num_heads; shapes must match the weights)')
-  .option('--config <json>', 'DiT constructor arguments (input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes, learn_sigma), any subset: a JSON file or inline JSON; or a training record holding them under "config", whose class_names are used too (models/fashion-mnist/dit.json)')
+  .option(
+    '--config <json>',
+    'DiT constructor arguments (input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes, learn_sigma), any subset: a JSON file or inline JSON; or a training record holding them under "config", whose class_names are used too (models/fashion-mnist/dit.json)',
+  )
   .option('--input-size <n>', 'latent size (image size / 8); default: from pos_embed', positiveInt('--input-size'))
   .option('--dtype <dtype>', 'weight storage dtype: f32 or f16 (compute stays float32)', 'f32')
   .option('--name <name>', 'model name services advertise (default: the output directory name)')
-  .option('--class-names <file>', 'class names, one per line or a JSON array, stored in model.json (default: a --config record\'s class_names)')
+  .option(
+    '--class-names <file>',
+    "class names, one per line or a JSON array, stored in model.json (default: a --config record's class_names)",
+  )
   .option('--vae <name>', 'name of the VAE decoder this model samples for (schedulers pair them by it)')
   .option('--quiet', 'no progress output')
   .requiredOption('--out <dir>', 'output model directory')
@@ -154,16 +168,24 @@ function nonNegInt(v: string): number {
 }
 
 const initDit = new Command('dit')
-  .description('Write DiT weights (original names) without a checkpoint: the paper\'s init or random non-zero weights')
+  .description("Write DiT weights (original names) without a checkpoint: the paper's init or random non-zero weights")
   .option('--preset <name>', 'DiT-S/2 … DiT-XL/8')
   .option('--config <json>', 'DiT constructor arguments, a JSON file or inline JSON (over the preset, or complete)')
   .option('--input-size <n>', 'latent size (overrides the preset/config)', positiveInt('--input-size'))
   .option('--seed <n>', 'random seed', nonNegInt, 0)
-  .addOption(new Option('--init <kind>', 'original: the paper\'s initialisation (zero adaLN/final layer); random: every weight non-zero').choices(['original', 'random']).default('random'))
+  .addOption(
+    new Option('--init <kind>', "original: the paper's initialisation (zero adaLN/final layer); random: every weight non-zero")
+      .choices(['original', 'random'])
+      .default('random'),
+  )
   .requiredOption('--out <file>', 'output .safetensors file')
   .action((o: InitDitCli) => {
     if (!o.preset && !o.config) throw new DitConfigError('give --preset or --config');
-    const merged = { ...(o.preset ? ditPreset(o.preset) : {}), ...(o.config ? readConfigArg(o.config) : {}), ...(o.inputSize ? { input_size: o.inputSize } : {}) };
+    const merged = {
+      ...(o.preset ? ditPreset(o.preset) : {}),
+      ...(o.config ? readConfigArg(o.config) : {}),
+      ...(o.inputSize ? { input_size: o.inputSize } : {}),
+    };
     const parsed = ditConfigSchema.safeParse(merged);
     if (!parsed.success) {
       const issue = parsed.error.issues[0];
@@ -172,7 +194,9 @@ const initDit = new Command('dit')
     const bar = progress('initialising');
     const res = initDitWeights(parsed.data, o.out, { init: o.init, seed: o.seed, onProgress: (d, t) => bar.update(d, t) });
     bar.stop();
-    console.log(`${o.out}: ${res.tensors} tensors, ${res.params.toLocaleString('en-US')} params (${o.init} init, seed ${o.seed}), ${(res.bytes / 2 ** 20).toFixed(1)} MiB`);
+    console.log(
+      `${o.out}: ${res.tensors} tensors, ${res.params.toLocaleString('en-US')} params (${o.init} init, seed ${o.seed}), ${(res.bytes / 2 ** 20).toFixed(1)} MiB`,
+    );
   });
 
 /** Values of the DiT's fixed positional embedding: one sin-cos vector of hidden_size per token. */
@@ -201,21 +225,31 @@ function describe(meta: ModelJson, dir: string, graph?: OnnxSummary): string {
     const c = meta.outputCrop;
     const side = (meta.config.latent_size ?? 0) * 2 ** (meta.config.block_out_channels.length - 1);
     const served = croppedSize(side, side, c);
-    lines.push(`output crop: top ${c.top}, right ${c.right}, bottom ${c.bottom}, left ${c.left} px (${side}×${side} decoded → ${served.width}×${served.height} served at ${meta.config.latent_size}×${meta.config.latent_size} latents)`);
+    lines.push(
+      `output crop: top ${c.top}, right ${c.right}, bottom ${c.bottom}, left ${c.left} px (${side}×${side} decoded → ${served.width}×${served.height} served at ${meta.config.latent_size}×${meta.config.latent_size} latents)`,
+    );
   }
-  if (meta.kind === 'dit' && meta.classNames) lines.push(`classes:  ${meta.classNames.length} named (${meta.classNames.slice(0, 3).join(', ')}${meta.classNames.length > 3 ? ', …' : ''})`);
+  if (meta.kind === 'dit' && meta.classNames)
+    lines.push(
+      `classes:  ${meta.classNames.length} named (${meta.classNames.slice(0, 3).join(', ')}${meta.classNames.length > 3 ? ', …' : ''})`,
+    );
   const rev = graphRevisionOf(meta);
-  const stale = rev < GRAPH_REVISION ? ` (this ditpipe writes revision ${GRAPH_REVISION}: rebuild for the faster graphs, same numbers)` : '';
+  const stale =
+    rev < GRAPH_REVISION ? ` (this ditpipe writes revision ${GRAPH_REVISION}: rebuild for the faster graphs, same numbers)` : '';
   lines.push(`built by: ${meta.createdBy}, graph revision ${rev}${stale}`);
   if (graph) {
     const opset = graph.opsets.map((o) => `${o.domain || 'ai.onnx'} ${o.version}`).join(', ');
-    lines.push(`graph:    ${meta.onnx} parses: ONNX IR ${graph.irVersion}, opset ${opset}, ${graph.nodes} nodes, ${graph.initializers} weights${graph.externalInitializers ? ` (${graph.externalInitializers} in external data)` : ''}; inputs/outputs match model.json`);
+    lines.push(
+      `graph:    ${meta.onnx} parses: ONNX IR ${graph.irVersion}, opset ${opset}, ${graph.nodes} nodes, ${graph.initializers} weights${graph.externalInitializers ? ` (${graph.externalInitializers} in external data)` : ''}; inputs/outputs match model.json`,
+    );
   }
   return lines.join('\n');
 }
 
 const info = new Command('info')
-  .description('Show a model directory: params, Gflops per forward, inputs/outputs, source weights; checks that model.onnx parses and matches model.json')
+  .description(
+    'Show a model directory: params, Gflops per forward, inputs/outputs, source weights; checks that model.onnx parses and matches model.json',
+  )
   .argument('<dir>', 'model directory')
   .option('--json', 'print model.json')
   .action((dir: string, o: { json?: boolean }) => {

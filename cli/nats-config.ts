@@ -24,10 +24,20 @@ export const DEFAULT_SECRET = 'ditpipe-nats-nkeys';
 
 export const command = new Command('nats-config')
   .description(
-    "Print the nats-server authorization block that gives each ditpipe service its nkey and only its permissions; with --nkeys or --secret, make fresh per-service nkeys.",
+    'Print the nats-server authorization block that gives each ditpipe service its nkey and only its permissions; with --nkeys or --secret, make fresh per-service nkeys.',
   )
-  .addOption(new Option('--nkeys <dir>', 'make fresh nkeys: write <dir>/<service>.nk (seed, mode 0600, for the service\'s --nats-nkey) and print the block with their public keys'))
-  .addOption(new Option('--secret', 'make fresh nkeys and print them as the Kubernetes Secret k8s/base reads (seeds <service>.nk, public keys <service>.pub), for `kubectl apply -f -`'))
+  .addOption(
+    new Option(
+      '--nkeys <dir>',
+      "make fresh nkeys: write <dir>/<service>.nk (seed, mode 0600, for the service's --nats-nkey) and print the block with their public keys",
+    ),
+  )
+  .addOption(
+    new Option(
+      '--secret',
+      'make fresh nkeys and print them as the Kubernetes Secret k8s/base reads (seeds <service>.nk, public keys <service>.pub), for `kubectl apply -f -`',
+    ),
+  )
   .addOption(new Option('--secret-name <name>', 'name of that Secret').default(DEFAULT_SECRET))
   .action((o: { nkeys?: string; secret?: boolean; secretName: string }) => {
     if (o.nkeys && o.secret) throw new Error('give --nkeys or --secret, not both');
@@ -52,9 +62,13 @@ export const command = new Command('nats-config')
       const keys = makeServiceNkeys();
       const files = writeSeedFiles(o.nkeys, keys);
       for (const s of NATS_SERVICES) writeFileSync(join(o.nkeys, `${s}.pub`), `${keys[s].publicKey}\n`);
-      process.stderr.write(`seeds: ${NATS_SERVICES.map((s) => files[s]).join(', ')} (give each service its own with --nats-nkey / NATS_NKEY)\n`);
+      process.stderr.write(
+        `seeds: ${NATS_SERVICES.map((s) => files[s]).join(', ')} (give each service its own with --nats-nkey / NATS_NKEY)\n`,
+      );
       process.stdout.write(`${natsAuthorization(NATS_SERVICES.map((service) => ({ service, nkey: keys[service].publicKey })))}\n`);
       return;
     }
-    process.stdout.write(`# Public nkeys come from the server's environment (${NATS_SERVICES.map(nkeyVariable).join(', ')}).\n${k8sAuthorization()}\n`);
+    process.stdout.write(
+      `# Public nkeys come from the server's environment (${NATS_SERVICES.map(nkeyVariable).join(', ')}).\n${k8sAuthorization()}\n`,
+    );
   });

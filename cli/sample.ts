@@ -91,7 +91,9 @@ function readNoise(path: string, latent: number[], steps: number, needsStepNoise
       if (!f.has(name)) throw new SampleArgumentError(`--noise-from ${path}: tensor '${name}' [${want.join(', ')}] is missing`);
       const got = f.info(name).shape;
       if (got.length !== want.length || got.some((d, i) => d !== want[i])) {
-        throw new SampleArgumentError(`--noise-from ${path}: tensor '${name}' has shape [${got.join(', ')}], expected [${want.join(', ')}]`);
+        throw new SampleArgumentError(
+          `--noise-from ${path}: tensor '${name}' has shape [${got.join(', ')}], expected [${want.join(', ')}]`,
+        );
       }
       return f.readF32(name);
     };
@@ -150,7 +152,10 @@ export async function runSample(o: SampleOptions): Promise<SampleResult> {
         : {}),
     });
   } catch (err) {
-    if (err instanceof DiffusionInputError) throw new SampleArgumentError(`--${err.field.replace(/[A-Z]/g, (m) => `-${m.toLowerCase()}`)}: ${err.message.slice(err.field.length + 2)}`);
+    if (err instanceof DiffusionInputError)
+      throw new SampleArgumentError(
+        `--${err.field.replace(/[A-Z]/g, (m) => `-${m.toLowerCase()}`)}: ${err.message.slice(err.field.length + 2)}`,
+      );
     throw err;
   }
 
@@ -170,7 +175,11 @@ export async function runSample(o: SampleOptions): Promise<SampleResult> {
         t: new ort.Tensor('int64', input.t, [rows]),
         y: new ort.Tensor('int64', input.y, [rows]),
       });
-      combineGuidance(r.out.data as Float32Array, { rows: n, outChannels, inChannels: C, plane: S * S, scale: o.cfg, channels: o.guidanceChannels }, guided);
+      combineGuidance(
+        r.out.data as Float32Array,
+        { rows: n, outChannels, inChannels: C, plane: S * S, scale: o.cfg, channels: o.guidanceChannels },
+        guided,
+      );
       advance(state, guided);
       o.onStep?.(p.step + 1, steps);
     }
@@ -220,11 +229,16 @@ export const command = new Command('sample')
     'Sample latents in this process (no services) to reproduce or debug a run; writes trajectory [steps,B,C,H,W], sample [B,C,H,W], timesteps and labels as safetensors.',
   )
   .requiredOption('--model-dir <dir>', 'DiT model directory (from `ditpipe model build dit`)')
-  .requiredOption('--labels <list>', 'comma-separated class labels (indices, or names the model carries, also as output files spell them); one sample each')
+  .requiredOption(
+    '--labels <list>',
+    'comma-separated class labels (indices, or names the model carries, also as output files spell them); one sample each',
+  )
   .addOption(new Option('--sampler <name>', 'reverse-diffusion sampler').choices(SAMPLER_NAMES).default(DEFAULT_SAMPLER))
   .option('--respacing <spec>', 'timestep respacing of the 1000-step schedule: "250", "ddim50", "10,10,5"', '250')
   .option('--cfg <scale>', 'classifier-free guidance scale (1 = none)', parseNumber('--cfg', 1), 1)
-  .addOption(new Option('--guidance-channels <which>', "guided latent channels: 3 (the original's) or all").choices(['3', 'all']).default('3'))
+  .addOption(
+    new Option('--guidance-channels <which>', "guided latent channels: 3 (the original's) or all").choices(['3', 'all']).default('3'),
+  )
   .option('--eta <eta>', 'DDIM eta (0 = deterministic)', parseNumber('--eta', 0), 0)
   .option('--seed <n>', 'uint64 seed of the Philox noise (default 0)', parseSeed)
   .option('--sample-index-offset <n>', 'noise-stream index of the first sample', (v) => {
@@ -234,35 +248,39 @@ export const command = new Command('sample')
   })
   .option('--noise-from <file>', 'read z [B,C,H,W] and step_noise [steps,B,C,H,W] from a safetensors file instead of drawing noise')
   .requiredOption('--out <file>', 'output .safetensors file')
-  .action(async (f: {
-    modelDir: string;
-    labels: string;
-    sampler: SamplerName;
-    respacing: string;
-    cfg: number;
-    guidanceChannels: '3' | 'all';
-    eta: number;
-    seed?: bigint;
-    sampleIndexOffset?: number;
-    noiseFrom?: string;
-    out: string;
-  }) => {
-    const started = performance.now();
-    const r = await runSample({
-      modelDir: f.modelDir,
-      labels: f.labels.split(','),
-      sampler: f.sampler,
-      respacing: f.respacing,
-      cfg: f.cfg,
-      guidanceChannels: f.guidanceChannels === 'all' ? 'all' : 3,
-      eta: f.eta,
-      seed: f.seed,
-      sampleIndexOffset: f.sampleIndexOffset,
-      noiseFrom: f.noiseFrom,
-      out: f.out,
-      onStep: process.stderr.isTTY ? (done, total) => process.stderr.write(`\rstep ${done}/${total}`) : undefined,
-    });
-    if (process.stderr.isTTY) process.stderr.write('\n');
-    const secs = ((performance.now() - started) / 1000).toFixed(2);
-    console.log(`wrote ${f.out}: ${r.shape[0]} sample(s) [${r.shape.slice(1).join(', ')}], ${r.timesteps.length} ${f.sampler} steps (t ${r.timesteps[0]}→${r.timesteps[r.timesteps.length - 1]}) in ${secs}s`);
-  });
+  .action(
+    async (f: {
+      modelDir: string;
+      labels: string;
+      sampler: SamplerName;
+      respacing: string;
+      cfg: number;
+      guidanceChannels: '3' | 'all';
+      eta: number;
+      seed?: bigint;
+      sampleIndexOffset?: number;
+      noiseFrom?: string;
+      out: string;
+    }) => {
+      const started = performance.now();
+      const r = await runSample({
+        modelDir: f.modelDir,
+        labels: f.labels.split(','),
+        sampler: f.sampler,
+        respacing: f.respacing,
+        cfg: f.cfg,
+        guidanceChannels: f.guidanceChannels === 'all' ? 'all' : 3,
+        eta: f.eta,
+        seed: f.seed,
+        sampleIndexOffset: f.sampleIndexOffset,
+        noiseFrom: f.noiseFrom,
+        out: f.out,
+        onStep: process.stderr.isTTY ? (done, total) => process.stderr.write(`\rstep ${done}/${total}`) : undefined,
+      });
+      if (process.stderr.isTTY) process.stderr.write('\n');
+      const secs = ((performance.now() - started) / 1000).toFixed(2);
+      console.log(
+        `wrote ${f.out}: ${r.shape[0]} sample(s) [${r.shape.slice(1).join(', ')}], ${r.timesteps.length} ${f.sampler} steps (t ${r.timesteps[0]}→${r.timesteps[r.timesteps.length - 1]}) in ${secs}s`,
+      );
+    },
+  );

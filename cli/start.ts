@@ -54,15 +54,41 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
   port: 50051,
   portHelp: 'gRPC port of the Sampler API (0 = any free port)',
 })
-  .description('Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC and the HTTP API with the playground, and write a sample grid.')
-  .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)').env('DITPIPE_MODEL_DIR'))
+  .description(
+    'Run scheduler, denoiser and decoder in one process on the default (or given) model, serve gRPC and the HTTP API with the playground, and write a sample grid.',
+  )
+  .addOption(
+    new Option(
+      '--model-dir <dir>',
+      'DiT model directory (default: the Fashion-MNIST model, built from models/fashion-mnist on first start)',
+    ).env('DITPIPE_MODEL_DIR'),
+  )
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)').env('DITPIPE_VAE_DIR'))
   .addOption(httpPortOption(8080))
-  .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)').env('DITPIPE_THREADS').default(0).argParser(intArg('--threads', 0, 1024)))
+  .addOption(
+    new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)')
+      .env('DITPIPE_THREADS')
+      .default(0)
+      .argParser(intArg('--threads', 0, 1024)),
+  )
   .addOption(new Option('--no-grid', 'do not write the sample grid at start').env('DITPIPE_NO_GRID'))
-  .addOption(new Option('--grid-out <dir>', 'folder of the sample grid (its earlier grid and samples are replaced)').env('DITPIPE_GRID_OUT').default('out/samples'))
-  .addOption(new Option('--grid-samples <n>', 'samples per class in the grid').env('DITPIPE_GRID_SAMPLES').default(4).argParser(intArg('--grid-samples', 1, 16)))
-  .addOption(new Option('--grid-steps <n>', 'DDIM steps for the grid').env('DITPIPE_GRID_STEPS').default(50).argParser(intArg('--grid-steps', 1, 1000)))
+  .addOption(
+    new Option('--grid-out <dir>', 'folder of the sample grid (its earlier grid and samples are replaced)')
+      .env('DITPIPE_GRID_OUT')
+      .default('out/samples'),
+  )
+  .addOption(
+    new Option('--grid-samples <n>', 'samples per class in the grid')
+      .env('DITPIPE_GRID_SAMPLES')
+      .default(4)
+      .argParser(intArg('--grid-samples', 1, 16)),
+  )
+  .addOption(
+    new Option('--grid-steps <n>', 'DDIM steps for the grid')
+      .env('DITPIPE_GRID_STEPS')
+      .default(50)
+      .argParser(intArg('--grid-steps', 1, 1000)),
+  )
   .addOption(new Option('--exit-after-grid', 'stop once the grid is written (smoke tests)').env('DITPIPE_EXIT_AFTER_GRID'))
   .action(async (o: Flags) => {
     const log = logger('ditpipe', o);
@@ -90,16 +116,31 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
     const decoderT = await connect('decoder');
     const schedulerT = await connect('scheduler');
     const queueSettings = queueFromFlags(o);
-    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, { metrics: dm, log, queueSettings });
-    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, { metrics: vm, log, queueSettings });
+    const denoiser = await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: o.threads }), denoiserT, {
+      metrics: dm,
+      log,
+      queueSettings,
+    });
+    const decoder = await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: o.threads }), decoderT, {
+      metrics: vm,
+      log,
+      queueSettings,
+    });
     const scheduler = await startSchedulerService(
       compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
       schedulerT,
-      { grpc, metrics: sm, log, queueSettings, http: o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.host }), log, ...httpSecurity(grpc) } },
+      {
+        grpc,
+        metrics: sm,
+        log,
+        queueSettings,
+        http: o.httpPort < 0 ? null : { config: compileHttpConfig({ port: o.httpPort, host: o.host }), log, ...httpSecurity(grpc) },
+      },
     );
     await listenGrpc(grpc, log, 'Sampler API');
     const playground = scheduler.http ? `${scheduler.http.url}/` : null;
-    if (playground) console.log(`playground: open ${playground} (OpenAI-compatible images API at ${scheduler.http!.url}/v1/images/generations)`);
+    if (playground)
+      console.log(`playground: open ${playground} (OpenAI-compatible images API at ${scheduler.http!.url}/v1/images/generations)`);
     log.info({ model: dit.name, vae: vae.name, params: dit.params, gflops: dit.gflops }, `serving ${dit.name} (VAE ${vae.name})`);
     // Where a client on this machine reaches the server: a wildcard bind is reachable on loopback.
     const address = `${grpc.host === '0.0.0.0' ? '127.0.0.1' : grpc.host === '::' ? '[::1]' : grpc.host.includes(':') ? `[${grpc.host}]` : grpc.host}:${grpc.port}`;
@@ -132,7 +173,14 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
           // The grid folder belongs to `start`: each start replaces the grid and samples it wrote.
           overwrite: true,
           title: (r) => defaultTitle(r, 'DDIM'),
-          request: { model: dit.name, classLabels: labels, sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: o.gridSteps, cfgScale: 4, seed: 0n },
+          request: {
+            model: dit.name,
+            classLabels: labels,
+            sampler: SamplerKind.SAMPLER_KIND_DDIM,
+            numSteps: o.gridSteps,
+            cfgScale: 4,
+            seed: 0n,
+          },
           onProgress: (step, total) => {
             if (step % 10 === 0 || step === total) log.info(`grid: step ${step}/${total}`);
           },
@@ -147,7 +195,9 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
         return;
       }
     }
-    console.log(`serving ditpipe.v1.Sampler on ${address} — try: node bin/ditpipe.js generate --server ${address} --class ${dit.classNames?.[5] ?? 5} --num 4 --out ${join('out', 'generate')}`);
+    console.log(
+      `serving ditpipe.v1.Sampler on ${address} — try: node bin/ditpipe.js generate --server ${address} --class ${dit.classNames?.[5] ?? 5} --num 4 --out ${join('out', 'generate')}`,
+    );
     if (playground) console.log(`playground: open ${playground}`);
     await serveUntilSignal({
       log,

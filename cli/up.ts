@@ -58,7 +58,11 @@ function startChild(name: string, args: string[], env: Record<string, string>, o
   const childEnv = { ...process.env, ...env };
   // Other NATS credentials in the caller's environment would clash with the one given here.
   for (const k of ['NATS_USER', 'NATS_PASSWORD', 'NATS_TOKEN', 'NATS_CREDS']) delete childEnv[k];
-  const proc = spawn(process.execPath, [resolve(ROOT, 'bin/ditpipe.js'), ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: childEnv });
+  const proc = spawn(process.execPath, [resolve(ROOT, 'bin/ditpipe.js'), ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
+    env: childEnv,
+  });
   const kill = (): void => {
     proc.kill('SIGKILL');
   };
@@ -94,20 +98,44 @@ async function stopChild(c: Child, graceMs: number): Promise<string> {
 }
 
 export const command = new Command('up')
-  .description('Start a local cluster: nats-server (an nkey per service, each with only its permissions) plus separate scheduler, denoiser and decoder processes (Ctrl-C stops it in order).')
+  .description(
+    'Start a local cluster: nats-server (an nkey per service, each with only its permissions) plus separate scheduler, denoiser and decoder processes (Ctrl-C stops it in order).',
+  )
   .addOption(new Option('--model-dir <dir>', 'DiT model directory (default: the Fashion-MNIST model)'))
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)'))
   .addOption(new Option('--denoisers <n>', 'denoiser processes').default(2).argParser(intArg('--denoisers', 1, 256)))
   .addOption(new Option('--decoders <n>', 'decoder processes').default(1).argParser(intArg('--decoders', 1, 256)))
-  .addOption(new Option('--grpc-port <port>', 'scheduler gRPC port (0 = a free port)').default(50051).argParser(intArg('--grpc-port', 0, 65535)))
+  .addOption(
+    new Option('--grpc-port <port>', 'scheduler gRPC port (0 = a free port)').default(50051).argParser(intArg('--grpc-port', 0, 65535)),
+  )
   .addOption(httpPortOption(8080))
-  .addOption(new Option('--nats-port <port>', 'nats-server port (0 = any free port)').default(4222).argParser(intArg('--nats-port', 0, 65535)))
-  .addOption(new Option('--metrics-port <port>', 'first metrics port: scheduler, then each denoiser and decoder in turn (0 = free ports, -1 = off)').default(9464).argParser(intArg('--metrics-port', -1, 65535)))
-  .addOption(new Option('--threads <n>', 'onnxruntime intra-op threads per process (0 = all cores)').default(1).argParser(intArg('--threads', 0, 1024)))
-  .addOption(new Option('--shutdown-grace <ms>', 'time each process gets to drain on Ctrl-C').default(10_000).argParser(intArg('--shutdown-grace', 0)))
+  .addOption(
+    new Option('--nats-port <port>', 'nats-server port (0 = any free port)').default(4222).argParser(intArg('--nats-port', 0, 65535)),
+  )
+  .addOption(
+    new Option('--metrics-port <port>', 'first metrics port: scheduler, then each denoiser and decoder in turn (0 = free ports, -1 = off)')
+      .default(9464)
+      .argParser(intArg('--metrics-port', -1, 65535)),
+  )
+  .addOption(
+    new Option('--threads <n>', 'onnxruntime intra-op threads per process (0 = all cores)')
+      .default(1)
+      .argParser(intArg('--threads', 0, 1024)),
+  )
+  .addOption(
+    new Option('--shutdown-grace <ms>', 'time each process gets to drain on Ctrl-C')
+      .default(10_000)
+      .argParser(intArg('--shutdown-grace', 0)),
+  )
   .addOption(new Option('--simulate <base+perRow>', 'run the denoisers in simulation mode (no model compute)'))
-  .addOption(new Option('--host <addr>', 'address the scheduler\'s gRPC binds (replicas, metrics and NATS stay on loopback)').default('127.0.0.1'))
-  .addOption(new Option('--log-format <format>', 'children\'s log lines: pretty, json, auto = pretty when stderr is a terminal').choices([...LOG_FORMATS]).default('auto'))
+  .addOption(
+    new Option('--host <addr>', "address the scheduler's gRPC binds (replicas, metrics and NATS stay on loopback)").default('127.0.0.1'),
+  )
+  .addOption(
+    new Option('--log-format <format>', "children's log lines: pretty, json, auto = pretty when stderr is a terminal")
+      .choices([...LOG_FORMATS])
+      .default('auto'),
+  )
   .action(async (o: Flags) => {
     let ditDir = o.modelDir;
     let vaeDir = o.vaeDir;
@@ -134,7 +162,9 @@ export const command = new Command('up')
       detached: true,
       auth: { users: NATS_SERVICES.map((service) => ({ service, nkey: keys[service].publicKey })) },
     });
-    process.stderr.write(`[up] nats-server on ${nats.url} (max_payload 8 MiB; an nkey per service, each with only its service's permissions)\n`);
+    process.stderr.write(
+      `[up] nats-server on ${nats.url} (max_payload 8 MiB; an nkey per service, each with only its service's permissions)\n`,
+    );
     const credentials = (service: NatsService): Record<string, string> => ({ NATS_NKEY: seeds[service] });
     // Ports are fixed here, before the processes start, so the banner below can list them all.
     const n = o.denoisers + o.decoders;
@@ -145,14 +175,36 @@ export const command = new Command('up')
     const metrics = portRange(o.metricsPort, 1 + n, take); // the scheduler's first
     // Children log to pipes; decide pretty or JSON by this process's terminal.
     const logFormat = prettyFor(o.logFormat, Boolean(process.stderr.isTTY)) ? 'pretty' : 'json';
-    const common = ['--nats-url', nats.url, '--shutdown-grace', String(o.shutdownGrace), '--log-format', logFormat, '--metrics-host', '127.0.0.1'];
+    const common = [
+      '--nats-url',
+      nats.url,
+      '--shutdown-grace',
+      String(o.shutdownGrace),
+      '--log-format',
+      logFormat,
+      '--metrics-host',
+      '127.0.0.1',
+    ];
     const replicas: Child[] = [];
     const banner: string[] = [];
     const metricsUrl = (port: number): string => (port < 0 ? 'metrics off' : `metrics http://127.0.0.1:${port}/metrics`);
     for (let i = 0; i < n; i++) {
       const denoiser = i < o.denoisers;
       const name = denoiser ? `denoiser-${i}` : `decoder-${i - o.denoisers}`;
-      const args = [denoiser ? 'denoiser' : 'decoder', ...common, '--model-dir', denoiser ? ditDir : vaeDir, '--grpc-port', String(health[i]), '--host', '127.0.0.1', '--threads', String(o.threads), '--metrics-port', String(metrics[1 + i])];
+      const args = [
+        denoiser ? 'denoiser' : 'decoder',
+        ...common,
+        '--model-dir',
+        denoiser ? ditDir : vaeDir,
+        '--grpc-port',
+        String(health[i]),
+        '--host',
+        '127.0.0.1',
+        '--threads',
+        String(o.threads),
+        '--metrics-port',
+        String(metrics[1 + i]),
+      ];
       if (denoiser && o.simulate) args.push('--simulate', o.simulate);
       replicas.push(startChild(name, args, credentials(denoiser ? 'denoiser' : 'decoder')));
       banner.push(`[up]   ${name.padEnd(12)} health 127.0.0.1:${health[i]}  ${metricsUrl(metrics[1 + i])}`);
@@ -161,8 +213,20 @@ export const command = new Command('up')
     const scheduler = startChild(
       'scheduler',
       [
-        'scheduler', ...common, '--models', dit.name, '--vae', `${dit.name}=${dit.vae ?? vae.name}`, '--grpc-port', String(grpcPort), '--host', o.host,
-        '--metrics-port', String(metrics[0]), '--http-port', String(o.httpPort),
+        'scheduler',
+        ...common,
+        '--models',
+        dit.name,
+        '--vae',
+        `${dit.name}=${dit.vae ?? vae.name}`,
+        '--grpc-port',
+        String(grpcPort),
+        '--host',
+        o.host,
+        '--metrics-port',
+        String(metrics[0]),
+        '--http-port',
+        String(o.httpPort),
       ],
       credentials('scheduler'),
       (line) => {
@@ -170,7 +234,9 @@ export const command = new Command('up')
         const m = /Sampler API on (\S+)/.exec(line);
         if (m && !announced) {
           announced = true;
-          process.stderr.write(`[up] scheduler gRPC on ${m[1]}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s); Ctrl-C to stop\n`);
+          process.stderr.write(
+            `[up] scheduler gRPC on ${m[1]}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s); Ctrl-C to stop\n`,
+          );
         }
       },
     );
@@ -182,7 +248,8 @@ export const command = new Command('up')
         '',
       ].join('\n'),
     );
-    if (o.httpPort > 0) process.stderr.write(`[up] playground: open http://127.0.0.1:${o.httpPort}/ (OpenAI-compatible images API under /v1)\n`);
+    if (o.httpPort > 0)
+      process.stderr.write(`[up] playground: open http://127.0.0.1:${o.httpPort}/ (OpenAI-compatible images API under /v1)\n`);
     const failures: string[] = [];
     const all = [scheduler, ...replicas];
 
@@ -191,9 +258,13 @@ export const command = new Command('up')
       if (stopping) return;
       stopping = true;
       process.stderr.write(`[up] ${why}: stopping the scheduler, then replicas, then NATS\n`);
-      const codes = [await stopChild(scheduler, o.shutdownGrace), ...(await Promise.all(replicas.map((c) => stopChild(c, o.shutdownGrace))))];
+      const codes = [
+        await stopChild(scheduler, o.shutdownGrace),
+        ...(await Promise.all(replicas.map((c) => stopChild(c, o.shutdownGrace)))),
+      ];
       codes.forEach((code, i) => {
-        if (code !== '0' && !failures.some((f) => f.startsWith(`${all[i].name} `))) failures.push(`${all[i].name} exited with ${code} while stopping`);
+        if (code !== '0' && !failures.some((f) => f.startsWith(`${all[i].name} `)))
+          failures.push(`${all[i].name} exited with ${code} while stopping`);
       });
       await nats.stop();
       removeCreds();

@@ -20,7 +20,10 @@ const duration = (opts: { min?: number } = {}) =>
   z.union([z.number(), z.string()]).transform((v, ctx) => {
     const ms = parseDuration(v);
     if (ms === null) {
-      ctx.addIssue({ code: 'custom', message: `expected a duration like "500ms", "30s", "2m" or a number of seconds, got ${JSON.stringify(v)}` });
+      ctx.addIssue({
+        code: 'custom',
+        message: `expected a duration like "500ms", "30s", "2m" or a number of seconds, got ${JSON.stringify(v)}`,
+      });
       return z.NEVER;
     }
     if (ms <= (opts.min ?? 0)) {
@@ -35,7 +38,9 @@ const posInt = () => z.number('must be a number').int('must be an integer').min(
 
 /** Latency bounds by percentile: keys like p50, p90, p99, p99.9. */
 const percentileKey = /^p(\d{1,2}(?:\.\d+)?|100)$/;
-const latencyBounds = z.record(z.string().regex(percentileKey, 'percentile keys look like p50, p99, p99.9'), duration()).refine((r) => Object.keys(r).length > 0, 'give at least one percentile bound, e.g. { p99: 2s }');
+const latencyBounds = z
+  .record(z.string().regex(percentileKey, 'percentile keys look like p50, p99, p99.9'), duration())
+  .refine((r) => Object.keys(r).length > 0, 'give at least one percentile bound, e.g. { p99: 2s }');
 
 const sloSchema = z.strictObject({
   /** End-to-end latency of successful requests, from the intended send time. */
@@ -64,12 +69,22 @@ const mixSchema = z.strictObject({
   eta: z.number('must be a number').min(0, 'must be >= 0').max(1, 'must be <= 1').optional(),
   guidanceChannels: z.enum(['three', 'all']).optional(),
   /** Images per request: a count, or a uniform range. */
-  images: z.union([posInt(), z.strictObject({ min: posInt(), max: posInt() }).refine((r) => r.max >= r.min, { message: 'max must be >= min', path: ['max'] })]).default(1),
+  images: z
+    .union([
+      posInt(),
+      z.strictObject({ min: posInt(), max: posInt() }).refine((r) => r.max >= r.min, { message: 'max must be >= min', path: ['max'] }),
+    ])
+    .default(1),
   /**
    * Class of each image: unset = uniform over the model's classes; a list = uniform over the
    * list; a map class → weight. Classes are indices or names (as ListModels lists them).
    */
-  classes: z.union([z.array(classKey).min(1, 'list at least one class'), z.record(z.string(), positive()).refine((r) => Object.keys(r).length > 0, 'give at least one class')]).optional(),
+  classes: z
+    .union([
+      z.array(classKey).min(1, 'list at least one class'),
+      z.record(z.string(), positive()).refine((r) => Object.keys(r).length > 0, 'give at least one class'),
+    ])
+    .optional(),
   /** Fixed noise seed for every request of this entry; unset lets the scheduler pick. */
   seed: z.number().int('must be an integer').min(0, 'must be >= 0').optional(),
   output: z.enum(['png', 'latent']).default('png'),
@@ -97,15 +112,25 @@ const phaseSchema = z
     slo: sloSchema.optional(),
   })
   .superRefine((p, ctx) => {
-    if (p.rate === undefined && p.concurrency === undefined) ctx.addIssue({ code: 'custom', message: 'give either rate (open loop) or concurrency (closed loop)' });
-    if (p.rate !== undefined && p.concurrency !== undefined) ctx.addIssue({ code: 'custom', path: ['concurrency'], message: 'a phase is open loop (rate) or closed loop (concurrency), not both' });
+    if (p.rate === undefined && p.concurrency === undefined)
+      ctx.addIssue({ code: 'custom', message: 'give either rate (open loop) or concurrency (closed loop)' });
+    if (p.rate !== undefined && p.concurrency !== undefined)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['concurrency'],
+        message: 'a phase is open loop (rate) or closed loop (concurrency), not both',
+      });
     if (p.duration === undefined && p.requests === undefined) ctx.addIssue({ code: 'custom', message: 'give duration, requests or both' });
-    if (typeof p.rate === 'object' && p.duration === undefined) ctx.addIssue({ code: 'custom', path: ['rate'], message: 'a ramped rate needs the phase duration' });
+    if (typeof p.rate === 'object' && p.duration === undefined)
+      ctx.addIssue({ code: 'custom', path: ['rate'], message: 'a ramped rate needs the phase duration' });
   });
 
 const metricsEndpoint = z.strictObject({
   name: z.string().min(1, 'must not be empty'),
-  url: z.string().url('must be an http(s) URL').refine((u) => /^https?:/.test(u), 'must be an http(s) URL'),
+  url: z
+    .string()
+    .url('must be an http(s) URL')
+    .refine((u) => /^https?:/.test(u), 'must be an http(s) URL'),
 });
 
 const schema = z.strictObject({
@@ -118,7 +143,10 @@ const schema = z.strictObject({
     address: z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'expected host:port (IPv6 in brackets)'),
     /** TLS to the target: true (system CAs) or the CA to verify it with and a client certificate (mutual TLS). */
     tls: z
-      .union([z.boolean(), z.strictObject({ ca: z.string().min(1).optional(), cert: z.string().min(1).optional(), key: z.string().min(1).optional() })])
+      .union([
+        z.boolean(),
+        z.strictObject({ ca: z.string().min(1).optional(), cert: z.string().min(1).optional(), key: z.string().min(1).optional() }),
+      ])
       .refine((t) => typeof t === 'boolean' || Boolean(t.cert) === Boolean(t.key), 'cert and key go together')
       .default(false),
     /** File holding the bearer token to send (DITPIPE_TOKEN or --token-file override it). */
@@ -172,7 +200,10 @@ export function validateCampaign(input: unknown, source = 'campaign'): Campaign 
       const base = fieldPath(i.path);
       if (i.code === 'unrecognized_keys') {
         const keys = i.keys.map((k) => `"${k}"`).join(', ');
-        return { field: i.path.length ? `${base}.${i.keys[0]}` : i.keys[0], message: `unknown field${i.keys.length > 1 ? 's' : ''} ${keys}${i.path.length ? ` in ${base}` : ''}` };
+        return {
+          field: i.path.length ? `${base}.${i.keys[0]}` : i.keys[0],
+          message: `unknown field${i.keys.length > 1 ? 's' : ''} ${keys}${i.path.length ? ` in ${base}` : ''}`,
+        };
       }
       if (i.code === 'invalid_key') return { field: base, message: i.issues[0]?.message ?? i.message };
       const message = i.code === 'invalid_type' && valueAt(input, i.path) === undefined ? 'required' : i.message;
@@ -184,7 +215,10 @@ export function validateCampaign(input: unknown, source = 'campaign'): Campaign 
   c.phases.forEach((p, i) => (p.name ??= `phase-${i + 1}`));
   const names = new Set<string>();
   c.phases.forEach((p, i) => {
-    if (names.has(p.name!)) throw new CampaignError(`${source}: invalid campaign:\n  phases[${i}].name: "${p.name}" is used by an earlier phase`, [{ field: `phases[${i}].name`, message: `"${p.name}" is used by an earlier phase` }]);
+    if (names.has(p.name!))
+      throw new CampaignError(`${source}: invalid campaign:\n  phases[${i}].name: "${p.name}" is used by an earlier phase`, [
+        { field: `phases[${i}].name`, message: `"${p.name}" is used by an earlier phase` },
+      ]);
     names.add(p.name!);
   });
   return c;

@@ -2,7 +2,8 @@
 import type { SloObjective } from './runner.ts';
 
 /** Up to three significant digits, no trailing zeros; thousands as plain digits. */
-export const num = (v: number): string => (Math.abs(v) >= 1000 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1).replace(/\.0$/, '') : Number(v.toPrecision(3)).toString());
+export const num = (v: number): string =>
+  Math.abs(v) >= 1000 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1).replace(/\.0$/, '') : Number(v.toPrecision(3)).toString();
 
 /** A duration in milliseconds: "850 ms", "1.25 s", "2.5 min". */
 export function duration(ms: number): string {

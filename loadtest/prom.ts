@@ -106,7 +106,8 @@ export function total(scrapes: Scrape[], name: string, filter?: Filter): number 
 /** Sums of a metric by the value of one label. */
 export function totalBy(scrapes: Scrape[], name: string, label: string): Record<string, number> {
   const out: Record<string, number> = {};
-  for (const sc of scrapes) for (const x of sc.samples) if (x.name === name) out[x.labels[label] ?? ''] = (out[x.labels[label] ?? ''] ?? 0) + x.value;
+  for (const sc of scrapes)
+    for (const x of sc.samples) if (x.name === name) out[x.labels[label] ?? ''] = (out[x.labels[label] ?? ''] ?? 0) + x.value;
   return out;
 }
 
@@ -153,7 +154,11 @@ export function histogramQuantile(q: number, buckets: Array<{ le: number; count:
   return prevLe;
 }
 
-function histogramDelta(before: Scrape[], after: Scrape[], name: string): { count: number; sum: number; p50: number | null; p99: number | null; mean: number | null } {
+function histogramDelta(
+  before: Scrape[],
+  after: Scrape[],
+  name: string,
+): { count: number; sum: number; p50: number | null; p99: number | null; mean: number | null } {
   const les = new Set<string>();
   for (const a of after) for (const x of a.samples) if (x.name === `${name}_bucket`) les.add(x.labels.le);
   const buckets = [...les].map((le) => ({ le: parseValue(le), count: delta(before, after, `${name}_bucket`, (l) => l.le === le) }));

@@ -107,7 +107,9 @@ function resolveToken(c: Campaign, given: string | undefined): string | undefine
     if (!t) throw new Error('empty');
     return t;
   } catch (err) {
-    throw new LoadtestError(`target.tokenFile ${c.target.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
+    throw new LoadtestError(
+      `target.tokenFile ${c.target.tokenFile}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`,
+    );
   }
 }
 
@@ -115,7 +117,10 @@ function resolveMix(c: Campaign, models: ModelInfo[]): Record<string, number> {
   const numClasses: Record<string, number> = {};
   c.mix.forEach((m, i) => {
     const info = models.find((x) => x.name === m.model);
-    if (!info) throw new LoadtestError(`mix[${i}].model: "${m.model}" is not served by ${c.target.address} (serving: ${models.map((x) => x.name).join(', ') || 'none'})`);
+    if (!info)
+      throw new LoadtestError(
+        `mix[${i}].model: "${m.model}" is not served by ${c.target.address} (serving: ${models.map((x) => x.name).join(', ') || 'none'})`,
+      );
     numClasses[m.model] = info.numClasses;
     const keys = m.classes === undefined ? [] : Array.isArray(m.classes) ? m.classes : Object.keys(m.classes);
     for (const k of keys) {
@@ -154,18 +159,48 @@ function evaluateSlo(slo: SloSpec, rec: Recorder, imagesPerSecond: number): SloO
   const pct = (k: string): number => Number(k.slice(1));
   for (const [k, bound] of Object.entries(slo.latency ?? {})) {
     const actual = rec.latencyMs(pct(k), true);
-    out.push({ objective: `latency ${k}`, comparison: '<=', bound, unit: 'ms', actual, met: actual !== null && actual <= bound, attainment: rec.fractionOkWithin(bound) });
+    out.push({
+      objective: `latency ${k}`,
+      comparison: '<=',
+      bound,
+      unit: 'ms',
+      actual,
+      met: actual !== null && actual <= bound,
+      attainment: rec.fractionOkWithin(bound),
+    });
   }
   for (const [k, bound] of Object.entries(slo.timeToFirstStep ?? {})) {
     const actual = rec.firstStepMs(pct(k));
-    out.push({ objective: `time to first step ${k}`, comparison: '<=', bound, unit: 'ms', actual, met: actual !== null && actual <= bound, attainment: rec.fractionOkWithin(bound, 'firstStep') });
+    out.push({
+      objective: `time to first step ${k}`,
+      comparison: '<=',
+      bound,
+      unit: 'ms',
+      actual,
+      met: actual !== null && actual <= bound,
+      attainment: rec.fractionOkWithin(bound, 'firstStep'),
+    });
   }
   if (slo.errorRate !== undefined) {
     const actual = rec.count ? rec.errors / rec.count : 0;
-    out.push({ objective: 'error rate', comparison: '<=', bound: slo.errorRate, unit: 'fraction', actual, met: rec.count > 0 && actual <= slo.errorRate });
+    out.push({
+      objective: 'error rate',
+      comparison: '<=',
+      bound: slo.errorRate,
+      unit: 'fraction',
+      actual,
+      met: rec.count > 0 && actual <= slo.errorRate,
+    });
   }
   if (slo.minImagesPerSecond !== undefined) {
-    out.push({ objective: 'images/s', comparison: '>=', bound: slo.minImagesPerSecond, unit: 'images/s', actual: imagesPerSecond, met: imagesPerSecond >= slo.minImagesPerSecond });
+    out.push({
+      objective: 'images/s',
+      comparison: '>=',
+      bound: slo.minImagesPerSecond,
+      unit: 'images/s',
+      actual: imagesPerSecond,
+      met: imagesPerSecond >= slo.minImagesPerSecond,
+    });
   }
   return out;
 }
@@ -254,7 +289,9 @@ class Pool {
 export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<Report> {
   const remote = remoteHosts(c);
   if (remote.length && !opts.allowRemote)
-    throw new LoadtestError(`refusing to send load to ${remote.join(', ')}: not loopback and not in target.allowHosts; pass --allow-remote if that is intended`);
+    throw new LoadtestError(
+      `refusing to send load to ${remote.join(', ')}: not loopback and not in target.allowHosts; pass --allow-remote if that is intended`,
+    );
 
   const allowed = new Set(c.target.allowHosts.map((h) => h.toLowerCase()));
   const allowHost = (host: string): boolean => Boolean(opts.allowRemote) || isLoopback(host) || allowed.has(host.toLowerCase());
@@ -272,7 +309,15 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
   }
   const numClasses = resolveMix(c, models);
   const workers = Math.min(c.workers, Math.max(1, availableParallelism() * 4));
-  const pool = await Pool.start(workers, { address: c.target.address, tls, token, timeoutMs: c.target.timeout, mix: c.mix, numClasses, seed: c.seed });
+  const pool = await Pool.start(workers, {
+    address: c.target.address,
+    tls,
+    token,
+    timeoutMs: c.target.timeout,
+    mix: c.mix,
+    numClasses,
+    seed: c.seed,
+  });
   const status = opts.status === undefined ? new StatusLine(process.stderr) : opts.status ? new StatusLine(opts.status) : null;
   let aborted = false;
   const onAbort = (): void => {
@@ -292,7 +337,11 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
       const conc = split(c.warmup.concurrency, new Array<number>(workers).fill(1));
       const reqs = split(Math.min(n, 1e12), conc);
       const startMs = now() + 20;
-      const plans = conc.map((cc, i): PhasePlan | null => (cc > 0 && reqs[i] > 0 ? { id: ++phaseId, startMs, durationMs: c.warmup!.duration ?? c.maxPhaseDuration, requests: reqs[i], closed: { concurrency: cc } } : null));
+      const plans = conc.map((cc, i): PhasePlan | null =>
+        cc > 0 && reqs[i] > 0
+          ? { id: ++phaseId, startMs, durationMs: c.warmup!.duration ?? c.maxPhaseDuration, requests: reqs[i], closed: { concurrency: cc } }
+          : null,
+      );
       status?.start('warm-up', () => ({ rec, inFlight: 0, startMs }));
       await pool.run(plans, (_, rs) => rs.forEach((r) => r.code !== 'INTERRUPTED' && rec.add(r)));
       status?.stop();
@@ -320,11 +369,23 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
         const { from, to } = typeof p.rate === 'number' ? { from: p.rate, to: p.rate } : p.rate;
         const share = split(Math.min(n, 1e12), new Array<number>(workers).fill(1));
         const maxIf = split(p.maxInFlight, new Array<number>(workers).fill(1));
-        plans = share.map((s, i) => (s > 0 ? { id, startMs, durationMs, requests: s, open: { from, to, arrivals: p.arrivals, maxInFlight: Math.max(1, maxIf[i]), offset: i, workers } } : null));
+        plans = share.map((s, i) =>
+          s > 0
+            ? {
+                id,
+                startMs,
+                durationMs,
+                requests: s,
+                open: { from, to, arrivals: p.arrivals, maxInFlight: Math.max(1, maxIf[i]), offset: i, workers },
+              }
+            : null,
+        );
       } else {
         const conc = split(p.concurrency!, new Array<number>(workers).fill(1));
         const reqs = split(Math.min(n, 1e12), conc);
-        plans = conc.map((cc, i) => (cc > 0 && reqs[i] > 0 ? { id, startMs, durationMs, requests: reqs[i], closed: { concurrency: cc } } : null));
+        plans = conc.map((cc, i) =>
+          cc > 0 && reqs[i] > 0 ? { id, startMs, durationMs, requests: reqs[i], closed: { concurrency: cc } } : null,
+        );
       }
       status?.start(`${pi + 1}/${c.phases.length} ${p.name}`, () => ({ rec, inFlight: inFlight.reduce((a, b) => a + b, 0), startMs }));
       let cancelledByStop = 0;
@@ -364,7 +425,11 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
         interrupted,
         cancelledByStop,
         server: c.metrics.length ? serverFigures(before, after, wallMs / 1000) : null,
-        tool: { cpuMs: (cpu.user + cpu.system) / 1000, cpuPercentOfOneCore: wallMs > 0 ? ((cpu.user + cpu.system) / 1000 / wallMs) * 100 : 0, workerEventLoopUtilization: pool.eluSince(eluBefore) },
+        tool: {
+          cpuMs: (cpu.user + cpu.system) / 1000,
+          cpuPercentOfOneCore: wallMs > 0 ? ((cpu.user + cpu.system) / 1000 / wallMs) * 100 : 0,
+          workerEventLoopUtilization: pool.eluSince(eluBefore),
+        },
         timeseries: timeSeries(rec.results, origin, startMs, endMs, bucketMs),
         latencyHistogram: latencyBins(rec.results),
       });
@@ -389,7 +454,11 @@ export async function runCampaign(c: Campaign, opts: RunOptions = {}): Promise<R
       warmup,
       phases,
       models: models.map((m) => ({ name: m.name, gflops: m.gflops, replicas: m.replicas, decoderReplicas: m.decoderReplicas })),
-      tool_cpu: { cpuMs: (cpu.user + cpu.system) / 1000, wallMs, cpuPercentOfOneCore: wallMs > 0 ? ((cpu.user + cpu.system) / 1000 / wallMs) * 100 : 0 },
+      tool_cpu: {
+        cpuMs: (cpu.user + cpu.system) / 1000,
+        wallMs,
+        cpuPercentOfOneCore: wallMs > 0 ? ((cpu.user + cpu.system) / 1000 / wallMs) * 100 : 0,
+      },
     };
   } finally {
     status?.stop();

@@ -5,7 +5,8 @@ import type { RequestResult } from './protocol.ts';
 
 type Histogram = ReturnType<typeof hdr.build>;
 
-const newHistogram = (): Histogram => hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
+const newHistogram = (): Histogram =>
+  hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
 
 /** Percentiles reported everywhere (ghz reports 10..99; p99.9 added for tails). */
 export const PERCENTILES = [10, 25, 50, 75, 90, 95, 99, 99.9] as const;
@@ -126,7 +127,8 @@ export function ghzSummary(results: RequestResult[], totalMs: number, date: Date
     const width = (slowest - fastest) / 10;
     const counts = new Array<number>(10).fill(0);
     for (const v of lat) counts[width > 0 ? Math.min(9, Math.floor((v - fastest) / width)) : 9]++;
-    for (let i = 0; i < 10; i++) histogram.push({ mark: (fastest + width * (i + 1)) / 1000, count: counts[i], frequency: counts[i] / lat.length });
+    for (let i = 0; i < 10; i++)
+      histogram.push({ mark: (fastest + width * (i + 1)) / 1000, count: counts[i], frequency: counts[i] / lat.length });
   }
   const summary: GhzSummary = {
     date: date.toISOString(),
@@ -170,10 +172,18 @@ export function timeSeries(results: RequestResult[], originMs: number, fromMs: n
       b.lat.push(r.end - r.intended);
     } else b.errors++;
   }
-  const q = (xs: number[], p: number): number | null => (xs.length ? xs[Math.min(xs.length - 1, Math.ceil((p / 100) * xs.length) - 1)] : null);
+  const q = (xs: number[], p: number): number | null =>
+    xs.length ? xs[Math.min(xs.length - 1, Math.ceil((p / 100) * xs.length) - 1)] : null;
   return buckets.map((b, i) => {
     b.lat.sort((x, y) => x - y);
-    return { t: (fromMs - originMs + i * bucketMs) / 1000, ok: b.ok, errors: b.errors, images: b.images, p50: q(b.lat, 50), p99: q(b.lat, 99) };
+    return {
+      t: (fromMs - originMs + i * bucketMs) / 1000,
+      ok: b.ok,
+      errors: b.errors,
+      images: b.images,
+      p50: q(b.lat, 50),
+      p99: q(b.lat, 99),
+    };
   });
 }
 

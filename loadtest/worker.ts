@@ -35,17 +35,21 @@ function pickWeighted<T>(items: T[], weight: (x: T) => number, r: number): T {
   return items[items.length - 1];
 }
 
-
 function label(c: string | number): ClassLabel {
   if (typeof c === 'number') return { index: c };
   return /^\d+$/.test(c) ? { index: Number(c) } : { name: c };
 }
 
 /** A request drawn from the mix with the given random source; returns the mix index too. */
-export function drawRequest(mix: MixEntry[], numClasses: Record<string, number>, rand: () => number): { req: Partial<GenerateRequest>; mix: number } {
+export function drawRequest(
+  mix: MixEntry[],
+  numClasses: Record<string, number>,
+  rand: () => number,
+): { req: Partial<GenerateRequest>; mix: number } {
   const entry = pickWeighted(mix, (m) => m.weight, rand());
   const idx = mix.indexOf(entry);
-  const n = typeof entry.images === 'number' ? entry.images : entry.images.min + Math.floor(rand() * (entry.images.max - entry.images.min + 1));
+  const n =
+    typeof entry.images === 'number' ? entry.images : entry.images.min + Math.floor(rand() * (entry.images.max - entry.images.min + 1));
   const labels: ClassLabel[] = [];
   for (let i = 0; i < n; i++) {
     const c = entry.classes;
@@ -63,7 +67,9 @@ export function drawRequest(mix: MixEntry[], numClasses: Record<string, number>,
   if (entry.cfg !== undefined) req.cfgScale = entry.cfg;
   if (entry.eta !== undefined) req.eta = entry.eta;
   if (entry.seed !== undefined) req.seed = BigInt(entry.seed);
-  if (entry.guidanceChannels) req.guidanceChannels = entry.guidanceChannels === 'all' ? GuidanceChannels.GUIDANCE_CHANNELS_ALL : GuidanceChannels.GUIDANCE_CHANNELS_THREE;
+  if (entry.guidanceChannels)
+    req.guidanceChannels =
+      entry.guidanceChannels === 'all' ? GuidanceChannels.GUIDANCE_CHANNELS_ALL : GuidanceChannels.GUIDANCE_CHANNELS_THREE;
   return { req, mix: idx };
 }
 
@@ -168,7 +174,15 @@ function main(): void {
           const { req, mix } = drawRequest(init.mix, init.numClasses, rand);
           if (inFlight >= o.maxInFlight) {
             const t = now();
-            pending.push({ intended: due, sent: t, end: t, code: 'CLIENT_OVERLOAD', error: `more than ${o.maxInFlight} requests in flight on worker ${init.index}; arrival not sent`, images: 0, mix });
+            pending.push({
+              intended: due,
+              sent: t,
+              end: t,
+              code: 'CLIENT_OVERLOAD',
+              error: `more than ${o.maxInFlight} requests in flight on worker ${init.index}; arrival not sent`,
+              images: 0,
+              mix,
+            });
             continue;
           }
           track(one(req, mix, due));

@@ -19,7 +19,10 @@ const check = process.argv.includes('--check');
 
 const buf = join(root, 'node_modules/.bin/buf');
 const plugin = join(root, 'node_modules/.bin/protoc-gen-ts_proto');
-for (const [what, path] of [['buf (npm @bufbuild/buf)', buf], ['protoc-gen-ts_proto (npm ts-proto)', plugin]]) {
+for (const [what, path] of [
+  ['buf (npm @bufbuild/buf)', buf],
+  ['protoc-gen-ts_proto (npm ts-proto)', plugin],
+]) {
   if (!existsSync(path)) fail(`${what} not found at ${path}; install the dev dependencies`);
 }
 

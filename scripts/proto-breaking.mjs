@@ -42,7 +42,9 @@ if (top.status !== 0) fail(`not in a git repository (${cwd}): ${top.stderr.trim(
 const root = top.stdout.trim();
 const PATHS = ['buf.yaml', 'proto'];
 
-const dirty = git(['diff', '--quiet', 'HEAD', '--', ...PATHS], { cwd: root }).status !== 0 || git(['ls-files', '--others', '--exclude-standard', '--', 'proto'], { cwd: root }).stdout.trim() !== '';
+const dirty =
+  git(['diff', '--quiet', 'HEAD', '--', ...PATHS], { cwd: root }).status !== 0 ||
+  git(['ls-files', '--others', '--exclude-standard', '--', 'proto'], { cwd: root }).stdout.trim() !== '';
 const base = dirty ? 'HEAD' : 'HEAD^1';
 const baseSha = git(['rev-parse', '--verify', '--quiet', `${base}^{commit}`], { cwd: root });
 if (baseSha.status !== 0) {

@@ -55,7 +55,10 @@ function readPem(path: string, what: string): Buffer {
   try {
     return readFileSync(path);
   } catch (err) {
-    throw new InvalidArgumentError(`${what} ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`, { field: what });
+    throw new InvalidArgumentError(
+      `${what} ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`,
+      { field: what },
+    );
   }
 }
 
@@ -66,7 +69,9 @@ export function channelCredentials(tls: SamplerApiOptions['tls']): ChannelCreden
   if (tls instanceof Object && 'compose' in tls) return tls;
   const files = tls;
   if (Boolean(files.certFile) !== Boolean(files.keyFile)) {
-    throw new InvalidArgumentError('a client certificate needs both --tls-cert and --tls-key', { field: files.certFile ? 'tls.key' : 'tls.cert' });
+    throw new InvalidArgumentError('a client certificate needs both --tls-cert and --tls-key', {
+      field: files.certFile ? 'tls.key' : 'tls.cert',
+    });
   }
   return credentials.createSsl(
     files.caFile ? readPem(files.caFile, '--tls-ca') : null,

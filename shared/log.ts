@@ -30,12 +30,21 @@ export function prettyFor(format: LogFormat, isTTY: boolean): boolean {
 
 export function createLogger(name: string, opts: LoggerOptions = {}): Logger {
   const fd = opts.fd ?? 2;
-  const isTTY = opts.stream ? Boolean(opts.stream.isTTY) : fd === 2 ? Boolean(process.stderr.isTTY) : fd === 1 ? Boolean(process.stdout.isTTY) : false;
+  const isTTY = opts.stream
+    ? Boolean(opts.stream.isTTY)
+    : fd === 2
+      ? Boolean(process.stderr.isTTY)
+      : fd === 1
+        ? Boolean(process.stdout.isTTY)
+        : false;
   const level = opts.level ?? 'info';
   if (prettyFor(opts.format ?? 'auto', isTTY)) {
     // Synchronous, so lines come out in order and nothing is lost when the process exits right after.
     const destination = opts.stream ?? fd;
-    return pino({ name, level }, pretty({ destination, sync: true, colorize: isTTY, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname' }));
+    return pino(
+      { name, level },
+      pretty({ destination, sync: true, colorize: isTTY, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname' }),
+    );
   }
   return pino({ name, level }, opts.stream ?? pino.destination({ fd, sync: true }));
 }
@@ -120,6 +129,9 @@ export class RateLimitedLog {
 
   private summarise(w: Window): void {
     if (w.suppressed === 0) return;
-    this.log[w.level]({ ...w.fields, repeated: w.suppressed, windowMs: this.windowMs }, `${w.msg} (and ${w.suppressed} more like it within ${Math.round(this.windowMs / 1000)} s)`);
+    this.log[w.level](
+      { ...w.fields, repeated: w.suppressed, windowMs: this.windowMs },
+      `${w.msg} (and ${w.suppressed} more like it within ${Math.round(this.windowMs / 1000)} s)`,
+    );
   }
 }

@@ -31,7 +31,12 @@ export function encodeRpcStatus(s: RpcStatus): Uint8Array {
   if (s.code !== 0) w.uint32((1 << 3) | WireType.Varint).int32(s.code);
   if (s.message) w.uint32((2 << 3) | WireType.LengthDelimited).string(s.message);
   for (const d of s.details) {
-    const any = new BinaryWriter().uint32((1 << 3) | WireType.LengthDelimited).string(d.typeUrl).uint32((2 << 3) | WireType.LengthDelimited).bytes(d.value).finish();
+    const any = new BinaryWriter()
+      .uint32((1 << 3) | WireType.LengthDelimited)
+      .string(d.typeUrl)
+      .uint32((2 << 3) | WireType.LengthDelimited)
+      .bytes(d.value)
+      .finish();
     w.uint32((3 << 3) | WireType.LengthDelimited).bytes(any);
   }
   return w.finish();
@@ -68,7 +73,10 @@ export function retryInfo(ms: number): AnyMessage {
   const d = new BinaryWriter();
   if (seconds) d.uint32((1 << 3) | WireType.Varint).int64(seconds);
   if (nanos) d.uint32((2 << 3) | WireType.Varint).int32(nanos);
-  const value = new BinaryWriter().uint32((1 << 3) | WireType.LengthDelimited).bytes(d.finish()).finish();
+  const value = new BinaryWriter()
+    .uint32((1 << 3) | WireType.LengthDelimited)
+    .bytes(d.finish())
+    .finish();
   return { typeUrl: RETRY_INFO_TYPE, value };
 }
 

@@ -12,7 +12,8 @@ const kindValue = (name: string): number | undefined => {
 };
 
 for (const s of SAMPLERS) {
-  if (kindValue(s.protoKind) === undefined) throw new Error(`sampler '${s.name}' names ${s.protoKind}, which proto/ditpipe/v1/sampler.proto's SamplerKind lacks`);
+  if (kindValue(s.protoKind) === undefined)
+    throw new Error(`sampler '${s.name}' names ${s.protoKind}, which proto/ditpipe/v1/sampler.proto's SamplerKind lacks`);
 }
 for (const [name, v] of Object.entries(SamplerKind as unknown as Record<string, number | string>)) {
   if (typeof v !== 'number' || v <= 0) continue; // UNSPECIFIED (0), UNRECOGNIZED (-1), reverse entries
@@ -34,7 +35,6 @@ export function kindOfSampler(name: SamplerName): SamplerKind {
 }
 
 /** Sampler name → SamplerKind, for the CLIs and the load-test worker. */
-export const SAMPLER_KINDS: Readonly<Record<SamplerName, SamplerKind>> = Object.fromEntries(SAMPLERS.map((s) => [s.name, kindOfSampler(s.name)])) as Record<
-  SamplerName,
-  SamplerKind
->;
+export const SAMPLER_KINDS: Readonly<Record<SamplerName, SamplerKind>> = Object.fromEntries(
+  SAMPLERS.map((s) => [s.name, kindOfSampler(s.name)]),
+) as Record<SamplerName, SamplerKind>;

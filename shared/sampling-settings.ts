@@ -13,7 +13,11 @@ export function checkGuidance(cfgScale: number, guidanceChannels: GuidanceChanne
     throw new InvalidArgumentError(`cfg_scale must be finite and >= 1 (1 = no guidance), got ${cfgScale}`, { field: 'cfg_scale' });
   }
   const g = guidanceChannels;
-  if (g !== GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED && g !== GuidanceChannels.GUIDANCE_CHANNELS_THREE && g !== GuidanceChannels.GUIDANCE_CHANNELS_ALL) {
+  if (
+    g !== GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED &&
+    g !== GuidanceChannels.GUIDANCE_CHANNELS_THREE &&
+    g !== GuidanceChannels.GUIDANCE_CHANNELS_ALL
+  ) {
     throw new InvalidArgumentError(`guidance_channels: unknown value ${g}`, { field: 'guidance_channels' });
   }
   return g === GuidanceChannels.GUIDANCE_CHANNELS_ALL ? 'all' : 3;
@@ -28,7 +32,9 @@ export function checkEta(eta: number | undefined, sampler: SamplerDef<SamplerNam
     throw new InvalidArgumentError(`eta must be within ${range.min}..${range.max}, got ${value}`, { field: 'eta' });
   }
   if (eta !== undefined && value !== 0 && !spec) {
-    const takers = samplersWithOption('eta').map((s) => s.protoKind).join(' and ');
+    const takers = samplersWithOption('eta')
+      .map((s) => s.protoKind)
+      .join(' and ');
     throw new InvalidArgumentError(`eta applies to ${takers} only; got eta ${value} with ${sampler.protoKind}`, { field: 'eta' });
   }
   return value;

@@ -8,7 +8,11 @@ export function f32Tensor(shape: readonly number[], data: Float32Array): Tensor 
 }
 
 /** Checks a float32 tensor's dtype, shape and byte count; `field` names it in errors. */
-function checkF32(t: Tensor | undefined, field: string, expect: readonly (number | null)[]): { tensor: Tensor; shape: number[]; n: number } {
+function checkF32(
+  t: Tensor | undefined,
+  field: string,
+  expect: readonly (number | null)[],
+): { tensor: Tensor; shape: number[]; n: number } {
   if (!t) throw new InvalidArgumentError(`${field} is required`, { field });
   if (t.dtype !== DType.DTYPE_FLOAT32) {
     throw new InvalidArgumentError(`${field}.dtype must be DTYPE_FLOAT32, got ${DType[t.dtype] ?? t.dtype}`, { field: `${field}.dtype` });
@@ -28,7 +32,13 @@ function checkF32(t: Tensor | undefined, field: string, expect: readonly (number
 }
 
 /** Checks a float32 tensor like readF32Tensor and copies its values into `dst` at element `offset` (one copy, no allocation). */
-export function copyF32TensorInto(t: Tensor | undefined, field: string, expect: readonly (number | null)[], dst: Float32Array, offset: number): void {
+export function copyF32TensorInto(
+  t: Tensor | undefined,
+  field: string,
+  expect: readonly (number | null)[],
+  dst: Float32Array,
+  offset: number,
+): void {
   const { tensor, n } = checkF32(t, field, expect);
   if (offset + n > dst.length) throw new InvalidArgumentError(`${field} has ${n} values; only ${dst.length - offset} fit`, { field });
   new Uint8Array(dst.buffer, dst.byteOffset + offset * 4, n * 4).set(tensor.data);

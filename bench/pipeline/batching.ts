@@ -73,9 +73,14 @@ export async function runBatching(o: BatchingOptions): Promise<Record<string, un
         max_rows_possible: n * (o.cfg === 1 ? 1 : 2),
         forward_passes: passes,
         mean_forward_ms: round((d('ditpipe_denoiser_forward_seconds_sum') * 1000) / passes, 1),
-        mean_queue_wait_ms: round((d('ditpipe_denoiser_queue_wait_seconds_sum') * 1000) / d('ditpipe_denoiser_queue_wait_seconds_count'), 1),
+        mean_queue_wait_ms: round(
+          (d('ditpipe_denoiser_queue_wait_seconds_sum') * 1000) / d('ditpipe_denoiser_queue_wait_seconds_count'),
+          1,
+        ),
       };
-      log(`batching: ${n} concurrent: ${level.images_per_s} images/s, ${level.mean_batch_rows} rows per pass (${images} images in ${level.seconds} s)`);
+      log(
+        `batching: ${n} concurrent: ${level.images_per_s} images/s, ${level.mean_batch_rows} rows per pass (${images} images in ${level.seconds} s)`,
+      );
       levels.push(level);
     }
   } finally {
@@ -84,7 +89,19 @@ export async function runBatching(o: BatchingOptions): Promise<Record<string, un
   }
   const base = levels[0]?.images_per_s as number;
   for (const l of levels) l.speedup_vs_first = round((l.images_per_s as number) / base, 2);
-  return { bench: 'batching', model, preset: o.preset, latent: `${meta.config.in_channels}x${o.inputSize}x${o.inputSize}`, gflops_per_row: meta.gflops, sampler: 'ddim', steps: o.steps, cfg: o.cfg, threads: o.threads, machine: machine(), levels };
+  return {
+    bench: 'batching',
+    model,
+    preset: o.preset,
+    latent: `${meta.config.in_channels}x${o.inputSize}x${o.inputSize}`,
+    gflops_per_row: meta.gflops,
+    sampler: 'ddim',
+    steps: o.steps,
+    cfg: o.cfg,
+    threads: o.threads,
+    machine: machine(),
+    levels,
+  };
 }
 
 export function batchingOptions(argv: string[]): BatchingOptions {

@@ -62,7 +62,9 @@ function cpuSeconds(pid: number | undefined): [number, number] {
 
 async function runOne(o: CapacityOptions, inputSize: number, variant: Variant): Promise<Record<string, unknown>> {
   const { dir: modelDir, name: model } = benchModel('DiT-S/2', inputSize);
-  log(`capacity (${variant.name}): ${o.denoisers} denoisers --simulate ${o.simulate}, latent 4x${inputSize}x${inputSize}, ${o.concurrency} requests in flight, ${o.steps} steps each`);
+  log(
+    `capacity (${variant.name}): ${o.denoisers} denoisers --simulate ${o.simulate}, latent 4x${inputSize}x${inputSize}, ${o.concurrency} requests in flight, ${o.steps} steps each`,
+  );
   const cluster = await startCluster({
     variant,
     modelDir,
@@ -109,10 +111,13 @@ async function runOne(o: CapacityOptions, inputSize: number, variant: Variant): 
       Object.fromEntries(
         Object.entries(pids).map(([k, ps]) => [
           k,
-          ps.reduce<[number, number]>((a, p) => {
-            const [u, sy] = cpuSeconds(p);
-            return [a[0] + u, a[1] + sy];
-          }, [0, 0]),
+          ps.reduce<[number, number]>(
+            (a, p) => {
+              const [u, sy] = cpuSeconds(p);
+              return [a[0] + u, a[1] + sy];
+            },
+            [0, 0],
+          ),
         ]),
       );
     const m0 = await cluster.scheduler.metrics();
@@ -153,7 +158,9 @@ async function runOne(o: CapacityOptions, inputSize: number, variant: Variant): 
       requests_failed: failed,
       ...(firstError ? { first_error: firstError } : {}),
     };
-    log(`capacity (${variant.name}): ${res.steps_per_s} steps/s (µs CPU/step: scheduler ${res.scheduler_us_cpu_per_step}, denoisers ${res.denoisers_us_cpu_per_step}, nats ${res.nats_us_cpu_per_step}; cores busy ${JSON.stringify(cpuShare)})`);
+    log(
+      `capacity (${variant.name}): ${res.steps_per_s} steps/s (µs CPU/step: scheduler ${res.scheduler_us_cpu_per_step}, denoisers ${res.denoisers_us_cpu_per_step}, nats ${res.nats_us_cpu_per_step}; cores busy ${JSON.stringify(cpuShare)})`,
+    );
     return res;
   } finally {
     stop = true;

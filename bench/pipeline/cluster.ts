@@ -63,7 +63,22 @@ export function benchModel(preset: string, inputSize: number): { dir: string; na
     if (r.status !== 0) throw new Error(`ditpipe ${args.slice(0, 3).join(' ')} failed (exit ${r.status})`);
   };
   run(['model', 'init', 'dit', '--preset', preset, '--input-size', String(inputSize), '--init', 'random', '--seed', '0', '--out', weights]);
-  run(['model', 'build', 'dit', '--weights', weights, '--preset', preset, '--input-size', String(inputSize), '--name', name, '--quiet', '--out', tmp]);
+  run([
+    'model',
+    'build',
+    'dit',
+    '--weights',
+    weights,
+    '--preset',
+    preset,
+    '--input-size',
+    String(inputSize),
+    '--name',
+    name,
+    '--quiet',
+    '--out',
+    tmp,
+  ]);
   rmSync(weights, { force: true });
   renameSync(tmp, dir);
   return { dir, name };
@@ -109,10 +124,14 @@ export async function startService(
   opts: { nodeArgs?: string[]; cwd?: string; variant?: Variant } = {},
 ): Promise<ServiceProcess> {
   const root = opts.variant?.root ?? ROOT;
-  const proc = spawn(process.execPath, [...(opts.nodeArgs ?? []), join(root, 'bin/ditpipe.js'), kind, '--metrics-port', '0', '--log-level', 'info', ...args], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-    cwd: opts.cwd ?? root,
-  });
+  const proc = spawn(
+    process.execPath,
+    [...(opts.nodeArgs ?? []), join(root, 'bin/ditpipe.js'), kind, '--metrics-port', '0', '--log-level', 'info', ...args],
+    {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      cwd: opts.cwd ?? root,
+    },
+  );
   let logText = '';
   let grpcPort = -1;
   const exited = new Promise<void>((res) => proc.once('exit', () => res()));
@@ -192,10 +211,25 @@ export async function startCluster(o: ClusterOptions): Promise<Cluster> {
     for (let i = 0; i < o.denoisers; i += 4) {
       const batch = await Promise.all(
         Array.from({ length: Math.min(4, o.denoisers - i) }, (_, k) =>
-          startService('denoiser', ['--nats-url', nats.url, '--model-dir', o.modelDir, '--name', o.model, '--grpc-port', '-1', ...(o.denoiserArgs ?? []), ...(o.perDenoiserArgs?.[i + k] ?? [])], {
-            nodeArgs: i + k === 0 ? o.firstDenoiserNodeArgs : undefined,
-            variant: o.variant,
-          }),
+          startService(
+            'denoiser',
+            [
+              '--nats-url',
+              nats.url,
+              '--model-dir',
+              o.modelDir,
+              '--name',
+              o.model,
+              '--grpc-port',
+              '-1',
+              ...(o.denoiserArgs ?? []),
+              ...(o.perDenoiserArgs?.[i + k] ?? []),
+            ],
+            {
+              nodeArgs: i + k === 0 ? o.firstDenoiserNodeArgs : undefined,
+              variant: o.variant,
+            },
+          ),
         ),
       );
       denoisers.push(...batch);
@@ -203,7 +237,18 @@ export async function startCluster(o: ClusterOptions): Promise<Cluster> {
     }
     const scheduler = await startService(
       'scheduler',
-      ['--nats-url', nats.url, '--models', o.model, '--grpc-port', '0', '--host', '127.0.0.1', ...(o.variant ?? PULL).schedulerArgs, ...(o.schedulerArgs ?? [])],
+      [
+        '--nats-url',
+        nats.url,
+        '--models',
+        o.model,
+        '--grpc-port',
+        '0',
+        '--host',
+        '127.0.0.1',
+        ...(o.variant ?? PULL).schedulerArgs,
+        ...(o.schedulerArgs ?? []),
+      ],
       { nodeArgs: o.schedulerNodeArgs, variant: o.variant },
     );
     started.push(scheduler);

@@ -84,7 +84,9 @@ async function frozen(variant: Variant): Promise<Record<string, unknown>> {
       rework_during_freeze: after - before,
       rework_kind: variant.name === 'push' ? 'retries (scheduler)' : 'redeliveries (replicas)',
     };
-    log(`frozen (${variant.name}): healthy ${res.healthy_ms.join(', ')} ms; with one of 2 frozen ${res.frozen_ms.join(', ')} ms; ${res.rework_during_freeze} ${res.rework_kind}`);
+    log(
+      `frozen (${variant.name}): healthy ${res.healthy_ms.join(', ')} ms; with one of 2 frozen ${res.frozen_ms.join(', ')} ms; ${res.rework_during_freeze} ${res.rework_kind}`,
+    );
     return res;
   } finally {
     api.close();
@@ -100,7 +102,10 @@ async function hetero(variant: Variant, seconds: number): Promise<Record<string,
     modelDir: dir,
     model: name,
     denoisers: 2,
-    perDenoiserArgs: [['--simulate', '8+0.6'], ['--simulate', '32+2.4']],
+    perDenoiserArgs: [
+      ['--simulate', '8+0.6'],
+      ['--simulate', '32+2.4'],
+    ],
     schedulerArgs: ['--step-timeout', '120000'],
   });
   const api = new SamplerApi(c.address);
@@ -133,7 +138,9 @@ async function hetero(variant: Variant, seconds: number): Promise<Record<string,
       steps_fast_slow: steps,
       slow_share: round(steps[1] / (steps[0] + steps[1]), 3),
     };
-    log(`hetero (${variant.name}): ${res.images_per_s} images/s, p50 ${res.latency_ms.p50} ms, p99 ${res.latency_ms.p99} ms, steps fast/slow ${steps.join('/')}`);
+    log(
+      `hetero (${variant.name}): ${res.images_per_s} images/s, p50 ${res.latency_ms.p50} ms, p99 ${res.latency_ms.p99} ms, steps fast/slow ${steps.join('/')}`,
+    );
     return res;
   } finally {
     stop = true;
@@ -163,7 +170,9 @@ async function lone(variant: Variant): Promise<Record<string, unknown>> {
       ms_per_step: { median: round(quantile(per, 0.5), 2), min: round(Math.min(...per), 2) },
       outside_pass_ms_per_step: { median: round(quantile(per, 0.5) - passMs, 2), min: round(Math.min(...per) - passMs, 2) },
     };
-    log(`lone (${variant.name}): ${res.ms_per_step.median} ms per step, ${res.outside_pass_ms_per_step.median} ms outside the ${passMs} ms pass`);
+    log(
+      `lone (${variant.name}): ${res.ms_per_step.median} ms per step, ${res.outside_pass_ms_per_step.median} ms outside the ${passMs} ms pass`,
+    );
     return res;
   } finally {
     api.close();
@@ -197,7 +206,8 @@ export function dispatchOptions(argv: string[]): DispatchOptions {
     },
   });
   const cases = values.cases.split(',');
-  for (const c of cases) if (!['frozen', 'hetero', 'lone'].includes(c)) throw new Error(`--cases: unknown case "${c}" (frozen, hetero, lone)`);
+  for (const c of cases)
+    if (!['frozen', 'hetero', 'lone'].includes(c)) throw new Error(`--cases: unknown case "${c}" (frozen, hetero, lone)`);
   return { cases, variants: variantsFrom(values.variants, values.baseline), reps: Number(values.reps), seconds: Number(values.seconds) };
 }
 

@@ -12,7 +12,17 @@
 import * as ort from 'onnxruntime-node';
 import { parseArgs } from 'node:util';
 import { SamplerApi } from '../../shared/client.ts';
-import { advance, combineGuidance, guidanceRows, modelOutChannels, next, packGuidedRows, result, start, type SamplerState } from '../../shared/diffusion/index.ts';
+import {
+  advance,
+  combineGuidance,
+  guidanceRows,
+  modelOutChannels,
+  next,
+  packGuidedRows,
+  result,
+  start,
+  type SamplerState,
+} from '../../shared/diffusion/index.ts';
 import { OutputFormat, SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { readDitModelDir } from '../../shared/model/modeldir.ts';
 import { readF32Tensor } from '../../shared/tensor.ts';
@@ -42,7 +52,12 @@ const SEED = 1234n;
 const label = (i: number): number => (i * 37) % 1000;
 
 /** The plain loop: N requests in lockstep, one forward of [cond; uncond] rows per request per step. */
-async function directRun(session: ort.InferenceSession, dir: ReturnType<typeof readDitModelDir>, n: number, o: OverheadOptions): Promise<RunTimes & { latents: Float32Array[] }> {
+async function directRun(
+  session: ort.InferenceSession,
+  dir: ReturnType<typeof readDitModelDir>,
+  n: number,
+  o: OverheadOptions,
+): Promise<RunTimes & { latents: Float32Array[] }> {
   const c = dir.meta.config;
   const plane = c.input_size * c.input_size;
   const rowSize = c.in_channels * plane;
@@ -51,7 +66,14 @@ async function directRun(session: ort.InferenceSession, dir: ReturnType<typeof r
   const per = guidanceRows(1, o.cfg);
   const t0 = performance.now();
   const states: SamplerState[] = Array.from({ length: n }, (_, i) =>
-    start({ sampler: 'ddim', numSteps: o.steps, shape: [c.in_channels, c.input_size, c.input_size], count: 1, learnSigma: c.learn_sigma, seed: SEED + BigInt(i) }),
+    start({
+      sampler: 'ddim',
+      numSteps: o.steps,
+      shape: [c.in_channels, c.input_size, c.input_size],
+      count: 1,
+      learnSigma: c.learn_sigma,
+      seed: SEED + BigInt(i),
+    }),
   );
   let forwardMs = 0;
   let passes = 0;
@@ -92,7 +114,14 @@ async function directRun(session: ort.InferenceSession, dir: ReturnType<typeof r
   return { wallMs: performance.now() - t0, forwardMs, passes, latents };
 }
 
-async function pipelineRun(api: SamplerApi, cluster: Cluster, model: string, n: number, o: OverheadOptions, steps = o.steps): Promise<RunTimes & { latents: Float32Array[] }> {
+async function pipelineRun(
+  api: SamplerApi,
+  cluster: Cluster,
+  model: string,
+  n: number,
+  o: OverheadOptions,
+  steps = o.steps,
+): Promise<RunTimes & { latents: Float32Array[] }> {
   const before = await cluster.denoisers[0].metrics();
   const t0 = performance.now();
   const res = await Promise.all(
@@ -112,7 +141,12 @@ async function pipelineRun(api: SamplerApi, cluster: Cluster, model: string, n: 
   const after = await cluster.denoisers[0].metrics();
   const d = (name: string): number => metric(after, name) - metric(before, name);
   const latents = res.map((r) => readF32Tensor(r.images[0].latent, 'latent', [null, null, null]).data);
-  return { wallMs, forwardMs: d('ditpipe_denoiser_forward_seconds_sum') * 1000, passes: d('ditpipe_denoiser_forward_seconds_count'), latents };
+  return {
+    wallMs,
+    forwardMs: d('ditpipe_denoiser_forward_seconds_sum') * 1000,
+    passes: d('ditpipe_denoiser_forward_seconds_count'),
+    latents,
+  };
 }
 
 function maxAbsDiff(a: Float32Array[], b: Float32Array[]): number {
@@ -123,13 +157,22 @@ function maxAbsDiff(a: Float32Array[], b: Float32Array[]): number {
   return m;
 }
 
-const summary = (r: RunTimes) => ({ wall_s: round(r.wallMs / 1000), forward_s: round(r.forwardMs / 1000), outside_forward_s: round((r.wallMs - r.forwardMs) / 1000), passes: r.passes });
+const summary = (r: RunTimes) => ({
+  wall_s: round(r.wallMs / 1000),
+  forward_s: round(r.forwardMs / 1000),
+  outside_forward_s: round((r.wallMs - r.forwardMs) / 1000),
+  passes: r.passes,
+});
 
 export async function runOverhead(o: OverheadOptions): Promise<Record<string, unknown>> {
   const { dir: modelDir, name: model } = benchModel(o.preset, o.inputSize);
   const dir = readDitModelDir(modelDir);
   log(`overhead: ${model} (${dir.meta.gflops.toFixed(3)} Gflops/row), ${o.steps} steps, cfg ${o.cfg}, ${o.threads} intra-op threads`);
-  const session = await ort.InferenceSession.create(dir.onnxPath, { intraOpNumThreads: o.threads, interOpNumThreads: 1, graphOptimizationLevel: 'all' });
+  const session = await ort.InferenceSession.create(dir.onnxPath, {
+    intraOpNumThreads: o.threads,
+    interOpNumThreads: 1,
+    graphOptimizationLevel: 'all',
+  });
   const cluster = await startCluster({ modelDir, model, denoisers: 1, denoiserArgs: ['--threads', String(o.threads)] });
   const api = new SamplerApi(cluster.address);
   const cases: Array<Record<string, unknown>> = [];
@@ -151,7 +194,9 @@ export async function runOverhead(o: OverheadOptions): Promise<Record<string, un
           if (side === 'direct') d = await directRun(session, dir, n, o);
           else p = await pipelineRun(api, cluster, model, n, o);
           const r = (side === 'direct' ? d : p)!;
-          log(`overhead: ${n} request(s), rep ${rep + 1}/${reps}, ${side}: ${(r.wallMs / 1000).toFixed(1)} s wall, ${(r.forwardMs / 1000).toFixed(1)} s in ${r.passes} forward passes`);
+          log(
+            `overhead: ${n} request(s), rep ${rep + 1}/${reps}, ${side}: ${(r.wallMs / 1000).toFixed(1)} s wall, ${(r.forwardMs / 1000).toFixed(1)} s in ${r.passes} forward passes`,
+          );
         }
         direct.push(d!);
         pipe.push(p!);
@@ -184,7 +229,19 @@ export async function runOverhead(o: OverheadOptions): Promise<Record<string, un
     await cluster.stop();
     await session.release();
   }
-  return { bench: 'overhead', model, preset: o.preset, latent: `${dir.meta.config.in_channels}x${o.inputSize}x${o.inputSize}`, gflops_per_row: dir.meta.gflops, sampler: 'ddim', steps: o.steps, cfg: o.cfg, threads: o.threads, machine: machine(), cases };
+  return {
+    bench: 'overhead',
+    model,
+    preset: o.preset,
+    latent: `${dir.meta.config.in_channels}x${o.inputSize}x${o.inputSize}`,
+    gflops_per_row: dir.meta.gflops,
+    sampler: 'ddim',
+    steps: o.steps,
+    cfg: o.cfg,
+    threads: o.threads,
+    machine: machine(),
+    cases,
+  };
 }
 
 export function overheadOptions(argv: string[]): OverheadOptions {

@@ -126,7 +126,13 @@ function gpuBound(o: ScaleOptions, n: number, rows: number, base: number, perRow
   return (n * (rows / rowsPerStep) * 1000) / (base + perRow * rows);
 }
 
-async function runReplicas(o: ScaleOptions, n: number, modelDir: string, model: string, started: number): Promise<{ levels: ScaleLevel[]; skipped: number[] }> {
+async function runReplicas(
+  o: ScaleOptions,
+  n: number,
+  modelDir: string,
+  model: string,
+  started: number,
+): Promise<{ levels: ScaleLevel[]; skipped: number[] }> {
   const [base, perRow] = o.simulate.split('+').map(Number);
   const maxC = Math.max(...o.concurrency);
   const t0 = performance.now();
@@ -207,7 +213,8 @@ async function runReplicas(o: ScaleOptions, n: number, modelDir: string, model: 
       // Closed loop: a request takes about C·steps / (steps/s). Warm up for one such latency (from the
       // previous level's rate, capped) so the window's completions come from clients in steady state.
       const prevRate = levels.at(-1)?.steps_per_s ?? 0;
-      const warmup = prevRate > 0 ? Math.min(o.maxWarmupSeconds, Math.max(o.warmupSeconds, (1.2 * c * o.steps) / prevRate)) : o.warmupSeconds;
+      const warmup =
+        prevRate > 0 ? Math.min(o.maxWarmupSeconds, Math.max(o.warmupSeconds, (1.2 * c * o.steps) / prevRate)) : o.warmupSeconds;
       await sleep(warmup * 1000);
       const [m0, c0, w0, e0] = [await scrape(ports), cpu(), performance.now(), errors];
       await sleep(o.seconds * 1000);
@@ -221,7 +228,10 @@ async function runReplicas(o: ScaleOptions, n: number, modelDir: string, model: 
       const rows = d('ditpipe_denoiser_forward_rows_total', 'den');
       const passes = d('ditpipe_denoiser_batch_rows_count', 'den');
       const fwdS = d('ditpipe_denoiser_forward_seconds_sum', 'den');
-      const lat = done.filter((x) => x.end >= w0 && x.end <= w1).map((x) => x.ms / 1000).sort((a, b) => a - b);
+      const lat = done
+        .filter((x) => x.end >= w0 && x.end <= w1)
+        .map((x) => x.ms / 1000)
+        .sort((a, b) => a - b);
       const busy = (k: keyof typeof c0): number => (c1[k] - c0[k]) / window;
       const ours = busy('scheduler') + busy('nats') + busy('denoisers') + busy('client');
       const meanRows = passes > 0 ? rows / passes : 0;
@@ -289,13 +299,20 @@ export function scaleSvg(levels: ScaleLevel[], title: string): string {
     const vals = levels.map(value).filter((v): v is number => v !== null);
     const top = Math.max(1e-9, ...vals);
     const mag = 10 ** Math.floor(Math.log10(top / 4));
-    const tick = ([1, 2, 2.5, 5, 10].find((m) => (m * mag * 4) >= top) ?? 10) * mag;
+    const tick = ([1, 2, 2.5, 5, 10].find((m) => m * mag * 4 >= top) ?? 10) * mag;
     const max = tick * Math.ceil(top / tick);
     const y = (v: number): number => H - pad.b - (v / max) * (H - pad.t - pad.b);
-    const parts: string[] = [`<g transform="translate(${ox},0)">`, `<text x="${W / 2}" y="16" text-anchor="middle" font-weight="bold">${label}</text>`];
-    parts.push(`<line x1="${pad.l}" y1="${H - pad.b}" x2="${W - pad.r}" y2="${H - pad.b}" stroke="#000"/><line x1="${pad.l}" y1="${pad.t}" x2="${pad.l}" y2="${H - pad.b}" stroke="#000"/>`);
+    const parts: string[] = [
+      `<g transform="translate(${ox},0)">`,
+      `<text x="${W / 2}" y="16" text-anchor="middle" font-weight="bold">${label}</text>`,
+    ];
+    parts.push(
+      `<line x1="${pad.l}" y1="${H - pad.b}" x2="${W - pad.r}" y2="${H - pad.b}" stroke="#000"/><line x1="${pad.l}" y1="${pad.t}" x2="${pad.l}" y2="${H - pad.b}" stroke="#000"/>`,
+    );
     for (let v = 0; v <= max + tick / 2; v += tick) {
-      parts.push(`<line x1="${pad.l}" y1="${y(v)}" x2="${W - pad.r}" y2="${y(v)}" stroke="#ddd"/><text x="${pad.l - 4}" y="${y(v) + 4}" text-anchor="end">${Number(v.toPrecision(6))}</text>`);
+      parts.push(
+        `<line x1="${pad.l}" y1="${y(v)}" x2="${W - pad.r}" y2="${y(v)}" stroke="#ddd"/><text x="${pad.l - 4}" y="${y(v) + 4}" text-anchor="end">${Number(v.toPrecision(6))}</text>`,
+      );
     }
     for (const c of cs) parts.push(`<text x="${lx(c)}" y="${H - pad.b + 14}" text-anchor="middle">${c}</text>`);
     parts.push(`<text x="${(pad.l + W - pad.r) / 2}" y="${H - 6}" text-anchor="middle">requests in flight (closed loop)</text>`);
@@ -315,7 +332,12 @@ export function scaleSvg(levels: ScaleLevel[], title: string): string {
     parts.push('</g>');
     return parts.join('\n');
   };
-  const legend = ns.map((n, i) => `<rect x="${20 + i * 90}" y="${H + 8}" width="12" height="12" fill="${colors[i % colors.length]}"/><text x="${36 + i * 90}" y="${H + 18}">N=${n} replicas</text>`).join('\n');
+  const legend = ns
+    .map(
+      (n, i) =>
+        `<rect x="${20 + i * 90}" y="${H + 8}" width="12" height="12" fill="${colors[i % colors.length]}"/><text x="${36 + i * 90}" y="${H + 18}">N=${n} replicas</text>`,
+    )
+    .join('\n');
   return [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${2 * W}" height="${H + 50}" font-family="sans-serif" font-size="11">`,
     `<rect width="100%" height="100%" fill="#fff"/>`,
@@ -345,7 +367,13 @@ export async function runScale(o: ScaleOptions): Promise<Record<string, unknown>
     if (r.skipped.length) skipped.push({ replicas: n, concurrency: r.skipped });
   }
   if (o.svg) {
-    writeFileSync(o.svg, scaleSvg(levels, `ditpipe scale simulation: --simulate ${o.simulate} ms/pass, DDIM ${o.steps} steps, cfg ${o.cfg}, ${machineBefore.nproc} shared cores`));
+    writeFileSync(
+      o.svg,
+      scaleSvg(
+        levels,
+        `ditpipe scale simulation: --simulate ${o.simulate} ms/pass, DDIM ${o.steps} steps, cfg ${o.cfg}, ${machineBefore.nproc} shared cores`,
+      ),
+    );
     log(`scale: plot written to ${o.svg}`);
   }
   return {
@@ -432,7 +460,10 @@ if (import.meta.url === `file://${process.argv[1]}`) {
   const from = argv.indexOf('--plot-from');
   if (from >= 0) {
     // Re-plot saved runs without running anything: --plot-from a.json[,b.json] --svg FILE [--title T]
-    const { values } = parseArgs({ args: argv, options: { 'plot-from': { type: 'string' }, svg: { type: 'string' }, title: { type: 'string', default: 'ditpipe scale simulation' } } });
+    const { values } = parseArgs({
+      args: argv,
+      options: { 'plot-from': { type: 'string' }, svg: { type: 'string' }, title: { type: 'string', default: 'ditpipe scale simulation' } },
+    });
     if (!values.svg) throw new Error('--plot-from needs --svg FILE');
     writeFileSync(values.svg, scaleSvg(levelsFrom((values['plot-from'] as string).split(',')), values.title));
     log(`scale: plot written to ${values.svg}`);

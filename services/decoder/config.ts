@@ -6,7 +6,10 @@ const schema = z.object({
   /** VAE model directory (model.json + model.onnx) built by `ditpipe model build vae`. */
   modelDir: z.string().min(1),
   /** Name served under; default the model.json name. */
-  name: z.string().regex(/^[A-Za-z0-9_-]+$/, 'letters, digits, "-" and "_" only').optional(),
+  name: z
+    .string()
+    .regex(/^[A-Za-z0-9_-]+$/, 'letters, digits, "-" and "_" only')
+    .optional(),
   executionProvider: z.enum(['cpu', 'cuda']).default('cpu'),
   /** onnxruntime intra-op threads; 0 = onnxruntime's choice (all cores). */
   intraOpThreads: z.number().int().min(0).default(0),

@@ -4,7 +4,13 @@
 import { randomUUID } from 'node:crypto';
 import { Batcher } from '../../shared/batching.ts';
 import { InvalidArgumentError, NotFoundError, UnavailableError } from '../../shared/errors.ts';
-import { ImageFormat, type DecodeRequest, type DecodeResponse, type DecoderDefinition, type DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
+import {
+  ImageFormat,
+  type DecodeRequest,
+  type DecodeResponse,
+  type DecoderDefinition,
+  type DecoderInfo,
+} from '../../shared/gen/ditpipe/v1/decoder.ts';
 import { croppedSize, isNoCrop } from '../../shared/image/crop.ts';
 import { decoderMetrics, type DecoderMetrics } from '../../shared/metrics.ts';
 import { readVaeModelDir, type VaeModelJson } from '../../shared/model/modeldir.ts';
@@ -58,12 +64,19 @@ export class Decoder {
       instanceId: randomUUID(),
       outputCrop: meta.outputCrop,
     };
-    this.batcher = new Batcher((jobs, rows) => this.forward(jobs, rows), { maxRows: config.maxBatch, maxWaitMs: config.maxWaitMs, unit: 'images' });
+    this.batcher = new Batcher((jobs, rows) => this.forward(jobs, rows), {
+      maxRows: config.maxBatch,
+      maxWaitMs: config.maxWaitMs,
+      unit: 'images',
+    });
   }
 
   static async create(config: DecoderConfig, metrics: DecoderMetrics = decoderMetrics()): Promise<Decoder> {
     const dir = readVaeModelDir(config.modelDir);
-    const session = await WorkerSession.create(dir.onnxPath, { executionProvider: config.executionProvider, intraOpThreads: config.intraOpThreads });
+    const session = await WorkerSession.create(dir.onnxPath, {
+      executionProvider: config.executionProvider,
+      intraOpThreads: config.intraOpThreads,
+    });
     return new Decoder(config, dir.meta, session, metrics);
   }
 
@@ -90,11 +103,17 @@ export class Decoder {
     const [n, , h, w] = shape;
     const png = fmt !== ImageFormat.IMAGE_FORMAT_RAW;
     if (png && this.meta.config.out_channels !== 1 && this.meta.config.out_channels !== 3) {
-      throw new InvalidArgumentError(`format: PNG needs 1 or 3 image channels; this VAE makes ${this.meta.config.out_channels} (ask for IMAGE_FORMAT_RAW)`, { field: 'format' });
+      throw new InvalidArgumentError(
+        `format: PNG needs 1 or 3 image channels; this VAE makes ${this.meta.config.out_channels} (ask for IMAGE_FORMAT_RAW)`,
+        { field: 'format' },
+      );
     }
     const served = croppedSize(h * this.upsample, w * this.upsample, this.meta.outputCrop);
     if (served.height < 1 || served.width < 1) {
-      throw new InvalidArgumentError(`latents: ${h}×${w} latents decode to ${h * this.upsample}×${w * this.upsample} images, nothing left after this VAE's output crop`, { field: 'latents' });
+      throw new InvalidArgumentError(
+        `latents: ${h}×${w} latents decode to ${h * this.upsample}×${w * this.upsample} images, nothing left after this VAE's output crop`,
+        { field: 'latents' },
+      );
     }
     // Latents of one size share a pass.
     const done = await this.batcher.submit({ n, h, w, latents: data, png }, n, ctx?.signal, `${h}x${w}`);
@@ -123,7 +142,10 @@ export class Decoder {
     const started = performance.now();
     const wantPng = jobs.some((j) => j.png);
     const crop = isNoCrop(this.meta.outputCrop) ? undefined : { output: 'image', margins: this.meta.outputCrop! };
-    const res = await this.session.run({ z: { type: 'float32', dims: [images, c, h, w], data: z } }, { crop, png: wantPng ? { output: 'image' } : undefined });
+    const res = await this.session.run(
+      { z: { type: 'float32', dims: [images, c, h, w], data: z } },
+      { crop, png: wantPng ? { output: 'image' } : undefined },
+    );
     const ms = performance.now() - started;
     const labels = { model: this.name };
     this.metrics.decodeSeconds.observe(labels, ms / 1000);

@@ -32,7 +32,9 @@ export async function startDecoderService(
   opts: { grpc?: GrpcServer | null; metrics?: DecoderMetrics; log?: Logger; queueSettings?: Partial<QueueSettings> } = {},
 ): Promise<RunningReplica & { decoder: Decoder }> {
   const decoder = await Decoder.create(config, opts.metrics);
-  decoder.onDead((err) => opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`));
+  decoder.onDead((err) =>
+    opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`),
+  );
   zeroReplicaWorkSeries(decoder.metrics, decoder.name);
   const replica = await mountReplica(transport, {
     definition: DecoderDefinition,

@@ -7,7 +7,10 @@ const schema = z.object({
   /** Model directory (model.json + model.onnx) built by `ditpipe model build dit`. */
   modelDir: z.string().min(1),
   /** Name served under; default the model.json name. */
-  name: z.string().regex(/^[A-Za-z0-9_-]+$/, 'letters, digits, "-" and "_" only').optional(),
+  name: z
+    .string()
+    .regex(/^[A-Za-z0-9_-]+$/, 'letters, digits, "-" and "_" only')
+    .optional(),
   executionProvider: z.enum(['cpu', 'cuda']).default('cpu'),
   /** onnxruntime intra-op threads; 0 = onnxruntime's choice (all cores). */
   intraOpThreads: z.number().int().min(0).default(0),
@@ -38,6 +41,7 @@ export function compileDenoiserConfig(input: DenoiserConfigInput): DenoiserConfi
 /** Parses "a+b" or "a,b" (milliseconds per pass, per row) as given on the command line. */
 export function parseSimulate(spec: string): { baseMs: number; perRowMs: number } {
   const m = /^\s*([0-9.]+)\s*[+,]\s*([0-9.]+)\s*$/.exec(spec);
-  if (!m) throw new InvalidArgumentError(`simulate: expected "<ms per pass>+<ms per row>", e.g. "20+1.5", got "${spec}"`, { field: 'simulate' });
+  if (!m)
+    throw new InvalidArgumentError(`simulate: expected "<ms per pass>+<ms per row>", e.g. "20+1.5", got "${spec}"`, { field: 'simulate' });
   return { baseMs: Number(m[1]), perRowMs: Number(m[2]) };
 }

@@ -187,15 +187,22 @@ export class Denoiser {
       const used = guidanceRows(j.n, j.scale);
       const rowsOut = out.subarray(r * outRow, (r + used) * outRow);
       r += used;
-      const guided = combineGuidance(rowsOut, {
-        rows: j.n,
-        outChannels: this.outChannels,
-        inChannels: c.in_channels,
-        plane: this.plane,
-        scale: j.scale,
-        channels: j.channels,
-      }, new Float32Array(j.n * outRow));
-      return { out: j.omitVariance && this.outChannels !== c.in_channels ? meanChannels(guided, j.n, outRow, c.in_channels * this.plane) : guided, forwardMs };
+      const guided = combineGuidance(
+        rowsOut,
+        {
+          rows: j.n,
+          outChannels: this.outChannels,
+          inChannels: c.in_channels,
+          plane: this.plane,
+          scale: j.scale,
+          channels: j.channels,
+        },
+        new Float32Array(j.n * outRow),
+      );
+      return {
+        out: j.omitVariance && this.outChannels !== c.in_channels ? meanChannels(guided, j.n, outRow, c.in_channels * this.plane) : guided,
+        forwardMs,
+      };
     });
   }
 

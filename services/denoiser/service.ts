@@ -34,7 +34,9 @@ export async function startDenoiserService(
   opts: { grpc?: GrpcServer | null; metrics?: DenoiserMetrics; log?: Logger; queueSettings?: Partial<QueueSettings> } = {},
 ): Promise<RunningReplica & { denoiser: Denoiser }> {
   const denoiser = await Denoiser.create(config, opts.metrics);
-  denoiser.onDead((err) => opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`));
+  denoiser.onDead((err) =>
+    opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`),
+  );
   zeroReplicaWorkSeries(denoiser.metrics, denoiser.name);
   const replica = await mountReplica(transport, {
     definition: DenoiserDefinition,

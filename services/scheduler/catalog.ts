@@ -99,7 +99,12 @@ export class Catalog {
     // once the model was seen, and one that fails (no denoiser answers) keeps the old one.
     if (hit) {
       p.catch((err: unknown) =>
-        this.events.event('warn', `refresh|${name}`, { model: name, err: toDitpipeError(err).message }, `model "${name}": refreshing its description failed; keeping the one from ${new Date(hit.expires - this.config.modelInfoTtlMs).toISOString()}`),
+        this.events.event(
+          'warn',
+          `refresh|${name}`,
+          { model: name, err: toDitpipeError(err).message },
+          `model "${name}": refreshing its description failed; keeping the one from ${new Date(hit.expires - this.config.modelInfoTtlMs).toISOString()}`,
+        ),
       );
       return hit.model;
     }
@@ -121,7 +126,12 @@ export class Catalog {
         decoder = await this.decoderClient(vae).info({}, { timeoutMs: Math.min(this.config.decodeTimeoutMs, 10_000) });
       } catch (err) {
         decoder = null; // PNG requests fail with UNAVAILABLE until a decoder shows up; raw latents still work
-        this.events.event('info', `decoder|${vae}`, { model: name, vae, err: toDitpipeError(err).message }, `model "${name}": no decoder answers for VAE "${vae}" yet; raw latents work, PNG requests wait for one`);
+        this.events.event(
+          'info',
+          `decoder|${vae}`,
+          { model: name, vae, err: toDitpipeError(err).message },
+          `model "${name}": no decoder answers for VAE "${vae}" yet; raw latents work, PNG requests wait for one`,
+        );
       }
     }
     const model: ServedModel = {
@@ -138,7 +148,9 @@ export class Catalog {
   /** The decoder of a model, or an error saying why images cannot be decoded. */
   async decoderFor(model: ServedModel): Promise<{ vae: string; info: DecoderInfo }> {
     if (!model.vae) {
-      throw new FailedPreconditionError(`model "${model.name}" names no VAE (set one for the scheduler) — ask for OUTPUT_FORMAT_RAW_LATENT or configure a VAE`);
+      throw new FailedPreconditionError(
+        `model "${model.name}" names no VAE (set one for the scheduler) — ask for OUTPUT_FORMAT_RAW_LATENT or configure a VAE`,
+      );
     }
     if (model.decoder) return { vae: model.vae, info: model.decoder };
     // No decoder answered when the description was cached: ask again now rather than trust that
@@ -148,7 +160,9 @@ export class Catalog {
       model.decoder = info;
       return { vae: model.vae, info };
     } catch (err) {
-      throw new UnavailableError(`no decoder answers for VAE "${model.vae}" of model "${model.name}": ${toDitpipeError(err).message}`, { cause: err });
+      throw new UnavailableError(`no decoder answers for VAE "${model.vae}" of model "${model.name}": ${toDitpipeError(err).message}`, {
+        cause: err,
+      });
     }
   }
 
@@ -160,7 +174,12 @@ export class Catalog {
       try {
         m = await this.get(name);
       } catch (err) {
-        this.events.event('info', `list|${name}`, { model: name, err: toDitpipeError(err).message }, `ListModels leaves out model "${name}": ${toDitpipeError(err).message}`);
+        this.events.event(
+          'info',
+          `list|${name}`,
+          { model: name, err: toDitpipeError(err).message },
+          `ListModels leaves out model "${name}": ${toDitpipeError(err).message}`,
+        );
         continue;
       }
       const [denoisers, decoders] = await Promise.all([

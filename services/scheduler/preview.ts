@@ -51,7 +51,15 @@ export class Previews {
       this.sink.render(x0.subarray(i * perSample, (i + 1) * perSample), i).then(
         (img) => {
           if (!this.open) return this.count('late', 1);
-          this.sink.emit({ step: done, numSteps: this.sink.numSteps, sampleIndex: i, png: img.png, width: img.width, height: img.height, method: this.plan.method === 'projection' ? PreviewMethod.PREVIEW_METHOD_PROJECTION : PreviewMethod.PREVIEW_METHOD_DECODER });
+          this.sink.emit({
+            step: done,
+            numSteps: this.sink.numSteps,
+            sampleIndex: i,
+            png: img.png,
+            width: img.width,
+            height: img.height,
+            method: this.plan.method === 'projection' ? PreviewMethod.PREVIEW_METHOD_PROJECTION : PreviewMethod.PREVIEW_METHOD_DECODER,
+          });
           this.count('sent', 1);
         },
         () => this.count('failed', 1),

@@ -69,8 +69,15 @@ export function fitProjection(latents: Float32Array, channels: number, side: num
   const out = first.channels;
   const u = geometry.upsample;
   const crop = geometry.crop ?? { top: 0, right: 0, bottom: 0, left: 0 };
-  if (!Number.isInteger(u) || u < 1 || first.width !== side * u - crop.left - crop.right || first.height !== side * u - crop.top - crop.bottom) {
-    throw new RangeError(`decoded images of ${first.width}×${first.height} do not match latents of ${side}×${side} upsampled ${u}× and cropped`);
+  if (
+    !Number.isInteger(u) ||
+    u < 1 ||
+    first.width !== side * u - crop.left - crop.right ||
+    first.height !== side * u - crop.top - crop.bottom
+  ) {
+    throw new RangeError(
+      `decoded images of ${first.width}×${first.height} do not match latents of ${side}×${side} upsampled ${u}× and cropped`,
+    );
   }
   const d = channels + 1;
   const ata = Array.from({ length: d }, () => new Array<number>(d).fill(0));
@@ -106,7 +113,12 @@ export function fitProjection(latents: Float32Array, channels: number, side: num
       }
     }
   }
-  const coef = aty.map((b) => solve(ata.map((r) => [...r]), [...b]));
+  const coef = aty.map((b) =>
+    solve(
+      ata.map((r) => [...r]),
+      [...b],
+    ),
+  );
   const r2 = coef.map((w, k) => {
     const mean = rows.reduce((a, r) => a + r.y[k], 0) / rows.length;
     let res = 0;

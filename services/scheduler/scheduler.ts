@@ -84,7 +84,14 @@ const RETRY_HINT_MIN_MS = 100;
 const RETRY_HINT_MAX_MS = 30_000;
 
 /** Failures a client caused (logged at info); the rest say something about the service (warn/error). */
-const CLIENT_CODES = new Set<number>([Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.CANCELLED, Code.DEADLINE_EXCEEDED, Code.FAILED_PRECONDITION, Code.OUT_OF_RANGE]);
+const CLIENT_CODES = new Set<number>([
+  Code.INVALID_ARGUMENT,
+  Code.NOT_FOUND,
+  Code.CANCELLED,
+  Code.DEADLINE_EXCEEDED,
+  Code.FAILED_PRECONDITION,
+  Code.OUT_OF_RANGE,
+]);
 
 function timings(t: Partial<Timings>): Timings {
   return { queueMs: 0, denoiseMs: 0, decodeMs: 0, totalMs: 0, ...t };
@@ -139,7 +146,11 @@ export class Scheduler {
   /** Refreshes the queue gauges from the work queues of the models and VAEs in use. */
   private async readQueues(): Promise<void> {
     const { denoisers, decoders } = this.catalog.clients();
-    const read = async (queue: 'denoise' | 'decode', model: string, info: () => Promise<{ pending: number; ackPending: number }>): Promise<void> => {
+    const read = async (
+      queue: 'denoise' | 'decode',
+      model: string,
+      info: () => Promise<{ pending: number; ackPending: number }>,
+    ): Promise<void> => {
       try {
         const i = await info();
         this.metrics.queuePending.set({ queue, model }, i.pending);
@@ -180,10 +191,22 @@ export class Scheduler {
     const queue: GenerateEvent[] = [];
     let wake: (() => void) | null = null;
     let settled: { failed: boolean; err?: unknown } | null = null;
-    void this.generate(req, { ...opts, onEvent: (e) => { queue.push(e); wake?.(); } }).then(
-      () => { settled = { failed: false }; },
-      (err: unknown) => { settled = { failed: true, err }; },
-    ).finally(() => wake?.());
+    void this.generate(req, {
+      ...opts,
+      onEvent: (e) => {
+        queue.push(e);
+        wake?.();
+      },
+    })
+      .then(
+        () => {
+          settled = { failed: false };
+        },
+        (err: unknown) => {
+          settled = { failed: true, err };
+        },
+      )
+      .finally(() => wake?.());
     for (;;) {
       while (queue.length) yield queue.shift() as GenerateEvent;
       const s = settled as { failed: boolean; err?: unknown } | null;
@@ -203,7 +226,8 @@ export class Scheduler {
     try {
       if (this.stopping) throw new ResourceExhaustedError('the scheduler is shutting down; retry on another scheduler');
       // Fail fast while NATS is away: a new request could only wait out its deadline.
-      if (!this.transport.connected) throw new UnavailableError('the scheduler has lost its connection to NATS and is reconnecting; retry shortly');
+      if (!this.transport.connected)
+        throw new UnavailableError('the scheduler has lost its connection to NATS and is reconnecting; retry shortly');
       plan = await this.plan(req, opts.onEvent !== undefined);
       this.admit(plan.labels.length);
     } catch (err) {
@@ -280,7 +304,9 @@ export class Scheduler {
     const n = req.classLabels.length;
     if (n === 0) throw new InvalidArgumentError('class_labels must name at least one class', { field: 'class_labels' });
     if (n > this.config.maxImagesPerRequest) {
-      throw new InvalidArgumentError(`class_labels asks for ${n} images; at most ${this.config.maxImagesPerRequest} per request`, { field: 'class_labels' });
+      throw new InvalidArgumentError(`class_labels asks for ${n} images; at most ${this.config.maxImagesPerRequest} per request`, {
+        field: 'class_labels',
+      });
     }
     // Such a request could never be admitted: retrying it later would spin forever.
     if (n > this.config.maxSamplesInFlight) {
@@ -300,14 +326,26 @@ export class Scheduler {
     const guided = checkGuidance(cfgScale, req.guidanceChannels);
     const eta = checkEta(req.eta, samplerDef);
     const fmt = req.outputFormat;
-    if (fmt !== OutputFormat.OUTPUT_FORMAT_UNSPECIFIED && fmt !== OutputFormat.OUTPUT_FORMAT_PNG && fmt !== OutputFormat.OUTPUT_FORMAT_RAW_LATENT) {
+    if (
+      fmt !== OutputFormat.OUTPUT_FORMAT_UNSPECIFIED &&
+      fmt !== OutputFormat.OUTPUT_FORMAT_PNG &&
+      fmt !== OutputFormat.OUTPUT_FORMAT_RAW_LATENT
+    ) {
       throw new InvalidArgumentError(`output_format: unknown value ${fmt}`, { field: 'output_format' });
     }
     let preview: PreviewPlan | null = null;
     if (req.preview && req.preview.everySteps > 0) {
-      if (!streaming) throw new InvalidArgumentError('preview: previews need a streaming request (GenerateStream, or "stream": true over HTTP); Generate returns the final images only', { field: 'preview' });
+      if (!streaming)
+        throw new InvalidArgumentError(
+          'preview: previews need a streaming request (GenerateStream, or "stream": true over HTTP); Generate returns the final images only',
+          { field: 'preview' },
+        );
       const m = req.preview.method;
-      if (m !== PreviewMethod.PREVIEW_METHOD_UNSPECIFIED && m !== PreviewMethod.PREVIEW_METHOD_DECODER && m !== PreviewMethod.PREVIEW_METHOD_PROJECTION) {
+      if (
+        m !== PreviewMethod.PREVIEW_METHOD_UNSPECIFIED &&
+        m !== PreviewMethod.PREVIEW_METHOD_DECODER &&
+        m !== PreviewMethod.PREVIEW_METHOD_PROJECTION
+      ) {
         throw new InvalidArgumentError(`preview.method: unknown value ${m}`, { field: 'preview.method' });
       }
       preview = { every: req.preview.everySteps, method: m === PreviewMethod.PREVIEW_METHOD_PROJECTION ? 'projection' : 'decoder' };
@@ -318,7 +356,10 @@ export class Scheduler {
       const field = `class_labels[${i}]`;
       if (l.index !== undefined) {
         if (!Number.isInteger(l.index) || l.index < 0 || l.index >= numClasses) {
-          throw new InvalidArgumentError(`${field}: class index must be within 0..${numClasses - 1} for model "${model.name}", got ${l.index}`, { field });
+          throw new InvalidArgumentError(
+            `${field}: class index must be within 0..${numClasses - 1} for model "${model.name}", got ${l.index}`,
+            { field },
+          );
         }
         return l.index;
       }
@@ -384,7 +425,17 @@ export class Scheduler {
       throw err;
     }
     const queueMs = performance.now() - arrived;
-    opts.onEvent?.({ accepted: { requestId: plan.id, model: model.name, seed: plan.seed, numImages: n, numSteps: plan.numSteps, queueMs, cfgScale: plan.cfgScale } });
+    opts.onEvent?.({
+      accepted: {
+        requestId: plan.id,
+        model: model.name,
+        seed: plan.seed,
+        numImages: n,
+        numSteps: plan.numSteps,
+        queueMs,
+        cfgScale: plan.cfgScale,
+      },
+    });
     const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
     const denoiseStart = performance.now();
@@ -474,7 +525,12 @@ export class Scheduler {
           const started = performance.now();
           this.metrics.decodes.inc({ ...labels, purpose: 'final' });
           const res = await decoder.decode(
-            { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * inPer, (i + 1) * inPer)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
+            {
+              model: vae,
+              latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * inPer, (i + 1) * inPer)),
+              format: ImageFormat.IMAGE_FORMAT_PNG,
+              requestId: plan.id,
+            },
             {
               signal: opts.signal,
               attemptTimeoutMs: this.config.decodeTimeoutMs,
@@ -484,7 +540,12 @@ export class Scheduler {
           this.metrics.decodeSeconds.observe({ ...labels, purpose: 'final' }, (performance.now() - started) / 1000);
           const size = servedImageSize(c.inputSize, info);
           images[i] = { ...base(i), png: res.png[0], width: size.width, height: size.height };
-          opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }) } });
+          opts.onEvent?.({
+            image: {
+              image: images[i],
+              timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }),
+            },
+          });
         }),
       );
       decodeMs = performance.now() - decodeStart;
@@ -519,7 +580,10 @@ export class Scheduler {
     };
     if (plan.preview!.method === 'projection') {
       const projection = await this.projection(plan, vae, info, opts);
-      return new Previews(plan.preview!, { ...sink, render: async (latent) => ({ png: projectToPng(projection, latent, c.inputSize), width: c.inputSize, height: c.inputSize }) });
+      return new Previews(plan.preview!, {
+        ...sink,
+        render: async (latent) => ({ png: projectToPng(projection, latent, c.inputSize), width: c.inputSize, height: c.inputSize }),
+      });
     }
     return new Previews(plan.preview!, {
       ...sink,
@@ -528,8 +592,17 @@ export class Scheduler {
         this.metrics.decodes.inc(labels);
         // A preview is not worth a retry: a later one replaces it.
         const res = await decoder.decode(
-          { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latent), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
-          { signal: opts.signal, retries: 0, timeoutMs: Math.min(this.config.decodeTimeoutMs, this.callBudget(opts, this.config.decodeTimeoutMs)) },
+          {
+            model: vae,
+            latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latent),
+            format: ImageFormat.IMAGE_FORMAT_PNG,
+            requestId: plan.id,
+          },
+          {
+            signal: opts.signal,
+            retries: 0,
+            timeoutMs: Math.min(this.config.decodeTimeoutMs, this.callBudget(opts, this.config.decodeTimeoutMs)),
+          },
         );
         this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
         return { png: res.png[0], width: size.width, height: size.height };
@@ -556,8 +629,17 @@ export class Scheduler {
           const started = performance.now();
           this.metrics.decodes.inc(labels);
           const res = await decoder.decode(
-            { model: vae, latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * per, (i + 1) * per)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: plan.id },
-            { signal: opts.signal, timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs), attemptTimeoutMs: this.config.decodeTimeoutMs },
+            {
+              model: vae,
+              latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * per, (i + 1) * per)),
+              format: ImageFormat.IMAGE_FORMAT_PNG,
+              requestId: plan.id,
+            },
+            {
+              signal: opts.signal,
+              timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
+              attemptTimeoutMs: this.config.decodeTimeoutMs,
+            },
           );
           this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
           return res.png[0];

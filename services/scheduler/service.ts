@@ -61,20 +61,31 @@ export function samplerGrpcImpl(scheduler: Scheduler): SamplerServer {
   return {
     generate(call: ServerUnaryCall<GenerateRequest, GenerateResponse>, callback: sendUnaryData<GenerateResponse>): void {
       const { signal, deadline, dispose } = callSignal(call);
-      scheduler.generate(call.request, { signal, deadline }).then(
-        (res) => callback(null, res),
-        (err: unknown) => callback(toServiceError(err)),
-      ).finally(dispose);
+      scheduler
+        .generate(call.request, { signal, deadline })
+        .then(
+          (res) => callback(null, res),
+          (err: unknown) => callback(toServiceError(err)),
+        )
+        .finally(dispose);
     },
 
     generateStream(call: ServerWritableStream<GenerateRequest, GenerateEvent>): void {
       const { signal, deadline, dispose } = callSignal(call);
       scheduler
-        .generate(call.request, { signal, deadline, onEvent: (e) => { if (!call.cancelled) call.write(e); } })
+        .generate(call.request, {
+          signal,
+          deadline,
+          onEvent: (e) => {
+            if (!call.cancelled) call.write(e);
+          },
+        })
         .then(
           () => call.end(),
           // grpc-js sends the status of a stream only through an 'error' event (destroy() would not).
-          (err: unknown) => { if (!call.cancelled) call.emit('error', toServiceError(err)); },
+          (err: unknown) => {
+            if (!call.cancelled) call.emit('error', toServiceError(err));
+          },
         )
         .finally(dispose);
     },

@@ -1,13 +1,6 @@
 export { DiffusionInputError } from './errors.ts';
 export { betaSchedule, diffusionTables, type DiffusionTables, type ScheduleName } from './schedule.ts';
-export {
-  respacedBetas,
-  roundHalfEven,
-  spaceTimesteps,
-  spacedDiffusion,
-  type DiffusionSpec,
-  type SpacedDiffusion,
-} from './respace.ts';
+export { respacedBetas, roundHalfEven, spaceTimesteps, spacedDiffusion, type DiffusionSpec, type SpacedDiffusion } from './respace.ts';
 export {
   ddimStep,
   ddpmStep,
@@ -20,7 +13,15 @@ export {
   type StepLayout,
   type VarianceType,
 } from './samplers.ts';
-export { SAMPLERS, SAMPLER_NAMES, DEFAULT_SAMPLER, samplerByName, samplerByProtoKind, samplerList, samplersWithOption } from './sampler/registry.ts';
+export {
+  SAMPLERS,
+  SAMPLER_NAMES,
+  DEFAULT_SAMPLER,
+  samplerByName,
+  samplerByProtoKind,
+  samplerList,
+  samplersWithOption,
+} from './sampler/registry.ts';
 export { defineSampler, type SamplerDef, type SamplerOption, type StepArgs } from './sampler/types.ts';
 export {
   combineGuidance,

@@ -13,16 +13,7 @@ const TWO_POW_M32 = 2 ** -32;
  * mulhi trick: lo = imul(a, M) is exact; a·M as a double is off by at most 2^11, so
  * (a·M − lo)·2^-32 lies within 2^-21 of the high word and rounds to it exactly.
  */
-export function philox4x32(
-  c0: number,
-  c1: number,
-  c2: number,
-  c3: number,
-  k0: number,
-  k1: number,
-  out: Uint32Array,
-  outOffset = 0,
-): void {
+export function philox4x32(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number, out: Uint32Array, outOffset = 0): void {
   let x0 = c0 >>> 0;
   let x1 = c1 >>> 0;
   let x2 = c2 >>> 0;

@@ -44,10 +44,7 @@ export function spaceTimesteps(numTimesteps: number, respacing: string): number[
         return steps;
       }
     }
-    throw new DiffusionInputError(
-      'respacing',
-      `'${spec}': no integer stride gives exactly ${desired} steps out of ${numTimesteps}`,
-    );
+    throw new DiffusionInputError('respacing', `'${spec}': no integer stride gives exactly ${desired} steps out of ${numTimesteps}`);
   }
   const counts = spec.split(',').map((part) => parseCount(part, 'section count'));
   const total = counts.reduce((a, b) => a + b, 0);
@@ -63,10 +60,7 @@ export function spaceTimesteps(numTimesteps: number, respacing: string): number[
     const size = sizePer + (i < extra ? 1 : 0);
     const count = counts[i];
     if (size < count) {
-      throw new DiffusionInputError(
-        'respacing',
-        `'${spec}': section ${i} spans ${size} timesteps and cannot hold ${count} steps`,
-      );
+      throw new DiffusionInputError('respacing', `'${spec}': section ${i} spans ${size} timesteps and cannot hold ${count} steps`);
     }
     const fracStride = count <= 1 ? 1 : (size - 1) / (count - 1);
     let cur = 0;

@@ -22,9 +22,15 @@ export interface StepLayout {
 
 export type VarianceType = 'learned-range' | 'fixed-large' | 'fixed-small';
 
-
 /** Validates the index and the tensor sizes of one step; every step function calls it first. */
-export function checkStep(d: SpacedDiffusion, index: number, layout: StepLayout, x: Float32Array, modelOut: Float32Array, out: Float32Array): void {
+export function checkStep(
+  d: SpacedDiffusion,
+  index: number,
+  layout: StepLayout,
+  x: Float32Array,
+  modelOut: Float32Array,
+  out: Float32Array,
+): void {
   if (!Number.isInteger(index) || index < 0 || index >= d.numTimesteps) {
     throw new DiffusionInputError('step', `respaced index ${index} is outside 0..${d.numTimesteps - 1}`);
   }
@@ -37,10 +43,7 @@ export function checkStep(d: SpacedDiffusion, index: number, layout: StepLayout,
   if (out.length !== n) throw new DiffusionInputError('out', `has ${out.length} elements; expected ${n}`);
   const m = count * outChannels * plane;
   if (modelOut.length !== m) {
-    throw new DiffusionInputError(
-      'modelOutput',
-      `has ${modelOut.length} elements; expected ${m} = [${count}, ${outChannels}, ${plane}]`,
-    );
+    throw new DiffusionInputError('modelOutput', `has ${modelOut.length} elements; expected ${m} = [${count}, ${outChannels}, ${plane}]`);
   }
 }
 
@@ -138,7 +141,8 @@ export function ddimStep(
   const abPrev = Math.fround(d.alphasCumprodPrev[index]);
   // sigma = eta·sqrt((1 − ᾱ_prev)/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ_prev), each tensor op in float32.
   const sigma = Math.fround(
-    Math.fround(opts.eta * Math.fround(Math.sqrt(Math.fround(Math.fround(1 - abPrev) / Math.fround(1 - ab))))) * Math.fround(Math.sqrt(Math.fround(1 - Math.fround(ab / abPrev)))),
+    Math.fround(opts.eta * Math.fround(Math.sqrt(Math.fround(Math.fround(1 - abPrev) / Math.fround(1 - ab))))) *
+      Math.fround(Math.sqrt(Math.fround(1 - Math.fround(ab / abPrev)))),
   );
   const addNoise = index !== 0 && sigma !== 0;
   if (addNoise && (noise === null || noise.length !== x.length)) {
@@ -156,7 +160,9 @@ export function ddimStep(
   const r = ddimRegion(n);
   r.x.set(x);
   if (outChannels === channels) r.eps.set(modelOut);
-  else for (let s = 0; s < count; s++) r.eps.set(modelOut.subarray(s * outChannels * plane, (s * outChannels + channels) * plane), s * channels * plane);
+  else
+    for (let s = 0; s < count; s++)
+      r.eps.set(modelOut.subarray(s * outChannels * plane, (s * outChannels + channels) * plane), s * channels * plane);
   if (addNoise) r.noise.set(noise as Float32Array);
   ddimWasm.ddim(n, 0, r.bytes, 2 * r.bytes, 0, sr, srm1, sqrtAbPrev, dirCoef, sigma, clip ? 1 : 0, addNoise ? 1 : 0);
   out.set(r.x);
@@ -164,17 +170,45 @@ export function ddimStep(
 
 const ddimWasm = new WebAssembly.Instance(new WebAssembly.Module(readFileSync(new URL('./ddim.wasm', import.meta.url))), {}).exports as {
   memory: WebAssembly.Memory;
-  ddim(n: number, x: number, eps: number, noise: number, out: number, sr: number, srm1: number, sqrtAbPrev: number, dirCoef: number, sigma: number, clip: number, noisy: number): void;
+  ddim(
+    n: number,
+    x: number,
+    eps: number,
+    noise: number,
+    out: number,
+    sr: number,
+    srm1: number,
+    sqrtAbPrev: number,
+    dirCoef: number,
+    sigma: number,
+    clip: number,
+    noisy: number,
+  ): void;
 };
 
 /** Views of the DDIM kernel's memory for n elements: x (and the result), eps, noise; made again when n or the memory changes. */
-let region = { n: -1, bytes: 0, buffer: ddimWasm.memory.buffer, x: new Float32Array(0), eps: new Float32Array(0), noise: new Float32Array(0) };
+let region = {
+  n: -1,
+  bytes: 0,
+  buffer: ddimWasm.memory.buffer,
+  x: new Float32Array(0),
+  eps: new Float32Array(0),
+  noise: new Float32Array(0),
+};
 function ddimRegion(n: number): typeof region {
   if (n === region.n && region.buffer === ddimWasm.memory.buffer) return region;
   const bytes = ((n + 3) & ~3) * 4;
-  if (3 * bytes > ddimWasm.memory.buffer.byteLength) ddimWasm.memory.grow(Math.ceil((3 * bytes - ddimWasm.memory.buffer.byteLength) / 65536));
+  if (3 * bytes > ddimWasm.memory.buffer.byteLength)
+    ddimWasm.memory.grow(Math.ceil((3 * bytes - ddimWasm.memory.buffer.byteLength) / 65536));
   const buffer = ddimWasm.memory.buffer;
-  region = { n, bytes, buffer, x: new Float32Array(buffer, 0, n), eps: new Float32Array(buffer, bytes, n), noise: new Float32Array(buffer, 2 * bytes, n) };
+  region = {
+    n,
+    bytes,
+    buffer,
+    x: new Float32Array(buffer, 0, n),
+    eps: new Float32Array(buffer, bytes, n),
+    noise: new Float32Array(buffer, 2 * bytes, n),
+  };
   return region;
 }
 
@@ -286,7 +320,9 @@ export function predictX0(
       const xo = (s * channels + c) * plane;
       const eo = (s * outChannels + c) * plane;
       for (let p = 0; p < plane; p++) {
-        let x0 = f32 ? Math.fround(Math.fround(sr * x[xo + p]) - Math.fround(srm1 * modelOut[eo + p])) : sr * x[xo + p] - srm1 * modelOut[eo + p];
+        let x0 = f32
+          ? Math.fround(Math.fround(sr * x[xo + p]) - Math.fround(srm1 * modelOut[eo + p]))
+          : sr * x[xo + p] - srm1 * modelOut[eo + p];
         if (clip) x0 = x0 < -1 ? -1 : x0 > 1 ? 1 : x0;
         out[xo + p] = x0;
       }

@@ -29,7 +29,7 @@ export function betaSchedule(name: ScheduleName, numSteps: number): Float64Array
     return linspace(scale * 0.0001, scale * 0.02, numSteps);
   }
   if (name === 'cosine') {
-    const alphaBar = (t: number): number => Math.cos(((t + 0.008) / 1.008) * Math.PI / 2) ** 2;
+    const alphaBar = (t: number): number => Math.cos((((t + 0.008) / 1.008) * Math.PI) / 2) ** 2;
     const betas = new Float64Array(numSteps);
     for (let i = 0; i < numSteps; i++) {
       const t1 = i / numSteps;
@@ -109,9 +109,7 @@ export function diffusionTables(betasIn: ArrayLike<number>): DiffusionTables {
     posteriorVariance,
     posteriorLogVarianceClipped,
     posteriorMeanCoef1: map((i) => (betas[i] * Math.sqrt(alphasCumprodPrev[i])) / (1 - alphasCumprod[i])),
-    posteriorMeanCoef2: map(
-      (i) => ((1 - alphasCumprodPrev[i]) * Math.sqrt(1 - betas[i])) / (1 - alphasCumprod[i]),
-    ),
+    posteriorMeanCoef2: map((i) => ((1 - alphasCumprodPrev[i]) * Math.sqrt(1 - betas[i])) / (1 - alphasCumprod[i])),
     fixedLargeVariance,
     fixedLargeLogVariance: map((i) => Math.log(fixedLargeVariance[i])),
   };

@@ -231,7 +231,11 @@ export function advance(state: SamplerState, modelOutput: Float32Array): Sampler
  * update uses, in its arithmetic. Call it after `next` and before `advance`, which overwrites the
  * latent it reads. Nothing is computed unless this is called, and the state is not touched.
  */
-export function predictX0(state: SamplerState, modelOutput: Float32Array, out: Float32Array = new Float32Array(state.x.length)): Float32Array {
+export function predictX0(
+  state: SamplerState,
+  modelOutput: Float32Array,
+  out: Float32Array = new Float32Array(state.x.length),
+): Float32Array {
   if (isDone(state)) throw new DiffusionInputError('state', 'sampling is already finished');
   if (!(modelOutput instanceof Float32Array)) throw new DiffusionInputError('modelOutput', 'must be a Float32Array');
   const index = state.totalSteps - 1 - state.stepsDone;

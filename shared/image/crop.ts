@@ -15,7 +15,10 @@ const px = z.number().int('must be an integer').min(0, 'must be >= 0');
 /** model.json's `outputCrop`. Square in, square out: ListModels reports one image_size. */
 export const imageCropSchema = z
   .strictObject({ top: px, right: px, bottom: px, left: px })
-  .refine((c) => c.top + c.bottom === c.left + c.right, 'must remove as many rows (top + bottom) as columns (left + right), so images stay square');
+  .refine(
+    (c) => c.top + c.bottom === c.left + c.right,
+    'must remove as many rows (top + bottom) as columns (left + right), so images stay square',
+  );
 
 /** "2" (every edge) or "top,right,bottom,left" (CSS order); null when unreadable. */
 export function parseCrop(text: string): ImageCrop | null {

@@ -21,7 +21,9 @@ export function encodePngs(images: WireTensor): Uint8Array[] {
   }
   const pixels = toUint8Nhwc(images.data as Float32Array, images.dims);
   const size = h * w * c;
-  return Array.from({ length: n }, (_, i) => encodePixels({ width: w, height: h, channels: c, data: pixels.subarray(i * size, (i + 1) * size) }));
+  return Array.from({ length: n }, (_, i) =>
+    encodePixels({ width: w, height: h, channels: c, data: pixels.subarray(i * size, (i + 1) * size) }),
+  );
 }
 
 export function encodePixels(p: Pixels): Uint8Array {

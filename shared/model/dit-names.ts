@@ -1,11 +1,6 @@
 // DiT parameter names: the canonical (original facebookresearch/DiT) tensor list for a config, and a
 // view that serves those names from a diffusers `DiTTransformer2DModel` state dict.
-import {
-  MissingTensorError,
-  WeightsError,
-  expectShape,
-  type WeightFile,
-} from '../weights/index.ts';
+import { MissingTensorError, WeightsError, expectShape, type WeightFile } from '../weights/index.ts';
 import { modelOutChannels } from '../diffusion/guidance.ts';
 import type { DitConfig } from './modeldir.ts';
 
@@ -200,7 +195,8 @@ export class DitTensors {
       if (m) seen.add(Number(m[1]));
     }
     for (let i = 0; i < seen.size; i++) {
-      if (!seen.has(i)) throw new WeightsError(`${this.file.path}: transformer blocks are not numbered 0..${seen.size - 1} (block ${i} is missing)`);
+      if (!seen.has(i))
+        throw new WeightsError(`${this.file.path}: transformer blocks are not numbered 0..${seen.size - 1} (block ${i} is missing)`);
     }
     return seen.size;
   }

@@ -123,7 +123,10 @@ export interface DitConfigJson {
  * recorded (what models/fashion-mnist/dit.json is). Errors name the field.
  */
 export function parseDitConfigJson(raw: unknown, where = '--config'): DitConfigJson {
-  const record = typeof raw === 'object' && raw !== null && !Array.isArray(raw) && 'config' in raw ? (raw as { config: unknown; class_names?: unknown }) : null;
+  const record =
+    typeof raw === 'object' && raw !== null && !Array.isArray(raw) && 'config' in raw
+      ? (raw as { config: unknown; class_names?: unknown })
+      : null;
   const r = partialConfig.safeParse(record ? record.config : raw);
   if (!r.success) {
     const issue = r.error.issues[0];
@@ -160,7 +163,9 @@ export function resolveDitConfig(file: WeightFile, req: DitConfigRequest = {}): 
   const patchW = tensors.shape('x_embedder.proj.weight');
   if (!patchW) throw new MissingTensorError(tensors.sourceNames('x_embedder.proj.weight')[0], file.path);
   if (patchW.length !== 4 || patchW[2] !== patchW[3]) {
-    throw new WeightsError(`${file.path}: tensor '${tensors.sourceNames('x_embedder.proj.weight')[0]}' has shape [${patchW.join(', ')}]; expected a square [hidden, C, p, p] conv kernel`);
+    throw new WeightsError(
+      `${file.path}: tensor '${tensors.sourceNames('x_embedder.proj.weight')[0]}' has shape [${patchW.join(', ')}]; expected a square [hidden, C, p, p] conv kernel`,
+    );
   }
   const [D, C, p] = patchW;
   const table = tensors.shape('y_embedder.embedding_table.weight');
@@ -186,11 +191,17 @@ export function resolveDitConfig(file: WeightFile, req: DitConfigRequest = {}): 
       }
     }
     const why = key === 'num_heads' ? ' (weight shapes do not tell the head count and the width is not a preset width)' : '';
-    throw new DitConfigError(`cannot determine ${key}${why}: give it with --config${key === 'input_size' ? ' or --input-size' : ''} or --preset`);
+    throw new DitConfigError(
+      `cannot determine ${key}${why}: give it with --config${key === 'input_size' ? ' or --input-size' : ''} or --preset`,
+    );
   };
   // Shape-derived fields: explicit values first so that a disagreement surfaces as a named shape mismatch.
   const fromShapes = <K extends 'patch_size' | 'in_channels' | 'hidden_size' | 'depth' | 'num_classes' | 'learn_sigma'>(key: K) =>
-    pick(key, [['--config', given[key]], ['--preset', preset?.[key]], ['weights', inferred[key]]]);
+    pick(key, [
+      ['--config', given[key]],
+      ['--preset', preset?.[key]],
+      ['weights', inferred[key]],
+    ]);
   const hidden = fromShapes('hidden_size');
   const config: DitConfig = {
     input_size: pick('input_size', [
@@ -289,7 +300,11 @@ export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitG
   const w = (name: string, opt: { param?: boolean } = {}): Value => g.weight(name, shapes.get(name)!, () => src.read(name), opt);
   const lin = (x: Value, name: string): Value => {
     const [o, i] = shapes.get(`${name}.weight`)!;
-    return g.linear(x, g.linearWeight(`${name}.weight`, o, i, () => src.read(`${name}.weight`)), w(`${name}.bias`));
+    return g.linear(
+      x,
+      g.linearWeight(`${name}.weight`, o, i, () => src.read(`${name}.weight`)),
+      w(`${name}.bias`),
+    );
   };
   const scalar = (v: number, hint: string): Value => g.constFloat([v], [1], hint);
   const one = scalar(1, 'one');

@@ -6,12 +6,48 @@ import { join } from 'node:path';
 import type { Graph } from '../onnx/graph.ts';
 import { writeOnnx, type WriteOptions } from '../onnx/write.ts';
 import { VERSION } from '../version.ts';
-import { GRAPH_REVISION, MODEL_JSON, MODEL_ONNX, modelJsonSchema, type DitModelJson, type ModelDir, type VaeModelJson } from './modeldir.ts';
+import {
+  GRAPH_REVISION,
+  MODEL_JSON,
+  MODEL_ONNX,
+  modelJsonSchema,
+  type DitModelJson,
+  type ModelDir,
+  type VaeModelJson,
+} from './modeldir.ts';
 
 /** What a graph builder knows; `writeModelDir` adds what writing the graph tells. */
 export type ModelJsonDraft =
-  | Omit<DitModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy' | 'graphRevision'>
-  | Omit<VaeModelJson, 'format' | 'version' | 'inputs' | 'outputs' | 'params' | 'gflops' | 'flopsConvention' | 'weightDtype' | 'onnx' | 'externalData' | 'createdBy' | 'graphRevision'>;
+  | Omit<
+      DitModelJson,
+      | 'format'
+      | 'version'
+      | 'inputs'
+      | 'outputs'
+      | 'params'
+      | 'gflops'
+      | 'flopsConvention'
+      | 'weightDtype'
+      | 'onnx'
+      | 'externalData'
+      | 'createdBy'
+      | 'graphRevision'
+    >
+  | Omit<
+      VaeModelJson,
+      | 'format'
+      | 'version'
+      | 'inputs'
+      | 'outputs'
+      | 'params'
+      | 'gflops'
+      | 'flopsConvention'
+      | 'weightDtype'
+      | 'onnx'
+      | 'externalData'
+      | 'createdBy'
+      | 'graphRevision'
+    >;
 
 /** Multiply-accumulates per forward at batch 1, ×1e-9. */
 export function graphGflops(graph: Graph): number {

@@ -118,7 +118,10 @@ function confined(dir: string, file: string, field: string, jsonPath: string): s
   if (existsSync(full)) {
     const real = realpathSync(full);
     const realBase = realpathSync(base);
-    if (!real.startsWith(realBase + sep)) throw new ModelDirError(`${jsonPath}: field "${field}": ${JSON.stringify(file)} leads outside the model directory (symlink to ${real})`);
+    if (!real.startsWith(realBase + sep))
+      throw new ModelDirError(
+        `${jsonPath}: field "${field}": ${JSON.stringify(file)} leads outside the model directory (symlink to ${real})`,
+      );
   }
   return full;
 }
@@ -178,7 +181,9 @@ function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: s
     listed.forEach((v, i) => {
       const a = actual[i];
       if (v.dtype !== a.dtype || shapeText(v.shape) !== shapeText(a.shape)) {
-        throw new ModelDirError(`${jsonPath}: field "${kind}.${i}": ${v.name} is ${v.dtype} ${shapeText(v.shape)} here but ${a.dtype} ${shapeText(a.shape)} in ${meta.onnx}`);
+        throw new ModelDirError(
+          `${jsonPath}: field "${kind}.${i}": ${v.name} is ${v.dtype} ${shapeText(v.shape)} here but ${a.dtype} ${shapeText(a.shape)} in ${meta.onnx}`,
+        );
       }
     });
   };
@@ -186,13 +191,18 @@ function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: s
   compare('outputs', meta.outputs, g.outputs);
   const io = (list: OnnxValueInfo[], name: string, kind: string): OnnxValueInfo => {
     const v = list.find((x) => x.name === name);
-    if (!v) throw new ModelDirError(`${jsonPath}: a ${meta.kind} graph needs ${kind} "${name}"; ${meta.onnx} has ${list.map((x) => x.name).join(', ')}`);
+    if (!v)
+      throw new ModelDirError(
+        `${jsonPath}: a ${meta.kind} graph needs ${kind} "${name}"; ${meta.onnx} has ${list.map((x) => x.name).join(', ')}`,
+      );
     return v;
   };
   const dim = (v: OnnxValueInfo, axis: number, want: number, field: string): void => {
     const got = v.shape[axis];
     if (v.shape.length !== 4 || got !== want) {
-      throw new ModelDirError(`${jsonPath}: field "config.${field}" is ${want} but the graph's ${v.name} is ${shapeText(v.shape)} (axis ${axis} is ${got})`);
+      throw new ModelDirError(
+        `${jsonPath}: field "config.${field}" is ${want} but the graph's ${v.name} is ${shapeText(v.shape)} (axis ${axis} is ${got})`,
+      );
     }
   };
   if (meta.kind === 'dit') {

@@ -34,7 +34,10 @@ export class UnknownPresetError extends Error {
 
 /** Accepts `DiT-XL/2` and the file-name-friendly `DiT-XL-2` (case-insensitive). */
 export function ditPreset(name: string): DitConfig {
-  const norm = name.trim().toUpperCase().replace(/^DIT-(S|B|L|XL)-(\d+)$/, 'DIT-$1/$2');
+  const norm = name
+    .trim()
+    .toUpperCase()
+    .replace(/^DIT-(S|B|L|XL)-(\d+)$/, 'DIT-$1/$2');
   for (const [k, v] of Object.entries(DIT_PRESETS)) if (k.toUpperCase() === norm) return { ...v };
   throw new UnknownPresetError(name);
 }

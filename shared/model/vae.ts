@@ -115,7 +115,10 @@ export function parseVaeConfigJson(raw: unknown, source = 'config'): VaeConfigJs
  */
 export function inferVaeConfig(file: WeightFile, names: VaeNames, given: Partial<VaeConfig> = {}): VaeConfig {
   const n = given.block_out_channels?.length ?? countUpBlocks(file, names);
-  if (n === 0) throw new WeightsError(`${file.path}: no decoder up blocks found (no ${names.scheme === 'ldm' ? 'decoder.up.*' : 'decoder.up_blocks.*'} tensors)`);
+  if (n === 0)
+    throw new WeightsError(
+      `${file.path}: no decoder up blocks found (no ${names.scheme === 'ldm' ? 'decoder.up.*' : 'decoder.up_blocks.*'} tensors)`,
+    );
   const dim0 = (tensor: string, axis = 0): number => file.info(tensor).shape[axis];
   const block_out_channels =
     given.block_out_channels ?? Array.from({ length: n }, (_, i) => dim0(`${names.upResnet(n - 1 - i, 0, n).conv1}.weight`));
@@ -130,7 +133,9 @@ export function inferVaeConfig(file: WeightFile, names: VaeNames, given: Partial
   };
   for (const c of new Set(cfg.block_out_channels)) {
     if (c % cfg.norm_num_groups !== 0) {
-      throw new VaeConfigError(`norm_num_groups ${cfg.norm_num_groups} does not divide block_out_channels entry ${c} (set norm_num_groups with --config)`);
+      throw new VaeConfigError(
+        `norm_num_groups ${cfg.norm_num_groups} does not divide block_out_channels entry ${c} (set norm_num_groups with --config)`,
+      );
     }
   }
   return cfg;
@@ -202,7 +207,9 @@ function build(file: WeightFile, cfg: VaeConfig, names: VaeNames, name: string |
   for (let k = 0; k < n; k++) {
     const resnets = countUpResnets(file, names, k, n);
     if (resnets > cfg.layers_per_block + 1) {
-      throw new VaeConfigError(`${file.path}: up block ${k} has ${resnets} resnets but layers_per_block = ${cfg.layers_per_block} means ${cfg.layers_per_block + 1}`);
+      throw new VaeConfigError(
+        `${file.path}: up block ${k} has ${resnets} resnets but layers_per_block = ${cfg.layers_per_block} means ${cfg.layers_per_block + 1}`,
+      );
     }
   }
 
@@ -244,7 +251,11 @@ class Builder {
     const grouped = this.g.reshape(x, [0, groups, -1]);
     const normed = this.g.op(
       'InstanceNormalization',
-      [grouped, this.g.constFloat(new Float32Array(groups).fill(1), [groups], 'gn_one'), this.g.constFloat(new Float32Array(groups), [groups], 'gn_zero')],
+      [
+        grouped,
+        this.g.constFloat(new Float32Array(groups).fill(1), [groups], 'gn_one'),
+        this.g.constFloat(new Float32Array(groups), [groups], 'gn_zero'),
+      ],
       { dtype: 'float32', shape: grouped.shape },
       { epsilon: { float: NORM_EPS } },
     );
@@ -328,7 +339,9 @@ export function resolveVae(file: WeightFile, format: VaeFormat | 'auto', given: 
   const names = detectVaeNames(file, format);
   const config = inferVaeConfig(file, names, given.config);
   if (given.upBlockCount !== undefined && given.upBlockCount !== config.block_out_channels.length) {
-    throw new VaeConfigError(`config: up_block_types has ${given.upBlockCount} entries but block_out_channels has ${config.block_out_channels.length}`);
+    throw new VaeConfigError(
+      `config: up_block_types has ${given.upBlockCount} entries but block_out_channels has ${config.block_out_channels.length}`,
+    );
   }
   if (given.config.latent_size === undefined && given.sampleSize !== undefined) {
     const factor = 2 ** (config.block_out_channels.length - 1);

@@ -146,19 +146,37 @@ export class Graph {
   private binary(opType: string, a: Value, b: Value): Value {
     return this.op(opType, [a, b], { dtype: a.dtype, shape: broadcast(a.shape, b.shape, opType) });
   }
-  add(a: Value, b: Value): Value { return this.binary('Add', a, b); }
-  sub(a: Value, b: Value): Value { return this.binary('Sub', a, b); }
-  mul(a: Value, b: Value): Value { return this.binary('Mul', a, b); }
-  div(a: Value, b: Value): Value { return this.binary('Div', a, b); }
-  pow(a: Value, b: Value): Value { return this.binary('Pow', a, b); }
+  add(a: Value, b: Value): Value {
+    return this.binary('Add', a, b);
+  }
+  sub(a: Value, b: Value): Value {
+    return this.binary('Sub', a, b);
+  }
+  mul(a: Value, b: Value): Value {
+    return this.binary('Mul', a, b);
+  }
+  div(a: Value, b: Value): Value {
+    return this.binary('Div', a, b);
+  }
+  pow(a: Value, b: Value): Value {
+    return this.binary('Pow', a, b);
+  }
 
   unary(opType: string, x: Value, attrs: Record<string, AttrValue> = {}): Value {
     return this.op(opType, [x], { dtype: x.dtype, shape: x.shape }, attrs);
   }
-  sigmoid(x: Value): Value { return this.unary('Sigmoid', x); }
-  tanh(x: Value): Value { return this.unary('Tanh', x); }
-  silu(x: Value): Value { return this.mul(x, this.sigmoid(x)); }
-  softmax(x: Value, axis = -1): Value { return this.unary('Softmax', x, { axis }); }
+  sigmoid(x: Value): Value {
+    return this.unary('Sigmoid', x);
+  }
+  tanh(x: Value): Value {
+    return this.unary('Tanh', x);
+  }
+  silu(x: Value): Value {
+    return this.mul(x, this.sigmoid(x));
+  }
+  softmax(x: Value, axis = -1): Value {
+    return this.unary('Softmax', x, { axis });
+  }
 
   cast(x: Value, to: DType): Value {
     return this.op('Cast', [x], { dtype: to, shape: x.shape }, { to: ONNX_DTYPE[to] });
@@ -211,12 +229,7 @@ export class Graph {
     return this.op('Reshape', [y, this.constInt64([-1, ...inner, n], [shape.length], 'shape')], { dtype: x.dtype, shape });
   }
 
-  conv(
-    x: Value,
-    w: Value,
-    b: Value | null,
-    opts: { strides?: number[]; pads?: number[]; group?: number } = {},
-  ): Value {
+  conv(x: Value, w: Value, b: Value | null, opts: { strides?: number[]; pads?: number[]; group?: number } = {}): Value {
     const [n, , h, wd] = x.shape;
     const [cout, cinPerGroup, kh, kw] = w.shape as number[];
     const strides = opts.strides ?? [1, 1];

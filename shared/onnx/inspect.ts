@@ -34,7 +34,18 @@ export interface OnnxSummary {
 }
 
 /** TensorProto.DataType → the dtype names model.json uses. */
-const ELEM_TYPES: Record<number, string> = { 1: 'float32', 2: 'uint8', 3: 'int8', 5: 'int16', 6: 'int32', 7: 'int64', 9: 'bool', 10: 'float16', 11: 'float64', 16: 'bfloat16' };
+const ELEM_TYPES: Record<number, string> = {
+  1: 'float32',
+  2: 'uint8',
+  3: 'int8',
+  5: 'int16',
+  6: 'int32',
+  7: 'int64',
+  9: 'bool',
+  10: 'float16',
+  11: 'float64',
+  16: 'bfloat16',
+};
 
 const WIRE_VARINT = 0;
 const WIRE_I64 = 1;
@@ -169,7 +180,16 @@ export function inspectOnnx(path: string): OnnxSummary {
     const size = fstatSync(fd).size;
     const r = new FileReader(fd, size, path);
     if (size === 0) r.fail(0, 'the file is empty');
-    const out: OnnxSummary = { irVersion: 0, opsets: [], inputs: [], outputs: [], nodes: 0, initializers: 0, externalInitializers: 0, externalLocations: [] };
+    const out: OnnxSummary = {
+      irVersion: 0,
+      opsets: [],
+      inputs: [],
+      outputs: [],
+      nodes: 0,
+      initializers: 0,
+      externalInitializers: 0,
+      externalLocations: [],
+    };
     const locations = new Set<string>();
     let graphs = 0;
     for (const f of fields(r, 0, size)) {

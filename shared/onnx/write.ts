@@ -89,8 +89,7 @@ function toBytes(data: Float32Array | BigInt64Array | Uint16Array): Uint8Array {
 export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): WriteResult {
   const f16 = opts.weightDtype === 'float16';
   const threshold = opts.externalDataThresholdBytes ?? 256 * 1024 * 1024;
-  const elemBytes = (dtype: 'float32' | 'int64', castable: boolean): number =>
-    dtype === 'int64' ? 8 : f16 && castable ? 2 : 4;
+  const elemBytes = (dtype: 'float32' | 'int64', castable: boolean): number => (dtype === 'int64' ? 8 : f16 && castable ? 2 : 4);
   let weightBytes = 0;
   let params = 0;
   for (const init of graph.initializers) {
@@ -134,7 +133,11 @@ export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): 
       w.tag(8, LEN).string(storedName);
       if (external) {
         writeSync(dataFd, bytes, 0, bytes.length, offset);
-        for (const [k, v] of [['location', dataName], ['offset', String(offset)], ['length', String(bytes.length)]]) {
+        for (const [k, v] of [
+          ['location', dataName],
+          ['offset', String(offset)],
+          ['length', String(bytes.length)],
+        ]) {
           w.tag(13, LEN).fork().tag(1, LEN).string(k).tag(2, LEN).string(v).join();
         }
         w.tag(14, VARINT).int32(1); // data_location = EXTERNAL

@@ -52,7 +52,10 @@ port.on('message', (msg: WorkerRequest) => {
       }
       const ms = performance.now() - started;
       const pngs = msg.png ? encodePngs(outputs[msg.png.output]) : undefined;
-      const transfer = [...Object.values(outputs).map((t) => t.data.buffer as ArrayBuffer), ...(pngs ?? []).map((p) => p.buffer as ArrayBuffer)];
+      const transfer = [
+        ...Object.values(outputs).map((t) => t.data.buffer as ArrayBuffer),
+        ...(pngs ?? []).map((p) => p.buffer as ArrayBuffer),
+      ];
       port.postMessage({ kind: 'result', id: msg.id, outputs, ms, pngs } satisfies WorkerReply, transfer);
     } catch (err) {
       port.postMessage({ kind: 'error', id: msg.id, message: err instanceof Error ? err.message : String(err) } satisfies WorkerReply);

@@ -130,7 +130,10 @@ export class WorkerSession {
    * `crop`, the named output ([N, C, H, W] float images) is cropped on the worker; with `png`, the
    * named output (cropped first) is also encoded as PNGs there.
    */
-  run(feeds: Record<string, WireTensor>, opts: { crop?: { output: string; margins: ImageCrop }; png?: { output: string } } = {}): Promise<RunResult> {
+  run(
+    feeds: Record<string, WireTensor>,
+    opts: { crop?: { output: string; margins: ImageCrop }; png?: { output: string } } = {},
+  ): Promise<RunResult> {
     if (this.death) return Promise.reject(this.death);
     if (this.closed) return Promise.reject(new SessionError('session is closed'));
     const id = this.nextId++;

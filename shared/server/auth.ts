@@ -42,11 +42,16 @@ export class TokenSet {
       if (!line) return;
       const [token, ...scopes] = line.split(/\s+/);
       if (token.length < MIN_TOKEN_LENGTH) {
-        throw new InvalidArgumentError(`${source} line ${i + 1}: a token must have at least ${MIN_TOKEN_LENGTH} characters`, { field: 'tokens' });
+        throw new InvalidArgumentError(`${source} line ${i + 1}: a token must have at least ${MIN_TOKEN_LENGTH} characters`, {
+          field: 'tokens',
+        });
       }
       for (const s of scopes) {
         if (!/^[A-Za-z_][\w.]*(\/[A-Za-z_]\w*)?$/.test(s)) {
-          throw new InvalidArgumentError(`${source} line ${i + 1}: scope ${JSON.stringify(s)} is not package.Service or package.Service/Method`, { field: 'tokens' });
+          throw new InvalidArgumentError(
+            `${source} line ${i + 1}: scope ${JSON.stringify(s)} is not package.Service or package.Service/Method`,
+            { field: 'tokens' },
+          );
         }
       }
       entries.push({ digest: digest(token), scopes });
@@ -60,7 +65,10 @@ export class TokenSet {
     try {
       text = readFileSync(path, 'utf8');
     } catch (err) {
-      throw new InvalidArgumentError(`tokens file ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`, { field: 'tokens' });
+      throw new InvalidArgumentError(
+        `tokens file ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`,
+        { field: 'tokens' },
+      );
     }
     return TokenSet.parse(text, `tokens file ${path}`);
   }

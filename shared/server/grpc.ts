@@ -70,7 +70,11 @@ export function descriptorFileProtos(): Uint8Array[] {
 }
 
 /** The standard services a ditpipe gRPC server serves beside its own (reflection lists them). */
-export const STANDARD_SERVICES = ['grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection', 'grpc.reflection.v1alpha.ServerReflection'] as const;
+export const STANDARD_SERVICES = [
+  'grpc.health.v1.Health',
+  'grpc.reflection.v1.ServerReflection',
+  'grpc.reflection.v1alpha.ServerReflection',
+] as const;
 
 let standardFiles: Uint8Array[] | undefined;
 
@@ -83,7 +87,9 @@ function standardFileProtos(): Uint8Array[] {
   const require = createRequire(import.meta.url);
   const health = join(dirname(require.resolve('grpc-health-check/package.json')), 'proto');
   const reflection = join(dirname(require.resolve('@grpc/reflection/package.json')), 'build/proto');
-  const pkg = loadSync(['health/v1/health.proto', 'grpc/reflection/v1/reflection.proto', 'grpc/reflection/v1alpha/reflection.proto'], { includeDirs: [health, reflection] });
+  const pkg = loadSync(['health/v1/health.proto', 'grpc/reflection/v1/reflection.proto', 'grpc/reflection/v1alpha/reflection.proto'], {
+    includeDirs: [health, reflection],
+  });
   const seen = new Set<string>();
   standardFiles = [];
   for (const def of Object.values(pkg)) {
@@ -104,7 +110,10 @@ export interface GrpcTls {
 }
 
 /** Reads and checks TLS files (certificate parses, key matches it); errors name the flag. */
-export function loadGrpcTls(files: { certFile?: string; keyFile?: string; clientCaFile?: string }, flags = { cert: '--tls-cert', key: '--tls-key', clientCa: '--tls-client-ca' }): GrpcTls | null {
+export function loadGrpcTls(
+  files: { certFile?: string; keyFile?: string; clientCaFile?: string },
+  flags = { cert: '--tls-cert', key: '--tls-key', clientCa: '--tls-client-ca' },
+): GrpcTls | null {
   if (!files.certFile && !files.keyFile && !files.clientCaFile) return null;
   if (!files.certFile || !files.keyFile) {
     throw new InvalidArgumentError(`TLS needs both ${flags.cert} and ${flags.key}`, { field: files.certFile ? 'tls.key' : 'tls.cert' });
@@ -113,7 +122,10 @@ export function loadGrpcTls(files: { certFile?: string; keyFile?: string; client
     try {
       return readFileSync(path);
     } catch (err) {
-      throw new InvalidArgumentError(`${flag} ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`, { field });
+      throw new InvalidArgumentError(
+        `${flag} ${path}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`,
+        { field },
+      );
     }
   };
   const cert = read(files.certFile, flags.cert, 'tls.cert');
@@ -122,16 +134,22 @@ export function loadGrpcTls(files: { certFile?: string; keyFile?: string; client
   try {
     x509 = new X509Certificate(cert);
   } catch (err) {
-    throw new InvalidArgumentError(`${flags.cert} ${files.certFile}: not a PEM certificate (${(err as Error).message})`, { field: 'tls.cert' });
+    throw new InvalidArgumentError(`${flags.cert} ${files.certFile}: not a PEM certificate (${(err as Error).message})`, {
+      field: 'tls.cert',
+    });
   }
   let privateKey;
   try {
     privateKey = createPrivateKey(key);
   } catch (err) {
-    throw new InvalidArgumentError(`${flags.key} ${files.keyFile}: not a PEM private key (${(err as Error).message})`, { field: 'tls.key' });
+    throw new InvalidArgumentError(`${flags.key} ${files.keyFile}: not a PEM private key (${(err as Error).message})`, {
+      field: 'tls.key',
+    });
   }
   if (!x509.checkPrivateKey(privateKey)) {
-    throw new InvalidArgumentError(`${flags.key} ${files.keyFile} is not the key of the certificate in ${files.certFile}`, { field: 'tls.key' });
+    throw new InvalidArgumentError(`${flags.key} ${files.keyFile} is not the key of the certificate in ${files.certFile}`, {
+      field: 'tls.key',
+    });
   }
   const tls: GrpcTls = { cert, key };
   if (files.clientCaFile) {
@@ -139,7 +157,9 @@ export function loadGrpcTls(files: { certFile?: string; keyFile?: string; client
     try {
       new X509Certificate(ca);
     } catch (err) {
-      throw new InvalidArgumentError(`${flags.clientCa} ${files.clientCaFile}: not a PEM certificate (${(err as Error).message})`, { field: 'tls.clientCa' });
+      throw new InvalidArgumentError(`${flags.clientCa} ${files.clientCaFile}: not a PEM certificate (${(err as Error).message})`, {
+        field: 'tls.clientCa',
+      });
     }
     tls.clientCa = ca;
   }
@@ -191,7 +211,9 @@ class UndecodableRequest {
 
 function decodeFailure(err: unknown, what: string): UndecodableRequest {
   if (err instanceof DitpipeError) return new UndecodableRequest(err);
-  return new UndecodableRequest(new InvalidArgumentError(`request is not a valid ${what}: ${truncate((err as Error)?.message ?? String(err), 200)}`));
+  return new UndecodableRequest(
+    new InvalidArgumentError(`request is not a valid ${what}: ${truncate((err as Error)?.message ?? String(err), 200)}`),
+  );
 }
 
 /** The definition and implementation with decoding that never throws (grpc-js would answer INTERNAL). */
@@ -288,7 +310,9 @@ export class GrpcServer {
   addService(spec: GrpcServiceSpec): void {
     if (this.api || this.healthServer) throw new Error(`cannot add ${spec.fullName}: the gRPC server is already listening`);
     if (!/^[A-Za-z_][\w.]*$/.test(spec.fullName)) {
-      throw new InvalidArgumentError(`service name must be fully qualified like ditpipe.v1.Sampler, got ${JSON.stringify(spec.fullName)}`, { field: 'fullName' });
+      throw new InvalidArgumentError(`service name must be fully qualified like ditpipe.v1.Sampler, got ${JSON.stringify(spec.fullName)}`, {
+        field: 'fullName',
+      });
     }
     this.specs.push(spec);
     this.health.setStatus(spec.fullName, 'SERVING');
@@ -350,7 +374,10 @@ export class GrpcServer {
       if ((o.reflection ?? 'on') !== 'off') {
         // @grpc/reflection only reads `fileDescriptorProtos` from the package definition's entries.
         // It lists every service this server serves: its own plus health and reflection.
-        const pkg = { ditpipe: { fileDescriptorProtos: descriptorFileProtos() }, standard: { fileDescriptorProtos: standardFileProtos() } } as unknown as PackageDefinition;
+        const pkg = {
+          ditpipe: { fileDescriptorProtos: descriptorFileProtos() },
+          standard: { fileDescriptorProtos: standardFileProtos() },
+        } as unknown as PackageDefinition;
         new ReflectionService(pkg, { services: [...this.specs.map((s) => s.fullName), ...STANDARD_SERVICES] }).addToServer(server);
       }
       const creds = o.tls
@@ -395,7 +422,12 @@ export class GrpcServer {
                 return;
               }
               const code = codeName(verdict.code);
-              this.refused.event('warn', `${code}|${path}`, { code, method: path, peer: call.getPeer() }, `refused a call to ${path}: ${code} (${verdict.details})`);
+              this.refused.event(
+                'warn',
+                `${code}|${path}`,
+                { code, method: path, peer: call.getPeer() },
+                `refused a call to ${path}: ${code} (${verdict.details})`,
+              );
               call.sendStatus({ code: verdict.code, details: verdict.details });
             },
           }),

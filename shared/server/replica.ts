@@ -58,7 +58,12 @@ export async function mountReplica<D extends ServiceDefinition>(transport: Trans
     onError: (err, method) => {
       const e = toDitpipeError(err);
       const code = codeName(e.code);
-      events.event('warn', `${method}|${code}`, { method, code, err: e.message }, `${spec.definition.name}.${method}: ${e.message} (no caller to answer)`);
+      events.event(
+        'warn',
+        `${method}|${code}`,
+        { method, code, err: e.message },
+        `${spec.definition.name}.${method}: ${e.message} (no caller to answer)`,
+      );
     },
   });
   const grpc = spec.grpc ?? null;

@@ -20,7 +20,14 @@
 // maxDeliver deliveries), and a closed connection's unacknowledged messages redelivered after
 // their ack wait, as a dead process's would be. Serving, clients, retries, work queues and error
 // encoding are the shared code in rpc.ts and work.ts.
-import { DeadlineExceededError, InvalidArgumentError, NoQueueError, PayloadTooLargeError, ResourceExhaustedError, UnavailableError } from '../errors.ts';
+import {
+  DeadlineExceededError,
+  InvalidArgumentError,
+  NoQueueError,
+  PayloadTooLargeError,
+  ResourceExhaustedError,
+  UnavailableError,
+} from '../errors.ts';
 import {
   type Bus,
   type BusMessage,
@@ -280,8 +287,10 @@ export class InProcBus {
     }
     if (s.ids.has(id)) return;
     const size = msg.data.length + headerBytes(msg.headers);
-    if (s.messages.size + 1 > s.settings.maxMessages) throw new ResourceExhaustedError(`work queue for ${spec.subject} is full (maximum messages exceeded); retry later`);
-    if (s.bytes + size > s.settings.maxBytes) throw new ResourceExhaustedError(`work queue for ${spec.subject} is full (maximum bytes exceeded); retry later`);
+    if (s.messages.size + 1 > s.settings.maxMessages)
+      throw new ResourceExhaustedError(`work queue for ${spec.subject} is full (maximum messages exceeded); retry later`);
+    if (s.bytes + size > s.settings.maxBytes)
+      throw new ResourceExhaustedError(`work queue for ${spec.subject} is full (maximum bytes exceeded); retry later`);
     const seq = ++s.seq;
     const m = copy(msg);
     s.messages.set(seq, { seq, data: m.data, headers: m.headers, storedAt: now, deliveries: 0 });
@@ -502,11 +511,14 @@ export class InProcBus {
             reject(err);
           };
           // Like NATS's timer strategy, but ends early once every recipient answered.
-          const timer = setTimeout(() => {
-            if (done) return;
-            finish();
-            resolve(out);
-          }, Math.max(1, Math.ceil(waitMs)));
+          const timer = setTimeout(
+            () => {
+              if (done) return;
+              finish();
+              resolve(out);
+            },
+            Math.max(1, Math.ceil(waitMs)),
+          );
           member.waiting.add(fail);
           for (const s of targets) {
             let answered = false;

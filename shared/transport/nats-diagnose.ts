@@ -75,14 +75,23 @@ export async function diagnoseConnectError(err: unknown, ctx: ConnectContext): P
     return new UnauthenticatedError(`NATS at ${ctx.where} refused the credentials: ${msg}`, { cause: err });
   }
   if (/does not support 'tls'/.test(msg)) {
-    return new FailedPreconditionError(`NATS at ${ctx.where} does not use TLS, but TLS is configured (--nats-tls-ca/--nats-tls-cert/--nats-tls-key): drop them or enable TLS on the server`, { cause: err });
+    return new FailedPreconditionError(
+      `NATS at ${ctx.where} does not use TLS, but TLS is configured (--nats-tls-ca/--nats-tls-cert/--nats-tls-key): drop them or enable TLS on the server`,
+      { cause: err },
+    );
   }
   if (/CERTIFICATE_REQUIRED/i.test(code) || /certificate required/i.test(msg)) {
-    return new FailedPreconditionError(`NATS at ${ctx.where} requires a client certificate (mutual TLS): give --nats-tls-cert and --nats-tls-key (NATS_TLS_CERT, NATS_TLS_KEY)`, { cause: err });
+    return new FailedPreconditionError(
+      `NATS at ${ctx.where} requires a client certificate (mutual TLS): give --nats-tls-cert and --nats-tls-key (NATS_TLS_CERT, NATS_TLS_KEY)`,
+      { cause: err },
+    );
   }
   if (TLS_ERROR.test(msg) || /^ERR_TLS|^ERR_SSL|CERT|_SIGNATURE$|ISSUER/.test(code)) {
     if (/altname|hostname|Host: /i.test(msg) || code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
-      return new FailedPreconditionError(`TLS to NATS at ${ctx.where} failed: the server's certificate does not name the host in the URL (${msg})`, { cause: err });
+      return new FailedPreconditionError(
+        `TLS to NATS at ${ctx.where} failed: the server's certificate does not name the host in the URL (${msg})`,
+        { cause: err },
+      );
     }
     if (!ctx.tls?.caFile) {
       return new FailedPreconditionError(
@@ -90,14 +99,20 @@ export async function diagnoseConnectError(err: unknown, ctx: ConnectContext): P
         { cause: err },
       );
     }
-    return new FailedPreconditionError(`TLS to NATS at ${ctx.where} failed: ${msg} (is the server's certificate signed by the CA in ${ctx.tls.caFile}?)`, { cause: err });
+    return new FailedPreconditionError(
+      `TLS to NATS at ${ctx.where} failed: ${msg} (is the server's certificate signed by the CA in ${ctx.tls.caFile}?)`,
+      { cause: err },
+    );
   }
   // A server that wants a client certificate it did not get (or did not accept) drops the
   // handshake without a word; its INFO line tells.
   if (ctx.tls && /timeout|timed out/i.test(`${e?.name} ${msg}`)) {
     const info = await probeNatsInfo(ctx.first);
     if (info?.tls_verify && !ctx.tls.certFile) {
-      return new FailedPreconditionError(`NATS at ${ctx.where} requires a client certificate (mutual TLS): give --nats-tls-cert and --nats-tls-key (NATS_TLS_CERT, NATS_TLS_KEY)`, { cause: err });
+      return new FailedPreconditionError(
+        `NATS at ${ctx.where} requires a client certificate (mutual TLS): give --nats-tls-cert and --nats-tls-key (NATS_TLS_CERT, NATS_TLS_KEY)`,
+        { cause: err },
+      );
     }
     if (info?.tls_verify) {
       return new FailedPreconditionError(

@@ -132,10 +132,16 @@ export function natsAuthorization(users: NatsUser[], prefix = DEFAULT_PREFIX): s
 }
 
 /** A permission violation the server reported, in words that say what to fix. */
-export function permissionDenied(err: { operation: string; subject: string; message: string }, service: string | undefined): PermissionDeniedError {
+export function permissionDenied(
+  err: { operation: string; subject: string; message: string },
+  service: string | undefined,
+): PermissionDeniedError {
   const op = err.operation === 'publish' ? 'publish' : 'subscription';
   const fix = service
     ? `this connection is the ${service}'s, and the ${service}'s permissions do not allow it; check that this process has the ${service}'s credential`
     : "this credential's permissions do not allow it; check that each service has its own credential";
-  return new PermissionDeniedError(`NATS permission denied for ${op} on ${err.subject}: ${fix} (permissions: shared/transport/nats-permissions.ts)`, { cause: err });
+  return new PermissionDeniedError(
+    `NATS permission denied for ${op} on ${err.subject}: ${fix} (permissions: shared/transport/nats-permissions.ts)`,
+    { cause: err },
+  );
 }

@@ -138,16 +138,16 @@ export interface NatsConnectOptions {
  * mismatch, explained) or UnavailableError (nothing reachable in time), each naming the URL.
  */
 export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnection> {
-  const servers = (Array.isArray(opts.servers) ? opts.servers : opts.servers.split(','))
-    .map((s) => s.trim())
-    .filter((s) => s.length > 0);
+  const servers = (Array.isArray(opts.servers) ? opts.servers : opts.servers.split(',')).map((s) => s.trim()).filter((s) => s.length > 0);
   if (servers.length === 0) throw new InvalidArgumentError('nats servers: at least one server URL is required', { field: 'servers' });
   if ((opts.user === undefined) !== (opts.password === undefined)) {
     throw new InvalidArgumentError('nats user and password must be given together', {
       field: opts.user === undefined ? 'user' : 'password',
     });
   }
-  const methods = [opts.user !== undefined, opts.token !== undefined, opts.credsFile !== undefined, opts.nkeyFile !== undefined].filter(Boolean).length;
+  const methods = [opts.user !== undefined, opts.token !== undefined, opts.credsFile !== undefined, opts.nkeyFile !== undefined].filter(
+    Boolean,
+  ).length;
   if (methods > 1) {
     throw new InvalidArgumentError('nats authentication: give only one of user/password, token, credsFile or nkeyFile', {
       field: opts.nkeyFile !== undefined ? 'nkeyFile' : 'credsFile',
@@ -194,7 +194,10 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
   for (let attempt = 1; ; attempt++) {
     try {
       const perAttempt = options.timeout ?? 5_000;
-      const nc = await connect({ ...options, timeout: waitMs > 0 ? Math.max(250, Math.min(perAttempt, deadline - Date.now())) : perAttempt });
+      const nc = await connect({
+        ...options,
+        timeout: waitMs > 0 ? Math.max(250, Math.min(perAttempt, deadline - Date.now())) : perAttempt,
+      });
       if (opts.service !== undefined) services.set(nc, opts.service);
       return nc;
     } catch (err) {
@@ -204,7 +207,10 @@ export async function connectNats(opts: NatsConnectOptions): Promise<NatsConnect
       if (Date.now() + pause >= deadline) {
         const reason = (err as Error).message || String(err);
         const tried = waitMs > 0 ? ` within ${Math.round(waitMs / 1000)} s (${attempt} attempts)` : '';
-        throw new UnavailableError(`cannot connect to NATS at ${where}${tried}: ${reason}; is a nats-server running there and reachable from here?`, { cause: err });
+        throw new UnavailableError(
+          `cannot connect to NATS at ${where}${tried}: ${reason}; is a nats-server running there and reachable from here?`,
+          { cause: err },
+        );
       }
       await new Promise((r) => setTimeout(r, pause));
     }
@@ -224,9 +230,12 @@ async function readSeedFile(file: string): Promise<Uint8Array> {
   }
   const seed = text.trim();
   if (!/^SU[A-Z2-7]{56}$/.test(seed)) {
-    throw new InvalidArgumentError(`nats nkeyFile ${file} does not hold a user nkey seed (one line starting with SU, 58 characters; make one with \`ditpipe nats-config --nkeys <dir>\` or \`nk -gen user\`)`, {
-      field: 'nkeyFile',
-    });
+    throw new InvalidArgumentError(
+      `nats nkeyFile ${file} does not hold a user nkey seed (one line starting with SU, 58 characters; make one with \`ditpipe nats-config --nkeys <dir>\` or \`nk -gen user\`)`,
+      {
+        field: 'nkeyFile',
+      },
+    );
   }
   return new TextEncoder().encode(seed);
 }
@@ -624,7 +633,8 @@ export class NatsBus implements Bus {
       return { pending: info.num_pending, ackPending: info.num_ack_pending, waitingPulls: info.num_waiting };
     } catch (err) {
       if (err instanceof JetStreamApiError && err.status === 404) {
-        const who = this.service === 'denoiser' || this.service === 'decoder' ? ' yet (the scheduler creates it when it first sends work)' : '';
+        const who =
+          this.service === 'denoiser' || this.service === 'decoder' ? ' yet (the scheduler creates it when it first sends work)' : '';
         throw new NoQueueError(`work queue ${spec.stream} does not exist on the NATS server${who}`, { cause: err });
       }
       throw mapRequestError(err, `$JS.API (${spec.stream})`, 0, this.service);

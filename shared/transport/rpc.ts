@@ -31,7 +31,18 @@ import {
   UnavailableError,
   UnimplementedError,
 } from '../errors.ts';
-import { type Bus, type BusMessage, type BusSubscription, H_FIELD, H_KIND, H_MESSAGE, H_STATUS, H_TIMEOUT, type Headers, headerBytes } from './bus.ts';
+import {
+  type Bus,
+  type BusMessage,
+  type BusSubscription,
+  H_FIELD,
+  H_KIND,
+  H_MESSAGE,
+  H_STATUS,
+  H_TIMEOUT,
+  type Headers,
+  headerBytes,
+} from './bus.ts';
 import type {
   CallContext,
   CallOptions,
@@ -238,7 +249,8 @@ export async function serveOnBus<D extends ServiceDefinition>(
   }
   for (const key of Object.keys(opts.drivers ?? {})) {
     const m = definition.methods[key];
-    if (!m || !isWorkMethod(m)) throw new InvalidArgumentError(`drivers: ${definition.name}.${key} is not a work (IDEMPOTENT) method`, { field: 'drivers' });
+    if (!m || !isWorkMethod(m))
+      throw new InvalidArgumentError(`drivers: ${definition.name}.${key} is not a work (IDEMPOTENT) method`, { field: 'drivers' });
   }
 
   const active = new Set<Active>();
@@ -288,10 +300,10 @@ export async function serveOnBus<D extends ServiceDefinition>(
       const data = method.responseType.encode(response).finish();
       const limit = Math.min(serverLimit, bus.maxPayload());
       if (data.length > limit) {
-        throw new PayloadTooLargeError(
-          `${what} reply is ${data.length} bytes, over the payload limit of ${limit} bytes`,
-          { size: data.length, limit },
-        );
+        throw new PayloadTooLargeError(`${what} reply is ${data.length} bytes, over the payload limit of ${limit} bytes`, {
+          size: data.length,
+          limit,
+        });
       }
       entry.answer({ data, headers: {} });
     };
@@ -330,13 +342,20 @@ export async function serveOnBus<D extends ServiceDefinition>(
             for (const r of w) r();
           }
         };
-        const work = new WorkServer(bus, method, queueSpec(subject, definition, opts, settings), definition, driver ? async (req, ctx) => fn.call(impl, req, ctx) : call, {
-          instance,
-          stuckGraceMs,
-          maxPayload: serverLimit,
-          onError: opts.onError,
-          onWorkEvent: opts.onWorkEvent,
-        });
+        const work = new WorkServer(
+          bus,
+          method,
+          queueSpec(subject, definition, opts, settings),
+          definition,
+          driver ? async (req, ctx) => fn.call(impl, req, ctx) : call,
+          {
+            instance,
+            stuckGraceMs,
+            maxPayload: serverLimit,
+            onError: opts.onError,
+            onWorkEvent: opts.onWorkEvent,
+          },
+        );
         await work.start();
         works.push(work);
         queues[key] = work.queue;

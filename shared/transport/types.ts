@@ -131,10 +131,7 @@ export interface CollectOptions {
 
 /** Typed client: one promise method per unary method, plus `collect()` for NO_SIDE_EFFECTS methods. */
 export type RpcClient<D extends ServiceDefinition> = {
-  readonly [K in UnaryMethodKey<D>]: (
-    request: RequestOf<D['methods'][K]>,
-    opts?: CallOptions,
-  ) => Promise<ResponseOf<D['methods'][K]>>;
+  readonly [K in UnaryMethodKey<D>]: (request: RequestOf<D['methods'][K]>, opts?: CallOptions) => Promise<ResponseOf<D['methods'][K]>>;
 } & {
   /** Calls a NO_SIDE_EFFECTS method on every replica; resolves with the replies that came within waitMs. */
   collect<K extends CollectableMethodKey<D>>(
@@ -237,8 +234,7 @@ export interface ServeOptions extends SubjectOptions {
 }
 
 export type WorkEvent =
-  | { kind: 'redelivered'; method: string; calls: number }
-  | { kind: 'dropped'; method: string; reason: DropReason; calls: number };
+  { kind: 'redelivered'; method: string; calls: number } | { kind: 'dropped'; method: string; reason: DropReason; calls: number };
 
 /** Why a replica gave back work it had taken without computing it. */
 export const DROP_REASONS = ['cancelled', 'deadline', 'stopping'] as const;
@@ -266,8 +262,7 @@ export const DISCARD_REASONS = ['duplicate', 'late'] as const;
 export type DiscardReason = (typeof DISCARD_REASONS)[number];
 
 export type ClientWorkEvent =
-  | { kind: 'discarded'; method: string; reason: DiscardReason }
-  | { kind: 'resent'; method: string; messages: number };
+  { kind: 'discarded'; method: string; reason: DiscardReason } | { kind: 'resent'; method: string; messages: number };
 
 /** A service mounted on a transport. */
 export interface RpcServer {

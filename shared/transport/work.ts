@@ -47,7 +47,17 @@ import {
   UnavailableError,
 } from '../errors.ts';
 import { WorkBatch, WorkCancel, type WorkResult, WorkResults } from '../gen/ditpipe/v1/work.ts';
-import { type Bus, type BusMessage, type BusSubscription, H_REPLY, H_TIMEOUT, type Headers, type Puller, type QueuedMessage, type QueueSpec } from './bus.ts';
+import {
+  type Bus,
+  type BusMessage,
+  type BusSubscription,
+  H_REPLY,
+  H_TIMEOUT,
+  type Headers,
+  type Puller,
+  type QueuedMessage,
+  type QueueSpec,
+} from './bus.ts';
 import type {
   CallContext,
   CallOptions,
@@ -138,14 +148,19 @@ export function queueSettings(partial: Partial<QueueSettings> = {}): QueueSettin
     const limits = SETTING_LIMITS[key];
     if (!limits) throw new InvalidArgumentError(`unknown queue setting ${key}`, { field: key });
     if (!(Number.isInteger(value) && value >= limits[0] && value <= limits[1])) {
-      throw new InvalidArgumentError(`queue setting ${key} must be an integer within ${limits[0]}..${limits[1]}, got ${String(value)}`, { field: key });
+      throw new InvalidArgumentError(`queue setting ${key} must be an integer within ${limits[0]}..${limits[1]}, got ${String(value)}`, {
+        field: key,
+      });
     }
     out[key] = value;
   }
   if (out.duplicateWindowMs > out.maxAgeMs) {
-    throw new InvalidArgumentError(`queue setting duplicateWindowMs (${out.duplicateWindowMs}) must not exceed maxAgeMs (${out.maxAgeMs})`, {
-      field: 'duplicateWindowMs',
-    });
+    throw new InvalidArgumentError(
+      `queue setting duplicateWindowMs (${out.duplicateWindowMs}) must not exceed maxAgeMs (${out.maxAgeMs})`,
+      {
+        field: 'duplicateWindowMs',
+      },
+    );
   }
   return out;
 }
@@ -271,7 +286,12 @@ export class WorkClient {
     // Unless asked, a call travels alone: a message goes to one replica, so packing calls together
     // would hand one replica work that idle replicas could have shared.
     const maxBatchCost = callOpts.maxBatchCost ?? cost;
-    for (const [field, v] of [['timeoutMs', timeoutMs], ['attemptTimeoutMs', attemptMs], ['cost', cost], ['maxBatchCost', maxBatchCost]] as const) {
+    for (const [field, v] of [
+      ['timeoutMs', timeoutMs],
+      ['attemptTimeoutMs', attemptMs],
+      ['cost', cost],
+      ['maxBatchCost', maxBatchCost],
+    ] as const) {
       if (!(typeof v === 'number' && v > 0)) {
         return Promise.reject(new InvalidArgumentError(`${field} must be a positive number, got ${String(v)}`, { field }));
       }
@@ -281,7 +301,13 @@ export class WorkClient {
     // WorkItem { id = 1; deadline_ms = 2; request = 3 }, the request encoded in place.
     let item: Uint8Array;
     try {
-      scratch.uint32(8).uint64(id).uint32(16).int64(BigInt(Math.ceil(deadline))).uint32(26).fork();
+      scratch
+        .uint32(8)
+        .uint64(id)
+        .uint32(16)
+        .int64(BigInt(Math.ceil(deadline)))
+        .uint32(26)
+        .fork();
       this.method.requestType.encode(request, scratch);
       item = scratch.join().finish();
     } catch (err) {
@@ -291,15 +317,34 @@ export class WorkClient {
     const limit = this.payloadLimit();
     if (item.length + 8 > limit) {
       return Promise.reject(
-        new PayloadTooLargeError(`${this.what} request is ${item.length} bytes, over the payload limit of ${limit} bytes (after the work headers); not sent`, {
-          size: item.length,
-          limit,
-        }),
+        new PayloadTooLargeError(
+          `${this.what} request is ${item.length} bytes, over the payload limit of ${limit} bytes (after the work headers); not sent`,
+          {
+            size: item.length,
+            limit,
+          },
+        ),
       );
     }
     return new Promise((resolve, reject) => {
-      const w: Waiting = { id, item, cost, maxBatchCost, attemptMs, resolve, reject, timer: undefined, signal: callOpts.signal, onAbort: undefined, batch: undefined };
-      w.timer = setTimeout(() => this.giveUp(w, new DeadlineExceededError(`${this.what} on ${this.spec.subject}: no answer within ${Math.round(timeoutMs)} ms`)), timeoutMs);
+      const w: Waiting = {
+        id,
+        item,
+        cost,
+        maxBatchCost,
+        attemptMs,
+        resolve,
+        reject,
+        timer: undefined,
+        signal: callOpts.signal,
+        onAbort: undefined,
+        batch: undefined,
+      };
+      w.timer = setTimeout(
+        () =>
+          this.giveUp(w, new DeadlineExceededError(`${this.what} on ${this.spec.subject}: no answer within ${Math.round(timeoutMs)} ms`)),
+        timeoutMs,
+      );
       if (w.signal) {
         const signal = w.signal;
         w.onAbort = () => this.giveUp(w, cancelled(signal, this.what));
@@ -337,7 +382,10 @@ export class WorkClient {
     this.cancels = [];
     if (cancels.length > 0 && this.reply !== undefined && this.bus.connected) {
       try {
-        this.bus.publish(cancelSubject(this.spec.subject), { data: WorkCancel.encode({ reply: this.reply, ids: cancels }, scratch).finish(), headers: {} });
+        this.bus.publish(cancelSubject(this.spec.subject), {
+          data: WorkCancel.encode({ reply: this.reply, ids: cancels }, scratch).finish(),
+          headers: {},
+        });
       } catch {
         // A cancel notice only saves work; the answers, if any, are dropped here anyway.
       }
@@ -370,7 +418,8 @@ export class WorkClient {
             this.retryLater();
             return;
           }
-          for (const w of [...this.staged, ...[...this.waiting.values()].filter((x) => x.batch && this.unsent.has(x.batch))]) this.settle(w, e);
+          for (const w of [...this.staged, ...[...this.waiting.values()].filter((x) => x.batch && this.unsent.has(x.batch))])
+            this.settle(w, e);
           this.staged = [];
           this.unsent.clear();
           return;
@@ -546,7 +595,8 @@ export class WorkClient {
   close(): void {
     this.unlisten();
     clearTimeout(this.retryTimer);
-    for (const w of [...this.waiting.values()]) this.settle(w, new UnavailableError(`${this.what}: connection closed before an answer came`));
+    for (const w of [...this.waiting.values()])
+      this.settle(w, new UnavailableError(`${this.what}: connection closed before an answer came`));
   }
 }
 
@@ -740,7 +790,10 @@ export class WorkServer implements WorkSource {
     } catch (err) {
       // Nobody to answer: drop it rather than have every replica choke on it in turn.
       m.ack();
-      this.opts.onError?.(new InvalidArgumentError(`malformed ${this.what} work message dropped: ${(err as Error).message}`), this.method.name);
+      this.opts.onError?.(
+        new InvalidArgumentError(`malformed ${this.what} work message dropped: ${(err as Error).message}`),
+        this.method.name,
+      );
       return;
     }
     const attempt = Number(m.headers[H_TIMEOUT]);
@@ -759,7 +812,8 @@ export class WorkServer implements WorkSource {
     const started: Array<() => void> = [];
     for (const item of batch.items) {
       // No deadline, or one further away than a timer can hold (about 24.8 days): none.
-      const deadline = item.deadlineMs > 0n && Number(item.deadlineMs) - now <= MAX_TIMER_MS ? Number(item.deadlineMs) : Number.POSITIVE_INFINITY;
+      const deadline =
+        item.deadlineMs > 0n && Number(item.deadlineMs) - now <= MAX_TIMER_MS ? Number(item.deadlineMs) : Number.POSITIVE_INFINITY;
       if (this.cancelledIds.has(`${reply} ${item.id}`)) {
         dropped.cancelled++;
         continue;
@@ -799,8 +853,10 @@ export class WorkServer implements WorkSource {
         );
       });
     }
-    if (dropped.cancelled > 0) this.opts.onWorkEvent?.({ kind: 'dropped', method: this.method.name, reason: 'cancelled', calls: dropped.cancelled });
-    if (dropped.deadline > 0) this.opts.onWorkEvent?.({ kind: 'dropped', method: this.method.name, reason: 'deadline', calls: dropped.deadline });
+    if (dropped.cancelled > 0)
+      this.opts.onWorkEvent?.({ kind: 'dropped', method: this.method.name, reason: 'cancelled', calls: dropped.cancelled });
+    if (dropped.deadline > 0)
+      this.opts.onWorkEvent?.({ kind: 'dropped', method: this.method.name, reason: 'deadline', calls: dropped.deadline });
     this.held.add(held);
     // Handlers run synchronously here, so the driver sees the work queued when take() returns.
     for (const run of started) run();
@@ -840,7 +896,15 @@ export class WorkServer implements WorkSource {
     }
     if (err !== undefined) {
       const e = toDitpipeError(err);
-      result = { id, code: e.code, response: new Uint8Array(0), message: truncate(e.message, MAX_STATUS_MESSAGE), kind: e.kind, field: errorField(e) ?? '', instance: this.opts.instance };
+      result = {
+        id,
+        code: e.code,
+        response: new Uint8Array(0),
+        message: truncate(e.message, MAX_STATUS_MESSAGE),
+        kind: e.kind,
+        field: errorField(e) ?? '',
+        instance: this.opts.instance,
+      };
     }
     const list = this.answers.get(held.reply);
     if (list) list.push(result!);
@@ -979,7 +1043,11 @@ export class WorkServer implements WorkSource {
 }
 
 /** Pulls for a work method whose service has no driver of its own: keeps `concurrency` calls in flight. */
-export function runSimpleDriver(source: WorkSource, concurrency: number, track: { inFlight: () => number; settled: () => Promise<void> }): void {
+export function runSimpleDriver(
+  source: WorkSource,
+  concurrency: number,
+  track: { inFlight: () => number; settled: () => Promise<void> },
+): void {
   const idleWaitMs = 1_000;
   void (async () => {
     while (!source.closed) {

@@ -27,10 +27,14 @@ export function openWeights(path: string, opts?: TorchOpenOptions): WeightFile {
   // A safetensors file may start with 0x80 too (a header length of 128 mod 256), so its '{' at
   // byte 8 is checked first. Pre-1.6 torch.save wrote a bare pickle stream (0x80, protocol).
   const jsonHeader = n === 9 && head[8] === 0x7b;
-  if (!jsonHeader && n >= 2 && head[0] === 0x80 && head[1] <= 5) throw new WeightsError(`${path}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with torch >= 1.6 or convert to safetensors`);
+  if (!jsonHeader && n >= 2 && head[0] === 0x80 && head[1] <= 5)
+    throw new WeightsError(
+      `${path}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with torch >= 1.6 or convert to safetensors`,
+    );
   if (n < 8) throw new WeightsError(`${path}: file too short (${n} bytes) to be safetensors or a torch checkpoint`);
   // A safetensors header is a JSON object, so byte 8 is '{'.
-  if (n === 9 && head[8] !== 0x7b) throw new WeightsError(`${path}: neither safetensors (no JSON header after the 8-byte length) nor a torch.save zip checkpoint`);
+  if (n === 9 && head[8] !== 0x7b)
+    throw new WeightsError(`${path}: neither safetensors (no JSON header after the 8-byte length) nor a torch.save zip checkpoint`);
   return openSafetensors(path);
 }
 

@@ -33,18 +33,7 @@ export interface PyRecord {
 }
 
 export type PyValue =
-  | null
-  | boolean
-  | number
-  | bigint
-  | string
-  | Uint8Array
-  | PyValue[]
-  | Map<PyValue, PyValue>
-  | PyGlobal
-  | StorageRef
-  | TensorRef
-  | PyRecord;
+  null | boolean | number | bigint | string | Uint8Array | PyValue[] | Map<PyValue, PyValue> | PyGlobal | StorageRef | TensorRef | PyRecord;
 
 const STORAGE_DTYPES: Readonly<Record<string, WeightDType>> = {
   FloatStorage: 'F32',
@@ -77,7 +66,12 @@ const MARK = Symbol('mark');
 type StackItem = PyValue | typeof MARK;
 
 function isGlobal(v: unknown, qual?: string): v is PyGlobal {
-  return typeof v === 'object' && v !== null && (v as { kind?: unknown }).kind === 'global' && (qual === undefined || `${(v as PyGlobal).module} ${(v as PyGlobal).name}` === qual);
+  return (
+    typeof v === 'object' &&
+    v !== null &&
+    (v as { kind?: unknown }).kind === 'global' &&
+    (qual === undefined || `${(v as PyGlobal).module} ${(v as PyGlobal).name}` === qual)
+  );
 }
 
 export function isTensorRef(v: unknown): v is TensorRef {
@@ -137,7 +131,8 @@ function callGlobal(fn: PyValue, args: PyValue): PyValue {
       if (!isStorageRef(storage)) throw new WeightsError(`${fn.name}: first argument must be a storage, got ${describe(storage)}`);
       const shape = intList(size, `${fn.name} size`);
       const strides = intList(stride, `${fn.name} stride`);
-      if (shape.length !== strides.length) throw new WeightsError(`${fn.name}: size has ${shape.length} dims but stride has ${strides.length}`);
+      if (shape.length !== strides.length)
+        throw new WeightsError(`${fn.name}: size has ${shape.length} dims but stride has ${strides.length}`);
       return { kind: 'tensor', storage, offset: toInt(offset, `${fn.name} storage_offset`), shape, stride: strides };
     }
     case 'torch._utils _rebuild_parameter':
@@ -162,7 +157,8 @@ function persistentLoad(pid: PyValue): StorageRef {
     throw new UnsafePickleError(`persistent id ${describe(pid)} is not ('storage', type, key, location, numel); refused`);
   }
   const [, type, key, location, numel] = pid;
-  if (!isGlobal(type) || type.module !== 'torch' || !(type.name in STORAGE_DTYPES)) throw new WeightsError(`storage type ${describe(type)} is not supported`);
+  if (!isGlobal(type) || type.module !== 'torch' || !(type.name in STORAGE_DTYPES))
+    throw new WeightsError(`storage type ${describe(type)} is not supported`);
   if (typeof key !== 'string' || !/^[A-Za-z0-9_.-]+$/.test(key)) throw new WeightsError(`storage key ${describe(key)} is not a plain name`);
   if (typeof location !== 'string') throw new WeightsError(`storage '${key}' location must be a string`);
   return { kind: 'storage', key, dtype: STORAGE_DTYPES[type.name], numel: toInt(numel, `storage '${key}' numel`), location };
@@ -221,7 +217,10 @@ export function unpickle(data: Uint8Array, where: string): PyValue {
   };
   const global = (module: string, name: string): PyGlobal => {
     const q = `${module} ${name}`;
-    if (!ALLOWED_GLOBALS.has(q)) throw new UnsafePickleError(`${where}: refusing pickle global '${module}.${name}' (only tensor rebuild functions, storages and OrderedDict are allowed); nothing was executed`);
+    if (!ALLOWED_GLOBALS.has(q))
+      throw new UnsafePickleError(
+        `${where}: refusing pickle global '${module}.${name}' (only tensor rebuild functions, storages and OrderedDict are allowed); nothing was executed`,
+      );
     return { kind: 'global', module, name };
   };
   const decodeLong = (b: Uint8Array): number | bigint => {

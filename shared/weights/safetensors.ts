@@ -36,9 +36,13 @@ export class SafetensorsFile implements WeightFile {
       const lenBuf = new Uint8Array(8);
       readFully(this.fd, lenBuf, 0, 'header length');
       const headerLen = new DataView(lenBuf.buffer).getBigUint64(0, true);
-      if (headerLen > BigInt(MAX_HEADER_BYTES)) throw new WeightsError(`${path}: header length ${headerLen} exceeds the ${MAX_HEADER_BYTES}-byte limit (corrupt or not a safetensors file)`);
+      if (headerLen > BigInt(MAX_HEADER_BYTES))
+        throw new WeightsError(
+          `${path}: header length ${headerLen} exceeds the ${MAX_HEADER_BYTES}-byte limit (corrupt or not a safetensors file)`,
+        );
       const hl = Number(headerLen);
-      if (8 + hl > size) throw new WeightsError(`${path}: header length ${hl} runs past the end of the file (${size} bytes): truncated or corrupt`);
+      if (8 + hl > size)
+        throw new WeightsError(`${path}: header length ${hl} runs past the end of the file (${size} bytes): truncated or corrupt`);
       const hbuf = new Uint8Array(hl);
       readFully(this.fd, hbuf, 8, 'header');
       this.dataStart = 8 + hl;
@@ -48,7 +52,8 @@ export class SafetensorsFile implements WeightFile {
       } catch (e) {
         throw new WeightsError(`${path}: header is not valid JSON: ${(e as Error).message}`);
       }
-      if (typeof header !== 'object' || header === null || Array.isArray(header)) throw new WeightsError(`${path}: header must be a JSON object`);
+      if (typeof header !== 'object' || header === null || Array.isArray(header))
+        throw new WeightsError(`${path}: header must be a JSON object`);
       this.metadata = parseHeader(path, header as Record<string, unknown>, size - this.dataStart, this.entries, this.order);
     } catch (e) {
       this.close();
@@ -117,7 +122,8 @@ function parseHeader(
   const metadata: Record<string, string> = {};
   for (const [name, raw] of Object.entries(header)) {
     if (name === '__metadata__') {
-      if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new WeightsError(`${path}: __metadata__ must be an object of strings`);
+      if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
+        throw new WeightsError(`${path}: __metadata__ must be an object of strings`);
       for (const [k, v] of Object.entries(raw)) {
         if (typeof v !== 'string') throw new WeightsError(`${path}: __metadata__ field '${k}' must be a string, got ${typeof v}`);
         metadata[k] = v;
@@ -129,16 +135,20 @@ function parseHeader(
     const r = raw as Record<string, unknown>;
     if (typeof r.dtype !== 'string') throw new WeightsError(`${where}: missing field 'dtype'`);
     if (!isWeightDType(r.dtype)) throw new WeightsError(`${where}: unsupported dtype '${r.dtype}'`);
-    if (!Array.isArray(r.shape) || !r.shape.every(isNonNegInt)) throw new WeightsError(`${where}: field 'shape' must be an array of non-negative integers`);
+    if (!Array.isArray(r.shape) || !r.shape.every(isNonNegInt))
+      throw new WeightsError(`${where}: field 'shape' must be an array of non-negative integers`);
     const off = r.data_offsets;
-    if (!Array.isArray(off) || off.length !== 2 || !off.every(isNonNegInt)) throw new WeightsError(`${where}: field 'data_offsets' must be [begin, end] non-negative integers`);
+    if (!Array.isArray(off) || off.length !== 2 || !off.every(isNonNegInt))
+      throw new WeightsError(`${where}: field 'data_offsets' must be [begin, end] non-negative integers`);
     const [begin, end] = off as [number, number];
     if (end < begin) throw new WeightsError(`${where}: data_offsets [${begin}, ${end}] end before begin`);
-    if (end > dataLen) throw new WeightsError(`${where}: data_offsets [${begin}, ${end}] beyond the data section (${dataLen} bytes): truncated or corrupt`);
+    if (end > dataLen)
+      throw new WeightsError(`${where}: data_offsets [${begin}, ${end}] beyond the data section (${dataLen} bytes): truncated or corrupt`);
     const shape = r.shape;
     const dtype: WeightDType = r.dtype;
     const want = numelOf(shape) * DTYPE_SIZE[dtype];
-    if (end - begin !== want) throw new WeightsError(`${where}: ${end - begin} bytes in data_offsets but shape [${shape.join(', ')}] of ${dtype} needs ${want}`);
+    if (end - begin !== want)
+      throw new WeightsError(`${where}: ${end - begin} bytes in data_offsets but shape [${shape.join(', ')}] of ${dtype} needs ${want}`);
     entries.set(name, { name, dtype, shape, begin, end });
     order.push(name);
   }
@@ -152,7 +162,8 @@ function parseHeader(
     }
     cursor = e.end;
   }
-  if (cursor !== dataLen) throw new WeightsError(`${path}: data section has ${dataLen} bytes but tensors cover ${cursor} (trailing bytes or corrupt header)`);
+  if (cursor !== dataLen)
+    throw new WeightsError(`${path}: data section has ${dataLen} bytes but tensors cover ${cursor} (trailing bytes or corrupt header)`);
   return metadata;
 }
 
@@ -179,7 +190,8 @@ export type TensorData = Float32Array | Uint16Array | BigInt64Array | Int32Array
 
 function toBytes(t: TensorToWrite, d: TensorData): Uint8Array {
   const n = numelOf(t.shape);
-  if (d.length !== n) throw new WeightsError(`tensor '${t.name}': data has ${d.length} elements but shape [${t.shape.join(', ')}] needs ${n}`);
+  if (d.length !== n)
+    throw new WeightsError(`tensor '${t.name}': data has ${d.length} elements but shape [${t.shape.join(', ')}] needs ${n}`);
   let arr: TensorData = d;
   if (d instanceof Float32Array) {
     if (t.dtype === 'F16') arr = f32ToF16Bits(d);
@@ -201,7 +213,8 @@ function toBytes(t: TensorToWrite, d: TensorData): Uint8Array {
       (t.dtype === 'U8' && d instanceof Uint8Array);
     if (!ok) throw new WeightsError(`tensor '${t.name}': ${d.constructor.name} data does not match dtype ${t.dtype}`);
   }
-  if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) throw new WeightsError('big-endian hosts are not supported by the safetensors writer');
+  if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1)
+    throw new WeightsError('big-endian hosts are not supported by the safetensors writer');
   return new Uint8Array(arr.buffer, arr.byteOffset, arr.byteLength);
 }
 
@@ -219,7 +232,8 @@ export function writeSafetensors(path: string, tensors: Iterable<TensorToWrite>,
     if (t.name === '__metadata__') throw new WeightsError(`tensor name '__metadata__' is reserved`);
     if (seen.has(t.name)) throw new WeightsError(`duplicate tensor name '${t.name}'`);
     seen.add(t.name);
-    if (!t.shape.every(isNonNegInt)) throw new WeightsError(`tensor '${t.name}': shape ${JSON.stringify(t.shape)} must be non-negative integers`);
+    if (!t.shape.every(isNonNegInt))
+      throw new WeightsError(`tensor '${t.name}': shape ${JSON.stringify(t.shape)} must be non-negative integers`);
     const nbytes = numelOf(t.shape) * DTYPE_SIZE[t.dtype];
     header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + nbytes] };
     offset += nbytes;

@@ -48,7 +48,8 @@ export class TorchCheckpoint implements WeightFile {
     this.zip = new ZipReader(path);
     try {
       const pkls = [...this.zip.entries.keys()].filter((n) => /^([^/]+\/)?data\.pkl$/.test(n));
-      if (pkls.length !== 1) throw new WeightsError(`${path}: not a torch.save zip checkpoint (expected one <name>/data.pkl entry, found ${pkls.length})`);
+      if (pkls.length !== 1)
+        throw new WeightsError(`${path}: not a torch.save zip checkpoint (expected one <name>/data.pkl entry, found ${pkls.length})`);
       const prefix = pkls[0].slice(0, -'data.pkl'.length);
       const bo = this.zip.entry(`${prefix}byteorder`);
       if (bo) {
@@ -71,14 +72,20 @@ export class TorchCheckpoint implements WeightFile {
     const where = `${this.path}: tensor '${name}'`;
     const entry = `${prefix}data/${ref.storage.key}`;
     const ze = this.zip.entry(entry);
-    if (!ze) throw new WeightsError(`${where}: storage '${ref.storage.key}' (zip entry ${entry}) is missing: truncated or corrupt checkpoint`);
+    if (!ze)
+      throw new WeightsError(`${where}: storage '${ref.storage.key}' (zip entry ${entry}) is missing: truncated or corrupt checkpoint`);
     const es = DTYPE_SIZE[ref.storage.dtype];
-    if (ze.size < ref.storage.numel * es) throw new WeightsError(`${where}: storage '${ref.storage.key}' has ${ze.size} bytes, needs ${ref.storage.numel * es}`);
-    if (ref.shape.some((d) => d < 0) || ref.stride.some((s) => s < 0) || ref.offset < 0) throw new WeightsError(`${where}: negative size, stride or offset`);
+    if (ze.size < ref.storage.numel * es)
+      throw new WeightsError(`${where}: storage '${ref.storage.key}' has ${ze.size} bytes, needs ${ref.storage.numel * es}`);
+    if (ref.shape.some((d) => d < 0) || ref.stride.some((s) => s < 0) || ref.offset < 0)
+      throw new WeightsError(`${where}: negative size, stride or offset`);
     if (numelOf(ref.shape) > 0) {
       let last = ref.offset;
       for (let i = 0; i < ref.shape.length; i++) last += (ref.shape[i] - 1) * ref.stride[i];
-      if (last >= ref.storage.numel) throw new WeightsError(`${where}: view (offset ${ref.offset}, shape [${ref.shape.join(', ')}], stride [${ref.stride.join(', ')}]) reaches element ${last} of a ${ref.storage.numel}-element storage`);
+      if (last >= ref.storage.numel)
+        throw new WeightsError(
+          `${where}: view (offset ${ref.offset}, shape [${ref.shape.join(', ')}], stride [${ref.stride.join(', ')}]) reaches element ${last} of a ${ref.storage.numel}-element storage`,
+        );
     }
     return { ref, entry, contiguous: isContiguous(ref.shape, ref.stride) };
   }
@@ -168,7 +175,11 @@ function hasTensors(v: PyValue, seen: Map<Map<PyValue, PyValue>, boolean>, path:
   return found;
 }
 
-function selectStateDict(root: PyValue, prefer: 'ema' | 'model' | undefined, path: string): { dict: Map<PyValue, PyValue>; selected: string | null } {
+function selectStateDict(
+  root: PyValue,
+  prefer: 'ema' | 'model' | undefined,
+  path: string,
+): { dict: Map<PyValue, PyValue>; selected: string | null } {
   if (!(root instanceof Map)) throw new WeightsError(`${path}: checkpoint top level is not a dict (state_dict or {"model", "ema"})`);
   const seen = new Map<Map<PyValue, PyValue>, boolean>();
   const pick = (k: string): Map<PyValue, PyValue> | undefined => {
@@ -195,7 +206,8 @@ function selectStateDict(root: PyValue, prefer: 'ema' | 'model' | undefined, pat
 function flatten(root: Map<PyValue, PyValue>, path: string, add: (name: string, ref: TensorRef) => void): void {
   const placed = new Map<Map<PyValue, PyValue>, string>();
   const walk = (d: Map<PyValue, PyValue>, prefix: string, depth: number): void => {
-    if (depth > MAX_DEPTH) throw new WeightsError(`${path}: dicts nested more than ${MAX_DEPTH} deep at '${prefix.slice(0, 200)}': not a checkpoint of weights`);
+    if (depth > MAX_DEPTH)
+      throw new WeightsError(`${path}: dicts nested more than ${MAX_DEPTH} deep at '${prefix.slice(0, 200)}': not a checkpoint of weights`);
     placed.set(d, prefix);
     for (const [k, v] of d) {
       if (typeof k !== 'string') continue;

@@ -1,16 +1,6 @@
 // Common types and errors for the weight readers (safetensors and torch.save zip).
 
-export type WeightDType =
-  | 'F64'
-  | 'F32'
-  | 'F16'
-  | 'BF16'
-  | 'I64'
-  | 'I32'
-  | 'I16'
-  | 'I8'
-  | 'U8'
-  | 'BOOL';
+export type WeightDType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
 
 /** Bytes per element for every dtype the readers understand. */
 export const DTYPE_SIZE: Readonly<Record<WeightDType, number>> = {

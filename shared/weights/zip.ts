@@ -53,7 +53,10 @@ export class ZipReader {
 
   private read(pos: number, len: number, what: string): DataView {
     if (this.fd === undefined) throw new WeightsError(`${this.path}: file is closed`);
-    if (pos < 0 || pos + len > this.size) throw new WeightsError(`${this.path}: ${what} at byte ${pos} (+${len}) lies outside the file (${this.size} bytes): truncated or corrupt zip`);
+    if (pos < 0 || pos + len > this.size)
+      throw new WeightsError(
+        `${this.path}: ${what} at byte ${pos} (+${len}) lies outside the file (${this.size} bytes): truncated or corrupt zip`,
+      );
     const buf = new Uint8Array(len);
     readFully(this.fd, buf, pos, `${what} of ${this.path}`);
     return new DataView(buf.buffer);
@@ -76,7 +79,11 @@ export class ZipReader {
     let count = tail.getUint16(eocd + 10, true);
     let cdSize = tail.getUint32(eocd + 12, true);
     let cdOffset = tail.getUint32(eocd + 16, true);
-    if ((count === 0xffff || cdSize === 0xffffffff || cdOffset === 0xffffffff) && eocd >= 20 && tail.getUint32(eocd - 20, true) === SIG_EOCD64_LOC) {
+    if (
+      (count === 0xffff || cdSize === 0xffffffff || cdOffset === 0xffffffff) &&
+      eocd >= 20 &&
+      tail.getUint32(eocd - 20, true) === SIG_EOCD64_LOC
+    ) {
       const e64Off = u64(tail, eocd - 20 + 8, 'zip64 EOCD offset');
       const e64 = this.read(e64Off, 56, 'zip64 end-of-central-directory');
       if (e64.getUint32(0, true) !== SIG_EOCD64) throw new WeightsError(`${this.path}: bad zip64 end-of-central-directory signature`);
@@ -87,7 +94,8 @@ export class ZipReader {
     const cd = this.read(cdOffset, cdSize, 'zip central directory');
     let p = 0;
     for (let i = 0; i < count; i++) {
-      if (p + 46 > cdSize || cd.getUint32(p, true) !== SIG_CDH) throw new WeightsError(`${this.path}: corrupt zip central directory at entry ${i}`);
+      if (p + 46 > cdSize || cd.getUint32(p, true) !== SIG_CDH)
+        throw new WeightsError(`${this.path}: corrupt zip central directory at entry ${i}`);
       const flags = cd.getUint16(p + 8, true);
       const method = cd.getUint16(p + 10, true);
       const crc = cd.getUint32(p + 16, true);
@@ -132,7 +140,8 @@ export class ZipReader {
     const lh = this.read(entry.localHeaderOffset, 30, `local header of '${entry.name}'`);
     if (lh.getUint32(0, true) !== SIG_LFH) throw new WeightsError(`${this.path}: bad local header for zip entry '${entry.name}'`);
     const off = entry.localHeaderOffset + 30 + lh.getUint16(26, true) + lh.getUint16(28, true);
-    if (off + entry.compressedSize > this.size) throw new WeightsError(`${this.path}: zip entry '${entry.name}' runs past the end of the file: truncated`);
+    if (off + entry.compressedSize > this.size)
+      throw new WeightsError(`${this.path}: zip entry '${entry.name}' runs past the end of the file: truncated`);
     this.dataOffsets.set(entry.name, off);
     return off;
   }
@@ -154,11 +163,14 @@ export class ZipReader {
     }
     let data: Uint8Array;
     if (entry.method === 0) {
-      if (entry.compressedSize !== entry.size) throw new WeightsError(`${this.path}: stored zip entry '${name}' has ${entry.compressedSize} bytes, directory says ${entry.size}`);
+      if (entry.compressedSize !== entry.size)
+        throw new WeightsError(`${this.path}: stored zip entry '${name}' has ${entry.compressedSize} bytes, directory says ${entry.size}`);
       data = new Uint8Array(this.read(this.dataOffset(entry), entry.compressedSize, `zip entry '${name}'`).buffer);
     } else if (entry.method === 8) {
       if (entry.size > entry.compressedSize * MAX_DEFLATE_RATIO + 1024) {
-        throw new WeightsError(`${this.path}: zip entry '${name}' declares ${entry.size} bytes from ${entry.compressedSize} compressed, more than deflate can expand: corrupt`);
+        throw new WeightsError(
+          `${this.path}: zip entry '${name}' declares ${entry.size} bytes from ${entry.compressedSize} compressed, more than deflate can expand: corrupt`,
+        );
       }
       const raw = new Uint8Array(this.read(this.dataOffset(entry), entry.compressedSize, `zip entry '${name}'`).buffer);
       try {
@@ -173,7 +185,8 @@ export class ZipReader {
         );
       }
     } else throw new WeightsError(`${this.path}: zip entry '${name}' uses unsupported compression method ${entry.method}`);
-    if (data.byteLength !== entry.size) throw new WeightsError(`${this.path}: zip entry '${name}' has ${data.byteLength} bytes, directory says ${entry.size}`);
+    if (data.byteLength !== entry.size)
+      throw new WeightsError(`${this.path}: zip entry '${name}' has ${data.byteLength} bytes, directory says ${entry.size}`);
     if (crc32(data) >>> 0 !== entry.crc >>> 0) throw new WeightsError(`${this.path}: zip entry '${name}' fails its CRC check (corrupt)`);
     return data;
   }
@@ -182,7 +195,8 @@ export class ZipReader {
   readRange(name: string, start: number, len: number, dst?: Uint8Array): Uint8Array {
     const entry = this.entries.get(name);
     if (!entry) throw new WeightsError(`${this.path}: zip entry '${name}' not found`);
-    if (start < 0 || start + len > entry.size) throw new WeightsError(`${this.path}: range [${start}, ${start + len}) outside zip entry '${name}' (${entry.size} bytes)`);
+    if (start < 0 || start + len > entry.size)
+      throw new WeightsError(`${this.path}: range [${start}, ${start + len}) outside zip entry '${name}' (${entry.size} bytes)`);
     const out = dst ?? new Uint8Array(new ArrayBuffer(len));
     if (entry.method === 0) {
       if (this.fd === undefined) throw new WeightsError(`${this.path}: file is closed`);

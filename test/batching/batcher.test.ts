@@ -194,7 +194,11 @@ describe('Batcher with a work source', () => {
       },
       { maxRows: 8, maxWaitMs: 5 },
     );
-    await Promise.all([batcher.submit('a', 1, undefined, '8x8'), batcher.submit('b', 1, undefined, '16x16'), batcher.submit('c', 1, undefined, '8x8')]);
+    await Promise.all([
+      batcher.submit('a', 1, undefined, '8x8'),
+      batcher.submit('b', 1, undefined, '16x16'),
+      batcher.submit('c', 1, undefined, '8x8'),
+    ]);
     expect(passes).toEqual([
       { key: '8x8', jobs: ['a', 'c'] },
       { key: '16x16', jobs: ['b'] },

@@ -9,7 +9,9 @@ import { helpSpec } from '../helpers/cli-help.ts';
 function cmd(): Command {
   return new Command('x')
     .exitOverride()
-    .addOption(new Option('--max-images <n>').env('TEST_MAX_IMAGES').default(schedulerConfigDefault('maxImagesPerRequest')).argParser(Number));
+    .addOption(
+      new Option('--max-images <n>').env('TEST_MAX_IMAGES').default(schedulerConfigDefault('maxImagesPerRequest')).argParser(Number),
+    );
 }
 
 describe('service flags and config defaults', () => {

@@ -11,7 +11,14 @@ import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
 function memoryLogger(): { log: pino.Logger; lines: () => Array<Record<string, unknown>> } {
   let text = '';
   const sink = new Writable({ write: (chunk, _enc, cb) => ((text += chunk.toString()), cb()) });
-  return { log: pino({ level: 'debug' }, sink), lines: () => text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
+  return {
+    log: pino({ level: 'debug' }, sink),
+    lines: () =>
+      text
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as Record<string, unknown>),
+  };
 }
 
 describe('RateLimitedLog', () => {
@@ -24,11 +31,17 @@ describe('RateLimitedLog', () => {
       events.event('info', 'B', {}, 'failed: B');
       expect(lines().map((l) => l.msg)).toEqual(['failed: A', 'failed: B']);
       vi.advanceTimersByTime(10_001);
-      expect(lines().slice(2)).toEqual([expect.objectContaining({ msg: 'failed: A (and 499 more like it within 10 s)', repeated: 499, code: 'A' })]);
+      expect(lines().slice(2)).toEqual([
+        expect.objectContaining({ msg: 'failed: A (and 499 more like it within 10 s)', repeated: 499, code: 'A' }),
+      ]);
       // A new window starts with a line again; more kinds than maxKeys share one.
       events.event('warn', 'A', {}, 'failed: A');
       for (const k of ['C', 'D', 'E', 'F']) events.event('warn', k, {}, `failed: ${k}`);
-      expect(lines().slice(3).map((l) => l.msg)).toEqual(['failed: A', 'failed: C', 'failed: D', 'failed: E']);
+      expect(
+        lines()
+          .slice(3)
+          .map((l) => l.msg),
+      ).toEqual(['failed: A', 'failed: C', 'failed: D', 'failed: E']);
       events.flush();
       expect(lines().at(-1)?.msg).toBe('failed: E (and 1 more like it within 10 s)');
     } finally {
@@ -52,7 +65,14 @@ describe('the scheduler', () => {
     await p.api.generate({ model: 'nope', classLabels: [{ index: 1 }] }).catch(() => undefined);
     const failed = mem.lines().filter((l) => String(l.msg).startsWith('request failed'));
     expect(failed).toEqual([
-      expect.objectContaining({ level: 30, code: 'INVALID_ARGUMENT', field: 'class_labels[0]', msg: expect.stringMatching(/^request failed: INVALID_ARGUMENT \(class_labels\[0\]\): class_labels\[0\]: class index must be within 0\.\.9/) }),
+      expect.objectContaining({
+        level: 30,
+        code: 'INVALID_ARGUMENT',
+        field: 'class_labels[0]',
+        msg: expect.stringMatching(
+          /^request failed: INVALID_ARGUMENT \(class_labels\[0\]\): class_labels\[0\]: class index must be within 0\.\.9/,
+        ),
+      }),
       expect.objectContaining({ code: 'NOT_FOUND', msg: expect.stringContaining('model "nope" is not served here') }),
     ]);
   });
@@ -60,19 +80,33 @@ describe('the scheduler', () => {
 
 describe('--log-format', () => {
   const capture = (isTTY: boolean): Writable & { isTTY: boolean; text: string } => {
-    const w = new Writable({ write: (chunk, _enc, cb) => ((w.text += chunk.toString()), cb()) }) as Writable & { isTTY: boolean; text: string };
+    const w = new Writable({ write: (chunk, _enc, cb) => ((w.text += chunk.toString()), cb()) }) as Writable & {
+      isTTY: boolean;
+      text: string;
+    };
     w.isTTY = isTTY;
     w.text = '';
     return w;
   };
   it('writes pretty lines for a terminal (auto) or when asked, JSON lines otherwise', () => {
-    for (const [format, tty, pretty] of [['auto', true, true], ['auto', false, false], ['pretty', false, true], ['json', true, false]] as const) {
+    for (const [format, tty, pretty] of [
+      ['auto', true, true],
+      ['auto', false, false],
+      ['pretty', false, true],
+      ['json', true, false],
+    ] as const) {
       const out = capture(tty);
       createLogger('scheduler', { format, stream: out }).warn({ code: 'UNAVAILABLE' }, 'request failed');
       if (pretty) {
         expect(out.text, `${format} tty=${tty}`).toMatch(/WARN.*\(scheduler\).*request failed/);
         expect(out.text).not.toMatch(/^\{/);
-      } else expect(JSON.parse(out.text), `${format} tty=${tty}`).toMatchObject({ level: 40, name: 'scheduler', msg: 'request failed', code: 'UNAVAILABLE' });
+      } else
+        expect(JSON.parse(out.text), `${format} tty=${tty}`).toMatchObject({
+          level: 40,
+          name: 'scheduler',
+          msg: 'request failed',
+          code: 'UNAVAILABLE',
+        });
     }
   });
 });

@@ -26,7 +26,24 @@ function run(args: string[], env: Record<string, string> = {}): { status: number
 describe('ditpipe start', () => {
   const { ditDir, vaeDir } = testModels();
   const args = (out: string): string[] => [
-    'start', '--model-dir', ditDir, '--vae-dir', vaeDir, '--grpc-port', '0', '--http-port', '0', '--metrics-port', '-1', '--grid-samples', '2', '--grid-steps', '4', '--grid-out', out, '--exit-after-grid',
+    'start',
+    '--model-dir',
+    ditDir,
+    '--vae-dir',
+    vaeDir,
+    '--grpc-port',
+    '0',
+    '--http-port',
+    '0',
+    '--metrics-port',
+    '-1',
+    '--grid-samples',
+    '2',
+    '--grid-steps',
+    '4',
+    '--grid-out',
+    out,
+    '--exit-after-grid',
   ];
 
   it('runs the pipeline in one process and writes a labelled grid', () => {
@@ -63,10 +80,14 @@ describe('ditpipe up + generate', () => {
   function startUp(extra: string[]): { up: ChildProcess; log: () => string; exited: Promise<number | null> } {
     const { ditDir, vaeDir } = testModels();
     // detached: its own process group, like a shell job, so the test can signal the whole group as a terminal's Ctrl-C does.
-    const up = spawn(process.execPath, [BIN, 'up', '--model-dir', ditDir, '--vae-dir', vaeDir, '--nats-port', '0', '--http-port', '-1', ...extra], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      detached: true,
-    });
+    const up = spawn(
+      process.execPath,
+      [BIN, 'up', '--model-dir', ditDir, '--vae-dir', vaeDir, '--nats-port', '0', '--http-port', '-1', ...extra],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        detached: true,
+      },
+    );
     let log = '';
     up.stderr?.on('data', (c: Buffer) => (log += c.toString()));
     const exited = new Promise<number | null>((r) => up.once('exit', (code) => r(code)));
@@ -78,18 +99,27 @@ describe('ditpipe up + generate', () => {
     let inFlight: Promise<number> | undefined;
     try {
       await expect.poll(() => log(), { timeout: 120_000, interval: 250 }).toMatch(/\[up\] scheduler gRPC on 127\.0\.0\.1:\d+/);
-      await expect.poll(() => (log().match(/\[(denoiser|decoder)-\d\].*"msg":"serving /g) ?? []).length, { timeout: 120_000, interval: 250 }).toBe(3);
+      await expect
+        .poll(() => (log().match(/\[(denoiser|decoder)-\d\].*"msg":"serving /g) ?? []).length, { timeout: 120_000, interval: 250 })
+        .toBe(3);
       // What is printed is what is bound: loopback.
       const address = /\[up\] scheduler gRPC on (\S+),/.exec(log())![1];
       expect(log()).toMatch(/\[scheduler\].*"msg":"Sampler API on 127\.0\.0\.1:\d+ \(plaintext\)"/);
       // The banner lists every process's ports, and they are the ones the processes serve on.
-      const banner = [...log().matchAll(/^\[up\] {3}(\S+) +(gRPC|health) 127\.0\.0\.1:(\d+) +metrics http:\/\/127\.0\.0\.1:(\d+)\/metrics$/gm)].map((m) => ({
+      const banner = [
+        ...log().matchAll(/^\[up\] {3}(\S+) +(gRPC|health) 127\.0\.0\.1:(\d+) +metrics http:\/\/127\.0\.0\.1:(\d+)\/metrics$/gm),
+      ].map((m) => ({
         name: m[1],
         kind: m[2],
         port: Number(m[3]),
         metrics: Number(m[4]),
       }));
-      expect(banner.map((b) => `${b.name} ${b.kind}`)).toEqual(['scheduler gRPC', 'denoiser-0 health', 'denoiser-1 health', 'decoder-0 health']);
+      expect(banner.map((b) => `${b.name} ${b.kind}`)).toEqual([
+        'scheduler gRPC',
+        'denoiser-0 health',
+        'denoiser-1 health',
+        'decoder-0 health',
+      ]);
       expect(`127.0.0.1:${banner[0].port}`).toBe(address);
       expect(new Set(banner.flatMap((b) => [b.port, b.metrics])).size).toBe(8);
       for (const b of banner.slice(1)) expect(await healthStatus(`127.0.0.1:${b.port}`), b.name).toBe(1);
@@ -98,13 +128,39 @@ describe('ditpipe up + generate', () => {
       const refused = await connectNats({ servers: natsUrl }).catch((e: unknown) => e);
       expect(refused).toBeInstanceOf(UnauthenticatedError);
       expect(log()).not.toMatch(/SU[A-Z2-7]{56}/);
-      await expect.poll(async () => (await fetch(`http://127.0.0.1:${banner[0].metrics}/metrics`).catch(() => null))?.status, { timeout: 30_000, interval: 250 }).toBe(200);
+      await expect
+        .poll(async () => (await fetch(`http://127.0.0.1:${banner[0].metrics}/metrics`).catch(() => null))?.status, {
+          timeout: 30_000,
+          interval: 250,
+        })
+        .toBe(200);
       for (const b of banner.slice(1)) {
-        const scrape = async (): Promise<string> => (await fetch(`http://127.0.0.1:${b.metrics}/metrics`).then((r) => r.text()).catch(() => ''));
-        await expect.poll(scrape, { timeout: 30_000, interval: 250 }).toContain(b.name.startsWith('denoiser') ? 'ditpipe_denoiser_' : 'ditpipe_decoder_');
+        const scrape = async (): Promise<string> =>
+          await fetch(`http://127.0.0.1:${b.metrics}/metrics`)
+            .then((r) => r.text())
+            .catch(() => '');
+        await expect
+          .poll(scrape, { timeout: 30_000, interval: 250 })
+          .toContain(b.name.startsWith('denoiser') ? 'ditpipe_denoiser_' : 'ditpipe_decoder_');
       }
       const out = join(dir, 'gen');
-      const g = run(['generate', '--server', address, '--class', '1,three', '--num', '2', '--steps', '5', '--sampler', 'dpmpp', '--seed', '7', '--out', out]);
+      const g = run([
+        'generate',
+        '--server',
+        address,
+        '--class',
+        '1,three',
+        '--num',
+        '2',
+        '--steps',
+        '5',
+        '--sampler',
+        'dpmpp',
+        '--seed',
+        '7',
+        '--out',
+        out,
+      ]);
       expect(g.status, g.out).toBe(0);
       expect(g.out).toMatch(/4 image\(s\) from dit-tiny, seed 7/);
       expect(readdirSync(out).sort()).toEqual(['000-one.png', '001-one.png', '002-three.png', '003-three.png', 'grid.png', 'run.json']);
@@ -117,7 +173,10 @@ describe('ditpipe up + generate', () => {
       inFlight = (async () => {
         let images = 0;
         try {
-          for await (const ev of api.generateStream({ model: 'dit-tiny', classLabels: [{ index: 1 }, { index: 2 }], numSteps: 400, seed: 3n }, { timeoutMs: 60_000 })) {
+          for await (const ev of api.generateStream(
+            { model: 'dit-tiny', classLabels: [{ index: 1 }, { index: 2 }], numSteps: 400, seed: 3n },
+            { timeoutMs: 60_000 },
+          )) {
             if (ev.progress && ++steps === 5 && !sent) {
               sent = true;
               process.kill(-up.pid!, 'SIGINT');
@@ -135,8 +194,13 @@ describe('ditpipe up + generate', () => {
       if (up.exitCode === null) process.kill(-up.pid!, 'SIGINT');
     }
     expect(await exited, log()).toBe(0);
-    const order = ['[up] SIGINT', '"name":"scheduler","msg":"stopped"', '"name":"denoiser","msg":"stopped"', '[up] stopped'].map((s) => log().lastIndexOf(s));
-    expect(order.every((v) => v >= 0), log()).toBe(true);
+    const order = ['[up] SIGINT', '"name":"scheduler","msg":"stopped"', '"name":"denoiser","msg":"stopped"', '[up] stopped'].map((s) =>
+      log().lastIndexOf(s),
+    );
+    expect(
+      order.every((v) => v >= 0),
+      log(),
+    ).toBe(true);
     expect([...order].sort((a, b) => a - b)).toEqual(order);
     // No process saw the terminal's SIGINT itself, and none lost NATS before it was done.
     expect(log()).not.toMatch(/"signal":"SIGINT"/);

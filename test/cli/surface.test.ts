@@ -64,10 +64,18 @@ describe('class names', () => {
 describe('server errors in CLI terms', () => {
   it('maps request fields to flags and enum names to CLI values, in one table', () => {
     const t = (message: string, field?: string): string => inCliTerms(new InvalidArgumentError(message, { field })).message;
-    expect(t('class_labels asks for 100 images; at most 64 per request', 'class_labels')).toBe('--class × --num asks for 100 images; at most 64 per request');
-    expect(t('eta applies to SAMPLER_KIND_DDIM only; got eta 0.5 with SAMPLER_KIND_DPM_SOLVER_PP', 'eta')).toBe('--eta applies to --sampler ddim only; got eta 0.5 with --sampler dpmpp');
-    expect(t('cfg_scale must be finite and >= 1 (1 = no guidance), got NaN', 'cfg_scale')).toBe('--cfg must be finite and >= 1 (1 = no guidance), got NaN');
-    expect(t('class_labels[3]: class index must be within 0..9 for model "m", got 12', 'class_labels[3]')).toBe('--class: class index must be within 0..9 for model "m", got 12');
+    expect(t('class_labels asks for 100 images; at most 64 per request', 'class_labels')).toBe(
+      '--class × --num asks for 100 images; at most 64 per request',
+    );
+    expect(t('eta applies to SAMPLER_KIND_DDIM only; got eta 0.5 with SAMPLER_KIND_DPM_SOLVER_PP', 'eta')).toBe(
+      '--eta applies to --sampler ddim only; got eta 0.5 with --sampler dpmpp',
+    );
+    expect(t('cfg_scale must be finite and >= 1 (1 = no guidance), got NaN', 'cfg_scale')).toBe(
+      '--cfg must be finite and >= 1 (1 = no guidance), got NaN',
+    );
+    expect(t('class_labels[3]: class index must be within 0..9 for model "m", got 12', 'class_labels[3]')).toBe(
+      '--class: class index must be within 0..9 for model "m", got 12',
+    );
     expect(t('unknown value 7', 'guidance_channels')).toBe('--guidance-channels: unknown value 7');
     expect(inCliTerms(new InvalidArgumentError('x'))).toBeInstanceOf(UsageError);
     const other = new NotFoundError('model "x" is not served here');
@@ -75,7 +83,9 @@ describe('server errors in CLI terms', () => {
   });
 
   it('names steps, cfg and seed in the grid title', () => {
-    expect(defaultTitle({ requestId: 'r', model: 'fashion-mnist', seed: 7n, numSteps: 50, cfgScale: 4 }, 'ddim')).toBe('fashion-mnist · ddim · 50 steps · cfg 4 · seed 7');
+    expect(defaultTitle({ requestId: 'r', model: 'fashion-mnist', seed: 7n, numSteps: 50, cfgScale: 4 }, 'ddim')).toBe(
+      'fashion-mnist · ddim · 50 steps · cfg 4 · seed 7',
+    );
   });
 });
 
@@ -101,8 +111,23 @@ describe('ditpipe generate against a served model', () => {
       timings: Record<string, number>;
       images: Array<Record<string, unknown>>;
     };
-    expect(run).toMatchObject({ server: pipeline.address, model: 'dit-tiny-named', seed: '3', numSteps: 2, cfgScale: 4, grid: 'grid.png', tool: `ditpipe ${VERSION}` });
-    expect(run.request).toEqual({ model: 'dit-tiny-named', classLabels: [{ index: 9 }, { index: 0 }], numSteps: 2, sampler: 'SAMPLER_KIND_DDIM', guidanceChannels: 'GUIDANCE_CHANNELS_THREE', seed: '3' });
+    expect(run).toMatchObject({
+      server: pipeline.address,
+      model: 'dit-tiny-named',
+      seed: '3',
+      numSteps: 2,
+      cfgScale: 4,
+      grid: 'grid.png',
+      tool: `ditpipe ${VERSION}`,
+    });
+    expect(run.request).toEqual({
+      model: 'dit-tiny-named',
+      classLabels: [{ index: 9 }, { index: 0 }],
+      numSteps: 2,
+      sampler: 'SAMPLER_KIND_DDIM',
+      guidanceChannels: 'GUIDANCE_CHANNELS_THREE',
+      seed: '3',
+    });
     for (const k of ['queueMs', 'denoiseMs', 'decodeMs', 'totalMs', 'clientMs']) expect(run.timings[k], k).toBeGreaterThan(0);
     expect(run.images).toEqual([
       { file: '000-Ankle_boot.png', sampleIndex: 0, classLabel: 9, className: 'Ankle boot', width: 28, height: 28 },
@@ -142,7 +167,8 @@ describe('ditpipe generate against a served model', () => {
     const model = await gen('--model', 'nope', '--class', '1', '--out', join(dir, 'nope'));
     expect(model.stderr).toContain(`--model nope: not served by ${pipeline.address} (serving: dit-tiny-named)`);
     // Nothing was written for a refused request (a folder made for it stays empty, so it can be reused).
-    for (const d of ['many', 'eta', 'boot', 'ten', 'nope']) expect(existsSync(join(dir, d)) ? readdirSync(join(dir, d)) : [], d).toEqual([]);
+    for (const d of ['many', 'eta', 'boot', 'ten', 'nope'])
+      expect(existsSync(join(dir, d)) ? readdirSync(join(dir, d)) : [], d).toEqual([]);
   });
 });
 

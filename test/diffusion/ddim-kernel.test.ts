@@ -6,7 +6,15 @@ import { spacedDiffusion } from '../../shared/diffusion/respace.ts';
 import { ddimStep, type StepLayout } from '../../shared/diffusion/samplers.ts';
 
 /** The scalar loop, as ddimStep computed it before the kernel (and as the original code orders it). */
-function scalarDdim(index: number, x: Float32Array, modelOut: Float32Array, noise: Float32Array | null, layout: StepLayout, eta: number, clip: boolean): Float32Array {
+function scalarDdim(
+  index: number,
+  x: Float32Array,
+  modelOut: Float32Array,
+  noise: Float32Array | null,
+  layout: StepLayout,
+  eta: number,
+  clip: boolean,
+): Float32Array {
   const d = spacedDiffusion({ respacing: 'ddim50' });
   const { count, channels, plane, outChannels } = layout;
   const sr = Math.fround(d.sqrtRecipAlphasCumprod[index]);
@@ -14,7 +22,8 @@ function scalarDdim(index: number, x: Float32Array, modelOut: Float32Array, nois
   const ab = Math.fround(d.alphasCumprod[index]);
   const abPrev = Math.fround(d.alphasCumprodPrev[index]);
   const sigma = Math.fround(
-    Math.fround(eta * Math.fround(Math.sqrt(Math.fround(Math.fround(1 - abPrev) / Math.fround(1 - ab))))) * Math.fround(Math.sqrt(Math.fround(1 - Math.fround(ab / abPrev)))),
+    Math.fround(eta * Math.fround(Math.sqrt(Math.fround(Math.fround(1 - abPrev) / Math.fround(1 - ab))))) *
+      Math.fround(Math.sqrt(Math.fround(1 - Math.fround(ab / abPrev)))),
   );
   const addNoise = index !== 0 && sigma !== 0;
   const sqrtAbPrev = Math.fround(Math.sqrt(abPrev));
@@ -58,42 +67,58 @@ function values(n: number, seed: number): Float32Array {
  * Bit patterns, with every NaN written as one: IEEE-754 leaves a NaN result's payload to the
  * machine (WebAssembly may give the canonical NaN where V8's scalar code keeps an input's).
  */
-const bits = (a: Float32Array): number[] => Array.from(new Uint32Array(a.buffer, a.byteOffset, a.length), (b, i) => (Number.isNaN(a[i]) ? 0x7fc00000 : b));
+const bits = (a: Float32Array): number[] =>
+  Array.from(new Uint32Array(a.buffer, a.byteOffset, a.length), (b, i) => (Number.isNaN(a[i]) ? 0x7fc00000 : b));
 
 /** The first element whose bits differ, described (a diff of whole large arrays would take minutes to print); null when none. */
 function firstDifference(got: Float32Array, want: Float32Array): string | null {
   const g = bits(got);
   const w = bits(want);
-  for (let i = 0; i < w.length; i++) if (g[i] !== w[i]) return `element ${i}: got ${got[i]} (0x${g[i].toString(16)}), want ${want[i]} (0x${w[i].toString(16)})`;
+  for (let i = 0; i < w.length; i++)
+    if (g[i] !== w[i]) return `element ${i}: got ${got[i]} (0x${g[i].toString(16)}), want ${want[i]} (0x${w[i].toString(16)})`;
   return g.length === w.length ? null : `length ${g.length}, want ${w.length}`;
 }
 
 describe('DDIM step kernel (WebAssembly SIMD)', () => {
   const d = spacedDiffusion({ respacing: 'ddim50' });
   const cases: Array<{ count: number; channels: number; plane: number; learn: boolean; eta: number; clip: boolean; index: number }> = [];
-  for (const [count, channels, plane] of [[1, 4, 64], [3, 4, 15], [2, 3, 1], [1, 4, 4096 / 4]]) {
+  for (const [count, channels, plane] of [
+    [1, 4, 64],
+    [3, 4, 15],
+    [2, 3, 1],
+    [1, 4, 4096 / 4],
+  ]) {
     for (const learn of [false, true]) {
       for (const eta of [0, 0.5, 1]) {
-        for (const clip of [false, true]) cases.push({ count, channels, plane, learn, eta, clip, index: cases.length % 3 === 0 ? 0 : 1 + (cases.length % 48) });
+        for (const clip of [false, true])
+          cases.push({ count, channels, plane, learn, eta, clip, index: cases.length % 3 === 0 ? 0 : 1 + (cases.length % 48) });
       }
     }
   }
 
-  it.each(cases)('matches the scalar float32 loop bit for bit: count $count, C $channels, plane $plane, learned sigma $learn, eta $eta, clip $clip, step index $index', (c) => {
-    const layout: StepLayout = { count: c.count, channels: c.channels, plane: c.plane, outChannels: c.learn ? 2 * c.channels : c.channels };
-    const n = c.count * c.channels * c.plane;
-    const x = values(n, 1 + n + c.index);
-    const modelOut = values(c.count * layout.outChannels * c.plane, 7 + n);
-    const noise = values(n, 13 + n);
-    const want = scalarDdim(c.index, x, modelOut, noise, layout, c.eta, c.clip);
-    const got = new Float32Array(n);
-    ddimStep(d, c.index, x, modelOut, noise, layout, { eta: c.eta, clipDenoised: c.clip }, got);
-    expect(firstDifference(got, want)).toBeNull();
-    // In place, as the sampling state runs it.
-    const inPlace = x.slice();
-    ddimStep(d, c.index, inPlace, modelOut, noise, layout, { eta: c.eta, clipDenoised: c.clip }, inPlace);
-    expect(firstDifference(inPlace, want)).toBeNull();
-  });
+  it.each(cases)(
+    'matches the scalar float32 loop bit for bit: count $count, C $channels, plane $plane, learned sigma $learn, eta $eta, clip $clip, step index $index',
+    (c) => {
+      const layout: StepLayout = {
+        count: c.count,
+        channels: c.channels,
+        plane: c.plane,
+        outChannels: c.learn ? 2 * c.channels : c.channels,
+      };
+      const n = c.count * c.channels * c.plane;
+      const x = values(n, 1 + n + c.index);
+      const modelOut = values(c.count * layout.outChannels * c.plane, 7 + n);
+      const noise = values(n, 13 + n);
+      const want = scalarDdim(c.index, x, modelOut, noise, layout, c.eta, c.clip);
+      const got = new Float32Array(n);
+      ddimStep(d, c.index, x, modelOut, noise, layout, { eta: c.eta, clipDenoised: c.clip }, got);
+      expect(firstDifference(got, want)).toBeNull();
+      // In place, as the sampling state runs it.
+      const inPlace = x.slice();
+      ddimStep(d, c.index, inPlace, modelOut, noise, layout, { eta: c.eta, clipDenoised: c.clip }, inPlace);
+      expect(firstDifference(inPlace, want)).toBeNull();
+    },
+  );
 
   it('keeps working when a larger request grows the kernel memory, and after it', () => {
     const layout: StepLayout = { count: 64, channels: 4, plane: 1024, outChannels: 8 };

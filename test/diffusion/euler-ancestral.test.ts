@@ -25,7 +25,12 @@ function ancestralStep(from: number, to: number, eta = 1): { down: number; up: n
 }
 
 /** sample_euler_ancestral over the given timesteps (high to low), from the VP latent z. */
-function kDiffusionEulerA(timesteps: number[], z: Float64Array, eps: (x: number, t: number) => number, noise: (step: number) => Float32Array): Float64Array {
+function kDiffusionEulerA(
+  timesteps: number[],
+  z: Float64Array,
+  eps: (x: number, t: number) => number,
+  noise: (step: number) => Float32Array,
+): Float64Array {
   const sigmas = [...timesteps.map((t) => Math.sqrt((1 - ABAR[t]) / ABAR[t])), 0];
   const x = Float64Array.from(z, (v) => v / Math.sqrt(ABAR[timesteps[0]]));
   for (let i = 0; i < timesteps.length; i++) {
@@ -43,7 +48,12 @@ function kDiffusionEulerA(timesteps: number[], z: Float64Array, eps: (x: number,
   return x;
 }
 
-function runState(respacing: string, z: Float32Array, eps: (x: number, t: number) => number, opts: { noise?: (step: number) => Float32Array; seed?: bigint } = {}) {
+function runState(
+  respacing: string,
+  z: Float32Array,
+  eps: (x: number, t: number) => number,
+  opts: { noise?: (step: number) => Float32Array; seed?: bigint } = {},
+) {
   const st = start({
     sampler: 'euler-a',
     respacing,

@@ -20,7 +20,9 @@ const ROOT = resolve(import.meta.dirname, '../..');
 
 describe('sampler registry', () => {
   it('agrees with the proto enum both ways', () => {
-    const kinds = Object.entries(SamplerKind as unknown as Record<string, number | string>).filter((e): e is [string, number] => typeof e[1] === 'number' && e[1] > 0);
+    const kinds = Object.entries(SamplerKind as unknown as Record<string, number | string>).filter(
+      (e): e is [string, number] => typeof e[1] === 'number' && e[1] > 0,
+    );
     expect(kinds.map(([name]) => name).sort()).toEqual(SAMPLERS.map((s) => s.protoKind).sort());
     for (const s of SAMPLERS) expect(samplerOfKind(kindOfSampler(s.name))?.name).toBe(s.name);
     expect(samplerOfKind(SamplerKind.SAMPLER_KIND_UNSPECIFIED)?.name).toBe(DEFAULT_SAMPLER);
@@ -31,7 +33,11 @@ describe('sampler registry', () => {
   it("gives the scheduler its default steps, and a partial defaultSteps keeps the others' defaults", () => {
     const c = compileSchedulerConfig({ models: ['m'] });
     expect(c.defaultSteps).toEqual(Object.fromEntries(SAMPLERS.map((s) => [s.name, s.defaultSteps])));
-    expect(compileSchedulerConfig({ models: ['m'], defaultSteps: { ddim: 7 } }).defaultSteps).toMatchObject({ ddim: 7, ddpm: 250, 'euler-a': 30 });
+    expect(compileSchedulerConfig({ models: ['m'], defaultSteps: { ddim: 7 } }).defaultSteps).toMatchObject({
+      ddim: 7,
+      ddpm: 250,
+      'euler-a': 30,
+    });
   });
 
   it('gives both CLIs their --sampler choices', () => {
@@ -47,7 +53,12 @@ describe('sampler registry', () => {
     for (const s of SAMPLERS) {
       const { request } = toGenerateRequest(parseImagesRequest({ prompt: '1', ditpipe: { sampler: s.name } }), config);
       expect(request.sampler, s.name).toBe(kindOfSampler(s.name));
-      const c = validateCampaign({ name: 'x', target: { address: '127.0.0.1:1' }, mix: [{ model: 'm', sampler: s.name }], phases: [{ rate: 1, requests: 1 }] });
+      const c = validateCampaign({
+        name: 'x',
+        target: { address: '127.0.0.1:1' },
+        mix: [{ model: 'm', sampler: s.name }],
+        phases: [{ rate: 1, requests: 1 }],
+      });
       expect(drawRequest(c.mix, { m: 10 }, () => 0.5).req.sampler, s.name).toBe(kindOfSampler(s.name));
     }
   });
@@ -70,7 +81,14 @@ describe('every registered sampler through the pipeline', () => {
   });
 
   it.each(SAMPLERS.map((s) => s.name))('%s: finite latents, the same for the same seed', async (name) => {
-    const req = { model: DIT_NAME, classLabels: [{ index: 2 }, { index: 5 }], numSteps: 6, sampler: kindOfSampler(name), seed: 77n, outputFormat: OutputFormat.OUTPUT_FORMAT_RAW_LATENT };
+    const req = {
+      model: DIT_NAME,
+      classLabels: [{ index: 2 }, { index: 5 }],
+      numSteps: 6,
+      sampler: kindOfSampler(name),
+      seed: 77n,
+      outputFormat: OutputFormat.OUTPUT_FORMAT_RAW_LATENT,
+    };
     const a = await p.api.generate(req);
     const b = await p.api.generate(req);
     expect(a.images).toHaveLength(2);

@@ -13,7 +13,9 @@ import { openSafetensors } from '../../shared/weights/index.ts';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 const GOLDEN = resolve(ROOT, '../shared/golden/dit');
-const config = (JSON.parse(readFileSync(join(GOLDEN, 'index.json'), 'utf8')) as { cases: Record<string, { config: DitConfig }> }).cases['dit-tiny-p2'].config;
+const config = (JSON.parse(readFileSync(join(GOLDEN, 'index.json'), 'utf8')) as { cases: Record<string, { config: DitConfig }> }).cases[
+  'dit-tiny-p2'
+].config;
 const TRAJ = join(GOLDEN, 'dit-tiny-p2', 'traj-ddpm10-cfg4.safetensors');
 
 const tmp = mkdtempSync(join(tmpdir(), 'ditpipe-sample-'));
@@ -29,7 +31,22 @@ const cli = (args: string[]) => run(process.execPath, [join(ROOT, 'bin/ditpipe.j
 describe('ditpipe sample', () => {
   it('reproduces the golden ddpm10-cfg4 trajectory from its noise', async () => {
     const out = join(tmp, 'golden-run.safetensors');
-    const { stdout } = await cli(['--model-dir', modelDir, '--labels', '3,7', '--sampler', 'ddpm', '--respacing', '10', '--cfg', '4', '--noise-from', TRAJ, '--out', out]);
+    const { stdout } = await cli([
+      '--model-dir',
+      modelDir,
+      '--labels',
+      '3,7',
+      '--sampler',
+      'ddpm',
+      '--respacing',
+      '10',
+      '--cfg',
+      '4',
+      '--noise-from',
+      TRAJ,
+      '--out',
+      out,
+    ]);
     expect(stdout).toMatch(/2 sample\(s\) \[4, 8, 8\], 10 ddpm steps \(t 999→0\)/);
     const g = openSafetensors(TRAJ);
     const want = g.readF32('trajectory');

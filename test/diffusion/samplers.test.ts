@@ -89,10 +89,14 @@ describe('DDPM step', () => {
 
   it('rejects wrong sizes, naming the tensor', () => {
     const out = new Float32Array(4);
-    expect(() => ddpmStep(d, 1, x, modelOut.subarray(0, 6), noise, layout, { variance: 'learned-range' }, out)).toThrow(/modelOutput: has 6 elements; expected 8/);
+    expect(() => ddpmStep(d, 1, x, modelOut.subarray(0, 6), noise, layout, { variance: 'learned-range' }, out)).toThrow(
+      /modelOutput: has 6 elements; expected 8/,
+    );
     expect(() => ddpmStep(d, 1, x, modelOut, null, layout, { variance: 'learned-range' }, out)).toThrow(/noise: needs 4 elements/);
     expect(() => ddpmStep(d, 3, x, modelOut, noise, layout, { variance: 'learned-range' }, out)).toThrow(/step: respaced index 3/);
-    expect(() => ddpmStep(d, 1, x, Float32Array.from(eps), noise, { ...layout, outChannels: 2 }, { variance: 'learned-range' }, out)).toThrow(/learned-range variance needs 4 channels/);
+    expect(() =>
+      ddpmStep(d, 1, x, Float32Array.from(eps), noise, { ...layout, outChannels: 2 }, { variance: 'learned-range' }, out),
+    ).toThrow(/learned-range variance needs 4 channels/);
   });
 });
 
@@ -184,7 +188,15 @@ describe('DPM-Solver++(2M)', () => {
       const d = spacedDiffusion({ respacing: `ddim${n}` });
       const first = d.timestepMap[d.numTimesteps - 1];
       const x0 = Float32Array.from(z, (v) => exactFlow(mu, s, v, 999, first));
-      const st = start({ sampler, respacing: `ddim${n}`, shape: [1, 1, z.length], count: 1, learnSigma: false, seed: 0n, noise: { z: x0, stepNoise: () => new Float32Array(z.length) } });
+      const st = start({
+        sampler,
+        respacing: `ddim${n}`,
+        shape: [1, 1, z.length],
+        count: 1,
+        learnSigma: false,
+        seed: 0n,
+        noise: { z: x0, stepNoise: () => new Float32Array(z.length) },
+      });
       const out = new Float32Array(z.length);
       for (let p = next(st); p; p = next(st)) {
         if (p.timestep === 100) {
@@ -209,7 +221,8 @@ describe('DPM-Solver++(2M)', () => {
     const s = 1;
     const exact = Array.from(z, (v) => mu + (s * (v - Math.sqrt(ABAR[999]) * mu)) / Math.sqrt(ABAR[999] * s * s + 1 - ABAR[999]));
     for (const n of [10, 15, 20, 25]) {
-      const e = (sampler: SamplerName) => Math.max(...Array.from(result(sample(sampler, String(n), z, gaussianEps(mu, s))), (v, i) => Math.abs(v - exact[i])));
+      const e = (sampler: SamplerName) =>
+        Math.max(...Array.from(result(sample(sampler, String(n), z, gaussianEps(mu, s))), (v, i) => Math.abs(v - exact[i])));
       expect(e('dpmpp'), `${n} steps`).toBeLessThan(e('ddim') / 2);
     }
   });
@@ -262,7 +275,10 @@ describe('guidance combine', () => {
   const modelOut = Float32Array.from({ length: 2 * rows * rowSize }, (_, i) => Math.sin(i * 1.3) * 2);
   const at = (row: number, ch: number, p: number) => modelOut[row * rowSize + ch * plane + p];
 
-  for (const [mode, guided] of [[3, 3], ['all', 4]] as const) {
+  for (const [mode, guided] of [
+    [3, 3],
+    ['all', 4],
+  ] as const) {
     it(`channels ${mode}: guides ${guided} channels, the rest from the conditional rows`, () => {
       const out = combineGuidance(modelOut, { rows, outChannels: Cout, inChannels: C, plane, scale: 4, channels: mode });
       expect(out).toHaveLength(rows * rowSize);
@@ -298,14 +314,25 @@ describe('guidance combine', () => {
   });
 
   it('rejects a wrong row count or channel mode', () => {
-    expect(() => combineGuidance(modelOut.subarray(0, 3 * rowSize), { rows, outChannels: Cout, inChannels: C, plane, scale: 4 })).toThrow(/modelOutput: has 72 elements; expected 96/);
-    expect(() => combineGuidance(modelOut, { rows, outChannels: Cout, inChannels: C, plane, scale: 4, channels: 2 as 3 })).toThrow(/guidanceChannels/);
+    expect(() => combineGuidance(modelOut.subarray(0, 3 * rowSize), { rows, outChannels: Cout, inChannels: C, plane, scale: 4 })).toThrow(
+      /modelOutput: has 72 elements; expected 96/,
+    );
+    expect(() => combineGuidance(modelOut, { rows, outChannels: Cout, inChannels: C, plane, scale: 4, channels: 2 as 3 })).toThrow(
+      /guidanceChannels/,
+    );
     expect(() => combineGuidance(modelOut, { rows, outChannels: Cout, inChannels: C, plane, scale: Number.NaN })).toThrow(/cfgScale/);
   });
 });
 
 describe('state machine', () => {
-  const base = { sampler: 'ddpm' as const, respacing: '5', shape: [4, 2, 2] as [number, number, number], count: 2, learnSigma: true, seed: 5n };
+  const base = {
+    sampler: 'ddpm' as const,
+    respacing: '5',
+    shape: [4, 2, 2] as [number, number, number],
+    count: 2,
+    learnSigma: true,
+    seed: 5n,
+  };
 
   it('walks the respaced timesteps high to low and reports done', () => {
     const st = start(base);
@@ -371,40 +398,48 @@ describe('state machine', () => {
 });
 
 describe('x0 prediction (previews)', () => {
-  const samplers: Array<[SamplerName, boolean]> = [['ddpm', true], ['ddim', false], ['dpmpp', true], ['euler-a', false]];
-  it.each(samplers)('%s: equals (x − √(1−ᾱ)·ε)/√ᾱ at every step, is the final sample at the last step, and changes nothing', (sampler, learnSigma) => {
-    const req = { sampler, numSteps: 6, shape: [2, 3, 3] as const, count: 2, learnSigma, seed: 42n };
-    const withPreview = start(req);
-    const without = start(req);
-    const per = 2 * 9;
-    const outPer = (learnSigma ? 2 : 1) * 9 * 2;
-    let last: Float32Array | null = null;
-    for (let p = next(withPreview); p; p = next(withPreview)) {
-      // A model output that depends on the latent, so the two runs would drift apart if x0 leaked into the state.
-      const mo = Float32Array.from({ length: 2 * outPer }, (_, i) => Math.tanh(withPreview.x[i % (2 * per)] * 0.7 + Math.sin(i)) * 0.9);
-      const x = Float32Array.from(withPreview.x);
-      const x0 = predictX0(withPreview, mo);
-      const ab = ABAR[p.timestep];
-      for (let s = 0; s < 2; s++) {
-        for (let k = 0; k < per; k++) {
-          const eps = mo[s * outPer + k];
-          const i = s * per + k;
-          close(x0[i], (x[i] - Math.sqrt(1 - ab) * eps) / Math.sqrt(ab), 1e-5);
+  const samplers: Array<[SamplerName, boolean]> = [
+    ['ddpm', true],
+    ['ddim', false],
+    ['dpmpp', true],
+    ['euler-a', false],
+  ];
+  it.each(samplers)(
+    '%s: equals (x − √(1−ᾱ)·ε)/√ᾱ at every step, is the final sample at the last step, and changes nothing',
+    (sampler, learnSigma) => {
+      const req = { sampler, numSteps: 6, shape: [2, 3, 3] as const, count: 2, learnSigma, seed: 42n };
+      const withPreview = start(req);
+      const without = start(req);
+      const per = 2 * 9;
+      const outPer = (learnSigma ? 2 : 1) * 9 * 2;
+      let last: Float32Array | null = null;
+      for (let p = next(withPreview); p; p = next(withPreview)) {
+        // A model output that depends on the latent, so the two runs would drift apart if x0 leaked into the state.
+        const mo = Float32Array.from({ length: 2 * outPer }, (_, i) => Math.tanh(withPreview.x[i % (2 * per)] * 0.7 + Math.sin(i)) * 0.9);
+        const x = Float32Array.from(withPreview.x);
+        const x0 = predictX0(withPreview, mo);
+        const ab = ABAR[p.timestep];
+        for (let s = 0; s < 2; s++) {
+          for (let k = 0; k < per; k++) {
+            const eps = mo[s * outPer + k];
+            const i = s * per + k;
+            close(x0[i], (x[i] - Math.sqrt(1 - ab) * eps) / Math.sqrt(ab), 1e-5);
+          }
         }
+        expect(Array.from(withPreview.x)).toEqual(Array.from(x)); // the state is not touched
+        last = x0;
+        advance(withPreview, mo);
+        advance(without, mo);
       }
-      expect(Array.from(withPreview.x)).toEqual(Array.from(x)); // the state is not touched
-      last = x0;
-      advance(withPreview, mo);
-      advance(without, mo);
-    }
-    expect(Array.from(result(withPreview))).toEqual(Array.from(result(without)));
-    // At the last step every sampler returns its x0 prediction itself (DDPM adds no noise there and
-    // its posterior mean coefficients are 1 and 0 to float rounding).
-    const fin = result(withPreview);
-    if (sampler === 'ddpm') fin.forEach((v, i) => close(v, last![i], 1e-6));
-    else expect(Array.from(fin)).toEqual(Array.from(last!));
-    expect(() => predictX0(withPreview, new Float32Array(2 * outPer))).toThrow(/already finished/);
-  });
+      expect(Array.from(result(withPreview))).toEqual(Array.from(result(without)));
+      // At the last step every sampler returns its x0 prediction itself (DDPM adds no noise there and
+      // its posterior mean coefficients are 1 and 0 to float rounding).
+      const fin = result(withPreview);
+      if (sampler === 'ddpm') fin.forEach((v, i) => close(v, last![i], 1e-6));
+      else expect(Array.from(fin)).toEqual(Array.from(last!));
+      expect(() => predictX0(withPreview, new Float32Array(2 * outPer))).toThrow(/already finished/);
+    },
+  );
 
   it('rejects a model output of the wrong size', () => {
     const st = start({ sampler: 'ddim', numSteps: 3, shape: [2, 2, 2], count: 1, learnSigma: false, seed: 1n });

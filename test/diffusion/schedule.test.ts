@@ -15,9 +15,7 @@ interface GoldenSchedules {
   linear_1000: { betas: number[] };
   respacing: Record<string, { timesteps: number[]; betas: number[] }>;
 }
-const golden = JSON.parse(
-  readFileSync(resolve(process.cwd(), '../shared/golden/dit/schedules.json'), 'utf8'),
-) as GoldenSchedules;
+const golden = JSON.parse(readFileSync(resolve(process.cwd(), '../shared/golden/dit/schedules.json'), 'utf8')) as GoldenSchedules;
 
 function maxRel(a: ArrayLike<number>, b: ArrayLike<number>): number {
   expect(a.length).toBe(b.length);

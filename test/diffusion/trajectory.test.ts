@@ -48,7 +48,11 @@ async function forward(x: Float32Array, rows: number, t: number, y: bigint[]): P
   const S = config.input_size;
   const r = await session.run({
     x: new ort.Tensor('float32', x, [rows, C, S, S]),
-    t: new ort.Tensor('int64', BigInt64Array.from(y, () => BigInt(t)), [rows]),
+    t: new ort.Tensor(
+      'int64',
+      BigInt64Array.from(y, () => BigInt(t)),
+      [rows],
+    ),
     y: new ort.Tensor('int64', BigInt64Array.from(y), [rows]),
   });
   return r.out.data as Float32Array;
@@ -64,7 +68,12 @@ interface Golden {
 function readGolden(name: string): Golden {
   const f = openSafetensors(join(GOLDEN, CASE, `traj-${name}.safetensors`));
   try {
-    return { z: f.readF32('z'), labels: Array.from(f.readI64('labels')), stepNoise: f.readF32('step_noise'), trajectory: f.readF32('trajectory') };
+    return {
+      z: f.readF32('z'),
+      labels: Array.from(f.readI64('labels')),
+      stepNoise: f.readF32('step_noise'),
+      trajectory: f.readF32('trajectory'),
+    };
   } finally {
     f.close();
   }
@@ -103,7 +112,14 @@ async function replay(traj: Trajectory, g: Golden, teacherForced: boolean) {
     xIn.set(p.x);
     if (rows > n) xIn.set(p.x, per);
     const raw = await forward(xIn, rows, p.timestep, y);
-    const guided = combineGuidance(raw, { rows: n, outChannels, inChannels: C, plane: S * S, scale: traj.cfg_scale, channels: traj.guidance_channels });
+    const guided = combineGuidance(raw, {
+      rows: n,
+      outChannels,
+      inChannels: C,
+      plane: S * S,
+      scale: traj.cfg_scale,
+      channels: traj.guidance_channels,
+    });
     advance(state, guided);
     const ref = g.trajectory.subarray(p.step * per, (p.step + 1) * per);
     let e = 0;

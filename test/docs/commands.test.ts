@@ -75,13 +75,22 @@ async function check(line: string, extraFlags: string[] = []): Promise<string[]>
   } catch (err) {
     return [`${line}: ${(err as Error).message}`];
   }
-  const words = tokens.slice(0, tokens.findIndex((t) => t.startsWith('-')) < 0 ? tokens.length : tokens.findIndex((t) => t.startsWith('-')));
-  if (words.slice(0, spec.path.length).join(' ') !== spec.path.join(' ')) problems.push(`${line}: --help describes "ditpipe ${spec.path.join(' ')}"`);
+  const words = tokens.slice(
+    0,
+    tokens.findIndex((t) => t.startsWith('-')) < 0 ? tokens.length : tokens.findIndex((t) => t.startsWith('-')),
+  );
+  if (words.slice(0, spec.path.length).join(' ') !== spec.path.join(' '))
+    problems.push(`${line}: --help describes "ditpipe ${spec.path.join(' ')}"`);
   const positionals = words.slice(spec.path.length).filter((w) => w !== '…');
   if (positionals.length > spec.positionals) {
-    problems.push(`${line}: "${positionals.join(' ')}" is not a command of ditpipe ${spec.path.join(' ')} (commands: ${spec.commands.join(', ') || 'none'})`);
+    problems.push(
+      `${line}: "${positionals.join(' ')}" is not a command of ditpipe ${spec.path.join(' ')} (commands: ${spec.commands.join(', ') || 'none'})`,
+    );
   }
-  const flagTokens = [...tokens.slice(words.length), ...extraFlags.flatMap((f) => f.split(' ').flatMap((p, i) => (i === 0 ? p.split('/') : [p])))];
+  const flagTokens = [
+    ...tokens.slice(words.length),
+    ...extraFlags.flatMap((f) => f.split(' ').flatMap((p, i) => (i === 0 ? p.split('/') : [p]))),
+  ];
   for (let i = 0; i < flagTokens.length; i++) {
     const t = flagTokens[i];
     if (!t.startsWith('--')) continue;
@@ -95,7 +104,8 @@ async function check(line: string, extraFlags: string[] = []): Promise<string[]>
     i++;
     const placeholder = /^[A-Z][A-Z_]*$|…|^host:port$/.test(value);
     if (opt.choices && !placeholder) {
-      for (const v of value.split('|')) if (!opt.choices.includes(v)) problems.push(`${line}: ${t} ${v} is not one of ${opt.choices.join(', ')}`);
+      for (const v of value.split('|'))
+        if (!opt.choices.includes(v)) problems.push(`${line}: ${t} ${v} is not one of ${opt.choices.join(', ')}`);
     }
   }
   return problems;
@@ -106,7 +116,16 @@ describe("the README's command table", () => {
 
   it('has its rows (the parser reads the table it checks)', () => {
     expect(rows.length).toBeGreaterThanOrEqual(10);
-    expect(rows.flatMap((r) => r.commands)).toEqual(expect.arrayContaining(['npm start', 'ditpipe start', 'ditpipe model build dit', 'ditpipe model build vae', 'ditpipe model info', 'npm run bench']));
+    expect(rows.flatMap((r) => r.commands)).toEqual(
+      expect.arrayContaining([
+        'npm start',
+        'ditpipe start',
+        'ditpipe model build dit',
+        'ditpipe model build vae',
+        'ditpipe model info',
+        'npm run bench',
+      ]),
+    );
   });
 
   it('names only commands, flags and values that --help knows', async () => {
@@ -130,20 +149,25 @@ describe("the README's command table", () => {
 });
 
 describe('ditpipe commands in the docs', () => {
-  it.each(['README.md', 'docs/loadtest.md', 'docs/kubernetes.md', 'models/fashion-mnist/README.md'])('%s names only commands and flags --help knows', async (file) => {
-    const commands = commandsIn(file);
-    expect(commands.length, file).toBeGreaterThan(0);
-    const problems: string[] = [];
-    for (const c of commands) problems.push(...(await check(c)));
-    expect(problems).toEqual([]);
-  });
+  it.each(['README.md', 'docs/loadtest.md', 'docs/kubernetes.md', 'models/fashion-mnist/README.md'])(
+    '%s names only commands and flags --help knows',
+    async (file) => {
+      const commands = commandsIn(file);
+      expect(commands.length, file).toBeGreaterThan(0);
+      const problems: string[] = [];
+      for (const c of commands) problems.push(...(await check(c)));
+      expect(problems).toEqual([]);
+    },
+  );
 });
 
 describe('environment variables', () => {
   const services = ['scheduler', 'denoiser', 'decoder', 'start'];
 
   it('every flag of the service commands has one (README: "Every flag of the service commands has an environment variable")', async () => {
-    expect(README).toMatch(/Every flag of the service commands \(`scheduler`, `denoiser`, `decoder`, `start`\) has an\s+environment variable/);
+    expect(README).toMatch(
+      /Every flag of the service commands \(`scheduler`, `denoiser`, `decoder`, `start`\) has an\s+environment variable/,
+    );
     const missing: string[] = [];
     for (const s of services) {
       const spec = await helpSpec([s]);
@@ -152,7 +176,7 @@ describe('environment variables', () => {
     expect(missing).toEqual([]);
   });
 
-  it('every variable the README names is read by a command (a flag\'s variable, or one its --help says it reads)', async () => {
+  it("every variable the README names is read by a command (a flag's variable, or one its --help says it reads)", async () => {
     const named = [...new Set([...README.matchAll(/\b((?:NATS|DITPIPE)_[A-Z0-9_]+)\b/g)].map((m) => m[1]))];
     expect(named.length).toBeGreaterThan(10);
     const read = new Set<string>();
@@ -169,22 +193,30 @@ describe('README command lines, run for real', () => {
   let pipeline: Pipeline;
   beforeAll(async () => {
     // A served model with the Fashion-MNIST class names, so `--class Sandal,3` means what it says.
-    pipeline = await startPipeline({ transport: { kind: 'inproc' }, models: { ditDir: variantModels().namedDitDir, vaeDir: testModels().vaeDir } });
+    pipeline = await startPipeline({
+      transport: { kind: 'inproc' },
+      models: { ditDir: variantModels().namedDitDir, vaeDir: testModels().vaeDir },
+    });
   });
   afterAll(async () => {
     await pipeline?.stop();
   });
 
   const row = (command: string): string => {
-    const c = runningTable().flatMap((r) => r.commands).find((x) => x.startsWith(command));
+    const c = runningTable()
+      .flatMap((r) => r.commands)
+      .find((x) => x.startsWith(command));
     if (!c) throw new Error(`no "${command}" row in the README table`);
     return c;
   };
-  const ditpipe = (line: string) => run(process.execPath, [join(ROOT, 'bin/ditpipe.js'), ...line.split(' ').slice(1)], { cwd: ROOT, timeout: 120_000 });
+  const ditpipe = (line: string) =>
+    run(process.execPath, [join(ROOT, 'bin/ditpipe.js'), ...line.split(' ').slice(1)], { cwd: ROOT, timeout: 120_000 });
 
   it('generate, as the table writes it', async () => {
     const out = join(tmp, 'generate');
-    const line = row('ditpipe generate').replace('host:port', pipeline.address).replace(/--out DIR$/, `--out ${out}`);
+    const line = row('ditpipe generate')
+      .replace('host:port', pipeline.address)
+      .replace(/--out DIR$/, `--out ${out}`);
     const r = await ditpipe(line);
     expect(r.stdout).toContain('8 image(s) from dit-tiny-named, seed 1, 50 steps, cfg 4');
     expect(readdirSync(out).filter((f) => f.endsWith('-Sandal.png'))).toHaveLength(4);
@@ -193,7 +225,9 @@ describe('README command lines, run for real', () => {
 
   it('sample, as the table writes it', async () => {
     const out = join(tmp, 'run.safetensors');
-    const line = row('ditpipe sample').replace('--model-dir DIR', `--model-dir ${testModels().ditDir}`).replace('--out run.safetensors', `--out ${out}`);
+    const line = row('ditpipe sample')
+      .replace('--model-dir DIR', `--model-dir ${testModels().ditDir}`)
+      .replace('--out run.safetensors', `--out ${out}`);
     const r = await ditpipe(line);
     expect(r.stdout).toMatch(/2 sample\(s\) \[4, 8, 8\], 250 ddpm steps/);
     expect(existsSync(out)).toBe(true);
@@ -203,7 +237,11 @@ describe('README command lines, run for real', () => {
     for (const args of [[], ['generate'], ['model', 'build', 'vae']]) {
       const bin = parseHelp(await helpText(args));
       const inproc = await helpSpec(args);
-      expect([bin.path, [...bin.options.keys()], bin.commands], args.join(' ')).toEqual([inproc.path, [...inproc.options.keys()], inproc.commands]);
+      expect([bin.path, [...bin.options.keys()], bin.commands], args.join(' ')).toEqual([
+        inproc.path,
+        [...inproc.options.keys()],
+        inproc.commands,
+      ]);
     }
   });
 

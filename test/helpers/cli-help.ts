@@ -76,7 +76,8 @@ export async function helpSpec(args: string[]): Promise<CliSpec> {
     if (w.startsWith('-')) break;
     const sub = cmd.commands.find((c) => c.name() === w || c.aliases().includes(w));
     if (sub) cmd = sub;
-    else if (cmd.commands.length > 0) throw new Error(`ditpipe ${args.join(' ')}: unknown command '${w}' (commands: ${cmd.commands.map((c) => c.name()).join(', ')})`);
+    else if (cmd.commands.length > 0)
+      throw new Error(`ditpipe ${args.join(' ')}: unknown command '${w}' (commands: ${cmd.commands.map((c) => c.name()).join(', ')})`);
     else break;
   }
   return parseHelp(cmd.helpInformation());

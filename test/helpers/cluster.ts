@@ -50,7 +50,19 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<Cluster> 
     spawnService(`decoder-${i}`, ['decoder', ...common, '--model-dir', vaeDir, '--grpc-port', '-1', '--threads', '1']),
   );
   const scheduler = spawnService('scheduler', [
-    'scheduler', ...common, '--models', DIT_NAME, '--vae', `${DIT_NAME}=${VAE_NAME}`, '--grpc-port', '0', '--host', '127.0.0.1', '--http-port', '-1', ...(opts.scheduler ?? []),
+    'scheduler',
+    ...common,
+    '--models',
+    DIT_NAME,
+    '--vae',
+    `${DIT_NAME}=${VAE_NAME}`,
+    '--grpc-port',
+    '0',
+    '--host',
+    '127.0.0.1',
+    '--http-port',
+    '-1',
+    ...(opts.scheduler ?? []),
   ]);
   const all = [...denoisers, ...decoders, scheduler];
   try {

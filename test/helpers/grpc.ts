@@ -6,11 +6,20 @@ import { BinaryReader, BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 const identity = (b: Buffer): Buffer => b;
 
 /** grpc.health.v1.Health/Check of `service` ('' = the server): 1 SERVING, 2 NOT_SERVING. */
-export async function healthStatus(address: string, service = '', creds: grpc.ChannelCredentials = grpc.credentials.createInsecure()): Promise<number> {
+export async function healthStatus(
+  address: string,
+  service = '',
+  creds: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+): Promise<number> {
   const client = new grpc.Client(address, creds);
   try {
     const reply = await new Promise<Buffer>((resolve, reject) => {
-      const req = Buffer.from(new BinaryWriter().uint32((1 << 3) | WireType.LengthDelimited).string(service).finish());
+      const req = Buffer.from(
+        new BinaryWriter()
+          .uint32((1 << 3) | WireType.LengthDelimited)
+          .string(service)
+          .finish(),
+      );
       client.makeUnaryRequest('/grpc.health.v1.Health/Check', identity, identity, req, { deadline: Date.now() + 10_000 }, (err, value) =>
         err || !value ? reject(err ?? new Error('no reply')) : resolve(value),
       );
@@ -37,7 +46,14 @@ export async function reflectedServices(address: string, version: 'v1' | 'v1alph
       stream.once('error', reject);
     });
     // ServerReflectionRequest.list_services = 7
-    stream.write(Buffer.from(new BinaryWriter().uint32((7 << 3) | WireType.LengthDelimited).string('*').finish()));
+    stream.write(
+      Buffer.from(
+        new BinaryWriter()
+          .uint32((7 << 3) | WireType.LengthDelimited)
+          .string('*')
+          .finish(),
+      ),
+    );
     stream.end();
     const names: string[] = [];
     const r = new BinaryReader(await reply);
@@ -79,7 +95,14 @@ export async function reflectionDescribes(address: string, symbol: string): Prom
       stream.once('error', reject);
     });
     // ServerReflectionRequest.file_containing_symbol = 4
-    stream.write(Buffer.from(new BinaryWriter().uint32((4 << 3) | WireType.LengthDelimited).string(symbol).finish()));
+    stream.write(
+      Buffer.from(
+        new BinaryWriter()
+          .uint32((4 << 3) | WireType.LengthDelimited)
+          .string(symbol)
+          .finish(),
+      ),
+    );
     stream.end();
     const r = new BinaryReader(await reply);
     let found = false;

@@ -32,10 +32,21 @@ function cached(name: string, build: (dir: string) => void): string {
 
 export function testModels(): { ditDir: string; vaeDir: string } {
   const ditDir = cached(DIT_NAME, (out) =>
-    buildDitModel({ weights: join(GOLDEN, 'dit/dit-tiny-p2/weights.safetensors'), out, name: DIT_NAME, classNames: CLASS_NAMES, config: { num_heads: 4 } }),
+    buildDitModel({
+      weights: join(GOLDEN, 'dit/dit-tiny-p2/weights.safetensors'),
+      out,
+      name: DIT_NAME,
+      classNames: CLASS_NAMES,
+      config: { num_heads: 4 },
+    }),
   );
   const vaeDir = cached(VAE_NAME, (out) =>
-    buildVaeModel({ weights: join(GOLDEN, 'vae/vae-tiny/weights.safetensors'), out, name: VAE_NAME, config: JSON.stringify({ norm_num_groups: 32, latent_size: 8, scaling_factor: 0.18215 }) }),
+    buildVaeModel({
+      weights: join(GOLDEN, 'vae/vae-tiny/weights.safetensors'),
+      out,
+      name: VAE_NAME,
+      config: JSON.stringify({ norm_num_groups: 32, latent_size: 8, scaling_factor: 0.18215 }),
+    }),
   );
   return { ditDir, vaeDir };
 }
@@ -44,11 +55,28 @@ export function testModels(): { ditDir: string; vaeDir: string } {
  * Variants for the CLI and crop tests: the test DiT with class names that are not file-safe (the
  * Fashion-MNIST ones), and the test VAE with a 2-px output crop (32×32 decoded, 28×28 served).
  */
-export const FASHION_CLASS_NAMES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'];
+export const FASHION_CLASS_NAMES = [
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+];
 
 export function variantModels(): { namedDitDir: string; croppedVaeDir: string } {
   const namedDitDir = cached('dit-tiny-named', (out) =>
-    buildDitModel({ weights: join(GOLDEN, 'dit/dit-tiny-p2/weights.safetensors'), out, name: 'dit-tiny-named', classNames: FASHION_CLASS_NAMES, config: { num_heads: 4 } }),
+    buildDitModel({
+      weights: join(GOLDEN, 'dit/dit-tiny-p2/weights.safetensors'),
+      out,
+      name: 'dit-tiny-named',
+      classNames: FASHION_CLASS_NAMES,
+      config: { num_heads: 4 },
+    }),
   );
   const croppedVaeDir = cached('vae-tiny-crop2', (out) =>
     buildVaeModel({

@@ -11,7 +11,14 @@ import type { HttpApiOptions, RunningHttpApi } from '../../services/scheduler/ht
 import { startSchedulerService } from '../../services/scheduler/service.ts';
 import { SamplerApi, type SamplerApiOptions } from '../../shared/client.ts';
 import type { Logger } from '../../shared/log.ts';
-import { decoderMetrics, denoiserMetrics, schedulerMetrics, type DecoderMetrics, type DenoiserMetrics, type SchedulerMetrics } from '../../shared/metrics.ts';
+import {
+  decoderMetrics,
+  denoiserMetrics,
+  schedulerMetrics,
+  type DecoderMetrics,
+  type DenoiserMetrics,
+  type SchedulerMetrics,
+} from '../../shared/metrics.ts';
 import { readModelDir } from '../../shared/model/modeldir.ts';
 import { GrpcServer, type GrpcServerOptions } from '../../shared/server/grpc.ts';
 import type { RunningReplica } from '../../shared/server/replica.ts';
@@ -26,8 +33,7 @@ import { testModels } from './models.ts';
  * name sets the inbox prefix its permissions allow).
  */
 export type TransportKind =
-  | { kind: 'inproc'; bus?: InProcBus }
-  | { kind: 'nats'; url: string; connect?: (service: NatsService) => Partial<NatsConnectOptions> };
+  { kind: 'inproc'; bus?: InProcBus } | { kind: 'nats'; url: string; connect?: (service: NatsService) => Partial<NatsConnectOptions> };
 
 export interface PipelineOptions {
   transport: TransportKind;
@@ -75,7 +81,8 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const transports: Transport[] = [];
   const connect = async (name: string): Promise<Transport> => {
     const service = NATS_SERVICES.find((x) => name.startsWith(x));
-    const extra = opts.transport.kind === 'nats' && opts.transport.connect && service ? { service, ...opts.transport.connect(service) } : {};
+    const extra =
+      opts.transport.kind === 'nats' && opts.transport.connect && service ? { service, ...opts.transport.connect(service) } : {};
     const t = bus ? bus.connect(name) : natsTransport(await connectNats({ servers: url, name, ...extra }));
     transports.push(t);
     return t;
@@ -88,7 +95,11 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     dMetrics.push(m);
     const grpc = opts.denoiserGrpc ? new GrpcServer({ host: '127.0.0.1', port: 0 }) : null;
     denoisers.push(
-      await startDenoiserService(compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1, ...opts.denoiser }), await connect(`denoiser-${i}`), { metrics: m, grpc }),
+      await startDenoiserService(
+        compileDenoiserConfig({ modelDir: ditDir, intraOpThreads: 1, ...opts.denoiser }),
+        await connect(`denoiser-${i}`),
+        { metrics: m, grpc },
+      ),
     );
     if (grpc) {
       await grpc.listen();
@@ -100,7 +111,11 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   for (let i = 0; i < (opts.decoders ?? 1); i++) {
     const m = decoderMetrics();
     vMetrics.push(m);
-    decoders.push(await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), await connect(`decoder-${i}`), { metrics: m }));
+    decoders.push(
+      await startDecoderService(compileDecoderConfig({ modelDir: vaeDir, intraOpThreads: 1 }), await connect(`decoder-${i}`), {
+        metrics: m,
+      }),
+    );
   }
   const sMetrics = schedulerMetrics();
   const grpc = new GrpcServer({ host: '127.0.0.1', port: 0, ...opts.grpc });
@@ -111,7 +126,9 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
       grpc,
       metrics: sMetrics,
       log: opts.log,
-      http: opts.http ? { config: compileHttpConfig({ port: 0, host: '127.0.0.1', ...opts.http }), tls: opts.http.tls, authorize: opts.http.authorize } : null,
+      http: opts.http
+        ? { config: compileHttpConfig({ port: 0, host: '127.0.0.1', ...opts.http }), tls: opts.http.tls, authorize: opts.http.authorize }
+        : null,
     },
   );
   await grpc.listen();

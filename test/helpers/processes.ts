@@ -38,10 +38,12 @@ export function spawnService(name: string, args: string[], env: Record<string, s
   };
   proc.stdout?.on('data', onData);
   proc.stderr?.on('data', onData);
-  const exited = new Promise<number | null>((res) => proc.once('exit', (code) => {
-    live.delete(proc);
-    res(code);
-  }));
+  const exited = new Promise<number | null>((res) =>
+    proc.once('exit', (code) => {
+      live.delete(proc);
+      res(code);
+    }),
+  );
   return {
     name,
     proc,

@@ -33,23 +33,34 @@ interface Answer {
 function call(url: string, opts: { method?: string; body?: string; headers?: Record<string, string>; ca?: Buffer } = {}): Promise<Answer> {
   return new Promise((resolve, reject) => {
     const send = url.startsWith('https:') ? httpsRequest : httpRequest;
-    const req = send(url, { method: opts.method ?? 'GET', headers: { 'content-type': 'application/json', ...opts.headers }, ca: opts.ca }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => {
-        const text = Buffer.concat(chunks).toString('utf8');
-        resolve({ status: res.statusCode ?? 0, headers: res.headers, text, json: () => JSON.parse(text) });
-      });
-    });
+    const req = send(
+      url,
+      { method: opts.method ?? 'GET', headers: { 'content-type': 'application/json', ...opts.headers }, ca: opts.ca },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8');
+          resolve({ status: res.statusCode ?? 0, headers: res.headers, text, json: () => JSON.parse(text) });
+        });
+      },
+    );
     req.on('error', reject);
     req.end(opts.body);
   });
 }
 
-const post = (base: string, body: unknown): Promise<Answer> => call(`${base}/v1/images/generations`, { method: 'POST', body: JSON.stringify(body) });
+const post = (base: string, body: unknown): Promise<Answer> =>
+  call(`${base}/v1/images/generations`, { method: 'POST', body: JSON.stringify(body) });
 
 /** Sum of a scheduler metric's series (of `series`, e.g. "ditpipe_request_seconds_count", for histograms) matching the labels. */
-async function metric(p: Pipeline, name: string, match: Record<string, string> = {}, series = name, registry = p.schedulerMetrics.registry): Promise<number> {
+async function metric(
+  p: Pipeline,
+  name: string,
+  match: Record<string, string> = {},
+  series = name,
+  registry = p.schedulerMetrics.registry,
+): Promise<number> {
   const text = await registry.getSingleMetricAsString(name);
   let sum = 0;
   for (const line of text.split('\n')) {
@@ -73,7 +84,6 @@ function sse(text: string): Array<{ event: string; data: any }> {
     });
 }
 
-
 let p: Pipeline;
 let base: string;
 let openai: OpenAI;
@@ -90,7 +100,14 @@ afterAll(async () => {
 
 describe('OpenAI images API with the official client', () => {
   it('generates PNGs of the model size, the same bytes as gRPC for the same seed', async () => {
-    const body = { model: DIT_NAME, prompt: 'three', n: 2, size: '32x32', response_format: 'b64_json', ditpipe: { steps: 6, sampler: 'ddim', cfg_scale: 4, seed: 1234 } };
+    const body = {
+      model: DIT_NAME,
+      prompt: 'three',
+      n: 2,
+      size: '32x32',
+      response_format: 'b64_json',
+      ditpipe: { steps: 6, sampler: 'ddim', cfg_scale: 4, seed: 1234 },
+    };
     const res = await openai.images.generate(body as ImageGenerateParamsNonStreaming);
     expect(res.data).toHaveLength(2);
     expect(res.size).toBe('32x32');
@@ -101,7 +118,14 @@ describe('OpenAI images API with the official client', () => {
       expect(new Set(px.data).size).toBeGreaterThan(10);
     }
     expect(res.data!.map((d) => d.revised_prompt)).toEqual(['three', 'three']);
-    const grpc = await p.api.generate({ model: DIT_NAME, classLabels: [{ name: 'three' }, { index: 3 }], numSteps: 6, sampler: SamplerKind.SAMPLER_KIND_DDIM, cfgScale: 4, seed: 1234n });
+    const grpc = await p.api.generate({
+      model: DIT_NAME,
+      classLabels: [{ name: 'three' }, { index: 3 }],
+      numSteps: 6,
+      sampler: SamplerKind.SAMPLER_KIND_DDIM,
+      cfgScale: 4,
+      seed: 1234n,
+    });
     grpc.images.forEach((img, i) => expect(Buffer.from(img.png).equals(pngs[i]), `image ${i}`).toBe(true));
     expect(pngs[0].equals(pngs[1])).toBe(false); // different sample indices, different noise
     const x = (res as unknown as { ditpipe: { seed: string; num_steps: number; images: Array<{ class_label: number }> } }).ditpipe;
@@ -113,7 +137,11 @@ describe('OpenAI images API with the official client', () => {
   it('lists and retrieves models with their class names', async () => {
     const list = await openai.models.list();
     expect(list.data.map((m) => m.id)).toEqual([DIT_NAME]); // "ghost" has no denoiser and is left out
-    const m = list.data[0] as unknown as { object: string; owned_by: string; ditpipe: { class_names: string[]; image_size: number; replicas: number } };
+    const m = list.data[0] as unknown as {
+      object: string;
+      owned_by: string;
+      ditpipe: { class_names: string[]; image_size: number; replicas: number };
+    };
     expect(m.object).toBe('model');
     expect(m.ditpipe.class_names).toEqual(CLASS_NAMES);
     expect(m.ditpipe.image_size).toBe(32);
@@ -137,12 +165,20 @@ describe('OpenAI images API with the official client', () => {
     // partial_images 2 over 9 steps: a preview every 3 steps (after steps 3 and 6) unless the decoder was still busy.
     expect(types.filter((t) => t === 'image_generation.partial_image').length).toBeLessThanOrEqual(2);
     expect(types.slice(-2)).toEqual(['image_generation.completed', 'ditpipe.completed']);
-    const grpc = await p.api.generate({ model: DIT_NAME, classLabels: [{ index: 7 }], numSteps: 9, sampler: SamplerKind.SAMPLER_KIND_DDIM, seed: 5n });
+    const grpc = await p.api.generate({
+      model: DIT_NAME,
+      classLabels: [{ index: 7 }],
+      numSteps: 9,
+      sampler: SamplerKind.SAMPLER_KIND_DDIM,
+      seed: 5n,
+    });
     expect(Buffer.from(final, 'base64').equals(Buffer.from(grpc.images[0].png))).toBe(true);
   });
 
-  it('turns errors into the client\'s typed errors with status, param and code', async () => {
-    const bad = await failureOf(openai.images.generate({ model: DIT_NAME, prompt: 'three', ditpipe: { steps: 0 } } as ImageGenerateParamsNonStreaming));
+  it("turns errors into the client's typed errors with status, param and code", async () => {
+    const bad = await failureOf(
+      openai.images.generate({ model: DIT_NAME, prompt: 'three', ditpipe: { steps: 0 } } as ImageGenerateParamsNonStreaming),
+    );
     expect(bad).toBeInstanceOf(OpenAI.BadRequestError);
     const e = bad as unknown as InstanceType<typeof OpenAI.BadRequestError>;
     expect(e.status).toBe(400);
@@ -156,7 +192,12 @@ describe('OpenAI images API with the official client', () => {
 describe('one validation, two front ends', () => {
   // [case, HTTP body, the same request over gRPC, the field gRPC names, the param HTTP names]
   const d = (x: Record<string, unknown>): Record<string, unknown> => ({ model: DIT_NAME, prompt: 'three', ditpipe: { steps: 4, ...x } });
-  const g = (x: Partial<GenerateRequest>): Partial<GenerateRequest> => ({ model: DIT_NAME, classLabels: [{ name: 'three' }], numSteps: 4, ...x });
+  const g = (x: Partial<GenerateRequest>): Partial<GenerateRequest> => ({
+    model: DIT_NAME,
+    classLabels: [{ name: 'three' }],
+    numSteps: 4,
+    ...x,
+  });
   const cases: Array<[string, Record<string, unknown>, Partial<GenerateRequest>, string, string]> = [
     ['unknown class name', { ...d({}), prompt: 'Unicorn' }, g({ classLabels: [{ name: 'Unicorn' }] }), 'class_labels[0]', 'prompt'],
     ['class index out of range', { ...d({}), prompt: '10' }, g({ classLabels: [{ index: 10 }] }), 'class_labels[0]', 'prompt'],
@@ -167,7 +208,13 @@ describe('one validation, two front ends', () => {
     ['cfg below 1', d({ cfg_scale: 0.5 }), g({ cfgScale: 0.5 }), 'cfg_scale', 'ditpipe.cfg_scale'],
     ['eta out of range', d({ sampler: 'ddim', eta: 2 }), g({ sampler: SamplerKind.SAMPLER_KIND_DDIM, eta: 2 }), 'eta', 'ditpipe.eta'],
     ['eta for DDPM', d({ eta: 0.5 }), g({ eta: 0.5 }), 'eta', 'ditpipe.eta'],
-    ['preview without a stream', d({ preview: { every_steps: 2 } }), g({ preview: { everySteps: 2, method: PreviewMethod.PREVIEW_METHOD_DECODER } }), 'preview', 'ditpipe.preview'],
+    [
+      'preview without a stream',
+      d({ preview: { every_steps: 2 } }),
+      g({ preview: { everySteps: 2, method: PreviewMethod.PREVIEW_METHOD_DECODER } }),
+      'preview',
+      'ditpipe.preview',
+    ],
   ];
   it.each(cases)('%s: 400 naming the HTTP field, INVALID_ARGUMENT naming the gRPC field', async (_name, body, grpcReq, field, param) => {
     const res = await post(base, body);
@@ -217,7 +264,12 @@ describe('one validation, two front ends', () => {
     expect(ghost.json().error).toMatchObject({ code: 'unavailable', type: 'server_error' });
 
     // Fill the admission budget (24) with a slow gRPC request, then overflow it over HTTP.
-    const slow = p.api.generate({ model: DIT_NAME, classLabels: Array.from({ length: 20 }, () => ({ index: 2 })), numSteps: 300, cfgScale: 1 });
+    const slow = p.api.generate({
+      model: DIT_NAME,
+      classLabels: Array.from({ length: 20 }, () => ({ index: 2 })),
+      numSteps: 300,
+      cfgScale: 1,
+    });
     await expect.poll(() => metric(p, 'ditpipe_samples_in_flight'), { timeout: 10_000 }).toBe(20);
     const full = await post(base, { ...d({}), n: 5 });
     expect(full.status, full.text).toBe(429);
@@ -231,7 +283,10 @@ describe('one validation, two front ends', () => {
     expect(late.json().error.code).toBe('deadline_exceeded');
     expect(await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_request_seconds')).toMatch(/outcome="DEADLINE_EXCEEDED"/);
 
-    const big = await call(`${base}/v1/images/generations`, { method: 'POST', body: JSON.stringify({ prompt: 'x'.repeat(2 * 1024 * 1024) }) });
+    const big = await call(`${base}/v1/images/generations`, {
+      method: 'POST',
+      body: JSON.stringify({ prompt: 'x'.repeat(2 * 1024 * 1024) }),
+    });
     expect(big.status).toBe(413);
     const get = await call(`${base}/v1/images/generations`);
     expect(get.status).toBe(405);
@@ -245,8 +300,17 @@ describe('one validation, two front ends', () => {
 
 describe('server-sent events', () => {
   it('come in order: accepted, progress per step with previews after their steps, each final image, completed; previews are counted by purpose', async () => {
-    const before = { decodes: await metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' }), sent: await metric(p, 'ditpipe_previews_total', { outcome: 'sent' }) };
-    const res = await post(base, { model: DIT_NAME, prompt: 'five', n: 2, stream: true, ditpipe: { steps: 12, sampler: 'ddpm', seed: 3, preview: { every_steps: 2 } } });
+    const before = {
+      decodes: await metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' }),
+      sent: await metric(p, 'ditpipe_previews_total', { outcome: 'sent' }),
+    };
+    const res = await post(base, {
+      model: DIT_NAME,
+      prompt: 'five',
+      n: 2,
+      stream: true,
+      ditpipe: { steps: 12, sampler: 'ddpm', seed: 3, preview: { every_steps: 2 } },
+    });
     expect(res.status).toBe(200);
     expect(res.headers['content-type']).toMatch(/^text\/event-stream/);
     const events = sse(res.text);
@@ -294,8 +358,18 @@ describe('server-sent events', () => {
   it('projection previews: made by the scheduler at latent resolution, after one calibration of 8 decodes per VAE', async () => {
     const calibrations = (): Promise<number> => metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'calibration' });
     const previewDecodes = (): Promise<number> => metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' });
-    const before = { cal: await calibrations(), pre: await previewDecodes(), sent: await metric(p, 'ditpipe_previews_total', { method: 'projection', outcome: 'sent' }) };
-    const body = { model: DIT_NAME, prompt: 'five', n: 2, stream: true, ditpipe: { steps: 10, sampler: 'ddim', seed: 3, preview: { every_steps: 1, method: 'projection' } } };
+    const before = {
+      cal: await calibrations(),
+      pre: await previewDecodes(),
+      sent: await metric(p, 'ditpipe_previews_total', { method: 'projection', outcome: 'sent' }),
+    };
+    const body = {
+      model: DIT_NAME,
+      prompt: 'five',
+      n: 2,
+      stream: true,
+      ditpipe: { steps: 10, sampler: 'ddim', seed: 3, preview: { every_steps: 1, method: 'projection' } },
+    };
     const events = sse((await post(base, body)).text);
     const previews = events.filter((e) => e.event === 'image_generation.partial_image');
     // Nothing to wait for but the scheduler itself: every step but the last gets its previews.
@@ -326,16 +400,20 @@ describe('server-sent events', () => {
     const cancelledBefore = await metric(p, 'ditpipe_request_seconds', { outcome: 'CANCELLED' }, 'ditpipe_request_seconds_count');
     let progress = 0;
     await new Promise<void>((resolve, reject) => {
-      const req = httpRequest(`${base}/v1/images/generations`, { method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
-        res.on('data', (c: Buffer) => {
-          progress += (c.toString().match(/event: ditpipe\.progress/g) ?? []).length;
-          if (progress >= 3) {
-            req.destroy(); // the client goes away: no more reading, the socket closes
-            resolve();
-          }
-        });
-        res.on('error', () => undefined);
-      });
+      const req = httpRequest(
+        `${base}/v1/images/generations`,
+        { method: 'POST', headers: { 'content-type': 'application/json' } },
+        (res) => {
+          res.on('data', (c: Buffer) => {
+            progress += (c.toString().match(/event: ditpipe\.progress/g) ?? []).length;
+            if (progress >= 3) {
+              req.destroy(); // the client goes away: no more reading, the socket closes
+              resolve();
+            }
+          });
+          res.on('error', () => undefined);
+        },
+      );
       req.on('error', (err) => (progress >= 3 ? undefined : reject(err)));
       req.end(JSON.stringify({ model: DIT_NAME, prompt: 'one', n: 2, stream: true, ditpipe: { steps: 500, cfg_scale: 1 } }));
     });
@@ -350,7 +428,8 @@ describe('server-sent events', () => {
 
 describe('cluster view', () => {
   it('reports what the scheduler knows: replicas, batch rows reported by the denoisers, its queue and sampling compute', async () => {
-    const denoiserGflops = (): Promise<number> => metric(p, 'ditpipe_sampling_gflops_total', {}, 'ditpipe_sampling_gflops_total', p.denoiserMetrics[0].registry);
+    const denoiserGflops = (): Promise<number> =>
+      metric(p, 'ditpipe_sampling_gflops_total', {}, 'ditpipe_sampling_gflops_total', p.denoiserMetrics[0].registry);
     const spentBefore = await denoiserGflops();
     const a = (await call(`${base}/ditpipe/cluster`)).json();
     await post(base, { model: DIT_NAME, prompt: 'two', n: 3, ditpipe: { steps: 5, cfg_scale: 4 } });
@@ -375,10 +454,40 @@ describe('TLS and bearer tokens', () => {
   it('serves HTTPS with the given certificate and refuses API calls without a valid token (the page stays public)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'ditpipe-tls-'));
     const tls = await (async () => {
-      execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem')], { stdio: 'ignore' });
+      execFileSync(
+        'openssl',
+        [
+          'req',
+          '-x509',
+          '-newkey',
+          'ec',
+          '-pkeyopt',
+          'ec_paramgen_curve:prime256v1',
+          '-nodes',
+          '-days',
+          '1',
+          '-subj',
+          '/CN=127.0.0.1',
+          '-addext',
+          'subjectAltName=IP:127.0.0.1',
+          '-keyout',
+          join(dir, 'key.pem'),
+          '-out',
+          join(dir, 'cert.pem'),
+        ],
+        { stdio: 'ignore' },
+      );
       return { key: readFileSync(join(dir, 'key.pem')), cert: readFileSync(join(dir, 'cert.pem')) };
     })();
-    const q = await startPipeline({ transport: { kind: 'inproc' }, http: { tls, authorize: bearerTokens(TokenSet.parse('s3cret-token-for-http\nlisting-only-token-xyz ditpipe.v1.Sampler/ListModels', 'test tokens')) } });
+    const q = await startPipeline({
+      transport: { kind: 'inproc' },
+      http: {
+        tls,
+        authorize: bearerTokens(
+          TokenSet.parse('s3cret-token-for-http\nlisting-only-token-xyz ditpipe.v1.Sampler/ListModels', 'test tokens'),
+        ),
+      },
+    });
     try {
       const url = q.http!.url;
       expect(url).toMatch(/^https:\/\/127\.0\.0\.1:\d+$/);
@@ -395,7 +504,12 @@ describe('TLS and bearer tokens', () => {
       // Scopes are the gRPC token file's: a token for ListModels only may list, not generate.
       const lister = { authorization: 'Bearer listing-only-token-xyz' };
       expect((await call(`${url}/v1/models`, { ca, headers: lister })).status).toBe(200);
-      const denied = await call(`${url}/v1/images/generations`, { ca, headers: { ...lister, 'content-type': 'application/json' }, method: 'POST', body: JSON.stringify({ prompt: 'three' }) });
+      const denied = await call(`${url}/v1/images/generations`, {
+        ca,
+        headers: { ...lister, 'content-type': 'application/json' },
+        method: 'POST',
+        body: JSON.stringify({ prompt: 'three' }),
+      });
       expect(denied.status).toBe(403);
       const page = await call(`${url}/`, { ca });
       expect(page.status).toBe(200);
@@ -411,15 +525,34 @@ describe('TLS and bearer tokens', () => {
 describe('previews over gRPC', () => {
   it('GenerateStream sends preview events between progress events when asked', async () => {
     const events: GenerateEvent[] = [];
-    for await (const ev of p.api.generateStream({ model: DIT_NAME, classLabels: [{ index: 4 }], numSteps: 8, sampler: SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP, guidanceChannels: GuidanceChannels.GUIDANCE_CHANNELS_ALL, seed: 9n, preview: { everySteps: 1, method: PreviewMethod.PREVIEW_METHOD_UNSPECIFIED } })) events.push(ev);
+    for await (const ev of p.api.generateStream({
+      model: DIT_NAME,
+      classLabels: [{ index: 4 }],
+      numSteps: 8,
+      sampler: SamplerKind.SAMPLER_KIND_DPM_SOLVER_PP,
+      guidanceChannels: GuidanceChannels.GUIDANCE_CHANNELS_ALL,
+      seed: 9n,
+      preview: { everySteps: 1, method: PreviewMethod.PREVIEW_METHOD_UNSPECIFIED },
+    }))
+      events.push(ev);
     const previews = events.filter((e) => e.preview).map((e) => e.preview!);
     expect(previews.length).toBeGreaterThan(0);
-    expect(previews.every((pv) => pv.step >= 1 && pv.step < 8 && pv.method === PreviewMethod.PREVIEW_METHOD_DECODER && pv.png.length > 0)).toBe(true);
+    expect(
+      previews.every((pv) => pv.step >= 1 && pv.step < 8 && pv.method === PreviewMethod.PREVIEW_METHOD_DECODER && pv.png.length > 0),
+    ).toBe(true);
     const firstImage = events.findIndex((e) => e.image);
     expect(events.slice(firstImage).some((e) => e.preview)).toBe(false);
-    const bad = await failureOf((async () => {
-      for await (const _ of p.api.generateStream({ model: DIT_NAME, classLabels: [{ index: 4 }], numSteps: 8, preview: { everySteps: 2, method: 7 as PreviewMethod } })) void _;
-    })());
+    const bad = await failureOf(
+      (async () => {
+        for await (const _ of p.api.generateStream({
+          model: DIT_NAME,
+          classLabels: [{ index: 4 }],
+          numSteps: 8,
+          preview: { everySteps: 2, method: 7 as PreviewMethod },
+        }))
+          void _;
+      })(),
+    );
     expect((bad as InvalidArgumentError).field).toBe('preview.method');
   });
 });

@@ -50,7 +50,16 @@ beforeAll(async () => {
   const { chromium } = await import('playwright-core');
   context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
     viewport: { width: 1280, height: 1000 },
   });
   page = context.pages()[0] ?? (await context.newPage());
@@ -98,13 +107,19 @@ describe('playground', () => {
 
     const seen = await page.evaluate(() => (window as unknown as { seen: Record<string, string[]> }).seen);
     const previews = await page.$$eval('#tiles .tile', (ts) => ts.map((t) => Number((t as HTMLElement).dataset.previews)));
-    expect(previews.reduce((a, b) => a + b, 0), 'preview events reached the page').toBeGreaterThan(0);
+    expect(
+      previews.reduce((a, b) => a + b, 0),
+      'preview events reached the page',
+    ).toBeGreaterThan(0);
     // The tiles changed picture: previews (each a new x0 prediction), then the final image.
     for (const [i, srcs] of Object.entries(seen)) {
       expect(new Set(srcs).size, `tile ${i}`).toBe(srcs.length);
       expect(srcs.length, `tile ${i}`).toBe(previews[Number(i)] + 1);
     }
-    expect(Math.max(...Object.values(seen).map((s) => s.length)), 'some tile showed at least two previews before its final image').toBeGreaterThanOrEqual(3);
+    expect(
+      Math.max(...Object.values(seen).map((s) => s.length)),
+      'some tile showed at least two previews before its final image',
+    ).toBeGreaterThanOrEqual(3);
 
     // A screenshot of each final tile is an image, not a blank square.
     const tiles = page.locator('#tiles .tile img');
@@ -116,13 +131,19 @@ describe('playground', () => {
     expect(await entry.locator('.settings').textContent()).toContain('five · ddim 60 steps · cfg 4 · seed 11 · 3 image(s)');
     const snippets = await entry.locator('pre').allTextContents();
     expect(snippets).toHaveLength(3);
-    expect(snippets[1]).toBe(`ditpipe generate --server ${p.address} --model '${DIT_NAME}' --class 'five' --num 3 --steps 60 --sampler ddim --cfg 4 --seed 11 --out out/generate`);
+    expect(snippets[1]).toBe(
+      `ditpipe generate --server ${p.address} --model '${DIT_NAME}' --class 'five' --num 3 --steps 60 --sampler ddim --cfg 4 --seed 11 --out out/generate`,
+    );
     expect(snippets[2]).toContain(`${p.address} ditpipe.v1.Sampler/Generate`);
     const grpcJson = JSON.parse(/-d '(.*)'/.exec(snippets[2])![1]) as { class_labels: unknown[]; sampler: string; seed: string };
     expect(grpcJson).toMatchObject({ sampler: 'SAMPLER_KIND_DDIM', seed: '11' });
     expect(grpcJson.class_labels).toHaveLength(3);
     const curlBody = /-d '(.*)'/.exec(snippets[0])![1];
-    const res = await fetch(`${base}/v1/images/generations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: curlBody });
+    const res = await fetch(`${base}/v1/images/generations`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: curlBody,
+    });
     const j = (await res.json()) as { data: Array<{ b64_json: string }> };
     const first = await page.$eval('#tiles .tile[data-index="0"] img', (img) => (img as HTMLImageElement).src);
     expect(`data:image/png;base64,${j.data[0].b64_json}`).toBe(first);

@@ -7,10 +7,13 @@ const solid = (v: number, channels = 1): Uint8Array =>
 
 describe('labelled grid', () => {
   it('places each image, upscaled, on its label row and writes the labels', async () => {
-    const png = await labelledGrid([
-      { label: 'Sandal', pngs: [solid(0), solid(200)] },
-      { label: 'Bag', pngs: [solid(100)] },
-    ], { scale: 3 });
+    const png = await labelledGrid(
+      [
+        { label: 'Sandal', pngs: [solid(0), solid(200)] },
+        { label: 'Bag', pngs: [solid(100)] },
+      ],
+      { scale: 3 },
+    );
     const g = decodePng(png);
     // label column 130 px, then 2 columns of 12 px with 4 px gaps; 2 rows of 12 px.
     expect(g.width).toBe(130 + 2 * 16 + 4);
@@ -31,7 +34,8 @@ describe('labelled grid', () => {
     expect(g.width).toBeGreaterThan(400); // 130 + 4 + 4 + 4 without the title
     // Ink in the last quarter of the title row: the seed is drawn, not cut off.
     let ink = 0;
-    for (let y = 0; y < 28; y++) for (let x = Math.floor(g.width * 0.75); x < g.width; x++) if (g.data[(y * g.width + x) * g.channels] < 128) ink++;
+    for (let y = 0; y < 28; y++)
+      for (let x = Math.floor(g.width * 0.75); x < g.width; x++) if (g.data[(y * g.width + x) * g.channels] < 128) ink++;
     expect(ink).toBeGreaterThan(10);
   });
 

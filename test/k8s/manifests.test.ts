@@ -60,7 +60,11 @@ interface Container {
   image?: string;
   command?: string[];
   args?: string[];
-  env?: Array<{ name: string; value?: string; valueFrom?: { configMapKeyRef?: { name: string; key: string }; secretKeyRef?: { name: string; key: string } } }>;
+  env?: Array<{
+    name: string;
+    value?: string;
+    valueFrom?: { configMapKeyRef?: { name: string; key: string }; secretKeyRef?: { name: string; key: string } };
+  }>;
   envFrom?: Array<{ configMapRef?: { name: string }; secretRef?: { name: string } }>;
   ports?: Array<{ name?: string; containerPort: number }>;
   startupProbe?: Probe;
@@ -68,7 +72,13 @@ interface Container {
   livenessProbe?: Probe;
   lifecycle?: { preStop?: { exec?: { command: string[] }; sleep?: { seconds: number } } };
   resources?: { requests?: Record<string, string | number>; limits?: Record<string, string | number> };
-  securityContext?: { runAsNonRoot?: boolean; runAsUser?: number; readOnlyRootFilesystem?: boolean; allowPrivilegeEscalation?: boolean; capabilities?: { drop?: string[] } };
+  securityContext?: {
+    runAsNonRoot?: boolean;
+    runAsUser?: number;
+    readOnlyRootFilesystem?: boolean;
+    allowPrivilegeEscalation?: boolean;
+    capabilities?: { drop?: string[] };
+  };
   volumeMounts?: Array<{ name: string; mountPath: string; readOnly?: boolean }>;
 }
 interface PodSpec {
@@ -159,10 +169,15 @@ function splitImage(image: string): { repo: string; tag: string; digest: boolean
   const [ref, digest] = image.split('@');
   const slash = ref.lastIndexOf('/');
   const colon = ref.lastIndexOf(':');
-  return colon > slash ? { repo: ref.slice(0, colon), tag: ref.slice(colon + 1), digest: Boolean(digest) } : { repo: ref, tag: '', digest: Boolean(digest) };
+  return colon > slash
+    ? { repo: ref.slice(0, colon), tag: ref.slice(colon + 1), digest: Boolean(digest) }
+    : { repo: ref, tag: '', digest: Boolean(digest) };
 }
 
-const isDitpipe = (c: Container): boolean => splitImage(c.image ?? '').repo.split('/').pop() === 'ditpipe' && !c.command;
+const isDitpipe = (c: Container): boolean =>
+  splitImage(c.image ?? '')
+    .repo.split('/')
+    .pop() === 'ditpipe' && !c.command;
 
 // ---------------------------------------------------------------------------------------------
 // One container as the CLI will see it.
@@ -267,7 +282,11 @@ function preStopMs(c: Container): number {
 
 // The services' gRPC health ports as the brief and DESIGN fix them; the CLI defaults must agree.
 const GRPC_PORT: Record<string, number> = { scheduler: 50051, denoiser: 50052, decoder: 50053 };
-const HEALTH_NAME: Record<string, string> = { scheduler: SERVICE_NAMES.sampler, denoiser: SERVICE_NAMES.denoiser, decoder: SERVICE_NAMES.decoder };
+const HEALTH_NAME: Record<string, string> = {
+  scheduler: SERVICE_NAMES.sampler,
+  denoiser: SERVICE_NAMES.denoiser,
+  decoder: SERVICE_NAMES.decoder,
+};
 
 /** Every check on a set of objects that is applied together (a rendered kustomization). */
 async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
@@ -295,10 +314,12 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
       }
       for (const v of pod.volumes ?? []) {
         const claim = v.persistentVolumeClaim?.claimName;
-        if (claim && !docs.some((d) => d.kind === 'PersistentVolumeClaim' && d.metadata?.name === claim)) problems.push(`${where}: PVC ${claim} is not defined`);
+        if (claim && !docs.some((d) => d.kind === 'PersistentVolumeClaim' && d.metadata?.name === claim))
+          problems.push(`${where}: PVC ${claim} is not defined`);
       }
       if (!isDitpipe(c)) continue;
-      if (img.tag !== VERSION && img.tag !== `${VERSION}-cuda`) problems.push(`${where}: ditpipe image tag ${img.tag} is not the package version ${VERSION} (or ${VERSION}-cuda)`);
+      if (img.tag !== VERSION && img.tag !== `${VERSION}-cuda`)
+        problems.push(`${where}: ditpipe image tag ${img.tag} is not the package version ${VERSION} (or ${VERSION}-cuda)`);
       // tsx writes its transpile cache under $TMPDIR: a read-only root needs a writable /tmp.
       if (sc.readOnlyRootFilesystem !== true) problems.push(`${where}: root filesystem not read-only`);
       const tmp = c.volumeMounts?.find((m) => m.mountPath === '/tmp');
@@ -314,19 +335,27 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
 
       // A long-running service: ports, probes, metrics, shutdown.
       const help = r.spec.options.get('--grpc-port')?.default;
-      if (Number(help) !== GRPC_PORT[svc]) problems.push(`${where}: ditpipe ${svc} --grpc-port default is ${help}, expected ${GRPC_PORT[svc]}`);
+      if (Number(help) !== GRPC_PORT[svc])
+        problems.push(`${where}: ditpipe ${svc} --grpc-port default is ${help}, expected ${GRPC_PORT[svc]}`);
       const grpcPort = effectiveInt(r, '--grpc-port');
       const healthPort = effectiveInt(r, '--health-port');
       const metricsPort = effectiveInt(r, '--metrics-port');
       const graceMs = effectiveInt(r, '--shutdown-grace');
       const ports = new Map((c.ports ?? []).map((p) => [p.name, p.containerPort]));
-      if (grpcPort >= 0 && ports.get('grpc') !== grpcPort) problems.push(`${where}: containerPort "grpc" is ${ports.get('grpc')}, the service listens on ${grpcPort}`);
-      if (grpcPort < 0 && ports.has('grpc')) problems.push(`${where}: containerPort "grpc" declared, but the gRPC API is off (--grpc-port -1)`);
-      if (healthPort >= 0 && ports.get('health') !== healthPort) problems.push(`${where}: containerPort "health" is ${ports.get('health')}, the health port is ${healthPort}`);
-      if (ports.get('metrics') !== metricsPort) problems.push(`${where}: containerPort "metrics" is ${ports.get('metrics')}, metrics are on ${metricsPort}`);
+      if (grpcPort >= 0 && ports.get('grpc') !== grpcPort)
+        problems.push(`${where}: containerPort "grpc" is ${ports.get('grpc')}, the service listens on ${grpcPort}`);
+      if (grpcPort < 0 && ports.has('grpc'))
+        problems.push(`${where}: containerPort "grpc" declared, but the gRPC API is off (--grpc-port -1)`);
+      if (healthPort >= 0 && ports.get('health') !== healthPort)
+        problems.push(`${where}: containerPort "health" is ${ports.get('health')}, the health port is ${healthPort}`);
+      if (ports.get('metrics') !== metricsPort)
+        problems.push(`${where}: containerPort "metrics" is ${ports.get('metrics')}, metrics are on ${metricsPort}`);
       // Pods are reached on their pod IP: a service bound to loopback would answer nothing.
       for (const flag of ['--host', '--metrics-host']) {
-        if (effective(r, flag) !== '0.0.0.0') problems.push(`${where}: ${flag} is ${effective(r, flag)}; probes and scrapes come from outside the pod (the image sets 0.0.0.0)`);
+        if (effective(r, flag) !== '0.0.0.0')
+          problems.push(
+            `${where}: ${flag} is ${effective(r, flag)}; probes and scrapes come from outside the pod (the image sets 0.0.0.0)`,
+          );
       }
       // TLS material comes from a mounted Secret.
       for (const flag of ['--tls-cert', '--tls-key', '--tls-client-ca', '--auth-tokens-file']) {
@@ -346,29 +375,38 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
           problems.push(`${where}: no gRPC ${kind}`);
           continue;
         }
-        if (probe.grpc.port !== probePort) problems.push(`${where}: ${kind} probes port ${probe.grpc.port}, health answers in plaintext on ${probePort}`);
+        if (probe.grpc.port !== probePort)
+          problems.push(`${where}: ${kind} probes port ${probe.grpc.port}, health answers in plaintext on ${probePort}`);
         const name = probe.grpc.service ?? '';
-        if (name !== '' && name !== HEALTH_NAME[svc]) problems.push(`${where}: ${kind} asks health of "${name}", the server reports "" and "${HEALTH_NAME[svc]}"`);
+        if (name !== '' && name !== HEALTH_NAME[svc])
+          problems.push(`${where}: ${kind} asks health of "${name}", the server reports "" and "${HEALTH_NAME[svc]}"`);
       }
       const window = (p: Probe | undefined): number => (p?.periodSeconds ?? 10) * (p?.failureThreshold ?? 3);
-      if (svc !== 'scheduler' && window(c.startupProbe) < 120) problems.push(`${where}: startup probe allows ${window(c.startupProbe)} s to load a model`);
+      if (svc !== 'scheduler' && window(c.startupProbe) < 120)
+        problems.push(`${where}: startup probe allows ${window(c.startupProbe)} s to load a model`);
       if (window(c.livenessProbe) < 30) problems.push(`${where}: liveness probe restarts after ${window(c.livenessProbe)} s`);
       const ann = podAnnotations(w);
-      if (ann['prometheus.io/scrape'] !== 'true' || ann['prometheus.io/path'] !== '/metrics' || Number(ann['prometheus.io/port']) !== metricsPort) {
+      if (
+        ann['prometheus.io/scrape'] !== 'true' ||
+        ann['prometheus.io/path'] !== '/metrics' ||
+        Number(ann['prometheus.io/port']) !== metricsPort
+      ) {
         problems.push(`${where}: prometheus annotations ${JSON.stringify(ann)} do not point at :${metricsPort}/metrics`);
       }
       // Shutdown: the service drains for up to the grace, then the NATS connection drains for up
       // to the grace (cli/common.ts serveUntilSignal), gRPC closes within 1 s; preStop comes first.
       const needMs = preStopMs(c) + 2 * graceMs + 1000;
       const tgps = pod.terminationGracePeriodSeconds ?? 30;
-      if (tgps * 1000 <= needMs) problems.push(`${where}: terminationGracePeriodSeconds ${tgps} s ≤ preStop + 2 × shutdown grace + 1 s = ${needMs / 1000} s`);
+      if (tgps * 1000 <= needMs)
+        problems.push(`${where}: terminationGracePeriodSeconds ${tgps} s ≤ preStop + 2 × shutdown grace + 1 s = ${needMs / 1000} s`);
       const natsUrl = effective(r, '--nats-url');
       if (!natsUrl) problems.push(`${where}: no NATS_URL`);
       else {
         for (const u of natsUrl.split(',')) {
           const m = /^nats:\/\/([^:/]+):(\d+)$/.exec(u.trim());
           const svcDoc = m && docs.find((d) => d.kind === 'Service' && d.metadata?.name === m[1]);
-          if (m && !svcDoc?.spec?.ports?.some((p) => p.port === Number(m[2]))) problems.push(`${where}: NATS_URL ${u} names no Service port here`);
+          if (m && !svcDoc?.spec?.ports?.some((p) => p.port === Number(m[2])))
+            problems.push(`${where}: NATS_URL ${u} names no Service port here`);
         }
       }
       if (svc !== 'scheduler') {
@@ -389,7 +427,11 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
       if (!pods.length) problems.push(`${where}: selector matches no pods`);
       for (const p of d.spec?.ports ?? []) {
         const target = p.targetPort ?? p.port;
-        const ok = pods.some((w) => podSpec(w)!.containers.some((c) => (c.ports ?? []).some((cp) => (typeof target === 'string' ? cp.name === target : cp.containerPort === target))));
+        const ok = pods.some((w) =>
+          podSpec(w)!.containers.some((c) =>
+            (c.ports ?? []).some((cp) => (typeof target === 'string' ? cp.name === target : cp.containerPort === target)),
+          ),
+        );
         if (!ok) problems.push(`${where}: targetPort ${target} is no container port of its pods`);
       }
     }
@@ -401,7 +443,8 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
       const ref = d.spec?.scaleTargetRef;
       const target = docs.find((t) => t.kind === ref?.kind && t.metadata?.name === ref?.name);
       if (!target) problems.push(`${where}: scale target ${ref?.kind}/${ref?.name} not defined`);
-      else if (target.spec?.replicas !== undefined) problems.push(`${where}: ${ref?.name} sets replicas, which fights the autoscaler on every apply`);
+      else if (target.spec?.replicas !== undefined)
+        problems.push(`${where}: ${ref?.name} sets replicas, which fights the autoscaler on every apply`);
     }
     if (d.kind === 'ScaledObject') problems.push(...(await checkScaledObject(label, d, docs)));
   }
@@ -414,9 +457,12 @@ async function checkSet(label: string, docs: K8sDoc[]): Promise<string[]> {
     const key = `${ref.kind ?? 'Deployment'}/${ref.name}`;
     scalers.set(key, [...(scalers.get(key) ?? []), `${d.kind}/${d.metadata?.name}`]);
   }
-  for (const [target, by] of scalers) if (by.length > 1) problems.push(`${label}: ${target} is scaled by ${by.join(' and ')}, which fight over its replicas`);
+  for (const [target, by] of scalers)
+    if (by.length > 1) problems.push(`${label}: ${target} is scaled by ${by.join(' and ')}, which fight over its replicas`);
   if (new Set(queueSettings.values()).size > 1) {
-    problems.push(`${label}: the services get different work-queue settings:\n${[...queueSettings].map(([w, q]) => `  ${w}: ${q}`).join('\n')}`);
+    problems.push(
+      `${label}: the services get different work-queue settings:\n${[...queueSettings].map(([w, q]) => `  ${w}: ${q}`).join('\n')}`,
+    );
   }
   // The scheduler's models are served by denoisers, their VAEs by decoders (names = model.json
   // names, i.e. the build Job's --name; checked against the Job separately).
@@ -437,7 +483,11 @@ async function readBuilt(jobs: K8sDoc[]): Promise<void> {
       const kind = r.spec.path.join(' ');
       const out = r.args.get('--out');
       if ((kind === 'model build dit' || kind === 'model build vae') && out) {
-        built.set(out, { kind: kind === 'model build dit' ? 'dit' : 'vae', name: r.args.get('--name') ?? basename(out), vae: r.args.get('--vae') });
+        built.set(out, {
+          kind: kind === 'model build dit' ? 'dit' : 'vae',
+          name: r.args.get('--name') ?? basename(out),
+          vae: r.args.get('--vae'),
+        });
       }
     }
   }
@@ -474,8 +524,16 @@ async function scheduled(docs: K8sDoc[]): Promise<{ models: Set<string>; vaes: S
   for (const w of docs.filter((d) => d.kind === 'Deployment')) {
     const rep = await replicaOf(w, docs);
     if (rep?.svc !== 'scheduler') continue;
-    const names = (effective(rep.r, '--models') ?? '').split(',').map((x) => x.trim()).filter(Boolean);
-    const fallback = Object.fromEntries((effective(rep.r, '--vae') ?? '').split(',').filter(Boolean).map((kv) => kv.split('=').map((x) => x.trim())));
+    const names = (effective(rep.r, '--models') ?? '')
+      .split(',')
+      .map((x) => x.trim())
+      .filter(Boolean);
+    const fallback = Object.fromEntries(
+      (effective(rep.r, '--vae') ?? '')
+        .split(',')
+        .filter(Boolean)
+        .map((kv) => kv.split('=').map((x) => x.trim())),
+    );
     for (const m of names) {
       models.add(m);
       const vae = [...built.values()].find((b) => b.kind === 'dit' && b.name === m)?.vae ?? fallback[m];
@@ -502,7 +560,10 @@ function natsConfOf(pods: K8sDoc[], docs: K8sDoc[]): string | undefined {
  * uses them: the NATS pod's environment (its secretKeyRefs resolved) and, per service, the seed
  * file its pod mounts (written under dir).
  */
-async function natsSecrets(docs: K8sDoc[], dir: string): Promise<{ env: Record<string, string>; seedOf: (docs: K8sDoc[], svc: NatsService) => string }> {
+async function natsSecrets(
+  docs: K8sDoc[],
+  dir: string,
+): Promise<{ env: Record<string, string>; seedOf: (docs: K8sDoc[], svc: NatsService) => string }> {
   const { stdout } = await run(process.execPath, [join(ROOT, 'bin/ditpipe.js'), 'nats-config', '--secret'], { timeout: 60_000 });
   const secret = parseYaml(stdout) as { metadata: { name: string }; stringData: Record<string, string> };
   expect(secret.metadata.name).toBe(DEFAULT_SECRET);
@@ -526,7 +587,10 @@ async function natsSecrets(docs: K8sDoc[], dir: string): Promise<{ env: Record<s
 }
 
 /** Where a service's pod finds its NATS seed: NATS_NKEY → the Secret volume mounted there, and its one key. */
-function seedMountOf(docs: K8sDoc[], svc: NatsService): { deployment: K8sDoc; path: string; secret: string; key: string; items: Array<{ key: string; path: string }> } | undefined {
+function seedMountOf(
+  docs: K8sDoc[],
+  svc: NatsService,
+): { deployment: K8sDoc; path: string; secret: string; key: string; items: Array<{ key: string; path: string }> } | undefined {
   for (const d of docs.filter((x) => x.kind === 'Deployment' && podLabels(x)['app.kubernetes.io/component'] === svc)) {
     const pod = podSpec(d)!;
     const c = pod.containers.find(isDitpipe);
@@ -541,7 +605,10 @@ function seedMountOf(docs: K8sDoc[], svc: NatsService): { deployment: K8sDoc; pa
 }
 
 /** Whether a label selector (matchLabels, matchExpressions In/NotIn/Exists) selects these labels. */
-function selects(sel: { matchLabels?: Record<string, string>; matchExpressions?: Array<{ key: string; operator: string; values?: string[] }> } | undefined, labels: Record<string, string>): boolean {
+function selects(
+  sel: { matchLabels?: Record<string, string>; matchExpressions?: Array<{ key: string; operator: string; values?: string[] }> } | undefined,
+  labels: Record<string, string>,
+): boolean {
   if (!sel) return false;
   for (const [k, v] of Object.entries(sel.matchLabels ?? {})) if (labels[k] !== v) return false;
   for (const e of sel.matchExpressions ?? []) {
@@ -566,7 +633,9 @@ interface PolicyRule {
 
 /** The ingress rules of every NetworkPolicy that selects a pod with these labels. */
 function ingressFor(docs: K8sDoc[], labels: Record<string, string>): PolicyRule[] | undefined {
-  const policies = docs.filter((d) => d.kind === 'NetworkPolicy' && selects((d.spec as { podSelector?: Parameters<typeof selects>[0] }).podSelector, labels));
+  const policies = docs.filter(
+    (d) => d.kind === 'NetworkPolicy' && selects((d.spec as { podSelector?: Parameters<typeof selects>[0] }).podSelector, labels),
+  );
   if (policies.length === 0) return undefined;
   return policies.flatMap((p) => (p.spec as { ingress?: PolicyRule[] }).ingress ?? []);
 }
@@ -583,21 +652,32 @@ async function checkScaledObject(label: string, so: K8sDoc, docs: K8sDoc[]): Pro
   const kind = ref?.kind ?? 'Deployment';
   const target = docs.find((t) => t.kind === kind && t.apiVersion === (ref?.apiVersion ?? 'apps/v1') && t.metadata?.name === ref?.name);
   if (!target) return [`${where}: scale target ${kind}/${ref?.name} is not defined here`];
-  if (target.metadata?.namespace !== so.metadata?.namespace) problems.push(`${where}: in namespace ${so.metadata?.namespace}, its target in ${target.metadata?.namespace}`);
-  if (target.spec?.replicas !== undefined) problems.push(`${where}: ${ref?.name} sets replicas, which fights the autoscaler on every apply`);
+  if (target.metadata?.namespace !== so.metadata?.namespace)
+    problems.push(`${where}: in namespace ${so.metadata?.namespace}, its target in ${target.metadata?.namespace}`);
+  if (target.spec?.replicas !== undefined)
+    problems.push(`${where}: ${ref?.name} sets replicas, which fights the autoscaler on every apply`);
   const min = so.spec?.minReplicaCount ?? 0; // KEDA's defaults
   const max = so.spec?.maxReplicaCount ?? 100;
   if (min < 1) {
-    problems.push(`${where}: minReplicaCount ${min}: with no replica, new requests fail UNAVAILABLE (queueing nothing that would wake one) or wait out their deadline in the queue`);
+    problems.push(
+      `${where}: minReplicaCount ${min}: with no replica, new requests fail UNAVAILABLE (queueing nothing that would wake one) or wait out their deadline in the queue`,
+    );
   }
   if (max < min) problems.push(`${where}: maxReplicaCount ${max} < minReplicaCount ${min}`);
   const rep = await replicaOf(target, docs);
-  if (!rep || (rep.svc !== 'denoiser' && rep.svc !== 'decoder')) return [...problems, `${where}: ${kind}/${ref?.name} runs no denoiser or decoder, the services with work queues`];
-  if (!rep.scope) return [...problems, `${where}: no model name for ${ref?.name}'s --model-dir ${effective(rep.r, '--model-dir')} (k8s/jobs builds nothing there)`];
+  if (!rep || (rep.svc !== 'denoiser' && rep.svc !== 'decoder'))
+    return [...problems, `${where}: ${kind}/${ref?.name} runs no denoiser or decoder, the services with work queues`];
+  if (!rep.scope)
+    return [
+      ...problems,
+      `${where}: no model name for ${ref?.name}'s --model-dir ${effective(rep.r, '--model-dir')} (k8s/jobs builds nothing there)`,
+    ];
   const want = workQueueOf(rep.svc, rep.scope);
   const { models, vaes } = await scheduled(docs);
-  if (rep.svc === 'denoiser' && !models.has(rep.scope)) problems.push(`${where}: ${ref?.name} serves ${rep.scope}, which no scheduler lists in DITPIPE_MODELS (${[...models].join(', ')})`);
-  if (rep.svc === 'decoder' && !vaes.has(rep.scope)) problems.push(`${where}: ${ref?.name} serves ${rep.scope}, the VAE of none of the schedulers' models (${[...vaes].join(', ')})`);
+  if (rep.svc === 'denoiser' && !models.has(rep.scope))
+    problems.push(`${where}: ${ref?.name} serves ${rep.scope}, which no scheduler lists in DITPIPE_MODELS (${[...models].join(', ')})`);
+  if (rep.svc === 'decoder' && !vaes.has(rep.scope))
+    problems.push(`${where}: ${ref?.name} serves ${rep.scope}, the VAE of none of the schedulers' models (${[...vaes].join(', ')})`);
   const triggers = so.spec?.triggers ?? [];
   if (triggers.length === 0) problems.push(`${where}: no triggers`);
   for (const [i, t] of triggers.entries()) {
@@ -607,15 +687,20 @@ async function checkScaledObject(label: string, so: K8sDoc, docs: K8sDoc[]): Pro
       continue;
     }
     const md = t.metadata ?? {};
-    if (md.stream !== want.stream) problems.push(`${tw}: stream ${md.stream}, but ${ref?.name} serves ${rep.scope}, whose work queue is stream ${want.stream}`);
-    if (md.consumer !== want.consumer) problems.push(`${tw}: consumer ${md.consumer}, but the replicas pull from consumer ${want.consumer}`);
+    if (md.stream !== want.stream)
+      problems.push(`${tw}: stream ${md.stream}, but ${ref?.name} serves ${rep.scope}, whose work queue is stream ${want.stream}`);
+    if (md.consumer !== want.consumer)
+      problems.push(`${tw}: consumer ${md.consumer}, but the replicas pull from consumer ${want.consumer}`);
     if (!/^[1-9]\d*$/.test(md.lagThreshold ?? '')) problems.push(`${tw}: lagThreshold ${md.lagThreshold} is not a positive integer`);
-    if (md.activationLagThreshold !== undefined && !/^\d+$/.test(md.activationLagThreshold)) problems.push(`${tw}: activationLagThreshold ${md.activationLagThreshold} is not an integer`);
+    if (md.activationLagThreshold !== undefined && !/^\d+$/.test(md.activationLagThreshold))
+      problems.push(`${tw}: activationLagThreshold ${md.activationLagThreshold} is not an integer`);
     // KEDA's scaler runs in KEDA's namespace: the Service needs its namespace in the name.
     const ep = md.natsServerMonitoringEndpoint ?? '';
     const m = /^([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.svc(?:\.cluster\.local)?:(\d+)$/.exec(ep);
     if (!m) {
-      problems.push(`${tw}: natsServerMonitoringEndpoint "${ep}" is not <service>.<namespace>.svc:<port> (KEDA reads it from its own namespace)`);
+      problems.push(
+        `${tw}: natsServerMonitoringEndpoint "${ep}" is not <service>.<namespace>.svc:<port> (KEDA reads it from its own namespace)`,
+      );
       continue;
     }
     const [, svcName, ns, port] = m;
@@ -624,7 +709,10 @@ async function checkScaledObject(label: string, so: K8sDoc, docs: K8sDoc[]): Pro
       problems.push(`${tw}: natsServerMonitoringEndpoint names Service ${svcName}, which is not defined here`);
       continue;
     }
-    if (svc.metadata?.namespace !== ns) problems.push(`${tw}: natsServerMonitoringEndpoint says namespace ${ns}, Service ${svcName} is in ${svc.metadata?.namespace ?? '(none set by the render)'}`);
+    if (svc.metadata?.namespace !== ns)
+      problems.push(
+        `${tw}: natsServerMonitoringEndpoint says namespace ${ns}, Service ${svcName} is in ${svc.metadata?.namespace ?? '(none set by the render)'}`,
+      );
     const pods = docs.filter((w) => podSpec(w) && matches((svc.spec?.selector ?? {}) as Record<string, string>, podLabels(w)));
     const conf = natsConfOf(pods, docs);
     if (!conf) {
@@ -637,11 +725,16 @@ async function checkScaledObject(label: string, so: K8sDoc, docs: K8sDoc[]): Pro
     const cport = typeof target === 'string' ? cports.find((p) => p.name === target)?.containerPort : target;
     const monitor = monitorPortOf(conf);
     if (!sp) problems.push(`${tw}: port ${port} is no port of Service ${svcName}`);
-    else if (cport === undefined || cport !== monitor) problems.push(`${tw}: ${svcName}:${port} leads to container port ${cport}, but nats-server's monitoring endpoint (http_port) is on ${monitor}`);
+    else if (cport === undefined || cport !== monitor)
+      problems.push(
+        `${tw}: ${svcName}:${port} leads to container port ${cport}, but nats-server's monitoring endpoint (http_port) is on ${monitor}`,
+      );
     // Without an accounts block every client is in the global account $G; https only with https_port.
-    if (!/^\s*accounts\s*[:={]/m.test(conf) && md.account !== '$G') problems.push(`${tw}: account ${md.account}; nats-server has no accounts configured, so the queues are in $G`);
+    if (!/^\s*accounts\s*[:={]/m.test(conf) && md.account !== '$G')
+      problems.push(`${tw}: account ${md.account}; nats-server has no accounts configured, so the queues are in $G`);
     const https = /^\s*https_port\s*[:=]/m.test(conf);
-    if ((md.useHttps ?? 'false') !== String(https)) problems.push(`${tw}: useHttps ${md.useHttps ?? 'false'}, but nats-server's monitoring is ${https ? 'https' : 'plain http'}`);
+    if ((md.useHttps ?? 'false') !== String(https))
+      problems.push(`${tw}: useHttps ${md.useHttps ?? 'false'}, but nats-server's monitoring is ${https ? 'https' : 'plain http'}`);
   }
   return problems;
 }
@@ -652,7 +745,10 @@ async function render(dir: string): Promise<K8sDoc[]> {
     return parseDocs(r.stdout, `kubectl kustomize ${rel(dir)}`).map((l) => l.doc);
   } catch (err) {
     const e = err as NodeJS.ErrnoException & { stderr?: string };
-    if (e.code === 'ENOENT') throw new Error('kubectl is not on PATH: these tests render the kustomizations with `kubectl kustomize` (kubectl >= 1.27)', { cause: err });
+    if (e.code === 'ENOENT')
+      throw new Error('kubectl is not on PATH: these tests render the kustomizations with `kubectl kustomize` (kubectl >= 1.27)', {
+        cause: err,
+      });
     throw new Error(`kubectl kustomize ${rel(dir)} failed: ${e.stderr ?? e.message}`, { cause: err });
   }
 }
@@ -690,7 +786,11 @@ describe('k8s manifests', () => {
           expect(op.op, file).toMatch(/^(add|remove|replace|move|copy|test)$/);
           expect(op.path, file).toMatch(/^\//);
         }
-        const users = kustomizations.filter((k) => (parseDocs(readFileSync(k, 'utf8'), rel(k))[0].doc as { patches?: Array<{ path?: string; target?: unknown }> }).patches?.some((p) => p.path && resolve(dirname(k), p.path) === join(ROOT, file) && p.target));
+        const users = kustomizations.filter((k) =>
+          (parseDocs(readFileSync(k, 'utf8'), rel(k))[0].doc as { patches?: Array<{ path?: string; target?: unknown }> }).patches?.some(
+            (p) => p.path && resolve(dirname(k), p.path) === join(ROOT, file) && p.target,
+          ),
+        );
         expect(users.length, `${file} is a JSON patch that no kustomization applies with a target`).toBeGreaterThan(0);
         continue;
       }
@@ -701,7 +801,7 @@ describe('k8s manifests', () => {
     }
   });
 
-  it('every rendered object, and every object in k8s/jobs, is valid against the Kubernetes 1.27 API schemas or KEDA\'s CRDs', () => {
+  it("every rendered object, and every object in k8s/jobs, is valid against the Kubernetes 1.27 API schemas or KEDA's CRDs", () => {
     expect([...rendered.keys()].sort()).toEqual(['k8s/base', 'k8s/overlays/gpu', 'k8s/overlays/gpu-keda', 'k8s/overlays/keda']);
     const problems: string[] = [];
     let n = 0;
@@ -722,7 +822,10 @@ describe('k8s manifests', () => {
   it('schema validation catches wrong types, missing required fields, unknown fields and unknown kinds', () => {
     const docs = structuredClone(rendered.get('k8s/overlays/keda')!);
     const so = docs.find((d) => d.kind === 'ScaledObject' && d.metadata?.name === 'ditpipe-denoiser')!;
-    const spec = so.spec as Record<string, unknown> & { scaleTargetRef: Record<string, unknown>; triggers: Array<{ metadata: Record<string, unknown> }> };
+    const spec = so.spec as Record<string, unknown> & {
+      scaleTargetRef: Record<string, unknown>;
+      triggers: Array<{ metadata: Record<string, unknown> }>;
+    };
     spec.minReplicas = 1; // the HPA's name for KEDA's minReplicaCount
     delete spec.scaleTargetRef.name;
     spec.triggers[0].metadata.lagThreshold = 8; // KEDA takes strings only
@@ -762,7 +865,11 @@ describe('k8s manifests', () => {
       ]),
     );
     for (const k of kustomizations) {
-      const doc = parseDocs(readFileSync(k, 'utf8'), rel(k))[0].doc as { resources?: string[]; patches?: Array<{ path?: string }>; components?: string[] };
+      const doc = parseDocs(readFileSync(k, 'utf8'), rel(k))[0].doc as {
+        resources?: string[];
+        patches?: Array<{ path?: string }>;
+        components?: string[];
+      };
       const listed = [...(doc.resources ?? []), ...(doc.components ?? []), ...(doc.patches ?? []).flatMap((p) => (p.path ? [p.path] : []))];
       expect(listed.length, rel(k)).toBeGreaterThan(0);
       for (const entry of listed) {
@@ -779,7 +886,16 @@ describe('k8s manifests', () => {
   it('the base renders, and every container in it is true to the CLI, its ports, probes and shutdown', async () => {
     const docs = rendered.get('k8s/base')!;
     const kinds = docs.map((d) => `${d.kind}/${d.metadata?.name}`);
-    for (const want of ['Deployment/ditpipe-scheduler', 'Deployment/ditpipe-denoiser', 'Deployment/ditpipe-decoder', 'Service/ditpipe-scheduler', 'HorizontalPodAutoscaler/ditpipe-decoder', 'PodDisruptionBudget/ditpipe-denoiser', 'PodDisruptionBudget/ditpipe-decoder', 'Service/nats']) {
+    for (const want of [
+      'Deployment/ditpipe-scheduler',
+      'Deployment/ditpipe-denoiser',
+      'Deployment/ditpipe-decoder',
+      'Service/ditpipe-scheduler',
+      'HorizontalPodAutoscaler/ditpipe-decoder',
+      'PodDisruptionBudget/ditpipe-denoiser',
+      'PodDisruptionBudget/ditpipe-decoder',
+      'Service/nats',
+    ]) {
       expect(kinds).toContain(want);
     }
     expect(await checkSet('k8s/base', docs)).toEqual([]);
@@ -804,13 +920,16 @@ describe('k8s manifests', () => {
     expect(dc.resources?.limits?.['nvidia.com/gpu']).toBeUndefined();
   });
 
-  it('the KEDA overlays scale denoisers and decoders on their work queues\' lag, with no other autoscaler, in one namespace', async () => {
+  it("the KEDA overlays scale denoisers and decoders on their work queues' lag, with no other autoscaler, in one namespace", async () => {
     for (const dir of ['k8s/overlays/keda', 'k8s/overlays/gpu-keda']) {
       const docs = rendered.get(dir)!;
       expect(await checkSet(dir, docs)).toEqual([]);
       const kinds = docs.map((d) => `${d.kind}/${d.metadata?.name}`);
       expect(kinds).toEqual(expect.arrayContaining(['ScaledObject/ditpipe-denoiser', 'ScaledObject/ditpipe-decoder', 'Namespace/ditpipe']));
-      expect(kinds.filter((k) => k.startsWith('HorizontalPodAutoscaler/')), dir).toEqual([]);
+      expect(
+        kinds.filter((k) => k.startsWith('HorizontalPodAutoscaler/')),
+        dir,
+      ).toEqual([]);
       // The overlay sets the namespace the ScaledObjects' monitoring endpoint names.
       const namespaces = new Set(docs.filter((d) => d.kind !== 'Namespace').map((d) => d.metadata?.namespace));
       expect([...namespaces], dir).toEqual([docs.find((d) => d.kind === 'Namespace')?.metadata?.name]);
@@ -825,10 +944,16 @@ describe('k8s manifests', () => {
     const ROWS_PER_STEP_MESSAGE = 8;
     const so = (docs: K8sDoc[], name: string): K8sDoc => docs.find((d) => d.kind === 'ScaledObject' && d.metadata?.name === name)!;
     const threshold = (docs: K8sDoc[], name: string): number => Number(so(docs, name).spec?.triggers?.[0].metadata.lagThreshold);
-    const replica = async (docs: K8sDoc[], name: string): Promise<Resolved> => (await replicaOf(docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === name)!, docs))!.r;
+    const replica = async (docs: K8sDoc[], name: string): Promise<Resolved> =>
+      (await replicaOf(
+        docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === name)!,
+        docs,
+      ))!.r;
     for (const dir of ['k8s/overlays/keda', 'k8s/overlays/gpu-keda']) {
       const docs = rendered.get(dir)!;
-      expect(threshold(docs, 'ditpipe-denoiser'), dir).toBe(effectiveInt(await replica(docs, 'ditpipe-denoiser'), '--max-batch-rows') / ROWS_PER_STEP_MESSAGE);
+      expect(threshold(docs, 'ditpipe-denoiser'), dir).toBe(
+        effectiveInt(await replica(docs, 'ditpipe-denoiser'), '--max-batch-rows') / ROWS_PER_STEP_MESSAGE,
+      );
       // A decode message is one image; a decoder pass takes --max-batch images.
       expect(threshold(docs, 'ditpipe-decoder'), dir).toBe(effectiveInt(await replica(docs, 'ditpipe-decoder'), '--max-batch'));
     }
@@ -837,7 +962,8 @@ describe('k8s manifests', () => {
     expect(threshold(cpu, 'ditpipe-denoiser')).toBe(8);
     expect(threshold(gpu, 'ditpipe-denoiser')).toBe(32);
     // One replica per GPU: KEDA may go up to the GPUs k8s/overlays/gpu runs on, no further.
-    const gpuReplicas = rendered.get('k8s/overlays/gpu')!.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!.spec?.replicas;
+    const gpuReplicas = rendered.get('k8s/overlays/gpu')!.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!
+      .spec?.replicas;
     expect(so(gpu, 'ditpipe-denoiser').spec?.maxReplicaCount).toBe(gpuReplicas);
     const gpuPod = podSpec(gpu.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!)!;
     expect(String(gpuPod.containers[0].resources?.limits?.['nvidia.com/gpu'])).toBe('1');
@@ -857,25 +983,39 @@ describe('k8s manifests', () => {
     expect(await mutated((_, so) => (trigger(so('ditpipe-denoiser')).stream = 'ditpipe_v1_denoiser_dit-xl-2-512'))).toMatch(
       /stream ditpipe_v1_denoiser_dit-xl-2-512, but ditpipe-denoiser serves dit-xl-2-256, whose work queue is stream ditpipe_v1_denoiser_dit-xl-2-256/,
     );
-    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).consumer = 'decoders'))).toMatch(/consumer decoders, but the replicas pull from consumer decoder/);
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).consumer = 'decoders'))).toMatch(
+      /consumer decoders, but the replicas pull from consumer decoder/,
+    );
     expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats.ditpipe.svc:4222'))).toMatch(
       /nats:4222 leads to container port 4222, but nats-server's monitoring endpoint \(http_port\) is on 8222/,
     );
-    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats:8222'))).toMatch(/"nats:8222" is not <service>\.<namespace>\.svc:<port>/);
-    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats.default.svc:8222'))).toMatch(/says namespace default, Service nats is in ditpipe/);
-    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).account = 'DITPIPE'))).toMatch(/account DITPIPE; nats-server has no accounts configured/);
-    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).lagThreshold = '0'))).toMatch(/lagThreshold 0 is not a positive integer/);
-    expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.scaleTargetRef!.name = 'ditpipe-denoisers'))).toMatch(/scale target Deployment\/ditpipe-denoisers is not defined here/);
-    expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.scaleTargetRef!.name = 'ditpipe-scheduler'))).toMatch(/runs no denoiser or decoder/);
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats:8222'))).toMatch(
+      /"nats:8222" is not <service>\.<namespace>\.svc:<port>/,
+    );
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).natsServerMonitoringEndpoint = 'nats.default.svc:8222'))).toMatch(
+      /says namespace default, Service nats is in ditpipe/,
+    );
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).account = 'DITPIPE'))).toMatch(
+      /account DITPIPE; nats-server has no accounts configured/,
+    );
+    expect(await mutated((_, so) => (trigger(so('ditpipe-decoder')).lagThreshold = '0'))).toMatch(
+      /lagThreshold 0 is not a positive integer/,
+    );
+    expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.scaleTargetRef!.name = 'ditpipe-denoisers'))).toMatch(
+      /scale target Deployment\/ditpipe-denoisers is not defined here/,
+    );
+    expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.scaleTargetRef!.name = 'ditpipe-scheduler'))).toMatch(
+      /runs no denoiser or decoder/,
+    );
     expect(await mutated((_, so) => (so('ditpipe-denoiser').spec!.minReplicaCount = 0))).toMatch(/minReplicaCount 0: with no replica/);
     // The base's CPU autoscaler back in, a fixed count back in: both fight KEDA's HPA.
     const hpa = rendered.get('k8s/base')!.find((d) => d.kind === 'HorizontalPodAutoscaler')!;
     expect(await mutated((docs) => docs.push({ ...structuredClone(hpa), metadata: { ...hpa.metadata, namespace: 'ditpipe' } }))).toMatch(
       /Deployment\/ditpipe-decoder is scaled by ScaledObject\/ditpipe-decoder and HorizontalPodAutoscaler\/ditpipe-decoder|Deployment\/ditpipe-decoder is scaled by HorizontalPodAutoscaler\/ditpipe-decoder and ScaledObject\/ditpipe-decoder/,
     );
-    expect(await mutated((docs) => (docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!.spec!.replicas = 3))).toMatch(
-      /ScaledObject\/ditpipe-denoiser: ditpipe-denoiser sets replicas, which fights the autoscaler/,
-    );
+    expect(
+      await mutated((docs) => (docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-denoiser')!.spec!.replicas = 3)),
+    ).toMatch(/ScaledObject\/ditpipe-denoiser: ditpipe-denoiser sets replicas, which fights the autoscaler/);
     // Queue settings that differ between services (the queues would flip between them).
     expect(
       await mutated((docs) => {
@@ -921,7 +1061,12 @@ describe('k8s manifests', () => {
     expect(vaeName, `the Job builds no VAE into the decoder's --model-dir ${dec.args.get('--model-dir')}`).toBeDefined();
     const models = (effective(sch, '--models') ?? '').split(',').map((s) => s.trim());
     expect(models).toContain(den.args.get('--name') ?? ditName);
-    const vaeMap = Object.fromEntries((effective(sch, '--vae') ?? '').split(',').filter(Boolean).map((kv) => kv.split('=')));
+    const vaeMap = Object.fromEntries(
+      (effective(sch, '--vae') ?? '')
+        .split(',')
+        .filter(Boolean)
+        .map((kv) => kv.split('=')),
+    );
     for (const m of Object.keys(vaeMap)) expect(models, `DITPIPE_VAE names model ${m}`).toContain(m);
     // The scheduler pairs a model with model.json's VAE, else DITPIPE_VAE: either way, the decoder's.
     const served = dec.args.get('--name') ?? vaeName;
@@ -955,7 +1100,11 @@ describe('k8s manifests', () => {
     den.readinessProbe!.grpc!.port = 50051;
     // TLS without a Secret behind it, and a scheduler bound to loopback inside its pod.
     const sch = podSpec(docs.find((d) => d.kind === 'Deployment' && d.metadata?.name === 'ditpipe-scheduler')!)!.containers[0];
-    sch.env = [...(sch.env ?? []).filter((e) => e.name !== 'DITPIPE_TLS_KEY'), { name: 'DITPIPE_TLS_KEY', value: '/tmp/tls.key' }, { name: 'DITPIPE_HOST', value: '127.0.0.1' }];
+    sch.env = [
+      ...(sch.env ?? []).filter((e) => e.name !== 'DITPIPE_TLS_KEY'),
+      { name: 'DITPIPE_TLS_KEY', value: '/tmp/tls.key' },
+      { name: 'DITPIPE_HOST', value: '127.0.0.1' },
+    ];
     const problems = (await checkSet('mutated', docs)).join('\n');
     expect(problems).toMatch(/--tls-key \/tmp\/tls\.key is not on a mounted Secret/);
     expect(problems).toMatch(/ditpipe-scheduler container scheduler: --host is 127\.0\.0\.1/);
@@ -976,13 +1125,21 @@ describe('k8s NATS security', () => {
     const docs = rendered.get(dir)!;
     const nats = docs.filter((d) => d.kind === 'Deployment' && d.metadata?.name === 'nats');
     const conf = natsConfOf(nats, docs) ?? '';
-    const flat = (t: string): string => t.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('#')).join('\n');
+    const flat = (t: string): string =>
+      t
+        .split('\n')
+        .map((l) => l.trim())
+        .filter((l) => l && !l.startsWith('#'))
+        .join('\n');
     // The block is `ditpipe nats-config`'s output: regenerate it into nats.yaml when the permissions change.
     expect(flat(conf)).toContain(flat(k8sAuthorization()));
     expect(conf.match(/^\s*authorization\s*\{/gm)).toHaveLength(1);
     const env = podSpec(nats[0])!.containers[0].env ?? [];
     for (const svc of NATS_SERVICES) {
-      expect(env.find((e) => e.name === nkeyVariable(svc))?.valueFrom?.secretKeyRef, svc).toEqual({ name: DEFAULT_SECRET, key: `${svc}.pub` });
+      expect(env.find((e) => e.name === nkeyVariable(svc))?.valueFrom?.secretKeyRef, svc).toEqual({
+        name: DEFAULT_SECRET,
+        key: `${svc}.pub`,
+      });
     }
   });
 
@@ -1001,7 +1158,13 @@ describe('k8s NATS security', () => {
     }
     // Every ditpipe service pod has one: none is left without a credential.
     const services = docs.filter((d) => d.kind === 'Deployment' && podSpec(d)?.containers.some(isDitpipe));
-    for (const d of services) expect(podSpec(d)!.containers.find(isDitpipe)!.env?.some((e) => e.name === 'NATS_NKEY'), d.metadata?.name).toBe(true);
+    for (const d of services)
+      expect(
+        podSpec(d)!
+          .containers.find(isDitpipe)!
+          .env?.some((e) => e.name === 'NATS_NKEY'),
+        d.metadata?.name,
+      ).toBe(true);
   });
 
   it.each(dirs)("%s: NetworkPolicies admit only ditpipe's service pods to NATS, nothing but scrapes to replicas", (dir) => {
@@ -1021,13 +1184,20 @@ describe('k8s NATS security', () => {
     const admitted = workloads.filter((w) => clientRules.some((r) => r.from!.some((peer) => selects(peer.podSelector, podLabels(w)))));
     expect(admitted.map((w) => podLabels(w)['app.kubernetes.io/component']).sort()).toEqual(['decoder', 'denoiser', 'scheduler']);
     // Other pods with the ditpipe image (e.g. the model build Job's) are not admitted.
-    expect(selects(clientRules[0].from![0].podSelector, { 'app.kubernetes.io/name': 'ditpipe', 'app.kubernetes.io/component': 'model-build' })).toBe(false);
+    expect(
+      selects(clientRules[0].from![0].podSelector, { 'app.kubernetes.io/name': 'ditpipe', 'app.kubernetes.io/component': 'model-build' }),
+    ).toBe(false);
     for (const w of workloads.filter((x) => ['denoiser', 'decoder'].includes(podLabels(x)['app.kubernetes.io/component'] ?? ''))) {
       const rules = ingressFor(docs, podLabels(w));
       expect(rules, `${w.metadata?.name}: selected by a NetworkPolicy`).toBeDefined();
-      const metrics = podSpec(w)!.containers.find(isDitpipe)!.ports!.find((p) => p.name === 'metrics')!.containerPort;
+      const metrics = podSpec(w)!
+        .containers.find(isDitpipe)!
+        .ports!.find((p) => p.name === 'metrics')!.containerPort;
       for (const r of rules!) {
-        expect(r.ports?.map((p) => p.port), `${w.metadata?.name} admits only its metrics port`).toEqual([metrics]);
+        expect(
+          r.ports?.map((p) => p.port),
+          `${w.metadata?.name} admits only its metrics port`,
+        ).toEqual([metrics]);
         expect(r.from?.length, `${w.metadata?.name}: metrics open to everyone`).toBeGreaterThan(0);
       }
     }
@@ -1046,11 +1216,18 @@ describe('k8s work queues on a real nats-server', () => {
   }
 
   interface Jsz {
-    account_details?: Array<{ name: string; stream_detail?: Array<{ name: string; config?: { max_bytes?: number; subjects?: string[] }; consumer_detail?: Array<{ name: string; num_pending: number; num_ack_pending: number }> }> }>;
+    account_details?: Array<{
+      name: string;
+      stream_detail?: Array<{
+        name: string;
+        config?: { max_bytes?: number; subjects?: string[] };
+        consumer_detail?: Array<{ name: string; num_pending: number; num_ack_pending: number }>;
+      }>;
+    }>;
   }
 
   it.each(['k8s/base', 'k8s/overlays/gpu', 'k8s/overlays/keda', 'k8s/overlays/gpu-keda'])(
-    '%s: nats-server holds every work queue, and each ScaledObject reads its model\'s lag (waiting + taken)',
+    "%s: nats-server holds every work queue, and each ScaledObject reads its model's lag (waiting + taken)",
     async (dir) => {
       const docs = rendered.get(dir)!;
       const natsPods = docs.filter((d) => d.kind === 'Deployment' && d.metadata?.name === 'nats');
@@ -1059,7 +1236,8 @@ describe('k8s work queues on a real nats-server', () => {
       const replicas: Array<{ svc: 'denoiser' | 'decoder'; scope: string; r: Resolved; deployment: string }> = [];
       for (const w of docs.filter((d) => d.kind === 'Deployment')) {
         const rep = await replicaOf(w, docs);
-        if ((rep?.svc === 'denoiser' || rep?.svc === 'decoder') && rep.scope) replicas.push({ svc: rep.svc, scope: rep.scope, r: rep.r, deployment: w.metadata!.name! });
+        if ((rep?.svc === 'denoiser' || rep?.svc === 'decoder') && rep.scope)
+          replicas.push({ svc: rep.svc, scope: rep.scope, r: rep.r, deployment: w.metadata!.name! });
       }
       expect(replicas.map((x) => x.svc).sort()).toEqual(['decoder', 'denoiser']);
       const n = (r: Resolved, f: string): number => effectiveInt(r, f);
@@ -1077,7 +1255,9 @@ describe('k8s work queues on a real nats-server', () => {
       const server = await startNatsServer({ jetstream: false, monitorPort: 0, extraConfig: localConf(conf!, store), env: secrets.env });
       await expect(connectNats({ servers: server.url })).rejects.toBeInstanceOf(UnauthenticatedError);
       const as = async (svc: 'scheduler' | 'denoiser' | 'decoder'): Promise<Transport> =>
-        natsTransport(await connectNats({ servers: server.url, name: `k8s-test ${dir} ${svc}`, service: svc, nkeyFile: secrets.seedOf(docs, svc) }));
+        natsTransport(
+          await connectNats({ servers: server.url, name: `k8s-test ${dir} ${svc}`, service: svc, nkeyFile: secrets.seedOf(docs, svc) }),
+        );
       const transport = await as('scheduler');
       const replicaTransports = { denoiser: await as('denoiser'), decoder: await as('decoder') };
       let open = (): void => undefined;
@@ -1106,11 +1286,15 @@ describe('k8s work queues on a real nats-server', () => {
         for (const { svc, scope } of replicas) {
           if (svc === 'denoiser') {
             const client = transport.client(DenoiserDefinition, { scope, queueSettings: settings, timeoutMs: 60_000 });
-            for (let i = 0; i < 3; i++) calls.push(client.denoise(DenoiseRequest.create({ model: scope, t: [1n], y: [0] }), { signal: ac.signal }).catch(() => undefined));
+            for (let i = 0; i < 3; i++)
+              calls.push(
+                client.denoise(DenoiseRequest.create({ model: scope, t: [1n], y: [0] }), { signal: ac.signal }).catch(() => undefined),
+              );
             queues.push({ svc, scope, queue: client.queueOf('denoise') });
           } else {
             const client = transport.client(DecoderDefinition, { scope, queueSettings: settings, timeoutMs: 60_000 });
-            for (let i = 0; i < 3; i++) calls.push(client.decode(DecodeRequest.create({ model: scope }), { signal: ac.signal }).catch(() => undefined));
+            for (let i = 0; i < 3; i++)
+              calls.push(client.decode(DecodeRequest.create({ model: scope }), { signal: ac.signal }).catch(() => undefined));
             queues.push({ svc, scope, queue: client.queueOf('decode') });
           }
         }
@@ -1170,7 +1354,8 @@ describe('k8s/Dockerfile', () => {
     const applied = [...rendered.values()].flat().concat(raw.filter((l) => l.file.startsWith('k8s/jobs/')).map((l) => l.doc));
     for (const doc of applied) {
       const pod = podSpec(doc);
-      if (pod?.containers.some(isDitpipe)) expect(pod.securityContext?.runAsUser, `${doc.kind}/${doc.metadata?.name}`).toBe(Number(user?.[1]));
+      if (pod?.containers.some(isDitpipe))
+        expect(pod.securityContext?.runAsUser, `${doc.kind}/${doc.metadata?.name}`).toBe(Number(user?.[1]));
     }
   });
 
@@ -1205,7 +1390,9 @@ describe('k8s/Dockerfile', () => {
   });
 
   it('keeps the host node_modules out of the build context', () => {
-    const ignore = readFileSync(join(K8S, 'Dockerfile.dockerignore'), 'utf8').split('\n').map((l) => l.trim());
+    const ignore = readFileSync(join(K8S, 'Dockerfile.dockerignore'), 'utf8')
+      .split('\n')
+      .map((l) => l.trim());
     expect(ignore).toContain('node_modules');
     // Nothing the image copies is ignored.
     for (const l of lines.filter((l) => l.startsWith('COPY ') && !l.includes('--from='))) {

@@ -19,7 +19,11 @@ interface ModelClass {
 }
 
 function isModelClass(v: unknown): v is ModelClass {
-  return typeof v === 'function' && typeof (v as Partial<ModelClass>).apiVersion === 'string' && typeof (v as Partial<ModelClass>).kind === 'string';
+  return (
+    typeof v === 'function' &&
+    typeof (v as Partial<ModelClass>).apiVersion === 'string' &&
+    typeof (v as Partial<ModelClass>).kind === 'string'
+  );
 }
 
 /** "apiVersion kind" → model class, from every group and version the two packages export. */
@@ -80,7 +84,8 @@ export function validateObject(doc: unknown): string[] {
   const obj = doc as Record<string, unknown>;
   const where = describe(obj);
   const model = MODELS.get(`${String(obj.apiVersion)} ${String(obj.kind)}`);
-  if (!model) return [`${where}: no schema for apiVersion ${String(obj.apiVersion)} kind ${String(obj.kind)} (neither Kubernetes 1.27 nor KEDA)`];
+  if (!model)
+    return [`${where}: no schema for apiVersion ${String(obj.apiVersion)} kind ${String(obj.kind)} (neither Kubernetes 1.27 nor KEDA)`];
   const watched: Watched[] = [];
   const proxy = watch(structuredClone(obj), '', watched);
   const problems: string[] = [];

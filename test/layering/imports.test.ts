@@ -35,14 +35,24 @@ describe('import layering', () => {
     '%s loads neither the ONNX writer nor the model compilers',
     (entry) => {
       const r = [...reach(entry)];
-      expect(r.filter((f) => f === 'shared/onnx/write.ts' || f === 'shared/onnx/graph.ts' || /^shared\/model\/(dit|vae|dit-init|modeldir-write)\.ts$/.test(f))).toEqual([]);
+      expect(
+        r.filter(
+          (f) =>
+            f === 'shared/onnx/write.ts' ||
+            f === 'shared/onnx/graph.ts' ||
+            /^shared\/model\/(dit|vae|dit-init|modeldir-write)\.ts$/.test(f),
+        ),
+      ).toEqual([]);
       expect(r.filter((f) => f.startsWith('cli/'))).toEqual([]);
     },
   );
 
   it('the image helpers do not load model code', () => {
     for (const f of ['shared/image/png.ts', 'shared/image/grid.ts', 'shared/image/crop.ts', 'shared/image/pixels.ts']) {
-      expect([...reach(f)].filter((g) => g.startsWith('shared/model/')), f).toEqual([]);
+      expect(
+        [...reach(f)].filter((g) => g.startsWith('shared/model/')),
+        f,
+      ).toEqual([]);
     }
   });
 });

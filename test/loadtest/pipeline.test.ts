@@ -94,10 +94,16 @@ describe('loadtest against the real pipeline over NATS', () => {
     const clientImages = report.images + report.warmup!.images;
     expect(clientRequests).toBe(d('ditpipe_request_seconds_count') + d('ditpipe_requests_rejected_total'));
     expect(clientImages).toBe(d('ditpipe_images_total'));
-    expect(clientErrors).toBe(d('ditpipe_requests_rejected_total') + d('ditpipe_request_seconds_count', (l) => !l.includes('outcome="OK"')));
+    expect(clientErrors).toBe(
+      d('ditpipe_requests_rejected_total') + d('ditpipe_request_seconds_count', (l) => !l.includes('outcome="OK"')),
+    );
     expect(report.errors).toBeGreaterThan(0); // the 3-image entry was drawn and refused
     expect(Object.keys(report.statusCodeDistribution).sort()).toContain('OK');
-    expect(report.statusCodeDistribution.OK + (report.statusCodeDistribution.InvalidArgument ?? 0) + (report.statusCodeDistribution.ResourceExhausted ?? 0)).toBe(report.count);
+    expect(
+      report.statusCodeDistribution.OK +
+        (report.statusCodeDistribution.InvalidArgument ?? 0) +
+        (report.statusCodeDistribution.ResourceExhausted ?? 0),
+    ).toBe(report.count);
 
     for (const ph of report.phases) {
       // Scraped before/after each phase: the server saw exactly this phase's requests.
@@ -131,7 +137,16 @@ describe('loadtest against the real pipeline over NATS', () => {
     const { chromium: pw } = await import('playwright-core');
     const browser = await pw.launch({
       executablePath: chromium,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      args: [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
     });
     try {
       const page = await browser.newPage();
@@ -141,7 +156,14 @@ describe('loadtest against the real pipeline over NATS', () => {
       page.on('pageerror', (e) => problems.push(e.message));
       page.on('request', (r) => !r.url().startsWith('file:') && requests.push(r.url()));
       await page.goto(`file://${html}`);
-      const charts = await page.$$eval('svg.chart', (els) => els.map((e) => ({ id: e.getAttribute('data-chart'), paths: e.querySelectorAll('path.series').length, bars: e.querySelectorAll('rect.bar').length, w: e.getBoundingClientRect().width })));
+      const charts = await page.$$eval('svg.chart', (els) =>
+        els.map((e) => ({
+          id: e.getAttribute('data-chart'),
+          paths: e.querySelectorAll('path.series').length,
+          bars: e.querySelectorAll('rect.bar').length,
+          w: e.getBoundingClientRect().width,
+        })),
+      );
       expect(problems).toEqual([]);
       expect(requests).toEqual([]);
       const byId = new Map(charts.map((c) => [c.id, c]));
@@ -158,7 +180,8 @@ describe('loadtest against the real pipeline over NATS', () => {
             for (let j = i + 1; j < boxes.length; j++) {
               const a = boxes[i].r;
               const b = boxes[j].r;
-              if (a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5) hits.push(`${svg.getAttribute('data-chart')}: "${boxes[i].text}" × "${boxes[j].text}"`);
+              if (a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5)
+                hits.push(`${svg.getAttribute('data-chart')}: "${boxes[i].text}" × "${boxes[j].text}"`);
             }
           return hits;
         }),
@@ -171,7 +194,13 @@ describe('loadtest against the real pipeline over NATS', () => {
 
   it('reports an impossible SLO as missed and the CLI exits non-zero', async () => {
     const file = join(dir, 'impossible.yaml');
-    const c = campaign({ name: 'impossible', warmup: undefined, phases: [{ name: 'only', concurrency: 1, requests: 2, duration: '20s' }], mix: [{ model: DIT_NAME, steps: 2, cfg: 1 }], slo: { latency: { p50: '1ms' }, errorRate: 0 } });
+    const c = campaign({
+      name: 'impossible',
+      warmup: undefined,
+      phases: [{ name: 'only', concurrency: 1, requests: 2, duration: '20s' }],
+      mix: [{ model: DIT_NAME, steps: 2, cfg: 1 }],
+      slo: { latency: { p50: '1ms' }, errorRate: 0 },
+    });
     writeFileSync(file, stringify(c));
     const json = join(dir, 'impossible.json');
     const r = await runCli(['loadtest', 'run', file, '--json', json, '--html', join(dir, 'impossible.html'), '--no-status']);
@@ -202,7 +231,10 @@ describe('loadtest against the real pipeline over NATS', () => {
     writeFileSync(file, stringify(c));
     const json = join(dir, 'interrupt.json');
     const html = join(dir, 'interrupt.html');
-    const child = spawn(process.execPath, [join(ROOT, 'bin/ditpipe.js'), 'loadtest', 'run', file, '--json', json, '--html', html], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [join(ROOT, 'bin/ditpipe.js'), 'loadtest', 'run', file, '--json', json, '--html', html], {
+      cwd: ROOT,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));

@@ -118,7 +118,13 @@ describe('figures with units', () => {
 
 describe('console summary', () => {
   it('reports an interrupted run as interrupted, its SLOs not judged, the cancelled requests apart', () => {
-    const r = report([phase('first', 0, { slo: { met: true, objectives: objectives().slice(0, 2) } }), phase('second', 13_000, { interrupted: true, cancelledByStop: 3, slo: { met: null, objectives: objectives() } })], 'interrupted');
+    const r = report(
+      [
+        phase('first', 0, { slo: { met: true, objectives: objectives().slice(0, 2) } }),
+        phase('second', 13_000, { interrupted: true, cancelledByStop: 3, slo: { met: null, objectives: objectives() } }),
+      ],
+      'interrupted',
+    );
     const text = textSummary(r);
     expect(text).toContain('second (interrupted):');
     expect(text).toContain('3 request(s) in flight cancelled by the stop: counted nowhere (not server errors)');
@@ -129,7 +135,17 @@ describe('console summary', () => {
   });
 
   it('shows scrape errors and redelivered work', () => {
-    const r = report([phase('p', 0, { server: server({ scrapeErrors: ['denoiser-0 http://127.0.0.1:9465/metrics: fetch failed (ECONNREFUSED)'], redelivered: { denoiser: 2, decoder: 0 } }) })], 'missed');
+    const r = report(
+      [
+        phase('p', 0, {
+          server: server({
+            scrapeErrors: ['denoiser-0 http://127.0.0.1:9465/metrics: fetch failed (ECONNREFUSED)'],
+            redelivered: { denoiser: 2, decoder: 0 },
+          }),
+        }),
+      ],
+      'missed',
+    );
     const text = textSummary(r);
     expect(text).toContain('    metrics scrape failed: denoiser-0 http://127.0.0.1:9465/metrics: fetch failed (ECONNREFUSED)');
     expect(text).toContain('redelivered 2 (denoiser 2)');
@@ -144,7 +160,12 @@ describe('HTML report', () => {
       report(
         [
           phase('first', 0, { server: server({ scrapeErrors: ['nope http://127.0.0.1:1/metrics: fetch failed (ECONNREFUSED)'] }) }),
-          phase('second', 13_000, { interrupted: true, cancelledByStop: 2, slo: { met: null, objectives: objectives() }, server: server({ endpoints: [], scrapeErrors: ['all http://127.0.0.1:2/metrics: HTTP 404'] }) }),
+          phase('second', 13_000, {
+            interrupted: true,
+            cancelledByStop: 2,
+            slo: { met: null, objectives: objectives() },
+            server: server({ endpoints: [], scrapeErrors: ['all http://127.0.0.1:2/metrics: HTTP 404'] }),
+          }),
         ],
         'interrupted',
       ),
@@ -175,7 +196,13 @@ describe('HTML report', () => {
     ]);
     expect(SERIES_COLORS.errors).toBe('#d62728');
     expect(strokes.filter(([, c]) => c === SERIES_COLORS.errors)).toHaveLength(1);
-    const ticks = (chart: string): string[] => [...(html.split(`data-chart="${chart}"`)[1].split('</svg>')[0].matchAll(/<text class="tick"[^>]*>([^<]*)<\/text>/g))].map((m) => m[1]);
+    const ticks = (chart: string): string[] =>
+      [
+        ...html
+          .split(`data-chart="${chart}"`)[1]
+          .split('</svg>')[0]
+          .matchAll(/<text class="tick"[^>]*>([^<]*)<\/text>/g),
+      ].map((m) => m[1]);
     const latency = ticks('latency-over-time');
     expect(latency).toContain('0');
     expect(latency.some((t) => /^\d+(\.\d+)? s$/.test(t))).toBe(true); // y in seconds, x in seconds

@@ -16,7 +16,10 @@ const good = (): Record<string, unknown> => ({
   name: 'x',
   target: { address: '127.0.0.1:50051' },
   mix: [{ model: 'm', steps: 10 }],
-  phases: [{ rate: 2, duration: '10s' }, { concurrency: 2, requests: 5 }],
+  phases: [
+    { rate: 2, duration: '10s' },
+    { concurrency: 2, requests: 5 },
+  ],
 });
 
 function errorOf(input: unknown): CampaignError {
@@ -47,7 +50,12 @@ describe('campaign validation', () => {
     ['both loops', (c) => (c.phases[0].concurrency = 3), 'phases[0].concurrency', /not both/],
     ['no loop', (c) => (c.phases[0] = { duration: '1s' }), 'phases[0]', /rate .*or concurrency/],
     ['no bound', (c) => (c.phases[0] = { rate: 1 }), 'phases[0]', /duration, requests or both/],
-    ['ramp without duration', (c) => (c.phases[1] = { rate: { from: 1, to: 5 }, requests: 4 }), 'phases[1].rate', /needs the phase duration/],
+    [
+      'ramp without duration',
+      (c) => (c.phases[1] = { rate: { from: 1, to: 5 }, requests: 4 }),
+      'phases[1].rate',
+      /needs the phase duration/,
+    ],
     ['bad duration', (c) => (c.phases[0].duration = '10 parsecs'), 'phases[0].duration', /expected a duration/],
     ['typo', (c) => (c.phases[0].rat = 1), 'phases[0].rat', /unknown field "rat"/],
     ['missing model', (c) => delete c.mix[0].model, 'mix[0].model', /required/],
@@ -73,7 +81,14 @@ describe('campaign validation', () => {
   });
 
   it('reads durations with units or as seconds', () => {
-    expect([parseDuration('250ms'), parseDuration('1.5s'), parseDuration('2m'), parseDuration('1h'), parseDuration(3), parseDuration('3 weeks')]).toEqual([250, 1500, 120_000, 3_600_000, 3000, null]);
+    expect([
+      parseDuration('250ms'),
+      parseDuration('1.5s'),
+      parseDuration('2m'),
+      parseDuration('1h'),
+      parseDuration(3),
+      parseDuration('3 weeks'),
+    ]).toEqual([250, 1500, 120_000, 3_600_000, 3000, null]);
   });
 });
 
@@ -82,7 +97,10 @@ describe('the CLI with a bad campaign file', () => {
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   const run = (file: string): Promise<{ code: number | null; stderr: string }> =>
     new Promise((resolve) => {
-      const child = spawn(process.execPath, [join(ROOT, 'bin/ditpipe.js'), 'loadtest', 'run', file, '--no-status'], { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'] });
+      const child = spawn(process.execPath, [join(ROOT, 'bin/ditpipe.js'), 'loadtest', 'run', file, '--no-status'], {
+        cwd: ROOT,
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
       let stderr = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
       child.on('close', (code) => resolve({ code, stderr }));
@@ -90,7 +108,10 @@ describe('the CLI with a bad campaign file', () => {
 
   it('exits 1 naming the field', async () => {
     const file = join(dir, 'bad.yaml');
-    writeFileSync(file, 'name: bad\ntarget: { address: "127.0.0.1:1" }\nmix: [{ model: m }]\nphases:\n  - { rate: 2, duration: 1s }\n  - { rate: 0, requests: 3 }\n');
+    writeFileSync(
+      file,
+      'name: bad\ntarget: { address: "127.0.0.1:1" }\nmix: [{ model: m }]\nphases:\n  - { rate: 2, duration: 1s }\n  - { rate: 0, requests: 3 }\n',
+    );
     const r = await run(file);
     expect(r.code).toBe(1);
     expect(r.stderr).toContain('phases[1].rate: must be > 0');
@@ -112,7 +133,14 @@ describe('targets', () => {
   });
 
   it('lists remote hosts unless the campaign allows them', () => {
-    const c = validateCampaign({ ...good(), target: { address: 'gpu-1.internal:50051' }, metrics: [{ name: 'a', url: 'http://10.1.2.3:9464/metrics' }, { name: 'b', url: 'http://[::1]:9464/metrics' }] });
+    const c = validateCampaign({
+      ...good(),
+      target: { address: 'gpu-1.internal:50051' },
+      metrics: [
+        { name: 'a', url: 'http://10.1.2.3:9464/metrics' },
+        { name: 'b', url: 'http://[::1]:9464/metrics' },
+      ],
+    });
     expect(remoteHosts(c)).toEqual(['gpu-1.internal', '10.1.2.3']);
     c.target.allowHosts = ['gpu-1.internal', '10.1.2.3'];
     expect(remoteHosts(c)).toEqual([]);
@@ -148,7 +176,11 @@ describe('Prometheus text', () => {
   });
 
   it('computes quantiles like histogram_quantile', () => {
-    const b = [{ le: 0.1, count: 1 }, { le: 1, count: 3 }, { le: Infinity, count: 4 }];
+    const b = [
+      { le: 0.1, count: 1 },
+      { le: 1, count: 3 },
+      { le: Infinity, count: 4 },
+    ];
     expect(histogramQuantile(0.5, b)).toBeCloseTo(0.1 + 0.9 * 0.5, 10);
     expect(histogramQuantile(0.25, b)).toBeCloseTo(0.1, 10);
     expect(histogramQuantile(0.99, b)).toBe(1);
@@ -157,8 +189,12 @@ describe('Prometheus text', () => {
 
   it('turns two scrapes into phase figures (counter resets count from zero)', () => {
     const at = (t: string): Scrape => ({ endpoint: 'e', url: 'u', at: 0, samples: parsePrometheusText(t) });
-    const before = at('ditpipe_images_total 10\nditpipe_sampling_gflops_total 100\nditpipe_request_seconds_count{outcome="OK"} 5\nditpipe_requests_rejected_total{reason="invalid_argument"} 1\nditpipe_denoiser_redelivered_steps_total{model="m"} 7\nditpipe_decoder_redelivered_decodes_total{model="v"} 1');
-    const after = at('ditpipe_images_total 14\nditpipe_sampling_gflops_total 300\nditpipe_request_seconds_count{outcome="OK"} 8\nditpipe_requests_rejected_total{reason="invalid_argument"} 2\nditpipe_denoiser_redelivered_steps_total{model="m"} 2\nditpipe_decoder_redelivered_decodes_total{model="v"} 4');
+    const before = at(
+      'ditpipe_images_total 10\nditpipe_sampling_gflops_total 100\nditpipe_request_seconds_count{outcome="OK"} 5\nditpipe_requests_rejected_total{reason="invalid_argument"} 1\nditpipe_denoiser_redelivered_steps_total{model="m"} 7\nditpipe_decoder_redelivered_decodes_total{model="v"} 1',
+    );
+    const after = at(
+      'ditpipe_images_total 14\nditpipe_sampling_gflops_total 300\nditpipe_request_seconds_count{outcome="OK"} 8\nditpipe_requests_rejected_total{reason="invalid_argument"} 2\nditpipe_denoiser_redelivered_steps_total{model="m"} 2\nditpipe_decoder_redelivered_decodes_total{model="v"} 4',
+    );
     const f = serverFigures([before], [after], 2);
     expect(f.images).toBe(4);
     expect(f.requests).toBe(4);
@@ -186,7 +222,13 @@ describe('arrivals and the mix', () => {
   });
 
   it('draws requests by weight with reproducible classes', () => {
-    const mix = validateCampaign({ ...good(), mix: [{ model: 'm', weight: 3, images: 2, classes: [1, 'Sandal'] }, { model: 'm', weight: 1, classes: { 7: 1 }, cfg: 2, output: 'latent' }] }).mix;
+    const mix = validateCampaign({
+      ...good(),
+      mix: [
+        { model: 'm', weight: 3, images: 2, classes: [1, 'Sandal'] },
+        { model: 'm', weight: 1, classes: { 7: 1 }, cfg: 2, output: 'latent' },
+      ],
+    }).mix;
     const rand = prng(5);
     const counts = [0, 0];
     for (let i = 0; i < 4000; i++) counts[drawRequest(mix, { m: 10 }, rand).mix]++;
@@ -202,10 +244,32 @@ describe('arrivals and the mix', () => {
   });
 
   it('writes ghz code names and summary units', () => {
-    expect(['OK', 'RESOURCE_EXHAUSTED', 'CANCELLED', 'DEADLINE_EXCEEDED'].map(ghzCode)).toEqual(['OK', 'ResourceExhausted', 'Canceled', 'DeadlineExceeded']);
-    const r = (lat: number, code = 'OK') => ({ intended: 0, sent: 0, end: lat, code, images: 1, mix: 0, error: code === 'OK' ? undefined : 'boom' });
+    expect(['OK', 'RESOURCE_EXHAUSTED', 'CANCELLED', 'DEADLINE_EXCEEDED'].map(ghzCode)).toEqual([
+      'OK',
+      'ResourceExhausted',
+      'Canceled',
+      'DeadlineExceeded',
+    ]);
+    const r = (lat: number, code = 'OK') => ({
+      intended: 0,
+      sent: 0,
+      end: lat,
+      code,
+      images: 1,
+      mix: 0,
+      error: code === 'OK' ? undefined : 'boom',
+    });
     const s = ghzSummary([r(10), r(20), r(30, 'UNAVAILABLE')], 1000, new Date(0));
-    expect(s).toMatchObject({ count: 3, total: 1e9, average: 20e6, fastest: 10e6, slowest: 30e6, rps: 3, statusCodeDistribution: { OK: 2, Unavailable: 1 }, errorDistribution: { 'rpc error: code = Unavailable desc = boom': 1 } });
+    expect(s).toMatchObject({
+      count: 3,
+      total: 1e9,
+      average: 20e6,
+      fastest: 10e6,
+      slowest: 30e6,
+      rps: 3,
+      statusCodeDistribution: { OK: 2, Unavailable: 1 },
+      errorDistribution: { 'rpc error: code = Unavailable desc = boom': 1 },
+    });
     expect(s.histogram).toHaveLength(10);
     expect(s.histogram[9]).toMatchObject({ mark: 0.03, count: 1 });
   });

@@ -25,7 +25,12 @@ describe.each(cases)('diffusers names: $name', (gc) => {
     const io = goldenIo(gc.dir);
     const orig = buildDitModel({ weights: join(gc.dir, 'weights.safetensors'), out: join(tmp, `${gc.name}-orig`), config: gc.config });
     const warnings: string[] = [];
-    const diff = buildDitModel({ weights: fixture, out: join(tmp, `${gc.name}-diff`), config: gc.config, onWarning: (w) => warnings.push(w) });
+    const diff = buildDitModel({
+      weights: fixture,
+      out: join(tmp, `${gc.name}-diff`),
+      config: gc.config,
+      onWarning: (w) => warnings.push(w),
+    });
     expect(warnings).toEqual([]);
     expect(diff.meta.source.format).toBe('diffusers/safetensors');
     expect(diff.meta.params).toBe(gc.params);
@@ -67,7 +72,19 @@ describe('diffusers specifics', () => {
   it('--format original on diffusers weights names the missing original tensor', async () => {
     const fixture = join(tmp, 'tiny-diffusers-2.safetensors');
     writeDiffusersFixture(join(gc.dir, 'weights.safetensors'), fixture, gc.config.depth);
-    const r = await cli(['model', 'build', 'dit', '--weights', fixture, '--format', 'original', '--preset', 'DiT-S/2', '--out', join(tmp, 'x')]);
+    const r = await cli([
+      'model',
+      'build',
+      'dit',
+      '--weights',
+      fixture,
+      '--format',
+      'original',
+      '--preset',
+      'DiT-S/2',
+      '--out',
+      join(tmp, 'x'),
+    ]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain("'x_embedder.proj.weight'");
   });
@@ -98,7 +115,10 @@ describe('diffusers config.json beside the weights', () => {
     mkdirSync(dir);
     const w = join(dir, 'diffusion_pytorch_model.safetensors');
     writeDiffusersFixture(join(gc.dir, 'weights.safetensors'), w, gc.config.depth);
-    writeFileSync(join(dir, 'config.json'), JSON.stringify({ _class_name: 'DiTTransformer2DModel', sample_size: 8, num_attention_heads: 4, attention_head_dim: 16 }));
+    writeFileSync(
+      join(dir, 'config.json'),
+      JSON.stringify({ _class_name: 'DiTTransformer2DModel', sample_size: 8, num_attention_heads: 4, attention_head_dim: 16 }),
+    );
     const f = openWeights(w);
     try {
       const r = resolveDitConfig(f);

@@ -76,7 +76,17 @@ describe('the real CLI', () => {
   it('builds dit-tiny-p2 with the config inferred from the weights (heads given) and matches', async () => {
     const gc = goldenCases().find((c) => c.name === 'dit-tiny-p2')!;
     const out = join(tmp, 'cli-tiny-p2');
-    const r = await cli(['model', 'build', 'dit', '--weights', join(gc.dir, 'weights.safetensors'), '--config', '{"num_heads": 4}', '--out', out]);
+    const r = await cli([
+      'model',
+      'build',
+      'dit',
+      '--weights',
+      join(gc.dir, 'weights.safetensors'),
+      '--config',
+      '{"num_heads": 4}',
+      '--out',
+      out,
+    ]);
     expect(r.stderr).toContain('input_size = 8 (pos_embed)');
     expect(r.code).toBe(0);
     expect(r.stdout).toContain('182,176 params');

@@ -22,7 +22,13 @@ export function goldenCases(): GoldenCase[] {
   const index = JSON.parse(readFileSync(join(GOLDEN, 'index.json'), 'utf8')) as {
     cases: Record<string, { config: DitConfig; params: number; cfg_scale: number }>;
   };
-  return Object.entries(index.cases).map(([name, c]) => ({ name, dir: join(GOLDEN, name), config: c.config, params: c.params, cfgScale: c.cfg_scale }));
+  return Object.entries(index.cases).map(([name, c]) => ({
+    name,
+    dir: join(GOLDEN, name),
+    config: c.config,
+    params: c.params,
+    cfgScale: c.cfg_scale,
+  }));
 }
 
 export interface GoldenIo {
@@ -57,7 +63,13 @@ export function goldenIo(dir: string): GoldenIo {
   }
 }
 
-export async function runDit(onnxPath: string, x: Float32Array, xShape: number[], t: BigInt64Array, y: BigInt64Array): Promise<Float32Array> {
+export async function runDit(
+  onnxPath: string,
+  x: Float32Array,
+  xShape: number[],
+  t: BigInt64Array,
+  y: BigInt64Array,
+): Promise<Float32Array> {
   const s = await ort.InferenceSession.create(onnxPath);
   try {
     const r = await s.run({
@@ -100,7 +112,9 @@ export function writeDiffusersFixture(src: string, dst: string, depth: number, t
       } else {
         const rows = shape[0] / map.names.length;
         const per = data.length / map.names.length;
-        map.names.forEach((n, i) => out.push({ name: n, dtype: 'F32', shape: [rows, ...shape.slice(1)], data: data.slice(i * per, (i + 1) * per) }));
+        map.names.forEach((n, i) =>
+          out.push({ name: n, dtype: 'F32', shape: [rows, ...shape.slice(1)], data: data.slice(i * per, (i + 1) * per) }),
+        );
       }
     }
   } finally {
@@ -110,7 +124,11 @@ export function writeDiffusersFixture(src: string, dst: string, depth: number, t
 }
 
 /** Copies a safetensors file with some tensors dropped or replaced. */
-export function rewriteSafetensors(src: string, dst: string, edit: (name: string, shape: number[], data: Float32Array) => { shape: number[]; data: Float32Array } | null): void {
+export function rewriteSafetensors(
+  src: string,
+  dst: string,
+  edit: (name: string, shape: number[], data: Float32Array) => { shape: number[]; data: Float32Array } | null,
+): void {
   const f = openSafetensors(src);
   const out: TensorToWrite[] = [];
   try {

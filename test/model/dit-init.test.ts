@@ -13,11 +13,25 @@ import { cli, runDit } from './dit-helpers.ts';
 const tmp = mkdtempSync(join(tmpdir(), 'ditpipe-dit-init-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
-const config: DitConfig = { input_size: 8, patch_size: 2, in_channels: 4, hidden_size: 96, depth: 3, num_heads: 6, num_classes: 10, learn_sigma: true };
+const config: DitConfig = {
+  input_size: 8,
+  patch_size: 2,
+  in_channels: 4,
+  hidden_size: 96,
+  depth: 3,
+  num_heads: 6,
+  num_classes: 10,
+  learn_sigma: true,
+};
 
 function inputs(batch: number): { x: Float32Array; t: BigInt64Array; y: BigInt64Array; shape: number[] } {
   const x = Float32Array.from({ length: batch * 4 * 8 * 8 }, (_, i) => Math.sin(i * 0.37));
-  return { x, t: BigInt64Array.from({ length: batch }, (_, i) => BigInt(i * 333)), y: BigInt64Array.from({ length: batch }, (_, i) => BigInt(i % 11)), shape: [batch, 4, 8, 8] };
+  return {
+    x,
+    t: BigInt64Array.from({ length: batch }, (_, i) => BigInt(i * 333)),
+    y: BigInt64Array.from({ length: batch }, (_, i) => BigInt(i % 11)),
+    shape: [batch, 4, 8, 8],
+  };
 }
 
 describe('random init', () => {
@@ -37,7 +51,10 @@ describe('random init', () => {
     let total = 0;
     for (const s of ditTensorSpecs(config)) {
       const d = f.readF32(s.name);
-      expect(d.some((v) => v !== 0), s.name).toBe(true);
+      expect(
+        d.some((v) => v !== 0),
+        s.name,
+      ).toBe(true);
       if (s.name !== 'pos_embed') total += d.length;
     }
     f.close();
@@ -56,7 +73,7 @@ describe('random init', () => {
     expect(std).toBeGreaterThan(0.05);
     expect(std).toBeLessThan(100);
     const row = out.length / 3;
-    const sameX = new Float32Array(3 * row / 2).fill(0.25);
+    const sameX = new Float32Array((3 * row) / 2).fill(0.25);
     const out2 = await runDit(m.onnxPath, sameX, shape, t, y);
     // Same x in every row: differences between rows come from t and y alone.
     expect(Math.abs(out2[0] - out2[row])).toBeGreaterThan(1e-4);
@@ -102,7 +119,21 @@ describe('original init (initialize_weights of the paper)', () => {
 describe('ditpipe model init dit', () => {
   it('writes a preset-shaped checkpoint that builds', async () => {
     const w = join(tmp, 'cli.safetensors');
-    const r = await cli(['model', 'init', 'dit', '--preset', 'DiT-S/8', '--input-size', '16', '--config', '{"depth": 2, "num_classes": 10}', '--seed', '3', '--out', w]);
+    const r = await cli([
+      'model',
+      'init',
+      'dit',
+      '--preset',
+      'DiT-S/8',
+      '--input-size',
+      '16',
+      '--config',
+      '{"depth": 2, "num_classes": 10}',
+      '--seed',
+      '3',
+      '--out',
+      w,
+    ]);
     expect(r.stderr).toContain('initialising: '); // not a TTY: plain progress lines
     expect(r.code).toBe(0);
     expect(r.stdout).toMatch(/random init, seed 3/);
@@ -111,6 +142,15 @@ describe('ditpipe model init dit', () => {
     expect(f.info('pos_embed').shape).toEqual([1, 4, 384]);
     f.close();
     const m = buildDitModel({ weights: w, out: join(tmp, 'cli-model') });
-    expect(m.meta.config).toEqual({ input_size: 16, patch_size: 8, in_channels: 4, hidden_size: 384, depth: 2, num_heads: 6, num_classes: 10, learn_sigma: true });
+    expect(m.meta.config).toEqual({
+      input_size: 16,
+      patch_size: 8,
+      in_channels: 4,
+      hidden_size: 384,
+      depth: 2,
+      num_heads: 6,
+      num_classes: 10,
+      learn_sigma: true,
+    });
   });
 });

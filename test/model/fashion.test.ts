@@ -45,7 +45,14 @@ async function generateOnce(ditDir: string, vaeDir: string): Promise<{ pngs: Uin
   await grpc.listen();
   const api = new SamplerApi(grpc.address);
   try {
-    const res = await api.generate({ model: name, classLabels: [{ name: 'Sandal' }, { index: 1 }, { name: 'bag' }], sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: 10, cfgScale: 4, seed: 42n });
+    const res = await api.generate({
+      model: name,
+      classLabels: [{ name: 'Sandal' }, { index: 1 }, { name: 'bag' }],
+      sampler: SamplerKind.SAMPLER_KIND_DDIM,
+      numSteps: 10,
+      cfgScale: 4,
+      seed: 42n,
+    });
     for (const img of res.images) expect([img.width, img.height]).toEqual([28, 28]);
     return { pngs: res.images.map((i) => i.png), models: await api.listModels() };
   } finally {
@@ -98,10 +105,35 @@ describe('the committed Fashion-MNIST model', () => {
   it('rebuilds by hand from the committed files with `model build` to the same model directories', async () => {
     const vaeOut = join(cache, 'by-hand-vae');
     const ditOut = join(cache, 'by-hand-dit');
-    const vae = await ditpipe(['model', 'build', 'vae', '--weights', 'models/fashion-mnist/vae.safetensors', '--name', 'fashion-mnist-vae', '--out', vaeOut]);
+    const vae = await ditpipe([
+      'model',
+      'build',
+      'vae',
+      '--weights',
+      'models/fashion-mnist/vae.safetensors',
+      '--name',
+      'fashion-mnist-vae',
+      '--out',
+      vaeOut,
+    ]);
     expect(vae.code, vae.stderr).toBe(0);
     expect(vae.stderr).toContain('scaling factor: 0.4844339191913605 (models/fashion-mnist/vae.json)');
-    const dit = await ditpipe(['model', 'build', 'dit', '--weights', 'models/fashion-mnist/dit.safetensors', '--config', 'models/fashion-mnist/dit.json', '--name', 'fashion-mnist', '--vae', 'fashion-mnist-vae', '--quiet', '--out', ditOut]);
+    const dit = await ditpipe([
+      'model',
+      'build',
+      'dit',
+      '--weights',
+      'models/fashion-mnist/dit.safetensors',
+      '--config',
+      'models/fashion-mnist/dit.json',
+      '--name',
+      'fashion-mnist',
+      '--vae',
+      'fashion-mnist-vae',
+      '--quiet',
+      '--out',
+      ditOut,
+    ]);
     expect(dit.code, dit.stderr).toBe(0);
     const same = (a: string, b: string): void => {
       const strip = (d: string): unknown => readModelDir(d).meta;
@@ -112,7 +144,7 @@ describe('the committed Fashion-MNIST model', () => {
     same(ditOut, dirs.ditDir);
   });
 
-  it('generates the same grayscale 28×28 images (the dataset\'s size) for a fixed seed, run after run', async () => {
+  it("generates the same grayscale 28×28 images (the dataset's size) for a fixed seed, run after run", async () => {
     const { pngs: a, models } = await generateOnce(dirs.ditDir, dirs.vaeDir);
     const { pngs: b } = await generateOnce(dirs.ditDir, dirs.vaeDir);
     expect(a).toHaveLength(3);
@@ -135,7 +167,17 @@ describe('the committed Fashion-MNIST model', () => {
     try {
       const events: GenerateEvent[] = [];
       const res = await scheduler.scheduler.generate(
-        { model: name, classLabels: FASHION.map((n) => ({ name: n })), sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: 20, cfgScale: 4, seed: 1n, guidanceChannels: 0, outputFormat: 0, preview: { everySteps: 19, method: PreviewMethod.PREVIEW_METHOD_PROJECTION } },
+        {
+          model: name,
+          classLabels: FASHION.map((n) => ({ name: n })),
+          sampler: SamplerKind.SAMPLER_KIND_DDIM,
+          numSteps: 20,
+          cfgScale: 4,
+          seed: 1n,
+          guidanceChannels: 0,
+          outputFormat: 0,
+          preview: { everySteps: 19, method: PreviewMethod.PREVIEW_METHOD_PROJECTION },
+        },
         { onEvent: (e) => events.push(e) },
       );
       const previews = events.filter((e) => e.preview).map((e) => e.preview!);

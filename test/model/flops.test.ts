@@ -9,10 +9,18 @@ import { DIT_PRESETS, ditPreset } from '../../shared/model/presets.ts';
 
 // Peebles & Xie, Table 4 (256×256, i.e. 32×32 latents).
 const PAPER_256: Record<string, number> = {
-  'DiT-S/8': 0.36, 'DiT-S/4': 1.41, 'DiT-S/2': 6.06,
-  'DiT-B/8': 1.42, 'DiT-B/4': 5.56, 'DiT-B/2': 23.01,
-  'DiT-L/8': 5.01, 'DiT-L/4': 19.7, 'DiT-L/2': 80.71,
-  'DiT-XL/8': 7.39, 'DiT-XL/4': 29.05, 'DiT-XL/2': 118.64,
+  'DiT-S/8': 0.36,
+  'DiT-S/4': 1.41,
+  'DiT-S/2': 6.06,
+  'DiT-B/8': 1.42,
+  'DiT-B/4': 5.56,
+  'DiT-B/2': 23.01,
+  'DiT-L/8': 5.01,
+  'DiT-L/4': 19.7,
+  'DiT-L/2': 80.71,
+  'DiT-XL/8': 7.39,
+  'DiT-XL/4': 29.05,
+  'DiT-XL/2': 118.64,
 };
 
 describe('Gflops (multiply-accumulates) from the graph', () => {

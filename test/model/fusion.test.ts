@@ -16,7 +16,12 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 /** op type → how many kernels of it one forward ran. */
 async function kernelsRun(onnxPath: string, feeds: Record<string, ort.Tensor>, tag: string): Promise<Map<string, number>> {
   const prefix = join(dir, tag);
-  const session = await ort.InferenceSession.create(onnxPath, { graphOptimizationLevel: 'all', intraOpNumThreads: 1, enableProfiling: true, profileFilePrefix: prefix });
+  const session = await ort.InferenceSession.create(onnxPath, {
+    graphOptimizationLevel: 'all',
+    intraOpNumThreads: 1,
+    enableProfiling: true,
+    profileFilePrefix: prefix,
+  });
   await session.run(feeds);
   session.endProfiling();
   await session.release();
@@ -25,7 +30,8 @@ async function kernelsRun(onnxPath: string, feeds: Record<string, ort.Tensor>, t
   const events = JSON.parse(readFileSync(join(dir, file), 'utf8')) as { cat: string; name: string; args?: { op_name?: string } }[];
   const counts = new Map<string, number>();
   for (const e of events) {
-    if (e.cat === 'Node' && e.name.endsWith('_kernel_time') && e.args?.op_name) counts.set(e.args.op_name, (counts.get(e.args.op_name) ?? 0) + 1);
+    if (e.cat === 'Node' && e.name.endsWith('_kernel_time') && e.args?.op_name)
+      counts.set(e.args.op_name, (counts.get(e.args.op_name) ?? 0) + 1);
   }
   return counts;
 }

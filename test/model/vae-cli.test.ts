@@ -69,8 +69,10 @@ describe('ditpipe model build vae (spawned)', () => {
 });
 
 describe('buildVaeModel errors', () => {
-  const build = (weights: string, extra: { config?: string; format?: 'diffusers' | 'ldm' } = {}) => () =>
-    buildVaeModel({ weights, out: join(tmp, 'err'), scalingFactor: 0.18215, ...extra });
+  const build =
+    (weights: string, extra: { config?: string; format?: 'diffusers' | 'ldm' } = {}) =>
+    () =>
+      buildVaeModel({ weights, out: join(tmp, 'err'), scalingFactor: 0.18215, ...extra });
 
   it('throws typed errors for a missing tensor and a shape mismatch', () => {
     const missing = join(tmp, 'missing-attn.safetensors');
@@ -87,9 +89,13 @@ describe('buildVaeModel errors', () => {
   it('rejects configs that disagree with the weights or the architecture', () => {
     expect(build(tiny.weights, { config: writeConfig(tmp, tiny, { layers_per_block: 0 }) })).toThrow(/field "layers_per_block"/);
     expect(build(tiny.weights, { config: writeConfig(tmp, tiny, { act_fn: 'gelu' }) })).toThrow(/field "act_fn": only "silu"/);
-    expect(build(tiny.weights, { config: writeConfig(tmp, tiny, { norm_num_groups: 24 }) })).toThrow(/norm_num_groups 24 does not divide .* 32/);
+    expect(build(tiny.weights, { config: writeConfig(tmp, tiny, { norm_num_groups: 24 }) })).toThrow(
+      /norm_num_groups 24 does not divide .* 32/,
+    );
     // legacy case has 3 resnets per block; claiming 1 must not silently drop two of them
-    expect(build(legacy.weights, { config: writeConfig(tmp, legacy, { layers_per_block: 1 }) })).toThrow(/up block 0 has 3 resnets but layers_per_block = 1/);
+    expect(build(legacy.weights, { config: writeConfig(tmp, legacy, { layers_per_block: 1 }) })).toThrow(
+      /up block 0 has 3 resnets but layers_per_block = 1/,
+    );
     const bad = join(tmp, 'bad.json');
     writeFileSync(bad, '{ not json');
     expect(build(tiny.weights, { config: bad })).toThrow(/--config .*bad\.json/);
@@ -116,7 +122,7 @@ describe('the latent scaling factor travels with the weights, never guessed', ()
     return path;
   };
 
-  it('refuses to build without one, naming --scaling-factor and SD\'s value, and writes nothing', async () => {
+  it("refuses to build without one, naming --scaling-factor and SD's value, and writes nothing", async () => {
     const weights = weightsAt('lonely', 'weights.safetensors');
     const out = join(tmp, 'lonely-out');
     const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--out', out]);
@@ -128,7 +134,10 @@ describe('the latent scaling factor travels with the weights, never guessed', ()
 
   it('reads a <name>.json record beside the weights (the repository layout): factor, config and output crop', async () => {
     const weights = weightsAt('record', 'vae.safetensors');
-    writeFileSync(join(tmp, 'record', 'vae.json'), JSON.stringify({ config: { ...tiny.config, in_channels: 3 }, params: 1, scaling_factor: 0.3, output_crop: 2 }));
+    writeFileSync(
+      join(tmp, 'record', 'vae.json'),
+      JSON.stringify({ config: { ...tiny.config, in_channels: 3 }, params: 1, scaling_factor: 0.3, output_crop: 2 }),
+    );
     const r = await ditpipe(['model', 'build', 'vae', '--weights', weights, '--out', join(tmp, 'record-out')]);
     expect(r.code, r.stderr).toBe(0);
     expect(r.stderr).toContain(`scaling factor: 0.3 (${join(tmp, 'record', 'vae.json')})`);
@@ -150,21 +159,69 @@ describe('the latent scaling factor travels with the weights, never guessed', ()
     expect(notes).toContain(`scaling factor: 0.4 (${headed} header metadata)`);
     // The flag and --config come first.
     expect(buildVaeModel({ weights: headed, out: join(tmp, 'headed-flag'), scalingFactor: 0.1 }).meta.scalingFactor).toBe(0.1);
-    expect(buildVaeModel({ weights: headed, out: join(tmp, 'headed-cfg'), config: '{"scaling_factor": 0.2}' }).meta.scalingFactor).toBe(0.2);
+    expect(buildVaeModel({ weights: headed, out: join(tmp, 'headed-cfg'), config: '{"scaling_factor": 0.2}' }).meta.scalingFactor).toBe(
+      0.2,
+    );
     const bad = weightsAt('bad-header', 'w.safetensors', { scaling_factor: 'big' });
-    expect(() => buildVaeModel({ weights: bad, out: join(tmp, 'bad-header-out') })).toThrow(/header metadata scaling_factor must be a positive number, got "big"/);
+    expect(() => buildVaeModel({ weights: bad, out: join(tmp, 'bad-header-out') })).toThrow(
+      /header metadata scaling_factor must be a positive number, got "big"/,
+    );
   });
 
   it('takes --output-crop and rejects crops that are not square or leave nothing', async () => {
-    const r = await ditpipe(['model', 'build', 'vae', '--weights', tiny.weights, '--scaling-factor', '0.18215', '--config', writeConfig(tmp, tiny), '--output-crop', '1,3,3,1', '--out', join(tmp, 'crop-out')]);
+    const r = await ditpipe([
+      'model',
+      'build',
+      'vae',
+      '--weights',
+      tiny.weights,
+      '--scaling-factor',
+      '0.18215',
+      '--config',
+      writeConfig(tmp, tiny),
+      '--output-crop',
+      '1,3,3,1',
+      '--out',
+      join(tmp, 'crop-out'),
+    ]);
     expect(r.code, r.stderr).toBe(0);
     expect(readVaeModelDir(join(tmp, 'crop-out')).meta.outputCrop).toEqual({ top: 1, right: 3, bottom: 3, left: 1 });
-    const odd = await ditpipe(['model', 'build', 'vae', '--weights', tiny.weights, '--scaling-factor', '0.18215', '--output-crop', '2,1,2,1', '--out', join(tmp, 'crop-odd')]);
+    const odd = await ditpipe([
+      'model',
+      'build',
+      'vae',
+      '--weights',
+      tiny.weights,
+      '--scaling-factor',
+      '0.18215',
+      '--output-crop',
+      '2,1,2,1',
+      '--out',
+      join(tmp, 'crop-odd'),
+    ]);
     expect(odd.code).toBe(1);
     expect(odd.stderr).toMatch(/--output-crop .*: must remove as many rows \(top \+ bottom\) as columns/);
-    const huge = () => buildVaeModel({ weights: tiny.weights, config: writeConfig(tmp, tiny), outputCrop: { top: 16, right: 16, bottom: 16, left: 16 }, out: join(tmp, 'crop-huge') });
+    const huge = () =>
+      buildVaeModel({
+        weights: tiny.weights,
+        config: writeConfig(tmp, tiny),
+        outputCrop: { top: 16, right: 16, bottom: 16, left: 16 },
+        out: join(tmp, 'crop-huge'),
+      });
     expect(huge).toThrow(/leaves no pixels of the 32×32 images this VAE decodes at latent_size 8/);
-    const text = await ditpipe(['model', 'build', 'vae', '--weights', tiny.weights, '--scaling-factor', '1', '--output-crop', 'two', '--out', join(tmp, 'crop-text')]);
+    const text = await ditpipe([
+      'model',
+      'build',
+      'vae',
+      '--weights',
+      tiny.weights,
+      '--scaling-factor',
+      '1',
+      '--output-crop',
+      'two',
+      '--out',
+      join(tmp, 'crop-text'),
+    ]);
     expect(text.stderr).toContain('--output-crop must be N (every edge) or TOP,RIGHT,BOTTOM,LEFT in pixels, got "two"');
   });
 });

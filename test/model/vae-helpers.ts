@@ -9,7 +9,14 @@ export const GOLDEN = resolve(ROOT, '../shared/golden/vae');
 
 export interface GoldenCase {
   name: string;
-  config: Record<string, unknown> & { block_out_channels: number[]; layers_per_block: number; norm_num_groups: number; latent_channels: number; out_channels: number; latent_size: number };
+  config: Record<string, unknown> & {
+    block_out_channels: number[];
+    layers_per_block: number;
+    norm_num_groups: number;
+    latent_channels: number;
+    out_channels: number;
+    latent_size: number;
+  };
   params: number;
   weights: string;
   z: { data: Float32Array; shape: number[] };
@@ -82,8 +89,14 @@ export function toLdmName(name: string, shape: number[], numBlocks: number, pref
     .replace(/^decoder\.mid_block\.attentions\.0\.(?:to_k|key)\./, 'decoder.mid.attn_1.k.')
     .replace(/^decoder\.mid_block\.attentions\.0\.(?:to_v|value)\./, 'decoder.mid.attn_1.v.')
     .replace(/^decoder\.mid_block\.attentions\.0\.(?:to_out\.0|proj_attn)\./, 'decoder.mid.attn_1.proj_out.')
-    .replace(/^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\./, (_, k: string, j: string) => `decoder.up.${numBlocks - 1 - Number(k)}.block.${j}.`)
-    .replace(/^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\./, (_, k: string) => `decoder.up.${numBlocks - 1 - Number(k)}.upsample.conv.`)
+    .replace(
+      /^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\./,
+      (_, k: string, j: string) => `decoder.up.${numBlocks - 1 - Number(k)}.block.${j}.`,
+    )
+    .replace(
+      /^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\./,
+      (_, k: string) => `decoder.up.${numBlocks - 1 - Number(k)}.upsample.conv.`,
+    )
     .replace(/\.conv_shortcut\./, '.nin_shortcut.')
     .replace(/^decoder\.conv_norm_out\./, 'decoder.norm_out.');
   n = prefix + n;

@@ -20,7 +20,8 @@ function expectedMacs(c: GoldenCase['config']): number {
   const n = boc.length;
   let s = c.latent_size;
   const L = c.latent_channels;
-  const resnet = (cin: number, cout: number, res: number): number => res * res * (9 * cout * cin + 9 * cout * cout + (cin !== cout ? cout * cin : 0));
+  const resnet = (cin: number, cout: number, res: number): number =>
+    res * res * (9 * cout * cin + 9 * cout * cout + (cin !== cout ? cout * cin : 0));
   let macs = s * s * L * L + s * s * boc[n - 1] * L * 9;
   macs += 2 * resnet(boc[n - 1], boc[n - 1], s);
   const N = s * s;

@@ -65,9 +65,15 @@ describe('Graph helpers', () => {
     const out = (await s.run({ x: new ort.Tensor('float32', xs, [2, 3, 4]) })).y;
     await s.release();
     expect(out.dims).toEqual([2, 3, 2]);
-    const w = [[1, 0], [0, 1], [1, 1], [-1, 2]];
+    const w = [
+      [1, 0],
+      [0, 1],
+      [1, 1],
+      [-1, 2],
+    ];
     const want: number[] = [];
-    for (let r = 0; r < 6; r++) for (let o = 0; o < 2; o++) want.push([0, 1, 2, 3].reduce((acc, i) => acc + xs[4 * r + i] * w[i][o], o === 0 ? 0.5 : -1));
+    for (let r = 0; r < 6; r++)
+      for (let o = 0; o < 2; o++) want.push([0, 1, 2, 3].reduce((acc, i) => acc + xs[4 * r + i] * w[i][o], o === 0 ? 0.5 : -1));
     expect(Array.from(out.data as Float32Array)).toEqual(want);
   });
 });

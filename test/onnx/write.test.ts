@@ -15,7 +15,13 @@ function linearGraph(): { g: Graph; w: Float32Array; b: Float32Array } {
   const w = Float32Array.from({ length: 6 }, (_, i) => (i - 2.5) / 3); // [out=3, in=2]
   const b = Float32Array.from([0.25, -0.5, 1]);
   const x = g.input('x', 'float32', ['B', 2]);
-  const y = g.silu(g.linear(x, g.linearWeight('w', 3, 2, () => w), g.weight('b', [3], () => b)));
+  const y = g.silu(
+    g.linear(
+      x,
+      g.linearWeight('w', 3, 2, () => w),
+      g.weight('b', [3], () => b),
+    ),
+  );
   g.output(y, 'y');
   return { g, w, b };
 }
@@ -46,7 +52,11 @@ describe('ONNX writer', () => {
     expect(res.params).toBe(9);
     expect(g.macs.size).toBe(1);
     expect([...g.macs.values()][0]).toBe(6);
-    const xs = [[1, 2], [-0.5, 3], [0, 0]];
+    const xs = [
+      [1, 2],
+      [-0.5, 3],
+      [0, 0],
+    ];
     const y = await run(path, xs);
     xs.forEach((x, i) => reference(x, w, b).forEach((v, o) => expect(y[i * 3 + o]).toBeCloseTo(v, 6)));
   });

@@ -29,9 +29,14 @@ describe('crop arithmetic', () => {
     const out = cropImages({ dims: [2, 1, 4, 4], data }, { top: 1, right: 2, bottom: 2, left: 1 });
     expect(out.dims).toEqual([2, 1, 1, 1]);
     expect(Array.from(out.data)).toEqual([5, 21]);
-    const c = cropImages({ dims: [1, 2, 3, 3], data: Float32Array.from({ length: 18 }, (_, i) => i) }, { top: 1, right: 1, bottom: 1, left: 1 });
+    const c = cropImages(
+      { dims: [1, 2, 3, 3], data: Float32Array.from({ length: 18 }, (_, i) => i) },
+      { top: 1, right: 1, bottom: 1, left: 1 },
+    );
     expect(Array.from(c.data)).toEqual([4, 13]);
-    expect(() => cropImages({ dims: [1, 1, 2, 2], data: new Float32Array(4) }, { top: 1, right: 1, bottom: 1, left: 1 })).toThrow(RangeError);
+    expect(() => cropImages({ dims: [1, 1, 2, 2], data: new Float32Array(4) }, { top: 1, right: 1, bottom: 1, left: 1 })).toThrow(
+      RangeError,
+    );
   });
 });
 
@@ -54,9 +59,19 @@ describe('a VAE with an output crop, served', () => {
   });
 
   it('serves 28×28 PNGs that are the 32×32 ones without their 2-px border', async () => {
-    const req = { model: 'dit-tiny', classLabels: [{ index: 3 }, { index: 8 }], sampler: SamplerKind.SAMPLER_KIND_DDIM, numSteps: 3, cfgScale: 2, seed: 5n };
+    const req = {
+      model: 'dit-tiny',
+      classLabels: [{ index: 3 }, { index: 8 }],
+      sampler: SamplerKind.SAMPLER_KIND_DDIM,
+      numSteps: 3,
+      cfgScale: 2,
+      seed: 5n,
+    };
     const [a, b] = await Promise.all([plain.api.generate(req), cropped.api.generate(req)]);
-    expect(b.images.map((i) => [i.width, i.height])).toEqual([[28, 28], [28, 28]]);
+    expect(b.images.map((i) => [i.width, i.height])).toEqual([
+      [28, 28],
+      [28, 28],
+    ]);
     for (let k = 0; k < 2; k++) {
       const big = decodePng(a.images[k].png);
       const small = decodePng(b.images[k].png);
@@ -75,15 +90,36 @@ describe('a VAE with an output crop, served', () => {
       expect(plainDecoder.info.outputCrop).toBeUndefined();
       const z = Float32Array.from({ length: 4 * 8 * 8 }, (_, i) => Math.sin(i) * 0.5);
       const raw = async (d: Decoder, name: string) =>
-        readF32Tensor((await d.decode({ model: name, latents: f32Tensor([1, 4, 8, 8], z.slice()), format: ImageFormat.IMAGE_FORMAT_RAW, requestId: 't' })).raw, 'raw', [1, 3, null, null]);
+        readF32Tensor(
+          (
+            await d.decode({
+              model: name,
+              latents: f32Tensor([1, 4, 8, 8], z.slice()),
+              format: ImageFormat.IMAGE_FORMAT_RAW,
+              requestId: 't',
+            })
+          ).raw,
+          'raw',
+          [1, 3, null, null],
+        );
       const full = await raw(plainDecoder, 'vae-tiny');
       const cut = await raw(cropDecoder, 'vae-tiny-crop2');
       expect(full.shape).toEqual([1, 3, 32, 32]);
       expect(cut.shape).toEqual([1, 3, 28, 28]);
-      expect(Array.from(cut.data)).toEqual(Array.from(cropImages({ dims: full.shape, data: full.data }, { top: 2, right: 2, bottom: 2, left: 2 }).data));
-      const tiny = cropDecoder.decode({ model: 'vae-tiny-crop2', latents: f32Tensor([1, 4, 1, 1], new Float32Array(4)), format: ImageFormat.IMAGE_FORMAT_PNG, requestId: 't' });
+      expect(Array.from(cut.data)).toEqual(
+        Array.from(cropImages({ dims: full.shape, data: full.data }, { top: 2, right: 2, bottom: 2, left: 2 }).data),
+      );
+      const tiny = cropDecoder.decode({
+        model: 'vae-tiny-crop2',
+        latents: f32Tensor([1, 4, 1, 1], new Float32Array(4)),
+        format: ImageFormat.IMAGE_FORMAT_PNG,
+        requestId: 't',
+      });
       await expect(tiny).rejects.toBeInstanceOf(InvalidArgumentError);
-      await expect(tiny).rejects.toMatchObject({ field: 'latents', message: expect.stringMatching(/1×1 latents decode to 4×4 images, nothing left after this VAE's output crop/) });
+      await expect(tiny).rejects.toMatchObject({
+        field: 'latents',
+        message: expect.stringMatching(/1×1 latents decode to 4×4 images, nothing left after this VAE's output crop/),
+      });
     } finally {
       await plainDecoder.close();
       await cropDecoder.close();

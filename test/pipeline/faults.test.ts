@@ -61,7 +61,14 @@ async function load(c: Cluster, clients: number, until: () => boolean, over: Par
 
 /** Longest time without a completion in [from, to]. */
 function longestGap(done: Done[], from: number, to: number): number {
-  const times = [from, ...done.map((d) => d.at).filter((t) => t > from && t < to).sort((a, b) => a - b), to];
+  const times = [
+    from,
+    ...done
+      .map((d) => d.at)
+      .filter((t) => t > from && t < to)
+      .sort((a, b) => a - b),
+    to,
+  ];
   let gap = 0;
   for (let i = 1; i < times.length; i++) gap = Math.max(gap, times[i] - times[i - 1]);
   return gap;
@@ -100,7 +107,12 @@ describe('faults in a cluster of processes', () => {
   it('a denoiser 4× slower than the other takes about a quarter of the steps', async () => {
     // One step per pass (row budget 2 at cfg 4) and more requests than replicas: both stay busy, so
     // each takes steps as fast as it finishes passes.
-    const c = (cluster = await startCluster({ denoisers: [['--simulate', '5+0', '--max-batch-rows', '2'], ['--simulate', '20+0', '--max-batch-rows', '2']] }));
+    const c = (cluster = await startCluster({
+      denoisers: [
+        ['--simulate', '5+0', '--max-batch-rows', '2'],
+        ['--simulate', '20+0', '--max-batch-rows', '2'],
+      ],
+    }));
     let stop = false;
     const running = load(c, 8, () => stop, { outputFormat: 2 });
     await new Promise((r) => setTimeout(r, 6_000));
@@ -141,7 +153,9 @@ describe('faults in a cluster of processes', () => {
     // The lost work comes back after about one ack wait (slack for a loaded test machine).
     const gapDenoiser = longestGap(done, killedDenoiser, killedDecoder);
     const gapDecoder = longestGap(done, killedDecoder, end);
-    const timeline = done.map((d) => `${d.at - t0}${d.at > killedDecoder ? '(after decoder kill)' : ''}: client ${d.client} ${JSON.stringify(d.res?.timings)}`).join('\n');
+    const timeline = done
+      .map((d) => `${d.at - t0}${d.at > killedDecoder ? '(after decoder kill)' : ''}: client ${d.client} ${JSON.stringify(d.res?.timings)}`)
+      .join('\n');
     const why = `denoiser kill at ${killedDenoiser - t0} ms, decoder kill at ${killedDecoder - t0} ms; redelivered steps ${await c.scrape(c.denoisers[1], 'ditpipe_denoiser_redelivered_steps_total')}, decodes ${await c.scrape(c.decoders[1], 'ditpipe_decoder_redelivered_decodes_total')}\n${timeline}`;
     console.log(`longest gap without a completion: ${gapDenoiser} ms after the denoiser kill, ${gapDecoder} ms after the decoder kill`);
     expect(gapDenoiser, why).toBeLessThan(ACK_WAIT_MS + 4_000);

@@ -25,20 +25,43 @@ describe('/metrics', () => {
   it('passes promtool and shows model versus sampling compute during a run', async () => {
     const run = p.api.generate({ model: DIT_NAME, classLabels: [{ index: 1 }, { index: 2 }], numSteps: 30, cfgScale: 4, seed: 5n });
     // Scrape while the request is in flight.
-    await expect.poll(async () => (await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text()).includes('ditpipe_requests_in_flight 1'), { timeout: 10_000, interval: 20 }).toBe(true);
+    await expect
+      .poll(async () => (await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text()).includes('ditpipe_requests_in_flight 1'), {
+        timeout: 10_000,
+        interval: 20,
+      })
+      .toBe(true);
     await run;
     const res = await fetch(`http://127.0.0.1:${server.port}/metrics`);
     expect(res.headers.get('content-type')).toMatch(/text\/plain/);
     const text = await res.text();
     for (const name of [
-      'ditpipe_model_gflops', 'ditpipe_sampling_gflops_total', 'ditpipe_image_tflops_bucket', 'ditpipe_denoiser_step_seconds_bucket',
-      'ditpipe_denoiser_forward_seconds_bucket', 'ditpipe_denoiser_batch_rows_bucket', 'ditpipe_denoiser_queue_wait_seconds_bucket',
-      'ditpipe_decoder_decode_seconds_bucket', 'ditpipe_decoder_batch_size_bucket', 'ditpipe_request_seconds_bucket', 'ditpipe_requests_in_flight',
-      'ditpipe_samples_in_flight', 'ditpipe_requests_rejected_total', 'ditpipe_steps_dispatched_total', 'ditpipe_work_discarded_answers_total',
-      'ditpipe_work_resent_messages_total', 'ditpipe_denoiser_redelivered_steps_total', 'ditpipe_denoiser_dropped_steps_total',
-      'ditpipe_decoder_redelivered_decodes_total', 'ditpipe_decoder_dropped_decodes_total', 'ditpipe_denoiser_queued_rows',
-      'ditpipe_scheduler_sampling_gflops_total', 'ditpipe_scheduler_step_batch_rows_bucket', 'ditpipe_scheduler_step_queue_wait_seconds_bucket',
-      'ditpipe_scheduler_decodes_total{model="dit-tiny",purpose="final"}', 'ditpipe_scheduler_decode_seconds_bucket',
+      'ditpipe_model_gflops',
+      'ditpipe_sampling_gflops_total',
+      'ditpipe_image_tflops_bucket',
+      'ditpipe_denoiser_step_seconds_bucket',
+      'ditpipe_denoiser_forward_seconds_bucket',
+      'ditpipe_denoiser_batch_rows_bucket',
+      'ditpipe_denoiser_queue_wait_seconds_bucket',
+      'ditpipe_decoder_decode_seconds_bucket',
+      'ditpipe_decoder_batch_size_bucket',
+      'ditpipe_request_seconds_bucket',
+      'ditpipe_requests_in_flight',
+      'ditpipe_samples_in_flight',
+      'ditpipe_requests_rejected_total',
+      'ditpipe_steps_dispatched_total',
+      'ditpipe_work_discarded_answers_total',
+      'ditpipe_work_resent_messages_total',
+      'ditpipe_denoiser_redelivered_steps_total',
+      'ditpipe_denoiser_dropped_steps_total',
+      'ditpipe_decoder_redelivered_decodes_total',
+      'ditpipe_decoder_dropped_decodes_total',
+      'ditpipe_denoiser_queued_rows',
+      'ditpipe_scheduler_sampling_gflops_total',
+      'ditpipe_scheduler_step_batch_rows_bucket',
+      'ditpipe_scheduler_step_queue_wait_seconds_bucket',
+      'ditpipe_scheduler_decodes_total{model="dit-tiny",purpose="final"}',
+      'ditpipe_scheduler_decode_seconds_bucket',
     ]) {
       expect(text, name).toContain(name);
     }
@@ -57,7 +80,12 @@ describe('/metrics', () => {
     // Names in code spans of README.md and docs/*.md (`ditpipe_x`, `ditpipe_x{label}`), less the
     // JetStream stream names (ditpipe_v1_…) and histogram series suffixes.
     const root = resolve(import.meta.dirname, '../..');
-    const files = ['README.md', ...readdirSync(join(root, 'docs')).filter((f) => f.endsWith('.md')).map((f) => `docs/${f}`)];
+    const files = [
+      'README.md',
+      ...readdirSync(join(root, 'docs'))
+        .filter((f) => f.endsWith('.md'))
+        .map((f) => `docs/${f}`),
+    ];
     const documented = new Map<string, string>();
     for (const f of files) {
       for (const m of readFileSync(join(root, f), 'utf8').matchAll(/`(ditpipe_[a-z0-9_]*[a-z0-9])(?:\{[^`]*\})?`/g)) {
@@ -70,7 +98,14 @@ describe('/metrics', () => {
     // The run above went through the pipeline; a stream with previews and a refused request add
     // the series only they touch.
     let events = 0;
-    for await (const _ of p.api.generateStream({ model: DIT_NAME, classLabels: [{ index: 3 }], numSteps: 4, seed: 6n, preview: { everySteps: 2, method: PreviewMethod.PREVIEW_METHOD_DECODER } })) events++;
+    for await (const _ of p.api.generateStream({
+      model: DIT_NAME,
+      classLabels: [{ index: 3 }],
+      numSteps: 4,
+      seed: 6n,
+      preview: { everySteps: 2, method: PreviewMethod.PREVIEW_METHOD_DECODER },
+    }))
+      events++;
     expect(events).toBeGreaterThan(2);
     await expect(p.api.generate({ model: DIT_NAME, classLabels: [{ index: 3 }], numSteps: 5000, seed: 6n })).rejects.toThrow(/steps/i);
     const unregistered: string[] = [];

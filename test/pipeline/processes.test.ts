@@ -24,11 +24,26 @@ beforeAll(async () => {
   const { ditDir, vaeDir } = testModels();
   nats = await startNatsServer();
   const common = ['--nats-url', nats.url, '--metrics-port', '-1', '--shutdown-grace', '2000'];
-  denoisers = [0, 1].map((i) => spawnService(`denoiser-${i}`, ['denoiser', ...common, '--model-dir', ditDir, '--grpc-port', '-1', '--threads', '1', '--max-wait', '1']));
+  denoisers = [0, 1].map((i) =>
+    spawnService(`denoiser-${i}`, ['denoiser', ...common, '--model-dir', ditDir, '--grpc-port', '-1', '--threads', '1', '--max-wait', '1']),
+  );
   const decoder = spawnService('decoder', ['decoder', ...common, '--model-dir', vaeDir, '--grpc-port', '-1', '--threads', '1']);
   const scheduler = spawnService('scheduler', [
-    'scheduler', '--nats-url', nats.url, '--models', DIT_NAME, '--vae', `${DIT_NAME}=${VAE_NAME}`, '--grpc-port', '0', '--host', '127.0.0.1', '--http-port', '-1',
-    '--metrics-port', '0',
+    'scheduler',
+    '--nats-url',
+    nats.url,
+    '--models',
+    DIT_NAME,
+    '--vae',
+    `${DIT_NAME}=${VAE_NAME}`,
+    '--grpc-port',
+    '0',
+    '--host',
+    '127.0.0.1',
+    '--http-port',
+    '-1',
+    '--metrics-port',
+    '0',
   ]);
   procs = [...denoisers, decoder, scheduler];
   await Promise.all([...denoisers, decoder].map((p) => p.waitFor(/^serving /)));

@@ -20,7 +20,6 @@ const base = (over: Partial<GenerateRequest> = {}): Partial<GenerateRequest> => 
 
 const same = (a: Uint8Array, b: Uint8Array): boolean => Buffer.from(a).equals(b);
 
-
 async function counter(registry: { getSingleMetricAsString(name: string): Promise<string> }, name: string): Promise<number> {
   const text = await registry.getSingleMetricAsString(name);
   return text
@@ -68,7 +67,9 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
     it('gives byte-identical images for a seed, alone or among 8 concurrent requests', async () => {
       const alone = await p.api.generate(base());
       const crowd = await Promise.all(
-        Array.from({ length: 8 }, (_, i) => p.api.generate(base({ seed: BigInt(1234 + (i % 3 === 0 ? 0 : i)), sampler: SamplerKind.SAMPLER_KIND_DDPM }))),
+        Array.from({ length: 8 }, (_, i) =>
+          p.api.generate(base({ seed: BigInt(1234 + (i % 3 === 0 ? 0 : i)), sampler: SamplerKind.SAMPLER_KIND_DDPM })),
+        ),
       );
       for (const [i, r] of crowd.entries()) {
         if (i % 3 === 0) r.images.forEach((img, k) => expect(same(img.png, alone.images[k].png)).toBe(true));
@@ -89,7 +90,12 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       expect(kinds).toEqual(['accepted', 'progress', 'progress', 'progress', 'progress', 'progress', 'image', 'image', 'completed']);
       expect(events.slice(1, 6).map((e) => e.progress?.step)).toEqual([1, 2, 3, 4, 5]);
       expect(events[0].accepted?.numImages).toBe(2);
-      expect(events.filter((e) => e.image).map((e) => e.image!.image!.sampleIndex).sort()).toEqual([0, 1]);
+      expect(
+        events
+          .filter((e) => e.image)
+          .map((e) => e.image!.image!.sampleIndex)
+          .sort(),
+      ).toEqual([0, 1]);
     });
 
     it('stops dispatching steps when the client cancels mid-stream, and frees the slot', async () => {
@@ -106,7 +112,15 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
         })(),
       ).rejects.toMatchObject({ code: Code.CANCELLED });
       // The loop notices the cancellation at its next step boundary.
-      await expect.poll(async () => (await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight')).includes('ditpipe_samples_in_flight 0'), { timeout: 10_000 }).toBe(true);
+      await expect
+        .poll(
+          async () =>
+            (await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight')).includes(
+              'ditpipe_samples_in_flight 0',
+            ),
+          { timeout: 10_000 },
+        )
+        .toBe(true);
       const after = await dispatched();
       await new Promise((r) => setTimeout(r, 300));
       expect(await dispatched()).toBe(after); // nothing more is sent
@@ -120,7 +134,15 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       const before = await dispatched();
       const err = await failureOf(p.api.generate(base({ numSteps: 1000, cfgScale: 1 }), { timeoutMs: 300 }));
       expect(err.code).toBe(Code.DEADLINE_EXCEEDED);
-      await expect.poll(async () => (await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight')).includes('ditpipe_samples_in_flight 0'), { timeout: 10_000 }).toBe(true);
+      await expect
+        .poll(
+          async () =>
+            (await p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight')).includes(
+              'ditpipe_samples_in_flight 0',
+            ),
+          { timeout: 10_000 },
+        )
+        .toBe(true);
       const after = await dispatched();
       await new Promise((r) => setTimeout(r, 300));
       expect(await dispatched()).toBe(after);
@@ -165,7 +187,9 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       expect(big.message).toMatch(/at most 24 at once/);
       // Fill the admission budget with a slow request, then overflow it.
       const slow = p.api.generate(base({ classLabels: Array.from({ length: 20 }, () => ({ index: 2 })), numSteps: 40, cfgScale: 1 }));
-      await expect.poll(() => p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight'), { timeout: 10_000 }).toContain('ditpipe_samples_in_flight 20');
+      await expect
+        .poll(() => p.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_samples_in_flight'), { timeout: 10_000 })
+        .toContain('ditpipe_samples_in_flight 20');
       const over = await failureOf(p.api.generate(base({ classLabels: Array.from({ length: 5 }, () => ({ index: 2 })) })));
       expect(over.code).toBe(Code.RESOURCE_EXHAUSTED);
       expect(over.message).toMatch(/capacity/);
@@ -180,7 +204,7 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       expect(rejected).toMatch(/reason="invalid_argument"\} [1-9]/);
     });
 
-    it('splits a step larger than a replica\'s row budget into calls that fit, with the same images', async () => {
+    it("splits a step larger than a replica's row budget into calls that fit, with the same images", async () => {
       const labels = Array.from({ length: 20 }, (_, i) => ({ index: i % 10 }));
       const res = await p.api.generate(base({ classLabels: labels, numSteps: 3 }));
       expect(res.images).toHaveLength(20);

@@ -16,7 +16,6 @@ const SLOW_WORKER = new URL('./fixtures/slow-worker.ts', import.meta.url);
 /** The session's worker thread: killed from outside, as a crash or the OOM killer would. */
 const workerOf = (s: WorkerSession): Worker => Reflect.get(s, 'worker') as Worker;
 
-
 describe('a dead inference worker', () => {
   it('rejects the pass in flight and every later run with UNAVAILABLE at once', async () => {
     const s = await WorkerSession.create('unused.onnx', { workerModule: SLOW_WORKER });
@@ -57,7 +56,8 @@ describe('a dead inference worker', () => {
       for await (const ev of p.api.generateStream(req, { timeoutMs: 60_000 })) {
         // The real onnxruntime worker thread ends behind the session's back (a pass may be running:
         // the thread exits after it, without a word to the session).
-        if (ev.progress && ++steps === 10) workerOf(Reflect.get(victim.denoiser, 'session') as WorkerSession).postMessage({ kind: 'close' });
+        if (ev.progress && ++steps === 10)
+          workerOf(Reflect.get(victim.denoiser, 'session') as WorkerSession).postMessage({ kind: 'close' });
         if (ev.image?.image) images.push(ev.image.image);
       }
       expect(steps).toBe(60);
@@ -66,7 +66,17 @@ describe('a dead inference worker', () => {
       expect(victim.denoiser.dead).toBe(true);
       await expect.poll(() => healthStatus(`127.0.0.1:${port}`), { timeout: 5_000, interval: 100 }).toBe(2);
       // Its own calls fail fast with UNAVAILABLE (retryable), not INTERNAL.
-      const step = { model: DIT_NAME, x: f32Tensor([1, 4, 8, 8], new Float32Array(256)), t: [10n], y: [1], cfgScale: 1, guidanceChannels: 0, requestId: 'r', stepIndex: 0, omitVariance: false };
+      const step = {
+        model: DIT_NAME,
+        x: f32Tensor([1, 4, 8, 8], new Float32Array(256)),
+        t: [10n],
+        y: [1],
+        cfgScale: 1,
+        guidanceChannels: 0,
+        requestId: 'r',
+        stepIndex: 0,
+        omitVariance: false,
+      };
       const direct = await victim.denoiser.denoise(step).catch((e: unknown) => e);
       expect(direct).toBeInstanceOf(UnavailableError);
       expect(toServiceError(direct).code).toBe(Code.UNAVAILABLE);

@@ -25,7 +25,11 @@ function doubler(): string {
 function slowDoubler(): string {
   const n = 256;
   const g = new Graph('slow_double');
-  const eye = g.constFloat(Float32Array.from({ length: n * n }, (_, i) => (i % (n + 1) === 0 ? 1 : 0)), [n, n], 'eye');
+  const eye = g.constFloat(
+    Float32Array.from({ length: n * n }, (_, i) => (i % (n + 1) === 0 ? 1 : 0)),
+    [n, n],
+    'eye',
+  );
   let y = g.input('x', 'float32', ['B', n]);
   for (let i = 0; i < 64; i++) y = g.matmul(y, eye);
   g.output(g.mul(y, g.constFloat([2])), 'y');

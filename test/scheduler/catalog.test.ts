@@ -12,13 +12,19 @@ import { InProcBus } from '../../shared/transport/inproc.ts';
 describe('catalog', () => {
   it('logs a failed background refresh and a missing decoder, and still answers from the cache', async () => {
     let text = '';
-    const log = createLogger('catalog-test', { format: 'json', stream: new Writable({ write: (c: Buffer, _e, cb) => ((text += c.toString()), cb()) }) });
+    const log = createLogger('catalog-test', {
+      format: 'json',
+      stream: new Writable({ write: (c: Buffer, _e, cb) => ((text += c.toString()), cb()) }),
+    });
     const bus = new InProcBus();
     const replica = bus.connect('denoiser');
     const scheduler = bus.connect('scheduler');
     const server = await replica.serve(
       DenoiserDefinition,
-      { denoise: () => DenoiseResponse.create({ batchRows: 1 }), info: () => DenoiserInfo.create({ model: 'm', vae: 'v', classNames: ['a'] }) },
+      {
+        denoise: () => DenoiseResponse.create({ batchRows: 1 }),
+        info: () => DenoiserInfo.create({ model: 'm', vae: 'v', classNames: ['a'] }),
+      },
       { scope: 'm' },
     );
     const config = compileSchedulerConfig({ models: ['m'], modelInfoTtlMs: 0, stepTimeoutMs: 200, decodeTimeoutMs: 200 });

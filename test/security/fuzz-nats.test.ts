@@ -56,7 +56,7 @@ describe('fuzzing the internal NATS subjects', () => {
   it(`answers ${MESSAGES} random and malformed work messages with clear statuses and keeps serving the same images`, async () => {
     const rand = rng(SEED);
     const int = (n: number): number => Math.floor(rand() * n);
-    const pick = <T,>(xs: readonly T[]): T => xs[int(xs.length)];
+    const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)];
     const bytes = (n: number): Uint8Array => Uint8Array.from({ length: n }, () => int(256));
     const ref = { model: DIT_NAME, classLabels: [{ index: 3 }, { index: 7 }], numSteps: 3, cfgScale: 4, seed: 91n };
     const expected = (await p.api.generate(ref)).images.map((i) => Buffer.from(i.png));
@@ -65,7 +65,16 @@ describe('fuzzing the internal NATS subjects', () => {
       Float32Array.from({ length: n }, () => pick([0, 1, -1, rand() * 8 - 4, Number.NaN, Number.POSITIVE_INFINITY, 3e38]));
     /** A latent-like tensor: mostly the model's shape [N, 4, 8, 8], sometimes not, data sometimes short. */
     const tensor = (rows: number) => {
-      const shape = pick([[rows, 4, 8, 8], [rows, 4, 8, 8], [rows, 4, 8], [rows, 3, 8, 8], [rows, 4, 16, 16], [0, 4, 8, 8], [rows, 4, 8, 8, 1], []]);
+      const shape = pick([
+        [rows, 4, 8, 8],
+        [rows, 4, 8, 8],
+        [rows, 4, 8],
+        [rows, 3, 8, 8],
+        [rows, 4, 16, 16],
+        [0, 4, 8, 8],
+        [rows, 4, 8, 8, 1],
+        [],
+      ]);
       const n = shape.reduce((a, b) => a * b, 1);
       const t = f32Tensor(shape, floats(pick([n, n, Math.max(0, n - 1), n + 3, 0])));
       return pick([t, t, t, { ...t, dtype: int(5) }, undefined]);
@@ -100,7 +109,10 @@ describe('fuzzing the internal NATS subjects', () => {
     const body = (request: () => Uint8Array): Uint8Array =>
       pick<() => Uint8Array>([
         () => bytes(int(300)),
-        () => WorkBatch.encode({ items: [{ id: BigInt(int(1e6)), deadlineMs: BigInt(Date.now() + 10_000), request: bytes(int(200)) }] }).finish(),
+        () =>
+          WorkBatch.encode({
+            items: [{ id: BigInt(int(1e6)), deadlineMs: BigInt(Date.now() + 10_000), request: bytes(int(200)) }],
+          }).finish(),
         () =>
           WorkBatch.encode({
             items: Array.from({ length: pick([1, 1, 2, 5, 0]) }, () => ({
@@ -140,13 +152,16 @@ describe('fuzzing the internal NATS subjects', () => {
     process.on('warning', onWarning);
     const rss0 = process.memoryUsage().rss;
     let rssPeak = rss0;
-    for (let sent = 0; sent < MESSAGES; ) {
+    for (let sent = 0; sent < MESSAGES;) {
       for (let k = 0; k < 50; k++, sent++) {
         const what = int(10);
         if (what < 5) raw.publish(DENOISE, body(denoiseRequest), { headers: headers(sent) });
         else if (what < 8) raw.publish(DECODE, body(decodeRequest), { headers: headers(sent) });
         else if (what === 8) {
-          const cancel = rand() < 0.5 ? bytes(int(100)) : WorkCancel.encode({ reply: pick([`${REPLY}.${sent}`, '', 'x']), ids: [BigInt(int(100))] }).finish();
+          const cancel =
+            rand() < 0.5
+              ? bytes(int(100))
+              : WorkCancel.encode({ reply: pick([`${REPLY}.${sent}`, '', 'x']), ids: [BigInt(int(100))] }).finish();
           raw.publish(`${pick([DENOISE, DECODE])}.cancel`, cancel);
         } else {
           // Info is a plain request/reply every replica answers: garbage in, an answer (or an error reply) out.
@@ -183,8 +198,12 @@ describe('fuzzing the internal NATS subjects', () => {
 
     const codes = new Map<number, number>();
     for (const r of results) codes.set(r.code, (codes.get(r.code) ?? 0) + 1);
-    const unclear = results.filter((r) => r.code === Code.UNKNOWN || r.code === Code.INTERNAL || (r.code !== 0 && (r.message.length === 0 || r.message.length > 1100)));
-    console.log(`answers by code ${JSON.stringify([...codes].sort((a, b) => a[0] - b[0]))}; info answers ${infoAnswers}; rss +${Math.round((rssPeak - rss0) / 2 ** 20)} MiB`);
+    const unclear = results.filter(
+      (r) => r.code === Code.UNKNOWN || r.code === Code.INTERNAL || (r.code !== 0 && (r.message.length === 0 || r.message.length > 1100)),
+    );
+    console.log(
+      `answers by code ${JSON.stringify([...codes].sort((a, b) => a[0] - b[0]))}; info answers ${infoAnswers}; rss +${Math.round((rssPeak - rss0) / 2 ** 20)} MiB`,
+    );
     expect(undecodable).toEqual([]);
     expect(warnings.slice(0, 3)).toEqual([]);
     expect(unclear.slice(0, 5).map((r) => ({ code: r.code, length: r.message.length, message: r.message.slice(0, 160) }))).toEqual([]);

@@ -75,7 +75,7 @@ describe('fuzzing the Sampler API', () => {
   it(`answers ${FRAMES} random and malformed frames with clear statuses and keeps serving the same images`, async () => {
     const rand = rng(SEED);
     const int = (n: number): number => Math.floor(rand() * n);
-    const pick = <T,>(xs: readonly T[]): T => xs[int(xs.length)];
+    const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)];
     const ref = { model: DIT_NAME, classLabels: [{ index: 3 }, { name: 'seven' }], numSteps: 3, cfgScale: 4, seed: 77n };
     const expected = (await p.api.generate(ref)).images.map((i) => Buffer.from(i.png));
     const valid = Buffer.from(GenerateRequest.encode(GenerateRequest.fromPartial(ref)).finish());
@@ -123,14 +123,16 @@ describe('fuzzing the Sampler API', () => {
     const unclear: string[] = [];
     const rss0 = process.memoryUsage().rss;
     let rssPeak = rss0;
-    for (let sent = 0; sent < FRAMES; ) {
+    for (let sent = 0; sent < FRAMES;) {
       const batch = Array.from({ length: 40 }, () => ({ method: int(10) === 0 ? METHODS[2] : pick(METHODS.slice(0, 2)), body: frame() }));
       sent += batch.length;
       const answers = await Promise.all(batch.map((b) => call(b.method, b.body)));
       answers.forEach((a, i) => {
         codes.set(a.code, (codes.get(a.code) ?? 0) + 1);
-        const clear = a.code === 0 || (a.code !== Code.UNKNOWN && a.code !== Code.INTERNAL && a.details.length > 0 && a.details.length <= 1100);
-        if (!clear && unclear.length < 5) unclear.push(`${batch[i].method} ${batch[i].body.toString('hex').slice(0, 80)} → ${a.code} ${a.details.slice(0, 200)}`);
+        const clear =
+          a.code === 0 || (a.code !== Code.UNKNOWN && a.code !== Code.INTERNAL && a.details.length > 0 && a.details.length <= 1100);
+        if (!clear && unclear.length < 5)
+          unclear.push(`${batch[i].method} ${batch[i].body.toString('hex').slice(0, 80)} → ${a.code} ${a.details.slice(0, 200)}`);
       });
       rssPeak = Math.max(rssPeak, process.memoryUsage().rss);
       if (sent % 400 === 0) {
@@ -142,7 +144,10 @@ describe('fuzzing the Sampler API', () => {
     // Mostly refusals, but some random requests are valid and were served.
     expect(codes.get(Code.INVALID_ARGUMENT) ?? 0).toBeGreaterThan(FRAMES / 4);
     expect(codes.get(0) ?? 0).toBeGreaterThan(0);
-    expect([...codes.keys()].every((c) => [0, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED].includes(c as never)), JSON.stringify([...codes])).toBe(true);
+    expect(
+      [...codes.keys()].every((c) => [0, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED].includes(c as never)),
+      JSON.stringify([...codes]),
+    ).toBe(true);
     // Bounded: nothing a frame asks for is allocated before it is checked.
     expect(rssPeak - rss0).toBeLessThan(512 * 1024 * 1024);
     const final = await p.api.generate(ref);
@@ -203,7 +208,8 @@ describe('fuzzing the model loaders', () => {
       const err = load(path);
       if (err === null) continue; // a flip inside tensor data is still a valid file
       refused++;
-      if (!(err instanceof WeightsError) || !err.message.includes(path)) odd.push(`${path}: ${err instanceof Error ? String(err) : JSON.stringify(err)}`.slice(0, 300));
+      if (!(err instanceof WeightsError) || !err.message.includes(path))
+        odd.push(`${path}: ${err instanceof Error ? String(err) : JSON.stringify(err)}`.slice(0, 300));
       rmSync(path);
     }
     expect(odd).toEqual([]);

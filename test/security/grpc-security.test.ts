@@ -26,14 +26,16 @@ beforeAll(() => {
 });
 afterAll(() => pki?.cleanup());
 
-
-
 /** A server-reflection list request; resolves with the status code (0 = answered). */
 async function reflectionCode(address: string, creds: grpc.ChannelCredentials): Promise<number> {
   const client = new grpc.Client(address, creds);
   try {
     return await new Promise<number>((resolve) => {
-      const s = client.makeBidiStreamRequest('/grpc.reflection.v1.ServerReflection/ServerReflectionInfo', (b: Buffer) => b, (b: Buffer) => b);
+      const s = client.makeBidiStreamRequest(
+        '/grpc.reflection.v1.ServerReflection/ServerReflectionInfo',
+        (b: Buffer) => b,
+        (b: Buffer) => b,
+      );
       s.on('data', () => {
         resolve(0);
         s.cancel();
@@ -55,7 +57,12 @@ describe('TLS and bearer tokens on the Sampler API', () => {
     const tokens = TokenSet.parse(`# test tokens\n${FULL}\n${LIST_ONLY} ditpipe.v1.Sampler/ListModels\n`, 'test tokens');
     p = await startPipeline({
       transport: { kind: 'inproc' },
-      grpc: { tls: loadGrpcTls({ certFile: pki.server.cert, keyFile: pki.server.key }), tokens, healthPort: 0, log: pino({ level: 'info' }, sink) },
+      grpc: {
+        tls: loadGrpcTls({ certFile: pki.server.cert, keyFile: pki.server.key }),
+        tokens,
+        healthPort: 0,
+        log: pino({ level: 'info' }, sink),
+      },
       client: { tls: { caFile: pki.ca.cert }, token: FULL },
     });
   });
@@ -69,7 +76,7 @@ describe('TLS and bearer tokens on the Sampler API', () => {
     expect(p.grpc.security).toBe('TLS, bearer tokens (2)');
   });
 
-  it('answers UNAUTHENTICATED without a token or with a wrong one, PERMISSION_DENIED outside a token\'s scope', async () => {
+  it("answers UNAUTHENTICATED without a token or with a wrong one, PERMISSION_DENIED outside a token's scope", async () => {
     const tls = { caFile: pki.ca.cert };
     for (const token of [undefined, 'not-the-token-0123456789abcdef']) {
       const api = new SamplerApi(p.address, { tls, token });
@@ -125,7 +132,10 @@ describe('health, reflection and mutual TLS', () => {
 
   it('accepts only clients with a certificate signed by the client CA', async () => {
     expect(server.security).toBe('mutual TLS, bearer tokens (1)');
-    const ok = new SamplerApi(server.address, { tls: { caFile: pki.ca.cert, certFile: pki.client.cert, keyFile: pki.client.key }, token: FULL });
+    const ok = new SamplerApi(server.address, {
+      tls: { caFile: pki.ca.cert, certFile: pki.client.cert, keyFile: pki.client.key },
+      token: FULL,
+    });
     try {
       expect((await ok.listModels()).map((m) => m.name)).toEqual(['m']);
     } finally {
@@ -176,12 +186,18 @@ describe('health, reflection and mutual TLS', () => {
     p2.addService({ fullName: SERVICE_NAMES.sampler, definition: SamplerService, impl, maxRequestBytes: 1024 });
     await p2.listen();
     const plain = new SamplerApi(server.address);
-    const wrongCa = new SamplerApi(server.address, { tls: { caFile: pki.otherCa.cert, certFile: pki.client.cert, keyFile: pki.client.key } });
+    const wrongCa = new SamplerApi(server.address, {
+      tls: { caFile: pki.otherCa.cert, certFile: pki.client.cert, keyFile: pki.client.key },
+    });
     const nobody = new SamplerApi('127.0.0.1:1');
     try {
       expect((await failureOf(plain.listModels({ timeoutMs: 5_000 }))).message).toMatch(/if it serves TLS, add --tls/);
-      expect((await failureOf(wrongCa.listModels({ timeoutMs: 5_000 }))).message).toMatch(/not trusted: give the CA that signed it with --tls-ca/);
-      expect((await failureOf(nobody.listModels({ timeoutMs: 5_000 }))).message).toMatch(/is a server listening on 127\.0\.0\.1:1\? try npm start/);
+      expect((await failureOf(wrongCa.listModels({ timeoutMs: 5_000 }))).message).toMatch(
+        /not trusted: give the CA that signed it with --tls-ca/,
+      );
+      expect((await failureOf(nobody.listModels({ timeoutMs: 5_000 }))).message).toMatch(
+        /is a server listening on 127\.0\.0\.1:1\? try npm start/,
+      );
       const tlsToPlain = new SamplerApi(p2.address, { tls: { caFile: pki.ca.cert } });
       try {
         expect((await failureOf(tlsToPlain.listModels({ timeoutMs: 5_000 }))).message).toMatch(/does not speak TLS: drop --tls/);
@@ -196,13 +212,19 @@ describe('health, reflection and mutual TLS', () => {
 });
 
 describe('configuration errors name what is wrong', () => {
-  it('refuses a host without a port, a key that is not the certificate\'s, short tokens', () => {
-    expect(() => checkAddress('127.0.0.1', '--server')).toThrow(/--server "127.0.0.1" is not host:port; a port is required \(e.g. 127.0.0.1:50051\)/);
+  it("refuses a host without a port, a key that is not the certificate's, short tokens", () => {
+    expect(() => checkAddress('127.0.0.1', '--server')).toThrow(
+      /--server "127.0.0.1" is not host:port; a port is required \(e.g. 127.0.0.1:50051\)/,
+    );
     expect(() => new SamplerApi('localhost')).toThrow(InvalidArgumentError);
     expect(checkAddress('[::1]:50051')).toBe('[::1]:50051');
-    expect(() => loadGrpcTls({ certFile: pki.server.cert, keyFile: pki.client.key })).toThrow(/--tls-key .*client-key\.pem is not the key of the certificate/);
+    expect(() => loadGrpcTls({ certFile: pki.server.cert, keyFile: pki.client.key })).toThrow(
+      /--tls-key .*client-key\.pem is not the key of the certificate/,
+    );
     expect(() => loadGrpcTls({ certFile: pki.server.cert })).toThrow(/TLS needs both --tls-cert and --tls-key/);
-    expect(() => loadGrpcTls({ certFile: '/nonexistent.pem', keyFile: pki.server.key })).toThrow(/--tls-cert \/nonexistent.pem: no such file/);
+    expect(() => loadGrpcTls({ certFile: '/nonexistent.pem', keyFile: pki.server.key })).toThrow(
+      /--tls-cert \/nonexistent.pem: no such file/,
+    );
     expect(() => TokenSet.parse('short\n', 'tokens file t')).toThrow(/tokens file t line 1: a token must have at least 16 characters/);
     expect(() => TokenSet.parse(`${FULL} not/a/scope\n`, 'tokens file t')).toThrow(/line 1: scope "not\/a\/scope"/);
   });

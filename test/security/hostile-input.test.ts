@@ -53,7 +53,8 @@ describe('weights', () => {
     // d0 = {}; d_i = {"a": d_{i-1}, "b": d_{i-1}}; root = {"model": d_40}: 2^40 paths, 1 KB of pickle.
     const depth = 40;
     const pkl = [...PROTO2, EMPTY_DICT, ...longPut(0), POP];
-    for (let i = 1; i <= depth; i++) pkl.push(EMPTY_DICT, MARK, ...uni('a'), ...longGet(i - 1), ...uni('b'), ...longGet(i - 1), SETITEMS, ...longPut(i), POP);
+    for (let i = 1; i <= depth; i++)
+      pkl.push(EMPTY_DICT, MARK, ...uni('a'), ...longGet(i - 1), ...uni('b'), ...longGet(i - 1), SETITEMS, ...longPut(i), POP);
     pkl.push(EMPTY_DICT, ...uni('model'), ...longGet(depth), SETITEM, STOP);
     const path = checkpoint('memo-bomb.pt', pkl);
     expect(readFileSync(path).length).toBeLessThan(2_000);
@@ -72,7 +73,9 @@ describe('weights', () => {
 
   it('names the file when a dict contains itself, instead of overflowing the stack', () => {
     const path = checkpoint('cycle.pt', [...PROTO2, EMPTY_DICT, ...longPut(0), ...uni('self'), ...longGet(0), SETITEM, STOP]);
-    expect(() => openTorchCheckpoint(path)).toThrow(new RegExp(`${path}: the dict at '\\(top level\\)' contains itself \\(through 'self'\\)`));
+    expect(() => openTorchCheckpoint(path)).toThrow(
+      new RegExp(`${path}: the dict at '\\(top level\\)' contains itself \\(through 'self'\\)`),
+    );
     const deep = [...PROTO2, EMPTY_DICT];
     for (let i = 0; i < 5_000; i++) deep.push(...uni('k'), EMPTY_DICT);
     for (let i = 0; i < 5_000; i++) deep.push(SETITEM);
@@ -123,7 +126,6 @@ describe('the Sampler API', () => {
     await p?.stop();
   });
 
-
   it('refuses a request larger than the largest valid one before decoding it', async () => {
     expect(p.grpc.maxReceiveBytes).toBeLessThan(1024 * 1024);
     const e = await failureOf(p.api.generate({ model: 'm'.repeat(2 * 1024 * 1024), classLabels: [{ index: 1 }] }));
@@ -144,7 +146,11 @@ describe('the Sampler API', () => {
   });
 
   it('answers undecodable bytes with INVALID_ARGUMENT, not INTERNAL', async () => {
-    for (const bytes of [[0xff, 0xff, 0xff], [0x0a, 0x7f], [0x12, 0x05, 0x08]]) {
+    for (const bytes of [
+      [0xff, 0xff, 0xff],
+      [0x0a, 0x7f],
+      [0x12, 0x05, 0x08],
+    ]) {
       const err = await rawCall(p.address, '/ditpipe.v1.Sampler/Generate', Buffer.from(bytes));
       expect(err?.code).toBe(Code.INVALID_ARGUMENT);
       expect(err?.details).toMatch(/^request is not a valid ditpipe\.v1\.Sampler\/Generate request: /);
@@ -183,7 +189,9 @@ describe('model directories', () => {
     const escape = copyModel('escape', (m) => {
       m.onnx = '../../../../etc/hostname';
     });
-    expect(() => readModelDir(escape)).toThrow(/field "onnx": "\.\.\/\.\.\/\.\.\/\.\.\/etc\/hostname" is not a file inside the model directory/);
+    expect(() => readModelDir(escape)).toThrow(
+      /field "onnx": "\.\.\/\.\.\/\.\.\/\.\.\/etc\/hostname" is not a file inside the model directory/,
+    );
     const abs = copyModel('absolute', (m) => {
       m.onnx = '/etc/hostname';
     });
@@ -200,11 +208,15 @@ describe('model directories', () => {
       (m.config as Record<string, unknown>).in_channels = 3;
       (m.inputs as Array<{ shape: unknown[] }>)[0].shape = ['B', 3, 8, 8];
     });
-    expect(() => readModelDir(lie)).toThrow(/field "inputs\.0": x is float32 \[B, 3, 8, 8\] here but float32 \[B, 4, 8, 8\] in model\.onnx/);
+    expect(() => readModelDir(lie)).toThrow(
+      /field "inputs\.0": x is float32 \[B, 3, 8, 8\] here but float32 \[B, 4, 8, 8\] in model\.onnx/,
+    );
     const lie2 = copyModel('lying-config-2', (m) => {
       (m.config as Record<string, unknown>).input_size = 16;
     });
-    await expect(Denoiser.create(compileDenoiserConfig({ modelDir: lie2 }))).rejects.toThrow(/field "config\.input_size" is 16 but the graph's x is \[B, 4, 8, 8\]/);
+    await expect(Denoiser.create(compileDenoiserConfig({ modelDir: lie2 }))).rejects.toThrow(
+      /field "config\.input_size" is 16 but the graph's x is \[B, 4, 8, 8\]/,
+    );
   });
 
   it('model info fails on a random, truncated or empty ONNX file, and passes a good one', () => {

@@ -80,9 +80,16 @@ describe('NATS over TLS', () => {
     expect(untrusted.message).toContain('--nats-tls-ca');
   });
 
-  it('mutual TLS: serves and calls with a client certificate the server trusts; a stranger\'s is refused', async () => {
+  it("mutual TLS: serves and calls with a client certificate the server trusts; a stranger's is refused", async () => {
     await serveAndCall(mtls.url, { caFile: pki.ca.cert, certFile: pki.client.cert, keyFile: pki.client.key }, 'mtls');
-    const stranger = await failure(connectNats({ servers: mtls.url, tls: { caFile: pki.ca.cert, certFile: pki.strangerClient.cert, keyFile: pki.strangerClient.key }, connectTimeoutMs: 3_000, ...patient }));
+    const stranger = await failure(
+      connectNats({
+        servers: mtls.url,
+        tls: { caFile: pki.ca.cert, certFile: pki.strangerClient.cert, keyFile: pki.strangerClient.key },
+        connectTimeoutMs: 3_000,
+        ...patient,
+      }),
+    );
     expect(stranger).toBeInstanceOf(FailedPreconditionError);
     expect(stranger.message).toContain(`with the client certificate ${pki.strangerClient.cert}: is it signed by a CA the server trusts?`);
   });
@@ -92,7 +99,9 @@ describe('NATS connect', () => {
   it('gives up after the first-connect timeout with an error naming the URL', async () => {
     const e = await failure(connectNats({ servers: 'nats://127.0.0.1:1', waitOnFirstConnect: true, firstConnectTimeoutMs: 1_500 }));
     expect(e).toBeInstanceOf(UnavailableError);
-    expect(e.message).toMatch(/^cannot connect to NATS at nats:\/\/127\.0\.0\.1:1 within 2 s \(\d+ attempts\): .*is a nats-server running there/);
+    expect(e.message).toMatch(
+      /^cannot connect to NATS at nats:\/\/127\.0\.0\.1:1 within 2 s \(\d+ attempts\): .*is a nats-server running there/,
+    );
   });
 
   it('fails at once, saying what to fix, on every TLS mismatch against a mutual-TLS nats-server', async () => {
@@ -110,7 +119,11 @@ describe('NATS connect', () => {
     expect(noCert).toBeInstanceOf(FailedPreconditionError);
     expect(noCert.message).toContain('requires a client certificate (mutual TLS): give --nats-tls-cert and --nats-tls-key');
 
-    const nc = await connectNats({ servers: mtls.url, tls: { caFile: pki.ca.cert, certFile: pki.client.cert, keyFile: pki.client.key }, ...patient });
+    const nc = await connectNats({
+      servers: mtls.url,
+      tls: { caFile: pki.ca.cert, certFile: pki.client.cert, keyFile: pki.client.key },
+      ...patient,
+    });
     await nc.flush();
     await nc.close();
   });
@@ -124,7 +137,11 @@ describe('NATS connect', () => {
   it('a service exits non-zero with the error when NATS is unreachable or mismatched', () => {
     const { ditDir } = testModels();
     const run = (args: string[]): { status: number | null; out: string } => {
-      const r = spawnSync(process.execPath, [BIN, 'denoiser', '--model-dir', ditDir, '--grpc-port', '-1', '--metrics-port', '-1', ...args], { encoding: 'utf8', timeout: 90_000 });
+      const r = spawnSync(
+        process.execPath,
+        [BIN, 'denoiser', '--model-dir', ditDir, '--grpc-port', '-1', '--metrics-port', '-1', ...args],
+        { encoding: 'utf8', timeout: 90_000 },
+      );
       return { status: r.status, out: `${r.stdout}${r.stderr}` };
     };
     const down = run(['--nats-url', 'nats://127.0.0.1:1', '--nats-connect-timeout', '1000']);

@@ -91,13 +91,23 @@ describe('NATS permissions per service', () => {
         '>',
       ];
       const errors = new Map<string, Error>();
-      for (const subject of denied) nc.subscribe(subject, {
+      for (const subject of denied)
+        nc.subscribe(subject, {
           callback: (err) => {
             if (err) errors.set(subject, err);
           },
         });
       await nc.flush();
-      await expect.poll(() => seen.filter((e) => e.operation === 'subscription').map((e) => e.subject).sort(), { timeout: 5_000 }).toEqual([...denied].sort());
+      await expect
+        .poll(
+          () =>
+            seen
+              .filter((e) => e.operation === 'subscription')
+              .map((e) => e.subject)
+              .sort(),
+          { timeout: 5_000 },
+        )
+        .toEqual([...denied].sort());
       for (const subject of denied) expect(errors.get(subject), subject).toBeInstanceOf(PermissionViolationError);
       // What a denoiser needs is allowed.
       nc.subscribe(`ditpipe.v1.denoiser.${DIT_NAME}.info.all`);
@@ -117,7 +127,9 @@ describe('NATS permissions per service', () => {
     try {
       // Enqueueing Denoise work through the normal client: refused at once, naming the credential.
       const client = t.client(DenoiserDefinition, { scope: DIT_NAME, timeoutMs: 10_000 });
-      const err = await client.denoise({ model: DIT_NAME, t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false }).catch((e: unknown) => e);
+      const err = await client
+        .denoise({ model: DIT_NAME, t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false })
+        .catch((e: unknown) => e);
       expect(err).toBeInstanceOf(PermissionDeniedError);
       expect((err as Error).message).toBe(
         `NATS permission denied for publish on ditpipe.v1.denoiser.${DIT_NAME}.denoise: this connection is the denoiser's, and the denoiser's permissions do not allow it; check that this process has the denoiser's credential (permissions: shared/transport/nats-permissions.ts)`,
@@ -139,9 +151,18 @@ describe('NATS permissions per service', () => {
       await nc.flush();
       // A stream capturing the scheduler's inbox would copy its replies: creating streams is the scheduler's alone.
       const jsm = await jetstreamManager(nc);
-      await expect(jsm.streams.add({ name: 'snoop', subjects: ['_INBOX.scheduler.>'], retention: RetentionPolicy.Limits, storage: StorageType.Memory })).rejects.toThrow(/permission/i);
+      await expect(
+        jsm.streams.add({
+          name: 'snoop',
+          subjects: ['_INBOX.scheduler.>'],
+          retention: RetentionPolicy.Limits,
+          storage: StorageType.Memory,
+        }),
+      ).rejects.toThrow(/permission/i);
       const expected = [`ditpipe.v1.denoiser.${DIT_NAME}.denoise`, ...denied, '$JS.API.STREAM.CREATE.snoop'].sort();
-      await expect.poll(() => [...new Set(seen.filter((e) => e.operation === 'publish').map((e) => e.subject))].sort(), { timeout: 5_000 }).toEqual(expected);
+      await expect
+        .poll(() => [...new Set(seen.filter((e) => e.operation === 'publish').map((e) => e.subject))].sort(), { timeout: 5_000 })
+        .toEqual(expected);
       expect(nats.log()).toMatch(/Publish Violation - Nkey "[A-Z0-9]+", Subject "ditpipe\.v1\.decoder\./);
       // The pipeline is unharmed.
       const res = await pipeline.api.generate({ model: DIT_NAME, classLabels: [{ index: 3 }], numSteps: 3, seed: 9n });
@@ -152,17 +173,36 @@ describe('NATS permissions per service', () => {
   }, 60_000);
 });
 
-describe('a service given another service\'s credential', () => {
+describe("a service given another service's credential", () => {
   it('exits 1 at start, naming what was refused and whose credential it needs', () => {
     const { ditDir } = testModels();
-    const r = spawnSync(process.execPath, [BIN, 'denoiser', '--nats-url', nats.url, '--model-dir', ditDir, '--grpc-port', '-1', '--metrics-port', '-1', '--nats-connect-timeout', '5000'], {
-      encoding: 'utf8',
-      timeout: 90_000,
-      env: { ...process.env, NATS_NKEY: seeds.scheduler },
-    });
+    const r = spawnSync(
+      process.execPath,
+      [
+        BIN,
+        'denoiser',
+        '--nats-url',
+        nats.url,
+        '--model-dir',
+        ditDir,
+        '--grpc-port',
+        '-1',
+        '--metrics-port',
+        '-1',
+        '--nats-connect-timeout',
+        '5000',
+      ],
+      {
+        encoding: 'utf8',
+        timeout: 90_000,
+        env: { ...process.env, NATS_NKEY: seeds.scheduler },
+      },
+    );
     const out = `${r.stdout}${r.stderr}`;
     expect(r.status, out).toBe(1);
-    expect(out).toMatch(/NATS permission denied for subscription on _INBOX\.denoiser\.[^:]+: this connection is the denoiser's, and the denoiser's permissions do not allow it; check that this process has the denoiser's credential/);
+    expect(out).toMatch(
+      /NATS permission denied for subscription on _INBOX\.denoiser\.[^:]+: this connection is the denoiser's, and the denoiser's permissions do not allow it; check that this process has the denoiser's credential/,
+    );
     // The error it exits with says the same, not the client library's raw words.
     expect(out).not.toMatch(/Permissions Violation/);
     expect(out).not.toMatch(/\n\s+at /);
@@ -173,8 +213,12 @@ describe('work queues are bounded, whoever sends', () => {
   it('a flood of the work subject is refused once the queue is full, clearly, and real calls succeed afterwards', async () => {
     const scope = 'flood';
     const settings = { maxMessages: 20, maxBytes: 1024 * 1024, ackWaitMs: 1_000 };
-    const replica = natsTransport(await connectNats({ servers: nats.url, nkeyFile: seeds.denoiser, service: 'denoiser', name: 'flood-replica' }));
-    const scheduler = natsTransport(await connectNats({ servers: nats.url, nkeyFile: seeds.scheduler, service: 'scheduler', name: 'flood-scheduler' }));
+    const replica = natsTransport(
+      await connectNats({ servers: nats.url, nkeyFile: seeds.denoiser, service: 'denoiser', name: 'flood-replica' }),
+    );
+    const scheduler = natsTransport(
+      await connectNats({ servers: nats.url, nkeyFile: seeds.scheduler, service: 'scheduler', name: 'flood-scheduler' }),
+    );
     // Only the scheduler's credential may publish work at all (above); flood with it, as a runaway scheduler would.
     const raw = await connectNats({ servers: nats.url, nkeyFile: seeds.scheduler, service: 'scheduler', name: 'flood-raw' });
     let open = (): void => undefined;
@@ -196,20 +240,35 @@ describe('work queues are bounded, whoever sends', () => {
       const client = scheduler.client(DenoiserDefinition, { scope, queueSettings: settings, timeoutMs: 30_000 });
       // The replica holds one call (gated): it stays in the queue until answered, with 19 more
       // waiting, which makes the 20 the queue may hold; the rest are refused.
-      const first = client.denoise(step).then(() => 'ok', (e: unknown) => e);
+      const first = client.denoise(step).then(
+        () => 'ok',
+        (e: unknown) => e,
+      );
       await expect.poll(() => client.queueOf('denoise').info(), { timeout: 10_000 }).toMatchObject({ pending: 0, ackPending: 1 });
-      const calls = [first, ...Array.from({ length: 59 }, () => client.denoise(step).then(() => 'ok', (e: unknown) => e))];
+      const calls = [
+        first,
+        ...Array.from({ length: 59 }, () =>
+          client.denoise(step).then(
+            () => 'ok',
+            (e: unknown) => e,
+          ),
+        ),
+      ];
       const refused: unknown[] = await Promise.race([
         Promise.all(calls.slice(20)),
         new Promise<never>((_, r) => setTimeout(() => r(new Error('refusals did not come')), 10_000)),
       ]);
       for (const e of refused) {
         expect(e).toBeInstanceOf(ResourceExhaustedError);
-        expect((e as Error).message).toBe(`work queue for ditpipe.v1.denoiser.${scope}.denoise is full (maximum messages exceeded); retry later`);
+        expect((e as Error).message).toBe(
+          `work queue for ditpipe.v1.denoiser.${scope}.denoise is full (maximum messages exceeded); retry later`,
+        );
       }
       // Raw messages straight onto the subject meet the same wall.
       const answers = await Promise.all(
-        Array.from({ length: 10 }, (_, i) => raw.request(`ditpipe.v1.denoiser.${scope}.denoise`, new Uint8Array([0x0a, 0x00]), { timeout: 5_000, headers: msgId(`raw-${i}`) })),
+        Array.from({ length: 10 }, (_, i) =>
+          raw.request(`ditpipe.v1.denoiser.${scope}.denoise`, new Uint8Array([0x0a, 0x00]), { timeout: 5_000, headers: msgId(`raw-${i}`) }),
+        ),
       );
       for (const a of answers) expect(new TextDecoder().decode(a.data)).toMatch(/"description":"maximum messages exceeded"/);
       open();

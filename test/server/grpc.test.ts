@@ -7,7 +7,14 @@ import * as grpc from '@grpc/grpc-js';
 import { BinaryReader, BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { Code, fromServiceError, InvalidArgumentError, ResourceExhaustedError, PayloadTooLargeError, toServiceError } from '../../shared/errors.ts';
+import {
+  Code,
+  fromServiceError,
+  InvalidArgumentError,
+  ResourceExhaustedError,
+  PayloadTooLargeError,
+  toServiceError,
+} from '../../shared/errors.ts';
 import { ListModelsResponse, ModelInfo, SamplerClient, SamplerService, type SamplerServer } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { GrpcServer, SERVICE_NAMES } from '../../shared/server/grpc.ts';
 
@@ -17,7 +24,10 @@ let health: GrpcServer['health'];
 let modelsCall = 0;
 
 const sampler: SamplerServer = {
-  generate: (_call, callback) => callback(toServiceError(new InvalidArgumentError('class_labels[0]: 12 is not a class of model m (10 classes)', { field: 'class_labels[0]' }))),
+  generate: (_call, callback) =>
+    callback(
+      toServiceError(new InvalidArgumentError('class_labels[0]: 12 is not a class of model m (10 classes)', { field: 'class_labels[0]' })),
+    ),
   generateStream: (call) => {
     call.emit('error', toServiceError(new PayloadTooLargeError('too big')));
   },
@@ -44,7 +54,12 @@ const rawClient = (): grpc.Client => new grpc.Client(address, grpc.credentials.c
 const identity = (b: Buffer): Buffer => b;
 
 function stringField(field: number, value: string): Buffer {
-  return Buffer.from(new BinaryWriter().uint32((field << 3) | WireType.LengthDelimited).string(value).finish());
+  return Buffer.from(
+    new BinaryWriter()
+      .uint32((field << 3) | WireType.LengthDelimited)
+      .string(value)
+      .finish(),
+  );
 }
 
 /** Top-level length-delimited fields of a message, by field number. */
@@ -109,11 +124,18 @@ describe('grpc health and reflection', () => {
 
   it('lists the served services and returns their descriptors with comments', async () => {
     const listed = await reflect(stringField(7, '*'));
-    const names = (listed.get(6) ?? []).flatMap((svc) => fields(svc).get(1) ?? []).map((n) => {
-      const inner = fields(n).get(1)?.[0];
-      return new TextDecoder().decode(inner);
-    });
-    expect(names.sort()).toEqual(['ditpipe.v1.Sampler', 'grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection', 'grpc.reflection.v1alpha.ServerReflection']);
+    const names = (listed.get(6) ?? [])
+      .flatMap((svc) => fields(svc).get(1) ?? [])
+      .map((n) => {
+        const inner = fields(n).get(1)?.[0];
+        return new TextDecoder().decode(inner);
+      });
+    expect(names.sort()).toEqual([
+      'ditpipe.v1.Sampler',
+      'grpc.health.v1.Health',
+      'grpc.reflection.v1.ServerReflection',
+      'grpc.reflection.v1alpha.ServerReflection',
+    ]);
 
     const files = await reflect(stringField(4, 'ditpipe.v1.GenerateRequest'));
     const protos = fields(files.get(4)?.[0] ?? new Uint8Array()).get(1) ?? [];
@@ -130,7 +152,9 @@ describe('typed errors over gRPC', () => {
     const client = new SamplerClient(address, grpc.credentials.createInsecure());
     try {
       const err = await new Promise<grpc.ServiceError>((resolve) => {
-        client.generate({ model: 'm', classLabels: [{ index: 12 }], sampler: 0, guidanceChannels: 0, outputFormat: 0 }, (e) => resolve(e as grpc.ServiceError));
+        client.generate({ model: 'm', classLabels: [{ index: 12 }], sampler: 0, guidanceChannels: 0, outputFormat: 0 }, (e) =>
+          resolve(e as grpc.ServiceError),
+        );
       });
       expect(err.code).toBe(grpc.status.INVALID_ARGUMENT);
       const typed = fromServiceError(err);

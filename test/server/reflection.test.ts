@@ -16,7 +16,11 @@ let replica: RunningReplica;
 const replicaGrpc = new GrpcServer({ host: '127.0.0.1', port: 0 });
 beforeAll(async () => {
   pipeline = await startPipeline({ transport: { kind: 'inproc' } });
-  replica = await startDenoiserService(compileDenoiserConfig({ modelDir: testModels().ditDir, intraOpThreads: 1 }), new InProcBus().connect('replica'), { grpc: replicaGrpc });
+  replica = await startDenoiserService(
+    compileDenoiserConfig({ modelDir: testModels().ditDir, intraOpThreads: 1 }),
+    new InProcBus().connect('replica'),
+    { grpc: replicaGrpc },
+  );
   await replicaGrpc.listen();
 });
 afterAll(async () => {

@@ -5,7 +5,13 @@ import { Writable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { DeadlineExceededError } from '../../shared/errors.ts';
-import { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo, DenoiserService } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import {
+  DenoiseRequest,
+  DenoiseResponse,
+  DenoiserDefinition,
+  DenoiserInfo,
+  DenoiserService,
+} from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { createLogger } from '../../shared/log.ts';
 import { GrpcServer } from '../../shared/server/grpc.ts';
 import { mountReplica, type RunningReplica } from '../../shared/server/replica.ts';
@@ -30,7 +36,6 @@ async function transport(name: string): Promise<Transport> {
   transports.push(t);
   return t;
 }
-
 
 describe('replica health follows bus liveness', () => {
   it('reports NOT_SERVING while a step is stuck past its attempt time, SERVING again once it returns', async () => {
@@ -97,7 +102,10 @@ describe('errors no caller can be told of', () => {
       for (let i = 0; i < 3; i++) raw.publish(subject, new Uint8Array([0xff, 0x01, i]));
       await raw.flush();
       await expect.poll(() => text, { timeout: 10_000, interval: 50 }).toMatch(/malformed .*work message dropped/);
-      const lines = text.trim().split('\n').map((l) => JSON.parse(l) as { level: number; method?: string; code?: string; msg: string });
+      const lines = text
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { level: number; method?: string; code?: string; msg: string });
       const dropped = lines.filter((l) => /work message dropped/.test(l.msg));
       expect(dropped).toHaveLength(1);
       expect(dropped[0]).toMatchObject({ level: 40, method: 'Denoise', code: 'INVALID_ARGUMENT' });

@@ -9,7 +9,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { encodeAccount, encodeOperator, encodeUser, fmtCreds } from '@nats-io/jwt';
 import { createAccount, createOperator, createUser } from '@nats-io/nkeys';
-import { Code, FailedPreconditionError, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError, UnavailableError } from '../../shared/errors.ts';
+import {
+  Code,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  PermissionDeniedError,
+  UnauthenticatedError,
+  UnavailableError,
+} from '../../shared/errors.ts';
 import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { H_KIND, H_MESSAGE, H_STATUS } from '../../shared/transport/bus.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
@@ -86,7 +93,10 @@ describe('nats only', () => {
       const err = await t.serve(DenoiserDefinition, echoImpl, { scope: 'nojs' }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(FailedPreconditionError);
       expect((err as Error).message).toMatch(/has no JetStream.*nats-server with -js/);
-      const callErr = await t.client(DenoiserDefinition, { scope: 'nojs' }).denoise(step).catch((e: unknown) => e);
+      const callErr = await t
+        .client(DenoiserDefinition, { scope: 'nojs' })
+        .denoise(step)
+        .catch((e: unknown) => e);
       expect(callErr).toBeInstanceOf(FailedPreconditionError);
       await t.close();
     } finally {
@@ -96,7 +106,9 @@ describe('nats only', () => {
 
   it('a queue larger than the server can hold is a clear error naming the setting', async () => {
     const t = natsTransport(await connectNats({ servers: server.url }));
-    const err = await t.serve(DenoiserDefinition, echoImpl, { scope: 'huge', queueSettings: { maxBytes: 64 * 1024 * 1024 * 1024 } }).catch((e: unknown) => e);
+    const err = await t
+      .serve(DenoiserDefinition, echoImpl, { scope: 'huge', queueSettings: { maxBytes: 64 * 1024 * 1024 * 1024 } })
+      .catch((e: unknown) => e);
     expect(err).toBeInstanceOf(FailedPreconditionError);
     expect((err as Error).message).toMatch(/cannot hold work queue ditpipe_v1_denoiser_huge.*DITPIPE_QUEUE_MAX_BYTES/);
     await t.close();
@@ -106,7 +118,8 @@ describe('nats only', () => {
     const first = await startNatsServer();
     const port = first.port;
     let current = first;
-    const conn = (name: string): Promise<NatsConnection> => connectNats({ servers: `nats://127.0.0.1:${port}`, name, reconnectTimeWaitMs: 200 });
+    const conn = (name: string): Promise<NatsConnection> =>
+      connectNats({ servers: `nats://127.0.0.1:${port}`, name, reconnectTimeWaitMs: 200 });
     const replicaT = natsTransport(await conn('replica'));
     const clientT = natsTransport(await conn('client'));
     try {
@@ -124,7 +137,11 @@ describe('nats only', () => {
         { scope: 'restart', queueSettings: TEST_QUEUE },
       );
       const resent: number[] = [];
-      const client = clientT.client(DenoiserDefinition, { scope: 'restart', queueSettings: TEST_QUEUE, onWorkEvent: (e) => e.kind === 'resent' && resent.push(e.messages) });
+      const client = clientT.client(DenoiserDefinition, {
+        scope: 'restart',
+        queueSettings: TEST_QUEUE,
+        onWorkEvent: (e) => e.kind === 'resent' && resent.push(e.messages),
+      });
       const waiting = Array.from({ length: 10 }, () => client.denoise(step, { timeoutMs: 30_000 }));
       // Observed below; this only keeps a failure here from adding unhandled rejections.
       for (const w of waiting) w.catch(() => undefined);
@@ -187,9 +204,7 @@ describe('nats authentication', () => {
     const secured = await startNatsServer({ auth: { user: 'ditpipe', password: 'p@ss word"' } });
     try {
       await expect(connectNats({ servers: secured.url })).rejects.toBeInstanceOf(UnauthenticatedError);
-      await expect(connectNats({ servers: secured.url, user: 'ditpipe', password: 'wrong' })).rejects.toBeInstanceOf(
-        UnauthenticatedError,
-      );
+      await expect(connectNats({ servers: secured.url, user: 'ditpipe', password: 'wrong' })).rejects.toBeInstanceOf(UnauthenticatedError);
       const a = natsTransport(await connectNats({ servers: secured.url, user: 'ditpipe', password: 'p@ss word"' }));
       const b = natsTransport(await connectNats({ servers: secured.url, user: 'ditpipe', password: 'p@ss word"' }));
       await a.serve(DenoiserDefinition, echoImpl, { scope: 'auth' });
@@ -219,11 +234,13 @@ describe('nats authentication', () => {
     }
   });
 
-  it('nkey: refused without one or with a stranger\'s, served with the listed ones; a malformed seed file is named', async () => {
+  it("nkey: refused without one or with a stranger's, served with the listed ones; a malformed seed file is named", async () => {
     const dir = mkdtempSync(join(tmpdir(), 'ditpipe-nkey-test-'));
     const keys = makeServiceNkeys();
     const seeds = writeSeedFiles(dir, keys);
-    const secured = await startNatsServer({ auth: { users: NATS_SERVICES.map((service) => ({ service, nkey: keys[service].publicKey })) } });
+    const secured = await startNatsServer({
+      auth: { users: NATS_SERVICES.map((service) => ({ service, nkey: keys[service].publicKey })) },
+    });
     try {
       expect(statSync(seeds.denoiser).mode & 0o777).toBe(0o600);
       await expect(connectNats({ servers: secured.url })).rejects.toBeInstanceOf(UnauthenticatedError);
@@ -234,7 +251,9 @@ describe('nats authentication', () => {
       expect(bad).toBeInstanceOf(InvalidArgumentError);
       expect((bad as InvalidArgumentError).field).toBe('nkeyFile');
       expect((bad as Error).message).toContain(`nats nkeyFile ${join(dir, 'bad.nk')} does not hold a user nkey seed`);
-      await expect(connectNats({ servers: secured.url, nkeyFile: seeds.denoiser, token: 'x' })).rejects.toBeInstanceOf(InvalidArgumentError);
+      await expect(connectNats({ servers: secured.url, nkeyFile: seeds.denoiser, token: 'x' })).rejects.toBeInstanceOf(
+        InvalidArgumentError,
+      );
       // The denoiser serves, the scheduler calls: both work (stream made by the scheduler's first call).
       const replica = natsTransport(await connectNats({ servers: secured.url, nkeyFile: seeds.denoiser, service: 'denoiser' }));
       const scheduler = natsTransport(await connectNats({ servers: secured.url, nkeyFile: seeds.scheduler, service: 'scheduler' }));
@@ -258,7 +277,20 @@ describe('nats authentication', () => {
     const system = createAccount();
     const opJwt = await encodeOperator('ditpipe-test', operator, { system_account: system.getPublicKey() });
     // Unlimited, JetStream in memory included (an account's limits default to none at all).
-    const limits = { conn: -1, subs: -1, data: -1, payload: -1, imports: -1, exports: -1, leaf: -1, wildcards: true, mem_storage: -1, disk_storage: -1, streams: -1, consumer: -1 };
+    const limits = {
+      conn: -1,
+      subs: -1,
+      data: -1,
+      payload: -1,
+      imports: -1,
+      exports: -1,
+      leaf: -1,
+      wildcards: true,
+      mem_storage: -1,
+      disk_storage: -1,
+      streams: -1,
+      consumer: -1,
+    };
     const accJwt = await encodeAccount('ditpipe', account, { limits }, { signer: operator });
     const sysJwt = await encodeAccount('SYS', system, {}, { signer: operator });
     const dir = mkdtempSync(join(tmpdir(), 'ditpipe-creds-test-'));
@@ -281,17 +313,24 @@ describe('nats authentication', () => {
     try {
       await expect(connectNats({ servers: secured.url })).rejects.toBeInstanceOf(UnauthenticatedError);
       const stranger = createAccount(); // an account the server does not know
-      await expect(connectNats({ servers: secured.url, credsFile: await creds('scheduler', stranger) })).rejects.toBeInstanceOf(UnauthenticatedError);
+      await expect(connectNats({ servers: secured.url, credsFile: await creds('scheduler', stranger) })).rejects.toBeInstanceOf(
+        UnauthenticatedError,
+      );
       const missing = await connectNats({ servers: secured.url, credsFile: join(dir, 'none.creds') }).catch((e: unknown) => e);
       expect((missing as InvalidArgumentError).field).toBe('credsFile');
       const replica = natsTransport(await connectNats({ servers: secured.url, credsFile: await creds('denoiser'), service: 'denoiser' }));
-      const scheduler = natsTransport(await connectNats({ servers: secured.url, credsFile: await creds('scheduler'), service: 'scheduler' }));
+      const scheduler = natsTransport(
+        await connectNats({ servers: secured.url, credsFile: await creds('scheduler'), service: 'scheduler' }),
+      );
       await replica.serve(DenoiserDefinition, echoImpl, { scope: 'jwt', queueSettings: TEST_QUEUE });
       const client = scheduler.client(DenoiserDefinition, { scope: 'jwt', queueSettings: TEST_QUEUE, timeoutMs: 10_000 });
       expect((await client.denoise(step)).batchRows).toBe(7);
       // The permissions in the JWT hold: the denoiser's user cannot enqueue work.
       const intruder = natsTransport(await connectNats({ servers: secured.url, credsFile: await creds('denoiser'), service: 'denoiser' }));
-      const denied = await intruder.client(DenoiserDefinition, { scope: 'jwt', queueSettings: TEST_QUEUE, timeoutMs: 10_000 }).denoise(step).catch((e: unknown) => e);
+      const denied = await intruder
+        .client(DenoiserDefinition, { scope: 'jwt', queueSettings: TEST_QUEUE, timeoutMs: 10_000 })
+        .denoise(step)
+        .catch((e: unknown) => e);
       expect(denied).toBeInstanceOf(PermissionDeniedError);
       await Promise.all([replica.close(), scheduler.close(), intruder.close()]);
     } finally {

@@ -156,7 +156,11 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       expect(srv.instance).toMatch(/^[0-9a-f]{32}$/);
       // Denoise is work (IDEMPOTENT): a queue, not a subscription. Info (NO_SIDE_EFFECTS) is asked of every replica.
       expect(srv.subjects).toEqual([`ditpipe.v1.denoiser.${scope}.info.all`]);
-      expect(srv.queues.denoise).toMatchObject({ stream: `ditpipe_v1_denoiser_${scope}`, consumer: 'denoiser', subject: `ditpipe.v1.denoiser.${scope}.denoise` });
+      expect(srv.queues.denoise).toMatchObject({
+        stream: `ditpipe_v1_denoiser_${scope}`,
+        consumer: 'denoiser',
+        subject: `ditpipe.v1.denoiser.${scope}.denoise`,
+      });
       const denoiser = client.client(DenoiserDefinition, clientOpts({ timeoutMs: 5_000 }));
       expect(denoiser.subjectOf('denoise')).toBe(`ditpipe.v1.denoiser.${scope}.denoise`);
       expect(denoiser.queueOf('denoise').stream).toBe(`ditpipe_v1_denoiser_${scope}`);
@@ -307,7 +311,9 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       const err = await denoiser.denoise(request(), { timeoutMs: 200 }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(DeadlineExceededError);
       expect((err as DeadlineExceededError).code).toBe(Code.DEADLINE_EXCEEDED);
-      expect((err as Error).message).toMatch(new RegExp(`Denoiser\\.Denoise on ditpipe\\.v1\\.denoiser\\.${scope}\\.denoise: no answer within 200 ms`));
+      expect((err as Error).message).toMatch(
+        new RegExp(`Denoiser\\.Denoise on ditpipe\\.v1\\.denoiser\\.${scope}\\.denoise: no answer within 200 ms`),
+      );
       // The caller's cancel notice reaches the replica, which aborts the call.
       expect(await aborted.promise).toBeInstanceOf(CancelledError);
       expect(impl.calls).toBe(1);
@@ -404,7 +410,12 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
         throw new UnavailableError('model worker died');
       });
       await (await connect('alone')).serve(DenoiserDefinition, alone, serveOpts());
-      const err = await (await connect('c2')).client(DenoiserDefinition, clientOpts({ timeoutMs: 10_000 })).denoise(request(1)).catch((e: unknown) => e);
+      const err = await (
+        await connect('c2')
+      )
+        .client(DenoiserDefinition, clientOpts({ timeoutMs: 10_000 }))
+        .denoise(request(1))
+        .catch((e: unknown) => e);
       expect(err).toBeInstanceOf(UnavailableError);
       expect((err as Error).message).toBe('model worker died');
       expect(alone.calls).toBe(QUEUE.maxDeliver);
@@ -451,7 +462,9 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
 
       // Sampler.Generate has no idempotency mark: the same failure is not retried.
       let generateCalls = 0;
-      await (await connect('sampler')).serve(
+      await (
+        await connect('sampler')
+      ).serve(
         SamplerDefinition,
         {
           generate: () => {
@@ -463,7 +476,9 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
         { scope: 'all' },
       );
       const sampler = client.client(SamplerDefinition, { scope: 'all', retries: 5 });
-      const err = await sampler.generate({ model: 'm', classLabels: [{ index: 1 }], sampler: 0, guidanceChannels: 0, outputFormat: 0 }).catch((e: unknown) => e);
+      const err = await sampler
+        .generate({ model: 'm', classLabels: [{ index: 1 }], sampler: 0, guidanceChannels: 0, outputFormat: 0 })
+        .catch((e: unknown) => e);
       expect(err).toBeInstanceOf(UnavailableError);
       expect((err as Error).message).toBe('not now');
       expect(generateCalls).toBe(1);
@@ -584,10 +599,14 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       expect(() => t.client(DenoiserDefinition, { scope: 'a.b' })).toThrow(/scope must be a non-empty subject token/);
       expect(() => t.client(DenoiserDefinition, { scope: '' })).toThrow(InvalidArgumentError);
       expect(() => t.client(DenoiserDefinition, { scope: 'ok', timeoutMs: -1 })).toThrow(/timeoutMs/);
-      expect(() => t.client(DenoiserDefinition, { scope: 'ok', queueSettings: { ackWaitMs: 5 } })).toThrow(/queue setting ackWaitMs must be an integer within 100\.\./);
+      expect(() => t.client(DenoiserDefinition, { scope: 'ok', queueSettings: { ackWaitMs: 5 } })).toThrow(
+        /queue setting ackWaitMs must be an integer within 100\.\./,
+      );
       const partial = { info: () => DenoiserInfo.create() } as unknown as ServiceImpl<typeof DenoiserDefinition>;
       await expect(t.serve(DenoiserDefinition, partial, serveOpts())).rejects.toThrow(/lacks method denoise/);
-      await expect(t.serve(DenoiserDefinition, doubler('a'), serveOpts({ drivers: { info: () => undefined } }))).rejects.toThrow(/drivers: Denoiser\.info is not a work/);
+      await expect(t.serve(DenoiserDefinition, doubler('a'), serveOpts({ drivers: { info: () => undefined } }))).rejects.toThrow(
+        /drivers: Denoiser\.info is not a work/,
+      );
     });
   });
 }

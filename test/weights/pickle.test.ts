@@ -26,19 +26,47 @@ describe('restricted unpickler: data opcodes', () => {
     const v = run(
       PROTO2,
       '}', // EMPTY_DICT
-      'q', 0, // BINPUT 0
+      'q',
+      0, // BINPUT 0
       '(', // MARK
-      ...uni('a'), 'K', 7, // BININT1
-      ...uni('b'), 'M', [0x34, 0x12], // BININT2
-      ...uni('c'), 'J', u32(-5 >>> 0), // BININT
-      ...uni('d'), 'G', [0x3f, 0xf8, 0, 0, 0, 0, 0, 0], // BINFLOAT 1.5
-      ...uni('e'), ']', '(', 'N', 0x88, 0x89, 'e', // EMPTY_LIST MARK None True False APPENDS
-      ...uni('f'), 0x8a, 9, [0, 0, 0, 0, 0, 0, 0, 0, 1], // LONG1 2**64
-      ...uni('g'), 0x8a, 1, [0xff], // LONG1 -1
-      ...uni('h'), 'U', 3, 'abc', // SHORT_BINSTRING
-      ...uni('i'), 'I01\n', // INT True (protocol 0)
-      ...uni('j'), 'I42\n',
-      ...uni('k'), 'h', 0, // BINGET 0 (the dict itself)
+      ...uni('a'),
+      'K',
+      7, // BININT1
+      ...uni('b'),
+      'M',
+      [0x34, 0x12], // BININT2
+      ...uni('c'),
+      'J',
+      u32(-5 >>> 0), // BININT
+      ...uni('d'),
+      'G',
+      [0x3f, 0xf8, 0, 0, 0, 0, 0, 0], // BINFLOAT 1.5
+      ...uni('e'),
+      ']',
+      '(',
+      'N',
+      0x88,
+      0x89,
+      'e', // EMPTY_LIST MARK None True False APPENDS
+      ...uni('f'),
+      0x8a,
+      9,
+      [0, 0, 0, 0, 0, 0, 0, 0, 1], // LONG1 2**64
+      ...uni('g'),
+      0x8a,
+      1,
+      [0xff], // LONG1 -1
+      ...uni('h'),
+      'U',
+      3,
+      'abc', // SHORT_BINSTRING
+      ...uni('i'),
+      'I01\n', // INT True (protocol 0)
+      ...uni('j'),
+      'I42\n',
+      ...uni('k'),
+      'h',
+      0, // BINGET 0 (the dict itself)
       'u', // SETITEMS
       STOP,
     );
@@ -58,14 +86,56 @@ describe('restricted unpickler: data opcodes', () => {
   });
 
   it('DICT, LIST, TUPLE1-3, POP, DUP, SETITEM, APPEND', () => {
-    const v = run(PROTO2, '(', ...uni('x'), 'K', 1, 'K', 2, 0x86, 'd', ...uni('y'), '(', 'K', 3, 'l', 'K', 4, 'a', 's', 'K', 9, '0', '2', '0', STOP);
+    const v = run(
+      PROTO2,
+      '(',
+      ...uni('x'),
+      'K',
+      1,
+      'K',
+      2,
+      0x86,
+      'd',
+      ...uni('y'),
+      '(',
+      'K',
+      3,
+      'l',
+      'K',
+      4,
+      'a',
+      's',
+      'K',
+      9,
+      '0',
+      '2',
+      '0',
+      STOP,
+    );
     const m = v as Map<PyValue, PyValue>;
     expect(m.get('x')).toEqual([1, 2]);
     expect(m.get('y')).toEqual([3, 4]);
   });
 
   it('STACK_GLOBAL / MEMOIZE / FRAME (protocol 4) with an allowed global', () => {
-    const v = run([0x80, 4], 0x95, [5, 0, 0, 0, 0, 0, 0, 0], 0x8c, 11, 'collections', 0x94, 0x8c, 11, 'OrderedDict', 0x94, 0x93, 0x94, ')', 'R', STOP);
+    const v = run(
+      [0x80, 4],
+      0x95,
+      [5, 0, 0, 0, 0, 0, 0, 0],
+      0x8c,
+      11,
+      'collections',
+      0x94,
+      0x8c,
+      11,
+      'OrderedDict',
+      0x94,
+      0x93,
+      0x94,
+      ')',
+      'R',
+      STOP,
+    );
     expect(v).toEqual(new Map());
   });
 });
@@ -91,7 +161,9 @@ describe('restricted unpickler: refusals', () => {
     expect(() => run(PROTO2, 0x92, STOP)).toThrow(UnsafePickleError);
   });
   it('NEWOBJ of anything but argparse.Namespace', () => {
-    expect(() => run(PROTO2, 'ccollections\nOrderedDict\n', ')', 0x81, STOP)).toThrow(/refusing to instantiate global 'collections\.OrderedDict'/);
+    expect(() => run(PROTO2, 'ccollections\nOrderedDict\n', ')', 0x81, STOP)).toThrow(
+      /refusing to instantiate global 'collections\.OrderedDict'/,
+    );
   });
   it('REDUCE of an allowed non-callable (storage class, tensor type)', () => {
     expect(() => run(PROTO2, 'ctorch\nFloatStorage\n', 'K', 3, 0x85, 'R', STOP)).toThrow(/calls global 'torch\.FloatStorage'/);
@@ -105,7 +177,9 @@ describe('restricted unpickler: refusals', () => {
   });
   it('persistent ids other than storages', () => {
     expect(() => run(PROTO2, ...uni('module'), 0x85, 'Q', STOP)).toThrow(/persistent id .* refused/);
-    expect(() => run(PROTO2, '(', ...uni('storage'), 'ctorch\nFloatStorage\n', ...uni('../../etc/passwd'), ...uni('cpu'), 'K', 1, 't', 'Q', STOP)).toThrow(/storage key .* not a plain name/);
+    expect(() =>
+      run(PROTO2, '(', ...uni('storage'), 'ctorch\nFloatStorage\n', ...uni('../../etc/passwd'), ...uni('cpu'), 'K', 1, 't', 'Q', STOP),
+    ).toThrow(/storage key .* not a plain name/);
   });
 });
 
@@ -124,16 +198,68 @@ describe('restricted unpickler: malformed input', () => {
   });
   it('tensor rebuild with bad arguments names the problem', () => {
     const storage = ['(', ...uni('storage'), 'ctorch\nFloatStorage\n', ...uni('0'), ...uni('cpu'), 'K', 4, 't', 'Q'] as const;
-    const good = run(PROTO2, 'ctorch._utils\n_rebuild_tensor_v2\n', '(', ...storage, 'K', 0, 'K', 2, 'K', 2, 0x86, 'K', 2, 'K', 1, 0x86, 0x89, 'ccollections\nOrderedDict\n', ')', 'R', 't', 'R', STOP);
+    const good = run(
+      PROTO2,
+      'ctorch._utils\n_rebuild_tensor_v2\n',
+      '(',
+      ...storage,
+      'K',
+      0,
+      'K',
+      2,
+      'K',
+      2,
+      0x86,
+      'K',
+      2,
+      'K',
+      1,
+      0x86,
+      0x89,
+      'ccollections\nOrderedDict\n',
+      ')',
+      'R',
+      't',
+      'R',
+      STOP,
+    );
     expect(good).toMatchObject({ kind: 'tensor', offset: 0, shape: [2, 2], stride: [2, 1], storage: { key: '0', dtype: 'F32', numel: 4 } });
-    expect(() => run(PROTO2, 'ctorch._utils\n_rebuild_tensor_v2\n', '(', 'K', 1, 'K', 0, ')', ')', 't', 'R', STOP)).toThrow(/first argument must be a storage/);
-    expect(() => run(PROTO2, 'ctorch._utils\n_rebuild_tensor_v2\n', '(', ...storage, 'K', 0, 'K', 2, 0x85, ')', 't', 'R', STOP)).toThrow(/size has 1 dims but stride has 0/);
+    expect(() => run(PROTO2, 'ctorch._utils\n_rebuild_tensor_v2\n', '(', 'K', 1, 'K', 0, ')', ')', 't', 'R', STOP)).toThrow(
+      /first argument must be a storage/,
+    );
+    expect(() => run(PROTO2, 'ctorch._utils\n_rebuild_tensor_v2\n', '(', ...storage, 'K', 0, 'K', 2, 0x85, ')', 't', 'R', STOP)).toThrow(
+      /size has 1 dims but stride has 0/,
+    );
   });
   it('_rebuild_from_type_v2 with Parameter type unwraps; other types refused', () => {
     const storage = ['(', ...uni('storage'), 'ctorch\nHalfStorage\n', ...uni('3'), ...uni('cpu'), 'K', 2, 't', 'Q'] as const;
     const inner = ['(', ...storage, 'K', 0, 'K', 2, 0x85, 'K', 1, 0x85, 't'] as const;
-    const v = run(PROTO2, 'ctorch._tensor\n_rebuild_from_type_v2\n', '(', 'ctorch._utils\n_rebuild_tensor\n', 'ctorch.nn.parameter\nParameter\n', ...inner, '}', 't', 'R', STOP);
+    const v = run(
+      PROTO2,
+      'ctorch._tensor\n_rebuild_from_type_v2\n',
+      '(',
+      'ctorch._utils\n_rebuild_tensor\n',
+      'ctorch.nn.parameter\nParameter\n',
+      ...inner,
+      '}',
+      't',
+      'R',
+      STOP,
+    );
     expect(v).toMatchObject({ kind: 'tensor', shape: [2], storage: { dtype: 'F16', key: '3' } });
-    expect(() => run(PROTO2, 'ctorch._tensor\n_rebuild_from_type_v2\n', '(', 'ctorch._utils\n_rebuild_tensor\n', 'ccollections\nOrderedDict\n', ...inner, '}', 't', 'R', STOP)).toThrow(UnsafePickleError);
+    expect(() =>
+      run(
+        PROTO2,
+        'ctorch._tensor\n_rebuild_from_type_v2\n',
+        '(',
+        'ctorch._utils\n_rebuild_tensor\n',
+        'ccollections\nOrderedDict\n',
+        ...inner,
+        '}',
+        't',
+        'R',
+        STOP,
+      ),
+    ).toThrow(UnsafePickleError);
   });
 });

@@ -1,7 +1,14 @@
 import { afterAll, describe, expect, it } from 'vitest';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { openSafetensors, openWeights, writeSafetensors, sha256File, MissingTensorError, WeightsError } from '../../shared/weights/index.ts';
+import {
+  openSafetensors,
+  openWeights,
+  writeSafetensors,
+  sha256File,
+  MissingTensorError,
+  WeightsError,
+} from '../../shared/weights/index.ts';
 import { f32ToF16Bits, f16ToF32 } from '../../shared/weights/decode.ts';
 import { fixture, rawSafetensors, tempDir } from './helpers.ts';
 
@@ -181,7 +188,9 @@ describe('safetensors writer', () => {
 
   it('rejects wrong element counts, duplicate names and mismatched array types', () => {
     const p = join(dir, 'bad.safetensors');
-    expect(() => writeSafetensors(p, [{ name: 'w', dtype: 'F32', shape: [3], data: new Float32Array(2) }])).toThrow(/tensor 'w': data has 2 elements but shape \[3\] needs 3/);
+    expect(() => writeSafetensors(p, [{ name: 'w', dtype: 'F32', shape: [3], data: new Float32Array(2) }])).toThrow(
+      /tensor 'w': data has 2 elements but shape \[3\] needs 3/,
+    );
     expect(() =>
       writeSafetensors(p, [
         { name: 'w', dtype: 'F32', shape: [1], data: new Float32Array(1) },
@@ -191,4 +200,3 @@ describe('safetensors writer', () => {
     expect(() => writeSafetensors(p, [{ name: 'w', dtype: 'I64', shape: [1], data: new Float32Array(1) }])).toThrow(/tensor 'w'.*I64/);
   });
 });
-

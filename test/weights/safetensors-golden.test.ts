@@ -3,7 +3,16 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { openSafetensors, openWeights, sha256File, writeSafetensors, expectShape, MissingTensorError, ShapeMismatchError, WeightsError } from '../../shared/weights/index.ts';
+import {
+  openSafetensors,
+  openWeights,
+  sha256File,
+  writeSafetensors,
+  expectShape,
+  MissingTensorError,
+  ShapeMismatchError,
+  WeightsError,
+} from '../../shared/weights/index.ts';
 
 const GOLDEN = join(process.cwd(), '../shared/golden/dit/dit-tiny-p2');
 
@@ -11,7 +20,10 @@ const GOLDEN = join(process.cwd(), '../shared/golden/dit/dit-tiny-p2');
 function naive(path: string): Map<string, { dtype: string; shape: number[]; bytes: Buffer }> {
   const b = readFileSync(path);
   const n = Number(b.readBigUInt64LE(0));
-  const h = JSON.parse(b.subarray(8, 8 + n).toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+  const h = JSON.parse(b.subarray(8, 8 + n).toString('utf8')) as Record<
+    string,
+    { dtype: string; shape: number[]; data_offsets: [number, number] }
+  >;
   const m = new Map<string, { dtype: string; shape: number[]; bytes: Buffer }>();
   for (const [k, v] of Object.entries(h)) {
     if (k === '__metadata__') continue;

@@ -179,7 +179,9 @@ describe('torch.save checkpoints: bad inputs', () => {
     expect(() => openWeights(fixture('corrupt-pickle.pt'))).toThrow(/data\.pkl' fails its CRC check/);
   });
   it('missing storage entry names the tensor', () => {
-    expect(() => openWeights(fixture('missing-storage.pt'))).toThrow(/tensor 'steps': storage '0' \(zip entry bare-state-dict\/data\/0\) is missing/);
+    expect(() => openWeights(fixture('missing-storage.pt'))).toThrow(
+      /tensor 'steps': storage '0' \(zip entry bare-state-dict\/data\/0\) is missing/,
+    );
   });
   it('big-endian byteorder', () => {
     expect(() => openWeights(fixture('big-endian.pt'))).toThrow(/byteorder 'big' is not supported/);
@@ -237,7 +239,7 @@ function fixCrc(zip: Buffer, name: string): void {
   const nameBuf = Buffer.from(name);
   let cd = zip.lastIndexOf(Buffer.from([0x50, 0x4b, 0x05, 0x06]));
   cd = zip.readUInt32LE(cd + 16);
-  for (let p = cd; zip.readUInt32LE(p) === 0x02014b50; ) {
+  for (let p = cd; zip.readUInt32LE(p) === 0x02014b50;) {
     const nl = zip.readUInt16LE(p + 28);
     const xl = zip.readUInt16LE(p + 30);
     const cl = zip.readUInt16LE(p + 32);

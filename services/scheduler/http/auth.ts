@@ -21,7 +21,9 @@ export function bearerTokens(tokens: TokenSet): HttpAuthorize {
     if (header !== undefined) md.set('authorization', header);
     const verdict = tokens.check(methodOf(req), md);
     if (verdict === null) return;
-    const message = verdict.details.replace(/the metadata "authorization: Bearer <token>"/, 'the header "Authorization: Bearer <token>"').replace('authorization metadata', 'Authorization header');
+    const message = verdict.details
+      .replace(/the metadata "authorization: Bearer <token>"/, 'the header "Authorization: Bearer <token>"')
+      .replace('authorization metadata', 'Authorization header');
     throw verdict.code === Code.PERMISSION_DENIED ? new PermissionDeniedError(message) : new UnauthenticatedError(message);
   };
 }

@@ -9,7 +9,9 @@ import type { Scheduler } from '../scheduler.ts';
 
 type Labels = Record<string, string | number | undefined>;
 
-async function values(m: Counter<string> | Gauge<string> | Histogram<string>): Promise<Array<{ value: number; labels: Labels; metricName?: string }>> {
+async function values(
+  m: Counter<string> | Gauge<string> | Histogram<string>,
+): Promise<Array<{ value: number; labels: Labels; metricName?: string }>> {
   return (await m.get()).values;
 }
 
@@ -24,7 +26,7 @@ function sum(vs: Array<{ value: number; labels: Labels; metricName?: string }>, 
 
 export const CLUSTER_SOURCE =
   "This scheduler's own metrics registry and ListModels (replicas that answered the scheduler's info call over the bus within 150 ms). " +
-  "Batch rows and queue waits are what the denoisers reported with each step answer; sampling compute is counted by the scheduler per step answered; " +
+  'Batch rows and queue waits are what the denoisers reported with each step answer; sampling compute is counted by the scheduler per step answered; ' +
   "steps waiting are read from the model's work queue on the NATS server (every scheduler's steps). " +
   "Nothing here is read from the replicas' own /metrics endpoints; other schedulers' requests are not counted.";
 
@@ -54,22 +56,23 @@ export class ClusterView {
 
   async snapshot(): Promise<Record<string, unknown>> {
     const m = this.scheduler.metrics;
-    const [models, reqs, samples, images, steps, resent, rejected, gflops, rows, queue, decodes, previews, requestSeconds, pending] = await Promise.all([
-      this.models(),
-      values(m.requestsInFlight),
-      values(m.samplesInFlight),
-      values(m.images),
-      values(m.stepsDispatched),
-      values(m.resent),
-      values(m.rejected),
-      values(m.samplingGflops),
-      values(m.stepBatchRows),
-      values(m.stepQueueSeconds),
-      values(m.decodes),
-      values(m.previews),
-      values(m.requestSeconds),
-      values(m.queuePending),
-    ]);
+    const [models, reqs, samples, images, steps, resent, rejected, gflops, rows, queue, decodes, previews, requestSeconds, pending] =
+      await Promise.all([
+        this.models(),
+        values(m.requestsInFlight),
+        values(m.samplesInFlight),
+        values(m.images),
+        values(m.stepsDispatched),
+        values(m.resent),
+        values(m.rejected),
+        values(m.samplingGflops),
+        values(m.stepBatchRows),
+        values(m.stepQueueSeconds),
+        values(m.decodes),
+        values(m.previews),
+        values(m.requestSeconds),
+        values(m.queuePending),
+      ]);
     return {
       time: Date.now(),
       source: CLUSTER_SOURCE,
@@ -97,7 +100,9 @@ export class ClusterView {
           step_queue_wait_seconds: { sum: sum(queue, model, '_sum'), count: sum(queue, model, '_count') },
           steps_waiting_for_a_replica: sum(pending, { queue: 'denoise', model: info.name }),
           decodes_total: { final: sum(decodes, { ...model, purpose: 'final' }), preview: sum(decodes, { ...model, purpose: 'preview' }) },
-          previews_total: Object.fromEntries(['sent', 'skipped', 'late', 'failed'].map((o) => [o, sum(previews, { ...model, outcome: o })])),
+          previews_total: Object.fromEntries(
+            ['sent', 'skipped', 'late', 'failed'].map((o) => [o, sum(previews, { ...model, outcome: o })]),
+          ),
           images_total: sum(images, model),
         };
       }),

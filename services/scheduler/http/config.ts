@@ -10,7 +10,11 @@ const schema = z.object({
   /** Address to bind. */
   host: z.string().min(1).default('127.0.0.1'),
   /** Largest request body accepted; a larger one gets 413. */
-  maxBodyBytes: z.number().int().min(1024).default(1024 * 1024),
+  maxBodyBytes: z
+    .number()
+    .int()
+    .min(1024)
+    .default(1024 * 1024),
   /** Seconds sent in Retry-After with 429 (scheduler full) and 503 (no replica answers). */
   retryAfterS: z.number().int().min(0).default(1),
   /** Interval of SSE comment lines that keep idle proxies from closing a long stream. */

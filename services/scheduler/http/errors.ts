@@ -2,7 +2,15 @@
 //   { "error": { "message": "...", "type": "invalid_request_error", "param": "ditpipe.steps", "code": "invalid_argument" } }
 // One table maps gRPC status codes to HTTP statuses (Google's mapping, google/rpc/code.proto), so
 // the HTTP API fails exactly where and how the gRPC API does.
-import { Code, type DitpipeError, InvalidArgumentError, PayloadTooLargeError, codeName, errorField, toDitpipeError } from '../../../shared/errors.ts';
+import {
+  Code,
+  type DitpipeError,
+  InvalidArgumentError,
+  PayloadTooLargeError,
+  codeName,
+  errorField,
+  toDitpipeError,
+} from '../../../shared/errors.ts';
 
 interface Row {
   status: number;

@@ -43,7 +43,12 @@ export const ditpipeExtension = z.strictObject({
       method: z.enum(['decoder', 'projection']).optional(),
     })
     .optional(),
-  timeout_ms: z.number().int().min(1).max(24 * 3600 * 1000).optional(),
+  timeout_ms: z
+    .number()
+    .int()
+    .min(1)
+    .max(24 * 3600 * 1000)
+    .optional(),
 });
 export type DitpipeExtension = z.infer<typeof ditpipeExtension>;
 
@@ -60,7 +65,6 @@ export const imagesRequest = z.object({
   ditpipe: ditpipeExtension.optional(),
 });
 export type ImagesRequest = z.infer<typeof imagesRequest>;
-
 
 /** Parses a request body; a shape error is INVALID_ARGUMENT naming the field by its JSON path. */
 export function parseImagesRequest(body: unknown): ImagesRequest {
@@ -87,7 +91,10 @@ function seedOf(v: number | string | undefined): bigint | undefined {
 }
 
 /** The Sampler API request an HTTP request stands for, and what only the HTTP layer uses. */
-export function toGenerateRequest(r: ImagesRequest, config: SchedulerConfig): { request: GenerateRequest; stream: boolean; timeoutMs: number | undefined } {
+export function toGenerateRequest(
+  r: ImagesRequest,
+  config: SchedulerConfig,
+): { request: GenerateRequest; stream: boolean; timeoutMs: number | undefined } {
   if (r.response_format === 'url') {
     throw badRequest('response_format: "url" is not served (ditpipe stores no images); use "b64_json"', 'response_format');
   }
@@ -101,7 +108,10 @@ export function toGenerateRequest(r: ImagesRequest, config: SchedulerConfig): { 
   const stream = r.stream === true;
   const sampler = x.sampler === undefined ? SamplerKind.SAMPLER_KIND_UNSPECIFIED : SAMPLER_KINDS[x.sampler];
   let preview = x.preview
-    ? { everySteps: x.preview.every_steps, method: x.preview.method === 'projection' ? PreviewMethod.PREVIEW_METHOD_PROJECTION : PreviewMethod.PREVIEW_METHOD_DECODER }
+    ? {
+        everySteps: x.preview.every_steps,
+        method: x.preview.method === 'projection' ? PreviewMethod.PREVIEW_METHOD_PROJECTION : PreviewMethod.PREVIEW_METHOD_DECODER,
+      }
     : undefined;
   // OpenAI's streaming knob: that many previews, spread evenly over the steps.
   if (!preview && stream && r.partial_images) {
@@ -117,7 +127,12 @@ export function toGenerateRequest(r: ImagesRequest, config: SchedulerConfig): { 
       numSteps: x.steps,
       sampler,
       cfgScale: x.cfg_scale,
-      guidanceChannels: x.guidance_channels === 'all' ? GuidanceChannels.GUIDANCE_CHANNELS_ALL : x.guidance_channels === 'three' ? GuidanceChannels.GUIDANCE_CHANNELS_THREE : GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED,
+      guidanceChannels:
+        x.guidance_channels === 'all'
+          ? GuidanceChannels.GUIDANCE_CHANNELS_ALL
+          : x.guidance_channels === 'three'
+            ? GuidanceChannels.GUIDANCE_CHANNELS_THREE
+            : GuidanceChannels.GUIDANCE_CHANNELS_UNSPECIFIED,
       eta: x.eta,
       seed: seedOf(x.seed),
       outputFormat: OutputFormat.OUTPUT_FORMAT_PNG,
@@ -170,7 +185,12 @@ export function partialImageEvent(p: Preview, index: number): Record<string, unk
     output_format: 'png',
     background: 'opaque',
     quality: 'auto',
-    ditpipe: { image_index: p.sampleIndex, step: p.step, num_steps: p.numSteps, method: p.method === PreviewMethod.PREVIEW_METHOD_PROJECTION ? 'projection' : 'decoder' },
+    ditpipe: {
+      image_index: p.sampleIndex,
+      step: p.step,
+      num_steps: p.numSteps,
+      method: p.method === PreviewMethod.PREVIEW_METHOD_PROJECTION ? 'projection' : 'decoder',
+    },
   };
 }
 

@@ -58,9 +58,15 @@ const STATIC: Record<string, { file: string; type: string }> = {
   '/playground.css': { file: 'playground.css', type: 'text/css; charset=utf-8' },
 };
 // The page loads nothing from elsewhere, and the browser is told to refuse if it ever tried.
-const CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+const CSP =
+  "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-const SSE_HEADERS = { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' };
+const SSE_HEADERS = {
+  'content-type': 'text/event-stream; charset=utf-8',
+  'cache-control': 'no-cache',
+  connection: 'keep-alive',
+  'x-accel-buffering': 'no',
+};
 
 function json(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   const text = JSON.stringify(body);
@@ -88,7 +94,10 @@ async function readJson(req: IncomingMessage, limit: number): Promise<unknown> {
 }
 
 /** Aborted when the client goes away before the answer is complete, or the deadline passes. */
-function requestSignal(res: ServerResponse, timeoutMs: number | undefined): { signal: AbortSignal; deadline: number | undefined; dispose: () => void } {
+function requestSignal(
+  res: ServerResponse,
+  timeoutMs: number | undefined,
+): { signal: AbortSignal; deadline: number | undefined; dispose: () => void } {
   const ac = new AbortController();
   setMaxListeners(0, ac.signal); // every step and decode call of the request listens on it
   const onClose = (): void => {
@@ -108,7 +117,9 @@ function requestSignal(res: ServerResponse, timeoutMs: number | undefined): { si
 }
 
 export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opts: HttpApiOptions = {}): Promise<RunningHttpApi> {
-  const files = new Map(Object.entries(STATIC).map(([path, s]) => [path, { body: readFileSync(join(PLAYGROUND_DIR, s.file)), type: s.type }]));
+  const files = new Map(
+    Object.entries(STATIC).map(([path, s]) => [path, { body: readFileSync(join(PLAYGROUND_DIR, s.file)), type: s.type }]),
+  );
   const cluster = new ClusterView(scheduler, config.clusterCacheMs, opts.grpcAddress);
   const started = Math.floor(Date.now() / 1000);
   const inFlight = new Set<Promise<void>>();
@@ -116,7 +127,8 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
 
   const sendError = (res: ServerResponse, err: unknown): void => {
     const e = httpError(err, { retryAfterS: config.retryAfterS });
-    if (e.status >= 500 && e.status !== 503 && e.status !== 504) opts.log?.error({ err: toDitpipeError(err).message, status: e.status }, 'HTTP request failed');
+    if (e.status >= 500 && e.status !== 503 && e.status !== 504)
+      opts.log?.error({ err: toDitpipeError(err).message, status: e.status }, 'HTTP request failed');
     if (res.destroyed) return; // the client is gone (its disconnect is what cancelled the request)
     if (res.headersSent) {
       // A stream already started: the error travels as an event, as OpenAI's streams send it.
@@ -161,7 +173,14 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
       const onEvent = (e: GenerateEvent): void => {
         if (e.accepted) {
           const a = e.accepted;
-          send('ditpipe.accepted', { request_id: a.requestId, model: a.model, seed: String(a.seed), n: a.numImages, num_steps: a.numSteps, queue_ms: a.queueMs });
+          send('ditpipe.accepted', {
+            request_id: a.requestId,
+            model: a.model,
+            seed: String(a.seed),
+            n: a.numImages,
+            num_steps: a.numSteps,
+            queue_ms: a.queueMs,
+          });
         } else if (e.progress) {
           send('ditpipe.progress', { step: e.progress.step, num_steps: e.progress.numSteps });
         } else if (e.preview) {
@@ -192,13 +211,31 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
     const method = req.method ?? 'GET';
     const allow = (methods: string): boolean => {
       if (methods.split(', ').includes(method)) return true;
-      json(res, 405, { error: { message: `${method} is not allowed on ${path}; use ${methods}`, type: 'invalid_request_error', param: null, code: 'method_not_allowed' } }, { allow: methods });
+      json(
+        res,
+        405,
+        {
+          error: {
+            message: `${method} is not allowed on ${path}; use ${methods}`,
+            type: 'invalid_request_error',
+            param: null,
+            code: 'method_not_allowed',
+          },
+        },
+        { allow: methods },
+      );
       return false;
     };
     const page = files.get(path);
     if (page) {
       if (!allow('GET, HEAD')) return;
-      res.writeHead(200, { 'content-type': page.type, 'content-length': page.body.length, 'content-security-policy': CSP, 'x-content-type-options': 'nosniff', 'cache-control': 'no-cache' });
+      res.writeHead(200, {
+        'content-type': page.type,
+        'content-length': page.body.length,
+        'content-security-policy': CSP,
+        'x-content-type-options': 'nosniff',
+        'cache-control': 'no-cache',
+      });
       res.end(method === 'HEAD' ? undefined : page.body);
       return;
     }
@@ -231,7 +268,16 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
     inFlight.add(done);
   };
   const server: Server = opts.tls
-    ? createHttpsServer({ key: opts.tls.key, cert: opts.tls.cert, ca: opts.tls.ca, requestCert: opts.tls.requestCert ?? false, rejectUnauthorized: opts.tls.requestCert ?? false }, handler)
+    ? createHttpsServer(
+        {
+          key: opts.tls.key,
+          cert: opts.tls.cert,
+          ca: opts.tls.ca,
+          requestCert: opts.tls.requestCert ?? false,
+          rejectUnauthorized: opts.tls.requestCert ?? false,
+        },
+        handler,
+      )
     : createHttpServer(handler);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
@@ -241,7 +287,8 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
     });
   });
   const port = (server.address() as AddressInfo).port;
-  const shown = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host.includes(':') ? `[${config.host}]` : config.host;
+  const shown =
+    config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host.includes(':') ? `[${config.host}]` : config.host;
   let stopped: Promise<void> | null = null;
   return {
     port,

@@ -11,5 +11,6 @@ export const ddpm = defineSampler({
   options: {},
   drawsNoise: () => true,
   x0Arithmetic: 'float32',
-  step: (a) => ddpmStep(a.diffusion, a.index, a.x, a.modelOut, a.noise, a.layout, { variance: a.variance, clipDenoised: a.clipDenoised }, a.out),
+  step: (a) =>
+    ddpmStep(a.diffusion, a.index, a.x, a.modelOut, a.noise, a.layout, { variance: a.variance, clipDenoised: a.clipDenoised }, a.out),
 });

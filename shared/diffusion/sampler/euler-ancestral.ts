@@ -27,7 +27,8 @@ function eulerAncestralStep(a: StepArgs): void {
   const sigmaDown = Math.sqrt(Math.max(0, sigmaT * sigmaT - sigmaUp * sigmaUp));
   const scaleT = Math.sqrt(abT);
   const noisy = index !== 0 && sigmaUp > 0;
-  if (noisy && (noise === null || noise.length !== x.length)) throw new DiffusionInputError('noise', `needs ${x.length} elements at step index ${index}`);
+  if (noisy && (noise === null || noise.length !== x.length))
+    throw new DiffusionInputError('noise', `needs ${x.length} elements at step index ${index}`);
   for (let s = 0; s < count; s++) {
     for (let c = 0; c < channels; c++) {
       const xo = (s * channels + c) * plane;

@@ -33,7 +33,15 @@
     const j = await res.json();
     state.models = j.data;
     const sel = $('model');
-    sel.replaceChildren(...state.models.map((m) => new Option(`${m.id} (${m.ditpipe.image_size}×${m.ditpipe.image_size}, ${m.ditpipe.replicas} replica${m.ditpipe.replicas === 1 ? '' : 's'})`, m.id)));
+    sel.replaceChildren(
+      ...state.models.map(
+        (m) =>
+          new Option(
+            `${m.id} (${m.ditpipe.image_size}×${m.ditpipe.image_size}, ${m.ditpipe.replicas} replica${m.ditpipe.replicas === 1 ? '' : 's'})`,
+            m.id,
+          ),
+      ),
+    );
     fillClasses();
     if (state.models.length === 0) setStatus('No model is served yet: no denoiser answers. Start one, then reload.', true);
     else setStatus('Ready.');
@@ -169,14 +177,17 @@
           finals[data.ditpipe.image_index] = data.b64_json;
         } else if (event === 'ditpipe.completed') {
           $('progress').value = 1;
-          setStatus(`Done: ${data.n} image(s) in ${(data.timings.total_ms / 1000).toFixed(2)} s (sampling ${(data.timings.denoise_ms / 1000).toFixed(2)} s, decoding ${(data.timings.decode_ms / 1000).toFixed(2)} s).`);
+          setStatus(
+            `Done: ${data.n} image(s) in ${(data.timings.total_ms / 1000).toFixed(2)} s (sampling ${(data.timings.denoise_ms / 1000).toFixed(2)} s, decoding ${(data.timings.decode_ms / 1000).toFixed(2)} s).`,
+          );
         } else if (event === 'error') {
           throw new Error(`${data.error.message}${data.error.param ? ` (field ${data.error.param})` : ''}`);
         }
       }
       if (finals.filter(Boolean).length === s.n) addToGallery({ ...s, seed }, finals);
     } catch (err) {
-      if (controller.signal.aborted) setStatus('Cancelled: the stream was closed, so the scheduler stopped sending steps for this request.');
+      if (controller.signal.aborted)
+        setStatus('Cancelled: the stream was closed, so the scheduler stopped sending steps for this request.');
       else setStatus(`Failed: ${err.message}`, true);
     } finally {
       state.controller = null;
@@ -196,12 +207,34 @@
     const http = { ...requestBody(s, false) };
     delete http.size;
     const curl = `curl -s ${location.origin}/v1/images/generations -H 'content-type: application/json' \\\n  -d ${shq(JSON.stringify(http))} \\\n  | jq -r '.data[0].b64_json' | base64 -d > image-0.png`;
-    const cli = ['ditpipe generate', `--server ${state.grpcAddress}`, `--model ${shq(s.model)}`, `--class ${shq(s.prompt)}`, `--num ${s.n}`, `--steps ${s.steps}`, `--sampler ${s.sampler}`, `--cfg ${s.cfg}`, `--seed ${s.seed}`, '--out out/generate'].join(' ');
+    const cli = [
+      'ditpipe generate',
+      `--server ${state.grpcAddress}`,
+      `--model ${shq(s.model)}`,
+      `--class ${shq(s.prompt)}`,
+      `--num ${s.n}`,
+      `--steps ${s.steps}`,
+      `--sampler ${s.sampler}`,
+      `--cfg ${s.cfg}`,
+      `--seed ${s.seed}`,
+      '--out out/generate',
+    ].join(' ');
     const kinds = { ddpm: 'SAMPLER_KIND_DDPM', ddim: 'SAMPLER_KIND_DDIM', dpmpp: 'SAMPLER_KIND_DPM_SOLVER_PP' };
     const label = /^\d+$/.test(s.prompt) ? { index: Number(s.prompt) } : { name: s.prompt };
-    const grpc = { model: s.model, class_labels: Array.from({ length: s.n }, () => label), num_steps: s.steps, sampler: kinds[s.sampler], cfg_scale: s.cfg, seed: String(s.seed) };
+    const grpc = {
+      model: s.model,
+      class_labels: Array.from({ length: s.n }, () => label),
+      num_steps: s.steps,
+      sampler: kinds[s.sampler],
+      cfg_scale: s.cfg,
+      seed: String(s.seed),
+    };
     const grpcurl = `grpcurl -plaintext -d ${shq(JSON.stringify(grpc))} \\\n  ${state.grpcAddress} ditpipe.v1.Sampler/Generate`;
-    return [['curl (HTTP API)', curl], ['ditpipe generate', cli], ['gRPC (grpcurl)', grpcurl]];
+    return [
+      ['curl (HTTP API)', curl],
+      ['ditpipe generate', cli],
+      ['gRPC (grpcurl)', grpcurl],
+    ];
   }
 
   async function copy(text, button) {
@@ -265,7 +298,8 @@
       $('c-source').textContent = c.source;
       $('c-replicas').textContent = String(total(c.models, (m) => m.replicas));
       $('c-decoders').textContent = String(total(c.models, (m) => m.decoder_replicas));
-      $('c-queue').textContent = `${c.scheduler.samples_in_flight} / ${c.scheduler.max_samples_in_flight} · ${total(c.models, (m) => m.steps_waiting_for_a_replica)} steps waiting for a denoiser`;
+      $('c-queue').textContent =
+        `${c.scheduler.samples_in_flight} / ${c.scheduler.max_samples_in_flight} · ${total(c.models, (m) => m.steps_waiting_for_a_replica)} steps waiting for a denoiser`;
       $('c-requests').textContent = String(c.scheduler.requests_in_flight);
       $('c-decodes').textContent = `${total(c.models, (m) => m.decodes_total.final)} / ${total(c.models, (m) => m.decodes_total.preview)}`;
       const prev = state.cluster;
