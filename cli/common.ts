@@ -181,13 +181,27 @@ export function watchNatsConnection(nc: NatsConnection, log: Logger, service?: N
   })().catch((err: unknown) => log.debug({ err: String(err) }, 'NATS status stream ended'));
 }
 
+/** The host:port of each URL in --nats-url, without any user or password it carries (for logs). */
+export function natsHosts(urls: string): string[] {
+  return urls.split(',').map((u) => {
+    const url = u.trim();
+    try {
+      return new URL(url.includes('://') ? url : `nats://${url}`).host;
+    } catch {
+      return url.replace(/^.*@/, '');
+    }
+  });
+}
+
 export async function natsFromFlags(
   f: NatsFlags & { natsUrl: string },
   name: string,
   log?: Logger,
   service?: NatsService,
 ): Promise<Transport> {
-  const nc = await connectNats(natsOptions(f, name, service));
+  const opts = natsOptions(f, name, service);
+  log?.info({ servers: natsHosts(f.natsUrl) }, `connecting to NATS at ${natsHosts(f.natsUrl).join(', ')}`);
+  const nc = await connectNats(opts);
   if (log) watchNatsConnection(nc, log, service);
   return natsTransport(nc);
 }
@@ -425,6 +439,30 @@ export function clientOptionsFromFlags(f: GrpcClientFlags, env = process.env): S
   return { tls: useTls ? { caFile: f.tlsCa, certFile: f.tlsCert, keyFile: f.tlsKey } : false, token };
 }
 
+/** What SIGTERM/SIGINT do once a service serves (set by serveUntilSignal); null while it starts. */
+let onStopSignal: ((signal: string) => void) | null = null;
+
+/**
+ * Listens for SIGTERM/SIGINT from the moment a service command starts, so that a signal never
+ * meets Node's default action (the process dying by the signal, with no exit code and nothing
+ * logged). While the service starts (model loading, the first NATS connect) a signal exits at
+ * once with 0: there is nothing to finish yet, and work a replica has just taken and not answered
+ * goes back to its queue for another replica. Once serveUntilSignal runs, a signal stops in order.
+ * Idempotent.
+ */
+let signalsCaught = false;
+function catchStopSignals(log: Logger): void {
+  if (signalsCaught) return;
+  signalsCaught = true;
+  const on = (signal: string): void => {
+    if (onStopSignal) return onStopSignal(signal);
+    log.info({ signal }, `${signal} while starting: exiting now`);
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => on('SIGTERM'));
+  process.on('SIGINT', () => on('SIGINT'));
+}
+
 /**
  * Runs until SIGTERM/SIGINT, then stops the parts in the given order (each gets the grace period),
  * closes the transports and exits. A second signal exits at once. A part or transport that fails
@@ -439,6 +477,7 @@ export async function serveUntilSignal(opts: {
   metricsHost?: string;
   graceMs: number;
 }): Promise<void> {
+  catchStopSignals(opts.log);
   const host = opts.metricsHost ?? '127.0.0.1';
   const metrics = opts.metricsPort >= 0 ? await serveMetrics(opts.registries, opts.metricsPort, host) : null;
   if (metrics) opts.log.info({ port: metrics.port, host: metrics.host }, `metrics on http://${metrics.address}/metrics`);
@@ -484,8 +523,7 @@ export async function serveUntilSignal(opts: {
       process.exit(1);
     });
   };
-  process.on('SIGTERM', () => onSignal('SIGTERM'));
-  process.on('SIGINT', () => onSignal('SIGINT'));
+  onStopSignal = onSignal;
   for (const t of opts.transports) {
     void t.closed.then((err) => {
       if (err && !stopping) {
@@ -497,10 +535,12 @@ export async function serveUntilSignal(opts: {
 }
 
 /**
- * Logs an unhandled rejection or exception as one fatal line and exits non-zero, instead of
- * Node's raw trace: the last line of defence; the known sources are handled where they arise.
+ * The first call of every service command. Logs an unhandled rejection or exception as one fatal
+ * line and exits non-zero, instead of Node's raw trace: the last line of defence; the known
+ * sources are handled where they arise. And catches stop signals from here on (catchStopSignals).
  */
-export function exitOnUnhandled(log: Logger): void {
+export function guardProcess(log: Logger): void {
+  catchStopSignals(log);
   const fatal =
     (kind: string) =>
     (err: unknown): void => {

@@ -15,7 +15,7 @@ import {
   addGrpcServerOptions,
   addNatsOptions,
   addServiceOptions,
-  exitOnUnhandled,
+  guardProcess,
   grpcServerFromFlags,
   httpPortOption,
   httpSecurity,
@@ -111,7 +111,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
       cmd: Command,
     ) => {
       const log = logger('scheduler', o);
-      exitOnUnhandled(log);
+      guardProcess(log);
       const vae = Object.fromEntries((o.vae ? list(o.vae) : []).map((kv) => kv.split('=') as [string, string]));
       const config = compileSchedulerConfig({
         models: o.models,
@@ -202,7 +202,7 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
       cmd: Command,
     ) => {
       const log = logger('denoiser', o);
-      exitOnUnhandled(log);
+      guardProcess(log);
       const config = compileDenoiserConfig({
         modelDir: o.modelDir,
         name: o.name,
@@ -270,7 +270,7 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
       cmd: Command,
     ) => {
       const log = logger('decoder', o);
-      exitOnUnhandled(log);
+      guardProcess(log);
       const config = compileDecoderConfig({
         modelDir: o.modelDir,
         name: o.name,

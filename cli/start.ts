@@ -20,7 +20,7 @@ import {
   addGrpcServerOptions,
   addNatsOptions,
   addServiceOptions,
-  exitOnUnhandled,
+  guardProcess,
   grpcServerFromFlags,
   httpPortOption,
   httpSecurity,
@@ -92,7 +92,7 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
   .addOption(new Option('--exit-after-grid', 'stop once the grid is written (smoke tests)').env('DITPIPE_EXIT_AFTER_GRID'))
   .action(async (o: Flags) => {
     const log = logger('ditpipe', o);
-    exitOnUnhandled(log);
+    guardProcess(log);
     const grpc = grpcServerFromFlags(o, log);
     let ditDir = o.modelDir;
     let vaeDir = o.vaeDir;
