@@ -203,7 +203,7 @@ export async function natsFromFlags(
   log?.info({ servers: natsHosts(f.natsUrl) }, `connecting to NATS at ${natsHosts(f.natsUrl).join(', ')}`);
   const nc = await connectNats(opts);
   if (log) watchNatsConnection(nc, log, service);
-  return natsTransport(nc);
+  return natsTransport(nc, { log });
 }
 
 /**

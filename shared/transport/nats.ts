@@ -70,6 +70,7 @@ import {
   UnavailableError,
   toDitpipeError,
 } from '../errors.ts';
+import { type Logger, silentLogger } from '../log.ts';
 import type { Bus, BusMessage, BusSubscription, ConnectionEvent, Headers, PullEnd, Puller, QueuedMessage, QueueSpec } from './bus.ts';
 import { diagnoseConnectError } from './nats-diagnose.ts';
 import { inboxPrefixOf, type NatsService, permissionDenied } from './nats-permissions.ts';
@@ -344,12 +345,15 @@ export class NatsBus implements Bus {
   private readonly inboxPrefix: string | undefined;
   /** The service this connection is, when known: a replica waits for its queue instead of creating it. */
   readonly service: NatsService | undefined;
+  /** Where errors this bus handles itself (and so never throws) are told; silent by default. */
+  private readonly log: Logger;
 
   constructor(
     readonly nc: NatsConnection,
-    opts: { inboxPrefix?: string; service?: NatsService } = {},
+    opts: { inboxPrefix?: string; service?: NatsService; log?: Logger } = {},
   ) {
     this.service = opts.service;
+    this.log = opts.log ?? silentLogger();
     this.inboxPrefix = opts.inboxPrefix ?? (opts.service ? inboxPrefixOf(opts.service) : undefined);
     void (async () => {
       for await (const s of nc.status()) {
@@ -366,7 +370,7 @@ export class NatsBus implements Bus {
           this.emit('reconnected');
         }
       }
-    })().catch(() => undefined);
+    })().catch((err: unknown) => this.log.warn({ err: String(err) }, 'the NATS status stream ended: connection events are no longer seen'));
     void nc.closed().then(() => {
       this.up = false;
       clearInterval(this.sweeper);
@@ -390,8 +394,9 @@ export class NatsBus implements Bus {
     for (const l of [...this.listeners]) {
       try {
         l(event);
-      } catch {
-        // a listener's failure is its own
+      } catch (err) {
+        // A listener's failure is its own: the others still hear of the event.
+        this.log.error({ err: String(err), event }, `a NATS connection listener threw on '${event}'`);
       }
     }
   }
@@ -613,7 +618,7 @@ export class NatsBus implements Bus {
   }
 
   async puller(spec: QueueSpec, onMessage: (msg: QueuedMessage) => void): Promise<Puller> {
-    const p = new NatsPuller(this.nc, spec, this.inbox(), onMessage);
+    const p = new NatsPuller(this.nc, spec, this.inbox(), onMessage, this.log);
     await this.flushed(spec.subject);
     return p;
   }
@@ -668,6 +673,7 @@ class NatsPuller implements Puller {
     spec: QueueSpec,
     private readonly inbox: string,
     private readonly onMessage: (msg: QueuedMessage) => void,
+    private readonly log: Logger,
   ) {
     this.next = `$JS.API.CONSUMER.MSG.NEXT.${spec.stream}.${spec.consumer}`;
     this.sub = nc.subscribe(`${inbox}.*`, { callback: (err, m) => this.onMsg(err, m) });
@@ -683,7 +689,9 @@ class NatsPuller implements Puller {
       this.current = { token, batch, delivered: 0, pending: 0, resolve, guard };
       try {
         this.nc.publish(this.next, JSON.stringify(body), { reply: `${this.inbox}.${token}` });
-      } catch {
+      } catch (err) {
+        // The connection is gone or closing: the pull ends at once and the replica asks again.
+        this.log.debug({ err: String(err), subject: this.next }, 'a pull request could not be sent');
         this.end(token, true);
       }
     });
@@ -698,7 +706,11 @@ class NatsPuller implements Puller {
   }
 
   private onMsg(err: Error | null, m: Msg): void {
-    if (err) return;
+    if (err) {
+      // The subscription failed (a permission refusal is also reported on the status stream).
+      this.log.warn({ err: err.message, subject: this.next }, 'the pull inbox subscription failed');
+      return;
+    }
     if (m.reply?.startsWith('$JS.ACK.')) {
       const { deliveries, pending } = ackInfo(m.reply);
       const reply = m.reply;
@@ -706,8 +718,9 @@ class NatsPuller implements Puller {
       const send = (body: Uint8Array): void => {
         try {
           nc.publish(reply, body);
-        } catch {
+        } catch (err) {
           // Connection gone: the server redelivers after the ack wait.
+          this.log.debug({ err: String(err) }, 'an acknowledgement could not be sent; the server redelivers the message');
         }
       };
       const msg = fromNatsMsg(m);
@@ -752,12 +765,13 @@ class NatsPuller implements Puller {
  * `service` (default: the one connectNats was given) and `inboxPrefix` (default: that service's)
  * say who this connection is (nats-permissions.ts).
  */
-export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string; service?: NatsService } = {}): Transport {
+/** `log` hears of the errors the transport handles itself (silent by default). */
+export function natsTransport(nc: NatsConnection, opts: { inboxPrefix?: string; service?: NatsService; log?: Logger } = {}): Transport {
   const closed = nc.closed().then((err) => err ?? null);
   const service = opts.service ?? services.get(nc);
   return new BusTransport(
     'nats',
-    new NatsBus(nc, { inboxPrefix: opts.inboxPrefix, service }),
+    new NatsBus(nc, { inboxPrefix: opts.inboxPrefix, service, log: opts.log }),
     async (): Promise<CloseResult> => {
       if (nc.isClosed()) return { drained: true };
       let result: CloseResult = { drained: true };

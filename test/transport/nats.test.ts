@@ -19,7 +19,8 @@ import {
 } from '../../shared/errors.ts';
 import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { H_KIND, H_MESSAGE, H_STATUS } from '../../shared/transport/bus.ts';
-import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
+import { connectNats, NatsBus, natsTransport } from '../../shared/transport/nats.ts';
+import { pino } from 'pino';
 import { makeServiceNkeys, writeSeedFiles } from '../../shared/transport/nats-credentials.ts';
 import { NATS_SERVICES, natsPermissions, type NatsService } from '../../shared/transport/nats-permissions.ts';
 import type { Transport } from '../../shared/transport/types.ts';
@@ -182,6 +183,28 @@ describe('nats only', () => {
       expect(r.reason).toMatch(/NATS unreachable/);
     }
     expect(replicaT.connected || clientT.connected).toBe(false);
+  });
+
+  it('tells its logger of the errors it handles itself: a connection listener that throws is logged, the others still hear', async () => {
+    const down = await startNatsServer();
+    const lines: Array<Record<string, unknown>> = [];
+    const log = pino({ level: 'debug' }, { write: (line: string) => lines.push(JSON.parse(line) as Record<string, unknown>) });
+    const nc = await connectNats({ servers: down.url, name: 'listener-log', reconnectTimeWaitMs: 100 });
+    const bus = new NatsBus(nc, { log });
+    const heard: string[] = [];
+    bus.onConnection(() => {
+      throw new Error('listener boom');
+    });
+    bus.onConnection((ev) => heard.push(ev));
+    try {
+      await down.stop();
+      await expect.poll(() => heard, { timeout: 10_000 }).toContain('disconnected');
+      expect(lines).toContainEqual(
+        expect.objectContaining({ level: 50, err: 'Error: listener boom', msg: "a NATS connection listener threw on 'disconnected'" }),
+      );
+    } finally {
+      await nc.close();
+    }
   });
 
   it('validates connection options, naming the field', async () => {
