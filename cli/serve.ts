@@ -1,6 +1,7 @@
 // `ditpipe scheduler|denoiser|decoder`: one service per process, talking over NATS.
 import type { Logger } from 'pino';
 import { Command, Option } from 'commander';
+import type { Registry } from 'prom-client';
 import { compileDecoderConfig, decoderConfigDefault } from '../services/decoder/config.ts';
 import { startDecoderService } from '../services/decoder/service.ts';
 import { compileDenoiserConfig, denoiserConfigDefault, parseSimulate } from '../services/denoiser/config.ts';
@@ -9,7 +10,9 @@ import { compileSchedulerConfig, schedulerConfigDefault } from '../services/sche
 import { compileHttpConfig } from '../services/scheduler/http/config.ts';
 import { startSchedulerService } from '../services/scheduler/service.ts';
 import { decoderMetrics, denoiserMetrics, schedulerMetrics } from '../shared/metrics.ts';
-import { GRAPH_REVISION, graphRevisionOf } from '../shared/model/modeldir.ts';
+import { GRAPH_REVISION, graphRevisionOf, type ModelJson } from '../shared/model/modeldir.ts';
+import type { GrpcServer } from '../shared/server/grpc.ts';
+import type { Transport } from '../shared/transport/types.ts';
 import { userSet } from './config-flags.ts';
 import {
   addGrpcServerOptions,
@@ -216,27 +219,17 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
       const transport = await natsFromFlags(o, 'ditpipe-denoiser', log, 'denoiser');
       const metrics = denoiserMetrics();
       const svc = await startDenoiserService(config, transport, { grpc, metrics, log, queueSettings: queueFromFlags(o) });
-      if (grpc) await listenGrpc(grpc, log, 'gRPC (health, Denoiser)');
-      const queue = svc.server.queues.denoise;
-      log.info(
-        {
-          model: svc.denoiser.name,
-          instance: svc.denoiser.info.instanceId,
-          stream: queue?.stream,
-          consumer: queue?.consumer,
-          grpcPort: grpc?.port ?? undefined,
-        },
-        `serving ${svc.denoiser.name}`,
-      );
-      warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.denoiser.meta));
-      await serveUntilSignal({
+      await serveReplica({
+        o,
         log,
-        parts: [{ name: 'denoiser', stop: (g) => svc.stop(g) }, ...(grpc ? [{ name: 'gRPC', stop: () => grpc.stop(1_000) }] : [])],
-        transports: [transport],
-        registries: [metrics.registry],
-        metricsPort: o.metricsPort,
-        metricsHost: o.metricsHost,
-        graceMs: o.shutdownGrace,
+        grpc,
+        transport,
+        registry: metrics.registry,
+        kind: 'denoiser',
+        what: 'gRPC (health, Denoiser)',
+        served: svc.denoiser,
+        queue: svc.server.queues.denoise,
+        stop: (g) => svc.stop(g),
       });
     },
   );
@@ -283,30 +276,61 @@ const decoder = replicaOptions(new Command('decoder'), 50053)
       const transport = await natsFromFlags(o, 'ditpipe-decoder', log, 'decoder');
       const metrics = decoderMetrics();
       const svc = await startDecoderService(config, transport, { grpc, metrics, log, queueSettings: queueFromFlags(o) });
-      if (grpc) await listenGrpc(grpc, log, 'gRPC (health, Decoder)');
-      const queue = svc.server.queues.decode;
-      log.info(
-        {
-          model: svc.decoder.name,
-          instance: svc.decoder.info.instanceId,
-          stream: queue?.stream,
-          consumer: queue?.consumer,
-          grpcPort: grpc?.port ?? undefined,
-        },
-        `serving ${svc.decoder.name}`,
-      );
-      warnOlderGraphs(log, o.modelDir, graphRevisionOf(svc.decoder.meta));
-      await serveUntilSignal({
+      await serveReplica({
+        o,
         log,
-        parts: [{ name: 'decoder', stop: (g) => svc.stop(g) }, ...(grpc ? [{ name: 'gRPC', stop: () => grpc.stop(1_000) }] : [])],
-        transports: [transport],
-        registries: [metrics.registry],
-        metricsPort: o.metricsPort,
-        metricsHost: o.metricsHost,
-        graceMs: o.shutdownGrace,
+        grpc,
+        transport,
+        registry: metrics.registry,
+        kind: 'decoder',
+        what: 'gRPC (health, Decoder)',
+        served: svc.decoder,
+        queue: svc.server.queues.decode,
+        stop: (g) => svc.stop(g),
       });
     },
   );
+
+/**
+ * The end of a replica's start-up, the same for denoiser and decoder: listen on gRPC, log the
+ * "serving" line (what the tests and `up` wait for), warn about an older model directory, then
+ * serve until a signal stops the replica and then its gRPC server.
+ */
+async function serveReplica(r: {
+  o: ServiceFlags & { modelDir: string };
+  log: Logger;
+  grpc: GrpcServer | null;
+  transport: Transport;
+  registry: Registry;
+  kind: 'denoiser' | 'decoder';
+  what: string;
+  served: { name: string; info: { instanceId: string }; meta: ModelJson };
+  queue: { stream: string; consumer: string } | undefined;
+  stop: (graceMs: number) => Promise<void>;
+}): Promise<void> {
+  const { o, log, grpc, served } = r;
+  if (grpc) await listenGrpc(grpc, log, r.what);
+  log.info(
+    {
+      model: served.name,
+      instance: served.info.instanceId,
+      stream: r.queue?.stream,
+      consumer: r.queue?.consumer,
+      grpcPort: grpc?.port ?? undefined,
+    },
+    `serving ${served.name}`,
+  );
+  warnOlderGraphs(log, o.modelDir, graphRevisionOf(served.meta));
+  await serveUntilSignal({
+    log,
+    parts: [{ name: r.kind, stop: r.stop }, ...(grpc ? [{ name: 'gRPC', stop: () => grpc.stop(1_000) }] : [])],
+    transports: [r.transport],
+    registries: [r.registry],
+    metricsPort: o.metricsPort,
+    metricsHost: o.metricsHost,
+    graceMs: o.shutdownGrace,
+  });
+}
 
 /** A model directory compiled by an older ditpipe serves the same numbers, only slower: say so. */
 function warnOlderGraphs(log: Logger, modelDir: string, revision: number): void {
