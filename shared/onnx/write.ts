@@ -13,7 +13,11 @@ export const OPSET = 17;
 export interface WriteOptions {
   /** Store float weights as float16 (cast back to float32 inside the graph). Default float32. */
   weightDtype?: 'float32' | 'float16';
-  /** Weights above this many bytes go to `<model>.data`. Default 256 MiB (protobuf caps at 2 GiB). */
+  /**
+   * Named weights go to `<model>.data` when all weights are above this many bytes. Default 256 MiB
+   * (protobuf caps at 2 GiB). Generated constants (shapes, axes, scalars) always stay in the model:
+   * onnxruntime reads them during shape inference, before it loads external data.
+   */
   externalDataThresholdBytes?: number;
   producerVersion?: string;
   docString?: string;
@@ -131,7 +135,7 @@ export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): 
       for (const d of init.shape) w.tag(1, VARINT).int64(d);
       w.tag(2, VARINT).int32(half ? ONNX_DTYPE.float16 : ONNX_DTYPE[init.dtype]);
       w.tag(8, LEN).string(storedName);
-      if (external) {
+      if (external && init.named) {
         writeSync(dataFd, bytes, 0, bytes.length, offset);
         for (const [k, v] of [
           ['location', dataName],

@@ -72,6 +72,31 @@ describe('ONNX writer', () => {
     reference([1, 2], w, b).forEach((v, o) => expect(y[o]).toBeCloseTo(v, 6));
   });
 
+  it('keeps generated constants in the model when the weights go external, so onnxruntime can load it', async () => {
+    // Unsqueeze axes and Reshape shapes are read by onnxruntime's shape inference, which fails on
+    // external tensors ("Cannot parse data from external tensors"); only named weights move out.
+    const g = new Graph('shapes');
+    const x = g.input('x', 'float32', ['B', 4]);
+    const w = Float32Array.from({ length: 4 }, (_, i) => i + 1);
+    const y = g.reshape(
+      g.mul(
+        g.unsqueeze(x, [1]),
+        g.weight('w', [4], () => w),
+      ),
+      [0, 2, 2],
+    );
+    g.output(y, 'y');
+    const path = join(dir, 'shapes.onnx');
+    const res = writeOnnx(g, path, { externalDataThresholdBytes: 0 });
+    expect(res.externalData).toBe('shapes.onnx.data');
+    expect(statSync(`${path}.data`).size).toBe(4 * 4);
+    const s = await ort.InferenceSession.create(path);
+    const out = await s.run({ x: new ort.Tensor('float32', Float32Array.of(1, 1, 2, 2), [1, 4]) });
+    await s.release();
+    expect(out.y.dims).toEqual([1, 2, 2]);
+    expect(Array.from(out.y.data as Float32Array)).toEqual([1, 2, 6, 8]);
+  });
+
   it('stores float16 weights and casts them back inside the graph', async () => {
     const { g, w, b } = linearGraph();
     const path = join(dir, 'half.onnx');
