@@ -2,7 +2,7 @@
 // trained by models/fashion-mnist/ and committed as safetensors. ditpipe's own compiler turns them
 // into model directories under .cache/models, rebuilt when the weights, the settings their JSON
 // records give (scaling factor, output crop, class names) or the compiler's graphs (GRAPH_REVISION)
-// change.
+// change, or when the DiT directory predates the step-cache graphs.
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { GRAPH_REVISION, graphRevisionOf, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
@@ -62,7 +62,7 @@ export function ensureDefaultModels(opts: { weightsDir?: string; cacheDir?: stri
   }
   const given = readDitConfigArg(ditJson);
   const sameDit = (m: ModelJson): boolean =>
-    m.kind === 'dit' && JSON.stringify(m.classNames ?? null) === JSON.stringify(given.classNames ?? null);
+    m.kind === 'dit' && JSON.stringify(m.classNames ?? null) === JSON.stringify(given.classNames ?? null) && m.cacheGraphs !== undefined;
   if (!upToDate(ditDir, ditWeights, sameDit)) {
     log(`building the DiT from ${ditWeights} → ${ditDir}`);
     buildDitModel({

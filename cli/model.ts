@@ -11,7 +11,17 @@ import {
   type DitConfigJson,
 } from '../shared/model/dit.ts';
 import { initDitWeights, type DitInit } from '../shared/model/dit-init.ts';
-import { ditConfigSchema, GRAPH_REVISION, graphRevisionOf, readModelDir, type ModelJson } from '../shared/model/modeldir.ts';
+import {
+  CACHE_GRAPHS,
+  cacheGraphPath,
+  ditConfigSchema,
+  GRAPH_REVISION,
+  graphRevisionOf,
+  readModelDir,
+  type DitModelJson,
+  type ModelDir,
+  type ModelJson,
+} from '../shared/model/modeldir.ts';
 import { ditPreset } from '../shared/model/presets.ts';
 import { croppedSize } from '../shared/image/crop.ts';
 import type { OnnxSummary } from '../shared/onnx/inspect.ts';
@@ -97,6 +107,7 @@ interface BuildDitCli {
   name?: string;
   classNames?: string;
   vae?: string;
+  cacheGraphs: boolean;
   out: string;
   quiet?: boolean;
 }
@@ -118,6 +129,10 @@ const buildDit = new Command('dit')
     "class names, one per line or a JSON array, stored in model.json (default: a --config record's class_names)",
   )
   .option('--vae <name>', 'name of the VAE decoder this model samples for (schedulers pair them by it)')
+  .option(
+    '--no-cache-graphs',
+    "do not write the step-cache graphs model.head/tail/skip.onnx (the DiT cut after block 0 and before the final layer, so that the block stack's output can be reused across steps); with external weights (above 256 MiB) they point into model.onnx.data, else they hold a second copy of the weights",
+  )
   .option('--quiet', 'no progress output')
   .requiredOption('--out <dir>', 'output model directory')
   .action((o: BuildDitCli) => {
@@ -140,6 +155,7 @@ const buildDit = new Command('dit')
       name: o.name,
       classNames: o.classNames ? readClassNames(o.classNames) : given?.classNames,
       vae: o.vae,
+      cacheGraphs: o.cacheGraphs,
       onNote: log,
       onWarning: (w) => process.stderr.write(`warning: ${w}\n`),
       onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
@@ -229,6 +245,14 @@ function describe(meta: ModelJson, dir: string, graph?: OnnxSummary): string {
       `output crop: top ${c.top}, right ${c.right}, bottom ${c.bottom}, left ${c.left} px (${side}×${side} decoded → ${served.width}×${served.height} served at ${meta.config.latent_size}×${meta.config.latent_size} latents)`,
     );
   }
+  if (meta.kind === 'dit') {
+    const cg = meta.cacheGraphs;
+    lines.push(
+      cg
+        ? `cache:    step-cache graphs ${CACHE_GRAPHS.map((n) => cg[n].onnx).join(', ')}: a full step is head + tail, ${(cg.head.gflops + cg.tail.gflops).toFixed(3)} Gflops; a cached step head + skip, ${(cg.head.gflops + cg.skip.gflops).toFixed(3)} Gflops`
+        : 'cache:    no step-cache graphs (built by an older ditpipe or with --no-cache-graphs): full steps only',
+    );
+  }
   if (meta.kind === 'dit' && meta.classNames)
     lines.push(
       `classes:  ${meta.classNames.length} named (${meta.classNames.slice(0, 3).join(', ')}${meta.classNames.length > 3 ? ', …' : ''})`,
@@ -248,13 +272,15 @@ function describe(meta: ModelJson, dir: string, graph?: OnnxSummary): string {
 
 const info = new Command('info')
   .description(
-    'Show a model directory: params, Gflops per forward, inputs/outputs, source weights; checks that model.onnx parses and matches model.json',
+    'Show a model directory: params, Gflops per forward, inputs/outputs, source weights, step-cache graphs; checks that model.onnx (and the step-cache graphs) parse and match model.json',
   )
   .argument('<dir>', 'model directory')
   .option('--json', 'print model.json')
   .action((dir: string, o: { json?: boolean }) => {
-    // Verifies model.onnx parses and matches model.json (errors exit non-zero, naming the file).
+    // Verifies model.onnx, and the step-cache graphs a DiT lists, parse and match model.json
+    // (errors exit non-zero, naming the file).
     const m = readModelDir(dir);
+    if (m.meta.kind === 'dit' && m.meta.cacheGraphs) for (const n of CACHE_GRAPHS) cacheGraphPath(m as ModelDir<DitModelJson>, n);
     console.log(o.json ? JSON.stringify(m.meta, null, 2) : describe(m.meta, dir, m.graph));
   });
 

@@ -36,7 +36,7 @@ import {
   ditTensorSpecs,
   type DitFormat,
 } from './dit-names.ts';
-import { ditConfigSchema, type DitConfig, type ModelDir } from './modeldir.ts';
+import { ditConfigSchema, type CacheGraphName, type DitConfig, type ModelDir } from './modeldir.ts';
 import { writeModelDir } from './modeldir-write.ts';
 import { defaultHeadsForWidth, ditPreset } from './presets.ts';
 
@@ -269,12 +269,15 @@ export interface DitGraphOptions {
   checkEmbedderCopies?: boolean;
 }
 
+/** A graph of the DiT family: the whole forward pass, or one of the step-cache graphs. */
+export type DitGraphKind = 'full' | CacheGraphName;
+
 /**
- * Builds the DiT graph. Every tensor's presence and shape is checked against `config` first
- * (MissingTensorError / ShapeMismatchError naming the tensor as stored); weight data is read only
- * when the writer streams each initializer.
+ * Checks the weights against `config` once, then builds any graph of the family from them. Every
+ * tensor's presence and shape is checked first (MissingTensorError / ShapeMismatchError naming the
+ * tensor as stored); weight data is read only when the writer streams each initializer.
  */
-export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitGraphOptions = {}): Graph {
+export function ditGraphBuilder(weights: WeightFile, config: DitConfig, opts: DitGraphOptions = {}): (kind: DitGraphKind) => Graph {
   validateDitConfig(config);
   const format = !opts.format || opts.format === 'auto' ? detectDitFormat(weights) : opts.format;
   const src = new DitTensors(weights, format);
@@ -285,9 +288,23 @@ export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitG
     throw new WeightsError(`${weights.path}: holds ${storedDepth} transformer blocks but the config says depth ${config.depth}`);
   }
   if (format === 'diffusers' && opts.checkEmbedderCopies !== false) checkEmbedderCopies(weights, config.depth, opts.onWarning);
-
   const shapes = new Map(specs.map((s) => [s.name, s.shape]));
-  const g = new Graph(opts.name ?? 'dit');
+  const name = opts.name ?? 'dit';
+  return (kind) => emitDit(new Graph(kind === 'full' ? name : `${name}_${kind}`), kind, src, shapes, config);
+}
+
+/** Builds the DiT graph (the whole forward pass); see ditGraphBuilder. */
+export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitGraphOptions = {}): Graph {
+  return ditGraphBuilder(weights, config, opts)('full');
+}
+
+/**
+ * One graph of the family. The cuts are at h1 (the hidden state after block 0) and hN (after the
+ * last block), so head + tail run exactly the ops of the full graph, in the same order; the
+ * conditioning c crosses the cut as a tensor (B·D values) instead of being recomputed, so the tail
+ * and skip graphs need neither the embedders' weights nor t and y.
+ */
+function emitDit(g: Graph, kind: DitGraphKind, src: DitTensors, shapes: Map<string, number[]>, config: DitConfig): Graph {
   const D = config.hidden_size;
   const p = config.patch_size;
   const C = config.in_channels;
@@ -296,6 +313,8 @@ export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitG
   const N = grid * grid;
   const heads = config.num_heads;
   const hd = D / heads;
+  const all = Array.from({ length: config.depth }, (_, i) => i);
+  const blocks = { full: all, head: all.slice(0, 1), tail: all.slice(1), skip: [] }[kind];
 
   const w = (name: string, opt: { param?: boolean } = {}): Value => g.weight(name, shapes.get(name)!, () => src.read(name), opt);
   const lin = (x: Value, name: string): Value => {
@@ -310,6 +329,7 @@ export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitG
   const one = scalar(1, 'one');
   const modulate = (x: Value, shift: Value, scale: Value): Value => g.add(g.mul(x, g.add(one, scale)), shift);
   const geluTanh = (() => {
+    if (blocks.length === 0) return null;
     const half = scalar(0.5, 'gelu_half');
     const kappa = scalar(0.044715, 'gelu_kappa');
     const beta = scalar(Math.sqrt(2 / Math.PI), 'gelu_beta');
@@ -323,50 +343,68 @@ export function buildDitGraph(weights: WeightFile, config: DitConfig, opts: DitG
     };
   })();
 
-  const x = g.input('x', 'float32', ['B', C, config.input_size, config.input_size]);
-  const t = g.input('t', 'int64', ['B']);
-  const y = g.input('y', 'int64', ['B']);
+  let h: Value;
+  let c: Value;
+  if (kind === 'full' || kind === 'head') {
+    const x = g.input('x', 'float32', ['B', C, config.input_size, config.input_size]);
+    const t = g.input('t', 'int64', ['B']);
+    const y = g.input('y', 'int64', ['B']);
 
-  // Patch embedding + fixed position embedding.
-  const patches = g.conv(x, w('x_embedder.proj.weight'), w('x_embedder.proj.bias'), { strides: [p, p] });
-  let h = g.transpose(g.reshape(patches, [0, D, N]), [0, 2, 1]); // [B, N, D]
-  const posEmbed = src.stores('pos_embed')
-    ? w('pos_embed', { param: false })
-    : g.weight('pos_embed', [1, N, D], () => sincosPosEmbed(D, grid), { param: false });
-  h = g.add(h, posEmbed);
+    // Patch embedding + fixed position embedding.
+    const patches = g.conv(x, w('x_embedder.proj.weight'), w('x_embedder.proj.bias'), { strides: [p, p] });
+    h = g.transpose(g.reshape(patches, [0, D, N]), [0, 2, 1]); // [B, N, D]
+    const posEmbed = src.stores('pos_embed')
+      ? w('pos_embed', { param: false })
+      : g.weight('pos_embed', [1, N, D], () => sincosPosEmbed(D, grid), { param: false });
+    h = g.add(h, posEmbed);
 
-  // Timestep embedding: [cos, sin] of t·freqs → Linear → SiLU → Linear.
-  const freqs = g.constFloat(timestepFreqs(FREQ_EMBED), [FREQ_EMBED / 2], 't_freqs');
-  const args = g.mul(g.unsqueeze(g.cast(t, 'float32'), [1]), freqs);
-  const tFeat = g.concat([g.unary('Cos', args), g.unary('Sin', args)], -1);
-  const tEmb = lin(g.silu(lin(tFeat, 't_embedder.mlp.0')), 't_embedder.mlp.2');
-  const yEmb = g.gather(w('y_embedder.embedding_table.weight'), y, 0);
-  const c = g.add(tEmb, yEmb);
+    // Timestep embedding: [cos, sin] of t·freqs → Linear → SiLU → Linear.
+    const freqs = g.constFloat(timestepFreqs(FREQ_EMBED), [FREQ_EMBED / 2], 't_freqs');
+    const args = g.mul(g.unsqueeze(g.cast(t, 'float32'), [1]), freqs);
+    const tFeat = g.concat([g.unary('Cos', args), g.unary('Sin', args)], -1);
+    const tEmb = lin(g.silu(lin(tFeat, 't_embedder.mlp.0')), 't_embedder.mlp.2');
+    const yEmb = g.gather(w('y_embedder.embedding_table.weight'), y, 0);
+    c = g.add(tEmb, yEmb);
+  } else {
+    h = g.input('h1', 'float32', ['B', N, D]);
+    c = g.input('c', 'float32', ['B', D]);
+  }
   const siluC = g.unsqueeze(g.silu(c), [1]); // [B, 1, D]: every adaLN projects SiLU(c)
+  const hIn = h;
 
-  const qScale = scalar(hd ** -0.5, 'attn_scale');
-  for (let i = 0; i < config.depth; i++) {
-    const b = `blocks.${i}`;
-    const [shiftMsa, scaleMsa, gateMsa, shiftMlp, scaleMlp, gateMlp] = g.chunk(lin(siluC, `${b}.adaLN_modulation.1`), 6, 2);
-    // Attention.
-    const a = modulate(g.layerNorm(h, LN_EPS), shiftMsa, scaleMsa);
-    const [q, k, v] = g.chunk(lin(a, `${b}.attn.qkv`), 3, 2); // qkv features are laid out (3, heads, hd)
-    const toHeads = (z: Value, perm: number[]): Value => g.transpose(g.reshape(z, [0, N, heads, hd]), perm);
-    const qh = g.mul(toHeads(q, [0, 2, 1, 3]), qScale); // [B, heads, N, hd]
-    const kt = toHeads(k, [0, 2, 3, 1]); // [B, heads, hd, N]
-    const vh = toHeads(v, [0, 2, 1, 3]);
-    const attn = g.softmax(g.matmul(qh, kt), -1);
-    const ctx = g.reshape(g.transpose(g.matmul(attn, vh), [0, 2, 1, 3]), [0, N, D]);
-    h = g.add(h, g.mul(gateMsa, lin(ctx, `${b}.attn.proj`)));
-    // MLP.
-    const m = modulate(g.layerNorm(h, LN_EPS), shiftMlp, scaleMlp);
-    h = g.add(h, g.mul(gateMlp, lin(geluTanh(lin(m, `${b}.mlp.fc1`)), `${b}.mlp.fc2`)));
+  if (geluTanh) {
+    const qScale = scalar(hd ** -0.5, 'attn_scale');
+    for (const i of blocks) {
+      const b = `blocks.${i}`;
+      const [shiftMsa, scaleMsa, gateMsa, shiftMlp, scaleMlp, gateMlp] = g.chunk(lin(siluC, `${b}.adaLN_modulation.1`), 6, 2);
+      // Attention.
+      const a = modulate(g.layerNorm(h, LN_EPS), shiftMsa, scaleMsa);
+      const [q, k, v] = g.chunk(lin(a, `${b}.attn.qkv`), 3, 2); // qkv features are laid out (3, heads, hd)
+      const toHeads = (z: Value, perm: number[]): Value => g.transpose(g.reshape(z, [0, N, heads, hd]), perm);
+      const qh = g.mul(toHeads(q, [0, 2, 1, 3]), qScale); // [B, heads, N, hd]
+      const kt = toHeads(k, [0, 2, 3, 1]); // [B, heads, hd, N]
+      const vh = toHeads(v, [0, 2, 1, 3]);
+      const attn = g.softmax(g.matmul(qh, kt), -1);
+      const ctx = g.reshape(g.transpose(g.matmul(attn, vh), [0, 2, 1, 3]), [0, N, D]);
+      h = g.add(h, g.mul(gateMsa, lin(ctx, `${b}.attn.proj`)));
+      // MLP.
+      const m = modulate(g.layerNorm(h, LN_EPS), shiftMlp, scaleMlp);
+      h = g.add(h, g.mul(gateMlp, lin(geluTanh(lin(m, `${b}.mlp.fc1`)), `${b}.mlp.fc2`)));
+    }
   }
 
+  if (kind === 'head') {
+    g.output(h, 'h1');
+    g.output(g.sub(h, hIn), 'r1'); // the first block's residual h1 − h0, what an adaptive policy compares
+    g.output(c, 'c');
+    return g;
+  }
+  if (kind === 'skip') h = g.add(h, g.input('residual', 'float32', ['B', N, D])); // hN ≈ h1 + a kept hN − h1
   const [shift, scale] = g.chunk(lin(siluC, 'final_layer.adaLN_modulation.1'), 2, 2);
   const o = lin(modulate(g.layerNorm(h, LN_EPS), shift, scale), 'final_layer.linear'); // [B, N, p·p·OC]
   const img = g.reshape(g.transpose(g.reshape(o, [0, grid, grid, p, p, OC]), [0, 5, 1, 3, 2, 4]), [0, OC, grid * p, grid * p]);
   g.output(img, 'out');
+  if (kind === 'tail') g.output(g.sub(h, hIn), 'residual'); // the block stack's residual hN − h1, what a cached step reuses
   return g;
 }
 
@@ -397,6 +435,8 @@ export interface BuildDitModelOptions extends DitConfigRequest {
   vae?: string;
   /** Weight bytes above which the ONNX weights go to an external data file (default: the writer's). */
   externalDataThresholdBytes?: number;
+  /** Also write the step-cache graphs (CACHE_GRAPHS in modeldir.ts). Default true. */
+  cacheGraphs?: boolean;
   onWarning?: (message: string) => void;
   onNote?: (message: string) => void;
   onProgress?: (done: number, total: number, name: string) => void;
@@ -409,7 +449,10 @@ export class UnsupportedDtypeError extends Error {
   }
 }
 
-/** What `ditpipe model build dit` does: resolve the config, check, build, write `model.onnx` + `model.json`. */
+/**
+ * What `ditpipe model build dit` does: resolve the config, check, build, write `model.onnx` (and the
+ * step-cache graphs unless `cacheGraphs: false`) + `model.json`.
+ */
 export function buildDitModel(opts: BuildDitModelOptions): ModelDir {
   const dtype = opts.dtype ?? 'f32';
   if (dtype !== 'f32' && dtype !== 'f16') throw new UnsupportedDtypeError(String(dtype));
@@ -421,12 +464,13 @@ export function buildDitModel(opts: BuildDitModelOptions): ModelDir {
       throw new DitConfigError(`class names: ${opts.classNames.length} given, the model has ${config.num_classes} classes`);
     }
     const name = opts.name ?? basename(resolvePath(opts.out));
-    const graph = buildDitGraph(file, config, { format, name, onWarning: opts.onWarning });
+    const build = ditGraphBuilder(file, config, { format, name, onWarning: opts.onWarning });
+    const cacheGraphs = (opts.cacheGraphs ?? true) ? { head: build('head'), tail: build('tail'), skip: build('skip') } : undefined;
     opts.onNote?.('hashing the source weights');
     const sha256 = sha256File(opts.weights);
     return writeModelDir(
       opts.out,
-      graph,
+      build('full'),
       {
         kind: 'dit',
         name,
@@ -439,6 +483,7 @@ export function buildDitModel(opts: BuildDitModelOptions): ModelDir {
         weightDtype: dtype === 'f16' ? 'float16' : 'float32',
         externalDataThresholdBytes: opts.externalDataThresholdBytes,
         onProgress: opts.onProgress,
+        cacheGraphs,
         docString: `DiT ${JSON.stringify(config)} built by ditpipe from ${basename(opts.weights)} (original DiT numerics)`,
       },
     );

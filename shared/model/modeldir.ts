@@ -10,10 +10,32 @@ import { inspectOnnx, OnnxFormatError, type OnnxSummary, type OnnxValueInfo } fr
 export const MODEL_JSON = 'model.json';
 export const MODEL_ONNX = 'model.onnx';
 
+/**
+ * The DiT's step-cache graphs, cut from the same weights as model.onnx: `head` is the embedders and
+ * block 0, `tail` the other blocks and the final layer, `skip` the final layer alone on h1 plus a
+ * block-stack residual kept from an earlier step. So a full step is head then tail, a cached step
+ * head then skip; the residuals head and tail return are what a cache policy compares and keeps.
+ */
+export const CACHE_GRAPHS = ['head', 'tail', 'skip'] as const;
+export type CacheGraphName = (typeof CACHE_GRAPHS)[number];
+
+/** Where the compiler writes a step-cache graph in the model directory. */
+export const cacheGraphFile = (name: CacheGraphName): string => `model.${name}.onnx`;
+
 const ioSpec = z.object({
   name: z.string(),
   dtype: z.enum(['float32', 'float16', 'int64', 'int32', 'bool']),
   shape: z.array(z.union([z.number().int(), z.string()])),
+});
+
+type IoSpec = z.infer<typeof ioSpec>;
+
+const cacheGraphSpec = z.object({
+  onnx: z.string(),
+  inputs: z.array(ioSpec),
+  outputs: z.array(ioSpec),
+  /** Multiply-accumulates of this graph at batch 1, ×1e-9: head + tail is the full pass's gflops. */
+  gflops: z.number().nonnegative(),
 });
 
 export const ditConfigSchema = z.object({
@@ -71,6 +93,8 @@ export const modelJsonSchema = z.discriminatedUnion('kind', [
     classNames: z.array(z.string()).optional(),
     /** Name of the VAE decoder whose latent space the model samples in, when known. */
     vae: z.string().optional(),
+    /** The step-cache graphs (CACHE_GRAPHS), when built; absent in directories built without them. */
+    cacheGraphs: z.object({ head: cacheGraphSpec, tail: cacheGraphSpec, skip: cacheGraphSpec }).optional(),
   }),
   z.object({
     kind: z.literal('vae-decoder'),
@@ -153,6 +177,11 @@ export function readModelDir(dir: string, opts: ReadModelDirOptions = {}): Model
   const meta = parsed.data;
   const onnxPath = confined(dir, meta.onnx, 'onnx', path);
   if (meta.externalData !== null) confined(dir, meta.externalData, 'externalData', path);
+  // Only the paths: a step-cache graph is checked when it is opened (cacheGraphPath), so a
+  // directory whose cache graphs are damaged still serves full steps.
+  if (meta.kind === 'dit' && meta.cacheGraphs) {
+    for (const name of CACHE_GRAPHS) confined(dir, meta.cacheGraphs[name].onnx, `cacheGraphs.${name}.onnx`, path);
+  }
   if (!existsSync(onnxPath)) throw new ModelDirError(`${dir}: ${meta.onnx} is missing`);
   const graph = (opts.verifyGraph ?? true) ? verifyGraph(dir, onnxPath, meta, path) : undefined;
   return { dir, onnxPath, meta, graph };
@@ -160,8 +189,8 @@ export function readModelDir(dir: string, opts: ReadModelDirOptions = {}): Model
 
 const shapeText = (s: ReadonlyArray<number | string>): string => `[${s.join(', ')}]`;
 
-/** The graph must be what model.json says, and model.json's config must fit the graph. */
-function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: string): OnnxSummary {
+/** Parses an ONNX file's framing; its external data files must lie in the directory and exist. */
+function inspectInDir(dir: string, onnxPath: string): OnnxSummary {
   let g: OnnxSummary;
   try {
     g = inspectOnnx(onnxPath);
@@ -173,22 +202,30 @@ function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: s
     const full = confined(dir, loc, 'onnx (external data location)', onnxPath);
     if (!existsSync(full)) throw new ModelDirError(`${onnxPath}: its weights are in ${loc}, which is missing`);
   }
-  const compare = (kind: 'inputs' | 'outputs', listed: ModelJson['inputs'], actual: OnnxValueInfo[]): void => {
-    const names = (l: Array<{ name: string }>): string => l.map((v) => v.name).join(', ');
-    if (listed.length !== actual.length || listed.some((v, i) => v.name !== actual[i].name)) {
-      throw new ModelDirError(`${jsonPath}: field "${kind}" lists ${names(listed)} but ${meta.onnx} has ${names(actual)}`);
+  return g;
+}
+
+/** The inputs or outputs model.json lists at `field` must be the ones the ONNX file `onnx` has. */
+function compareIo(jsonPath: string, field: string, onnx: string, listed: IoSpec[], actual: OnnxValueInfo[]): void {
+  const names = (l: Array<{ name: string }>): string => l.map((v) => v.name).join(', ');
+  if (listed.length !== actual.length || listed.some((v, i) => v.name !== actual[i].name)) {
+    throw new ModelDirError(`${jsonPath}: field "${field}" lists ${names(listed)} but ${onnx} has ${names(actual)}`);
+  }
+  listed.forEach((v, i) => {
+    const a = actual[i];
+    if (v.dtype !== a.dtype || shapeText(v.shape) !== shapeText(a.shape)) {
+      throw new ModelDirError(
+        `${jsonPath}: field "${field}.${i}": ${v.name} is ${v.dtype} ${shapeText(v.shape)} here but ${a.dtype} ${shapeText(a.shape)} in ${onnx}`,
+      );
     }
-    listed.forEach((v, i) => {
-      const a = actual[i];
-      if (v.dtype !== a.dtype || shapeText(v.shape) !== shapeText(a.shape)) {
-        throw new ModelDirError(
-          `${jsonPath}: field "${kind}.${i}": ${v.name} is ${v.dtype} ${shapeText(v.shape)} here but ${a.dtype} ${shapeText(a.shape)} in ${meta.onnx}`,
-        );
-      }
-    });
-  };
-  compare('inputs', meta.inputs, g.inputs);
-  compare('outputs', meta.outputs, g.outputs);
+  });
+}
+
+/** The graph must be what model.json says, and model.json's config must fit the graph. */
+function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: string): OnnxSummary {
+  const g = inspectInDir(dir, onnxPath);
+  compareIo(jsonPath, 'inputs', meta.onnx, meta.inputs, g.inputs);
+  compareIo(jsonPath, 'outputs', meta.onnx, meta.outputs, g.outputs);
   const io = (list: OnnxValueInfo[], name: string, kind: string): OnnxValueInfo => {
     const v = list.find((x) => x.name === name);
     if (!v)
@@ -222,6 +259,65 @@ function verifyGraph(dir: string, onnxPath: string, meta: ModelJson, jsonPath: s
     dim(io(g.outputs, 'image', 'output'), 1, c.out_channels, 'out_channels');
   }
   return g;
+}
+
+/** A step-cache graph was asked for that the model directory does not have. */
+export class MissingCacheGraphError extends ModelDirError {
+  constructor(
+    message: string,
+    readonly path: string,
+  ) {
+    super(message);
+    this.name = 'MissingCacheGraphError';
+  }
+}
+
+/** What each step-cache graph takes and returns for a config (what the compiler builds). */
+export function cacheGraphIo(c: DitConfig): Record<CacheGraphName, { inputs: IoSpec[]; outputs: IoSpec[] }> {
+  const tokens = (c.input_size / c.patch_size) ** 2;
+  const f32 = (name: string, shape: Array<number | string>): IoSpec => ({ name, dtype: 'float32', shape });
+  const i64 = (name: string): IoSpec => ({ name, dtype: 'int64', shape: ['B'] });
+  const hidden = (name: string): IoSpec => f32(name, ['B', tokens, c.hidden_size]);
+  const cond = f32('c', ['B', c.hidden_size]);
+  const out = f32('out', ['B', modelOutChannels(c.in_channels, c.learn_sigma), c.input_size, c.input_size]);
+  return {
+    head: {
+      inputs: [f32('x', ['B', c.in_channels, c.input_size, c.input_size]), i64('t'), i64('y')],
+      outputs: [hidden('h1'), hidden('r1'), cond],
+    },
+    tail: { inputs: [hidden('h1'), cond], outputs: [out, hidden('residual')] },
+    skip: { inputs: [hidden('h1'), cond, hidden('residual')], outputs: [out] },
+  };
+}
+
+/**
+ * The path of a DiT model directory's step-cache graph `name`, checked: listed in model.json, present,
+ * and taking and returning what model.json lists and the config implies. MissingCacheGraphError
+ * (naming the file) when the directory was built without the cache graphs or the file is gone.
+ */
+export function cacheGraphPath(m: ModelDir<DitModelJson>, name: CacheGraphName): string {
+  const jsonPath = join(m.dir, MODEL_JSON);
+  const listed = m.meta.cacheGraphs?.[name];
+  if (!listed) {
+    const path = join(m.dir, cacheGraphFile(name));
+    throw new MissingCacheGraphError(
+      `${jsonPath} lists no step-cache graphs, so there is no ${name} graph (${path}): ` +
+        'the directory was built by an older ditpipe or with --no-cache-graphs; rebuild it with `ditpipe model build dit`',
+      path,
+    );
+  }
+  const path = confined(m.dir, listed.onnx, `cacheGraphs.${name}.onnx`, jsonPath);
+  if (!existsSync(path)) {
+    throw new MissingCacheGraphError(`${path} is missing (${jsonPath} lists it as the step-cache ${name} graph)`, path);
+  }
+  const g = inspectInDir(m.dir, path);
+  const expected = cacheGraphIo(m.meta.config)[name];
+  for (const kind of ['inputs', 'outputs'] as const) {
+    const field = `cacheGraphs.${name}.${kind}`;
+    compareIo(jsonPath, field, listed.onnx, listed[kind], g[kind]);
+    compareIo(jsonPath, field, `the ${name} graph of this config`, listed[kind], expected[kind]);
+  }
+  return path;
 }
 
 export function readDitModelDir(dir: string): ModelDir<DitModelJson> {

@@ -31,6 +31,11 @@ export interface Initializer {
   castable: boolean;
   /** Counts towards the model's parameter count (false for constants and fixed buffers). */
   param: boolean;
+  /**
+   * Named by the model (`weight`), not generated: graphs built from the same weights hold the same
+   * data under the same name, so one graph may use another's stored copy (WriteOptions.reuse).
+   */
+  named: boolean;
 }
 
 export class GraphError extends Error {
@@ -106,21 +111,29 @@ export class Graph {
 
   /** A float weight; `param: false` for fixed tensors that a model's parameter count leaves out (e.g. DiT's pos_embed). */
   weight(name: string, shape: number[], load: () => Float32Array, opts: { param?: boolean } = {}): Value {
-    this.initializers.push({ name: this.claim(name), dtype: 'float32', shape, load, castable: true, param: opts.param ?? true });
+    this.initializers.push({
+      name: this.claim(name),
+      dtype: 'float32',
+      shape,
+      load,
+      castable: true,
+      param: opts.param ?? true,
+      named: true,
+    });
     return { name, dtype: 'float32', shape };
   }
 
   constFloat(values: ArrayLike<number>, shape: number[] = [values.length], hint = 'const'): Value {
     const name = this.fresh(hint);
     const data = Float32Array.from(values);
-    this.initializers.push({ name, dtype: 'float32', shape, load: () => data, castable: false, param: false });
+    this.initializers.push({ name, dtype: 'float32', shape, load: () => data, castable: false, param: false, named: false });
     return { name, dtype: 'float32', shape };
   }
 
   constInt64(values: ArrayLike<number>, shape: number[] = [values.length], hint = 'const'): Value {
     const name = this.fresh(hint);
     const data = BigInt64Array.from(Array.from(values, (x) => BigInt(x)));
-    this.initializers.push({ name, dtype: 'int64', shape, load: () => data, castable: false, param: false });
+    this.initializers.push({ name, dtype: 'int64', shape, load: () => data, castable: false, param: false, named: false });
     return { name, dtype: 'int64', shape };
   }
 

@@ -1,11 +1,12 @@
 // Serialises a Graph as an ONNX ModelProto (IR 8, opset 17). Initializers are loaded one at a time:
 // above a size threshold they stream into an external data file next to the model, so building a
-// multi-gigabyte model never holds all of its weights in memory at once.
+// multi-gigabyte model never holds all of its weights in memory at once. Another graph built from
+// the same weights and written into the same folder can point at that file instead of copying it.
 import { closeSync, openSync, writeSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import { f32ToF16Bits } from '../weights/decode.ts';
-import { type Graph, ONNX_DTYPE, type AttrValue, type Node, type Value } from './graph.ts';
+import { type Graph, ONNX_DTYPE, type AttrValue, type Initializer, type Node, type Value } from './graph.ts';
 
 export const IR_VERSION = 8;
 export const OPSET = 17;
@@ -13,19 +14,48 @@ export const OPSET = 17;
 export interface WriteOptions {
   /** Store float weights as float16 (cast back to float32 inside the graph). Default float32. */
   weightDtype?: 'float32' | 'float16';
-  /** Weights above this many bytes go to `<model>.data`. Default 256 MiB (protobuf caps at 2 GiB). */
+  /**
+   * Named weights go to `<model>.data` when all weights are above this many bytes. Default 256 MiB
+   * (protobuf caps at 2 GiB). Generated constants (shapes, axes, scalars) always stay in the model:
+   * onnxruntime reads them during shape inference, before it loads external data.
+   */
   externalDataThresholdBytes?: number;
   producerVersion?: string;
   docString?: string;
   /** Called after each initializer is written. */
   onProgress?: (done: number, total: number, name: string) => void;
+  /**
+   * Another model's external data, in the folder this model is written to: the named weights it
+   * holds (same name, shape and stored dtype) are referenced there, not loaded or written again.
+   */
+  reuse?: ExternalData;
+}
+
+/** Where a written model's named weights lie in its external data file. */
+export interface ExternalData {
+  /** The data file, relative to the model's folder. */
+  file: string;
+  /** By initializer name. */
+  tensors: ReadonlyMap<string, ExternalTensor>;
+}
+
+/** One weight in an external data file: its TensorProto's stored name, data type and dims, and its bytes' place. */
+export interface ExternalTensor {
+  storedName: string;
+  dataType: number;
+  dims: readonly number[];
+  offset: number;
+  length: number;
 }
 
 export interface WriteResult {
   /** Name of the external data file (relative to the model), or null when weights are embedded. */
   externalData: string | null;
+  /** The named weights this model wrote to its external data file, for `reuse` (null when embedded). */
+  external: ExternalData | null;
   /** Number of float weight parameters (the model's parameter count). */
   params: number;
+  /** Bytes of weights this model stores itself (those found in `reuse` are not counted). */
   weightBytes: number;
 }
 
@@ -86,20 +116,51 @@ function toBytes(data: Float32Array | BigInt64Array | Uint16Array): Uint8Array {
   return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
 }
 
+function encodeExternalRef(w: BinaryWriter, location: string, offset: number, length: number): void {
+  for (const [k, v] of [
+    ['location', location],
+    ['offset', String(offset)],
+    ['length', String(length)],
+  ]) {
+    w.tag(13, LEN).fork().tag(1, LEN).string(k).tag(2, LEN).string(v).join();
+  }
+  w.tag(14, VARINT).int32(1); // data_location = EXTERNAL
+}
+
 export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): WriteResult {
   const f16 = opts.weightDtype === 'float16';
   const threshold = opts.externalDataThresholdBytes ?? 256 * 1024 * 1024;
-  const elemBytes = (dtype: 'float32' | 'int64', castable: boolean): number => (dtype === 'int64' ? 8 : f16 && castable ? 2 : 4);
+  const stored = (init: Initializer): { half: boolean; name: string; dataType: number } => {
+    const half = f16 && init.castable;
+    return { half, name: half ? `${init.name}__f16` : init.name, dataType: half ? ONNX_DTYPE.float16 : ONNX_DTYPE[init.dtype] };
+  };
+  /** The copy in `opts.reuse` this graph points at, for each named weight found there. */
+  const reused = new Map<Initializer, ExternalTensor>();
   let weightBytes = 0;
   let params = 0;
+  let ownNamed = false;
   for (const init of graph.initializers) {
     const n = init.shape.reduce((p, q) => p * q, 1);
-    weightBytes += n * elemBytes(init.dtype, init.castable);
     if (init.param) params += n;
+    const s = stored(init);
+    const r = init.named ? opts.reuse?.tensors.get(init.name) : undefined;
+    if (!r) {
+      weightBytes += n * (init.dtype === 'int64' ? 8 : s.half ? 2 : 4);
+      ownNamed ||= init.named;
+      continue;
+    }
+    if (r.storedName !== s.name || r.dataType !== s.dataType || r.dims.join(',') !== init.shape.join(',')) {
+      throw new Error(
+        `initializer ${init.name}: ${opts.reuse!.file} holds it as ${r.storedName} (type ${r.dataType}, [${r.dims.join(',')}]), ` +
+          `this graph needs ${s.name} (type ${s.dataType}, [${init.shape.join(',')}])`,
+      );
+    }
+    reused.set(init, r);
   }
-  const external = weightBytes > threshold;
+  const external = weightBytes > threshold && ownNamed; // no data file for constants alone
   const dataName = `${basename(path)}.data`;
   const dataFd = external ? openSync(`${path}.data`, 'w') : -1;
+  const written = new Map<string, ExternalTensor>();
   let offset = 0;
 
   const w = new BinaryWriter();
@@ -116,34 +177,32 @@ export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): 
   try {
     let done = 0;
     for (const init of graph.initializers) {
-      const loaded = init.load();
-      const expected = init.shape.reduce((p, q) => p * q, 1);
-      if (loaded.length !== expected) {
-        throw new Error(`initializer ${init.name}: ${loaded.length} values for shape [${init.shape.join(',')}]`);
-      }
-      const half = f16 && init.castable;
-      const storedName = half ? `${init.name}__f16` : init.name;
-      const bytes = toBytes(half ? f32ToF16Bits(loaded as Float32Array) : loaded);
-      if (half) {
-        castNodes.push({ opType: 'Cast', inputs: [storedName], outputs: [init.name], name: `${init.name}__cast`, attrs: { to: 1 } });
+      const s = stored(init);
+      if (s.half) {
+        castNodes.push({ opType: 'Cast', inputs: [s.name], outputs: [init.name], name: `${init.name}__cast`, attrs: { to: 1 } });
       }
       w.tag(5, LEN).fork(); // TensorProto
       for (const d of init.shape) w.tag(1, VARINT).int64(d);
-      w.tag(2, VARINT).int32(half ? ONNX_DTYPE.float16 : ONNX_DTYPE[init.dtype]);
-      w.tag(8, LEN).string(storedName);
-      if (external) {
-        writeSync(dataFd, bytes, 0, bytes.length, offset);
-        for (const [k, v] of [
-          ['location', dataName],
-          ['offset', String(offset)],
-          ['length', String(bytes.length)],
-        ]) {
-          w.tag(13, LEN).fork().tag(1, LEN).string(k).tag(2, LEN).string(v).join();
-        }
-        w.tag(14, VARINT).int32(1); // data_location = EXTERNAL
-        offset += bytes.length;
+      w.tag(2, VARINT).int32(s.dataType);
+      w.tag(8, LEN).string(s.name);
+      const r = reused.get(init);
+      if (r) {
+        encodeExternalRef(w, opts.reuse!.file, r.offset, r.length);
       } else {
-        w.tag(9, LEN).bytes(bytes);
+        const loaded = init.load();
+        const expected = init.shape.reduce((p, q) => p * q, 1);
+        if (loaded.length !== expected) {
+          throw new Error(`initializer ${init.name}: ${loaded.length} values for shape [${init.shape.join(',')}]`);
+        }
+        const bytes = toBytes(s.half ? f32ToF16Bits(loaded as Float32Array) : loaded);
+        if (external && init.named) {
+          writeSync(dataFd, bytes, 0, bytes.length, offset);
+          encodeExternalRef(w, dataName, offset, bytes.length);
+          written.set(init.name, { storedName: s.name, dataType: s.dataType, dims: init.shape, offset, length: bytes.length });
+          offset += bytes.length;
+        } else {
+          w.tag(9, LEN).bytes(bytes);
+        }
       }
       w.join();
       opts.onProgress?.(++done, graph.initializers.length, init.name);
@@ -156,5 +215,10 @@ export function writeOnnx(graph: Graph, path: string, opts: WriteOptions = {}): 
   for (const v of graph.outputs) encodeValueInfo(w, 12, v);
   w.join();
   writeFileSync(path, w.finish());
-  return { externalData: external ? dataName : null, params, weightBytes };
+  return {
+    externalData: external ? dataName : null,
+    external: external ? { file: dataName, tensors: written } : null,
+    params,
+    weightBytes,
+  };
 }

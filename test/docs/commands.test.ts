@@ -149,7 +149,7 @@ describe("the README's command table", () => {
 });
 
 describe('ditpipe commands in the docs', () => {
-  it.each(['README.md', 'docs/loadtest.md', 'docs/kubernetes.md', 'models/fashion-mnist/README.md'])(
+  it.each(['README.md', 'docs/loadtest.md', 'docs/kubernetes.md', 'docs/model-dir.md', 'models/fashion-mnist/README.md'])(
     '%s names only commands and flags --help knows',
     async (file) => {
       const commands = commandsIn(file);

@@ -92,6 +92,13 @@ describe('the committed Fashion-MNIST model', () => {
     ensureDefaultModels({ cacheDir: cache, log: (l) => stale.push(l) });
     expect(stale).toEqual([expect.stringMatching(/^building the DiT/)]);
     expect(readDitModelDir(dirs.ditDir).meta.graphRevision).toBe(GRAPH_REVISION);
+    // So is one built before the step-cache graphs.
+    const { cacheGraphs: ___, ...uncached } = JSON.parse(readFileSync(metaPath, 'utf8')) as Record<string, unknown>;
+    writeFileSync(metaPath, JSON.stringify(uncached));
+    const recached: string[] = [];
+    ensureDefaultModels({ cacheDir: cache, log: (l) => recached.push(l) });
+    expect(recached).toEqual([expect.stringMatching(/^building the DiT/)]);
+    expect(readDitModelDir(dirs.ditDir).meta.cacheGraphs?.skip.onnx).toBe('model.skip.onnx');
     // A VAE built before vae.json declared its output crop is rebuilt too.
     const vaeMetaPath = join(dirs.vaeDir, 'model.json');
     const { outputCrop: __, ...uncropped } = JSON.parse(readFileSync(vaeMetaPath, 'utf8')) as Record<string, unknown>;

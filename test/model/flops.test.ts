@@ -2,7 +2,7 @@
 // linear/conv layers and the two attention matmuls, per forward of one sample). Shapes only: the
 // weights are never read.
 import { describe, expect, it } from 'vitest';
-import { buildDitGraph } from '../../shared/model/dit.ts';
+import { buildDitGraph, ditGraphBuilder, type DitGraphKind } from '../../shared/model/dit.ts';
 import { shapeOnlyDitWeights } from '../../shared/model/dit-init.ts';
 import { graphGflops } from '../../shared/model/modeldir-write.ts';
 import { DIT_PRESETS, ditPreset } from '../../shared/model/presets.ts';
@@ -38,6 +38,25 @@ describe('Gflops (multiply-accumulates) from the graph', () => {
     const c = { ...ditPreset('DiT-XL/2'), input_size: 64 };
     const gflops = graphGflops(buildDitGraph(shapeOnlyDitWeights(c), c));
     expect(Math.abs(gflops / 524.6 - 1)).toBeLessThan(0.01);
+  });
+
+  it.each(Object.keys(PAPER_256))('%s step-cache graphs: head + tail = full, skip is the final layer alone', (preset) => {
+    const c = ditPreset(preset);
+    const build = ditGraphBuilder(shapeOnlyDitWeights(c), c);
+    const macs = (k: DitGraphKind): number => [...build(k).macs.values()].reduce((a, b) => a + b, 0);
+    const [full, head, tail, skip] = (['full', 'head', 'tail', 'skip'] as const).map(macs);
+    expect(head + tail).toBe(full);
+    // By hand, per sample: D = width, N tokens, p = patch, C in / OC out channels.
+    const D = c.hidden_size;
+    const N = (c.input_size / c.patch_size) ** 2;
+    const pp = c.patch_size ** 2;
+    const OC = c.learn_sigma ? 2 * c.in_channels : c.in_channels;
+    const finalLayer = D * 2 * D + N * D * pp * OC; // adaLN (shift, scale) + projection
+    const block = D * 6 * D + N * D * 3 * D + 2 * N * N * D + N * D * D + 2 * N * D * 4 * D; // adaLN, qkv, attention, proj, MLP
+    const embed = N * D * c.in_channels * pp + 256 * D + D * D; // patch conv, timestep MLP
+    expect(skip).toBe(finalLayer);
+    expect(head).toBe(embed + block);
+    expect(tail).toBe((c.depth - 1) * block + finalLayer);
   });
 
   it('never reads weight data while building', () => {

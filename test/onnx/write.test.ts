@@ -72,6 +72,75 @@ describe('ONNX writer', () => {
     reference([1, 2], w, b).forEach((v, o) => expect(y[o]).toBeCloseTo(v, 6));
   });
 
+  it('keeps generated constants in the model when the weights go external, so onnxruntime can load it', async () => {
+    // Unsqueeze axes and Reshape shapes are read by onnxruntime's shape inference, which fails on
+    // external tensors ("Cannot parse data from external tensors"); only named weights move out.
+    const g = new Graph('shapes');
+    const x = g.input('x', 'float32', ['B', 4]);
+    const w = Float32Array.from({ length: 4 }, (_, i) => i + 1);
+    const y = g.reshape(
+      g.mul(
+        g.unsqueeze(x, [1]),
+        g.weight('w', [4], () => w),
+      ),
+      [0, 2, 2],
+    );
+    g.output(y, 'y');
+    const path = join(dir, 'shapes.onnx');
+    const res = writeOnnx(g, path, { externalDataThresholdBytes: 0 });
+    expect(res.externalData).toBe('shapes.onnx.data');
+    expect(statSync(`${path}.data`).size).toBe(4 * 4);
+    const s = await ort.InferenceSession.create(path);
+    const out = await s.run({ x: new ort.Tensor('float32', Float32Array.of(1, 1, 2, 2), [1, 4]) });
+    await s.release();
+    expect(out.y.dims).toEqual([1, 2, 2]);
+    expect(Array.from(out.y.data as Float32Array)).toEqual([1, 2, 6, 8]);
+  });
+
+  it("points a second graph at the first one's external data instead of copying the weights", async () => {
+    const { g, b } = linearGraph();
+    const first = writeOnnx(g, join(dir, 'first.onnx'), { externalDataThresholdBytes: 0 });
+    expect([...first.external!.tensors.keys()]).toEqual(['w', 'b']);
+    // The same bias under its name, a fresh scale of its own: only the bias is shared.
+    const h = new Graph('second');
+    const x = h.input('x', 'float32', ['B', 3]);
+    h.output(
+      h.mul(
+        h.add(
+          x,
+          h.weight('b', [3], () => b),
+        ),
+        h.constFloat([2]),
+      ),
+      'y',
+    );
+    const path = join(dir, 'second.onnx');
+    const res = writeOnnx(h, path, { externalDataThresholdBytes: 0, reuse: first.external! });
+    expect(res.externalData).toBeNull(); // nothing of its own went out: no second data file
+    expect(existsSync(`${path}.data`)).toBe(false);
+    expect(res.weightBytes).toBe(4); // the constant
+    const s = await ort.InferenceSession.create(path);
+    const out = await s.run({ x: new ort.Tensor('float32', Float32Array.of(1, 2, 3), [1, 3]) });
+    await s.release();
+    expect(Array.from(out.y.data as Float32Array)).toEqual(Array.from(b, (v, i) => 2 * (v + i + 1)));
+  });
+
+  it('refuses to share a weight stored differently from what the graph needs', () => {
+    const { g } = linearGraph();
+    const first = writeOnnx(g, join(dir, 'shared-f32.onnx'), { externalDataThresholdBytes: 0 });
+    const h = new Graph('other');
+    h.output(
+      h.add(
+        h.input('x', 'float32', ['B', 3]),
+        h.weight('b', [3], () => new Float32Array(3)),
+      ),
+      'y',
+    );
+    expect(() => writeOnnx(h, join(dir, 'other.onnx'), { weightDtype: 'float16', reuse: first.external! })).toThrow(
+      /initializer b: shared-f32\.onnx\.data holds it as b \(type 1, \[3\]\), this graph needs b__f16 \(type 10, \[3\]\)/,
+    );
+  });
+
   it('stores float16 weights and casts them back inside the graph', async () => {
     const { g, w, b } = linearGraph();
     const path = join(dir, 'half.onnx');
