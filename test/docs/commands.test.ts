@@ -21,7 +21,14 @@ const tmp = mkdtempSync(join(tmpdir(), 'ditpipe-docs-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
 const unescape = (s: string): string => s.replace(/\\\|/g, '|');
-const spans = (text: string): string[] => [...text.matchAll(/`([^`]+)`/g)].map((m) => unescape(m[1]).replace(/\s+/g, ' ').trim());
+/** Inline code spans, paired within a paragraph (markdown never lets a span cross a blank line). */
+const spans = (text: string): string[] =>
+  text
+    .split(/\n[ \t]*\n/)
+    .flatMap((para) => [...para.matchAll(/`([^`]+)`/g)])
+    .map((m) => unescape(m[1]).replace(/\s+/g, ' ').trim());
+/** Fenced code blocks, also those indented inside a list item. */
+const FENCE = /^[ \t]*```[A-Za-z]*\n([\s\S]*?)^[ \t]*```/gm;
 
 /** "ditpipe model build dit|vae" → one command line per alternative of a command word. */
 function expand(line: string): string[] {
@@ -55,14 +62,20 @@ function runningTable(): TableRow[] {
 function commandsIn(file: string): string[] {
   const text = readFileSync(join(ROOT, file), 'utf8');
   const out: string[] = [];
-  const blocks = [...text.matchAll(/^```[A-Za-z]*\n([\s\S]*?)^```/gm)].map((m) => m[1]);
+  const blocks = [...text.matchAll(FENCE)].map((m) => m[1]);
   for (const b of blocks) for (const line of b.split('\n')) out.push(line.replace(/\s+#.*$/, '').trim());
-  const prose = text.replace(/^```[A-Za-z]*\n[\s\S]*?^```/gm, '');
+  const prose = text.replace(FENCE, '');
   out.push(...spans(prose));
   return out
     .map((c) => c.replace(/^node bin\/ditpipe\.js /, 'ditpipe '))
     .filter((c) => /^ditpipe( |$)/.test(c) && !c.includes('<'))
     .flatMap(expand);
+}
+
+/** Prose paragraphs whose backticks do not pair up: their code spans cannot be read (nor checked). */
+function unpairedParagraphs(file: string): string[] {
+  const prose = readFileSync(join(ROOT, file), 'utf8').replace(FENCE, '');
+  return prose.split(/\n[ \t]*\n/).filter((para) => (para.match(/`/g) ?? []).length % 2 === 1);
 }
 
 /** What --help says about one documented command line; problems as messages. */
@@ -152,6 +165,7 @@ describe('ditpipe commands in the docs', () => {
   it.each(['README.md', 'docs/loadtest.md', 'docs/kubernetes.md', 'docs/model-dir.md', 'models/fashion-mnist/README.md'])(
     '%s names only commands and flags --help knows',
     async (file) => {
+      expect(unpairedParagraphs(file), `${file}: a stray backtick`).toEqual([]);
       const commands = commandsIn(file);
       expect(commands.length, file).toBeGreaterThan(0);
       const problems: string[] = [];
