@@ -25,6 +25,7 @@ import {
   natsFromFlags,
   numberArg,
   queueFromFlags,
+  repeatCacheOption,
   serveUntilSignal,
   type GrpcServerFlags,
   type NatsFlags,
@@ -95,6 +96,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
       .default(schedulerConfigDefault('defaultCfgScale'))
       .argParser(numberArg('--default-cfg', 1)),
   )
+  .addOption(repeatCacheOption())
   .action(
     async (
       o: ServiceFlags & {
@@ -107,6 +109,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
         stepTimeout: number;
         decodeTimeout: number;
         defaultCfg: number;
+        repeatCacheMib: number;
       },
       cmd: Command,
     ) => {
@@ -121,6 +124,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
         stepTimeoutMs: userSet(cmd, o, 'stepTimeout'),
         decodeTimeoutMs: userSet(cmd, o, 'decodeTimeout'),
         defaultCfgScale: userSet(cmd, o, 'defaultCfg'),
+        repeatCacheMiB: userSet(cmd, o, 'repeatCacheMib'),
       });
       const grpc = grpcServerFromFlags(o, log);
       const transport = await natsFromFlags(o, 'ditpipe-scheduler', log, 'scheduler');
