@@ -194,15 +194,17 @@ export function previewMethodToJSON(object: PreviewMethod): string {
 
 /**
  * Whether a request may use the scheduler's repeat cache. A request's images are a pure
- * function of (model and its VAE, sampler, num_steps, cfg_scale, guidance_channels, eta, seed,
- * output_format) and, per image, its class and sample index, so the scheduler keeps finished
- * images in a cache bounded in bytes (`--repeat-cache-mib`, 0 = off) keyed by a digest of
- * exactly those values, one entry per image: a request that repeats all or some of an earlier
- * request's images (same settings and seed, the same class at the same sample index) gets those
- * images from the cache, byte for byte, marked Image.cached, and samples only the rest. Only the
- * images of requests that finished successfully are stored, never those of a failed or cancelled
- * one. A request without a seed gets a new one, so it cannot repeat anything; its images are
- * stored all the same (a later request naming that seed repeats them).
+ * function of (the model and, for PNGs, its VAE: names, weights and configuration; sampler,
+ * num_steps, cfg_scale, guidance_channels, eta, seed, output_format) and, per image, its class
+ * (by index: a name and its index are the same class) and sample index, so the scheduler
+ * keeps finished images in a cache bounded in bytes (`--repeat-cache-mib`, 0 = off), keyed
+ * by a digest of exactly those values, one entry per image: a request that repeats all or some
+ * of an earlier request's images (same settings and seed, the same class at the same sample
+ * index) gets those images from the cache, byte for byte, marked Image.cached, and samples
+ * only the rest. Only the images of requests that finished successfully are stored, never
+ * those of a failed or cancelled one. A request without a seed gets a new one, so it cannot repeat anything; its images are
+ * stored all the same (a later request naming that seed repeats them). Cached images take no
+ * admission capacity. Each scheduler process has its own cache.
  */
 export enum CachePolicy {
   /** CACHE_POLICY_UNSPECIFIED - Not set: CACHE_POLICY_USE. */
