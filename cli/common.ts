@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { Option, type Command } from 'commander';
 import { type NatsConnection, PermissionViolationError } from '@nats-io/transport-node';
 import type { Registry } from 'prom-client';
+import { schedulerConfigDefault } from '../services/scheduler/config.ts';
 import { bearerTokens } from '../services/scheduler/http/auth.ts';
 import type { HttpAuthorize, HttpTlsOptions } from '../services/scheduler/http/config.ts';
 import type { SamplerApiOptions } from '../shared/client.ts';
@@ -228,10 +229,12 @@ export function intArg(flag: string, min: number, max = Number.MAX_SAFE_INTEGER)
   };
 }
 
-export function numberArg(flag: string, min: number): (v: string) => number {
+export function numberArg(flag: string, min: number, max = Number.POSITIVE_INFINITY): (v: string) => number {
   return (v) => {
     const x = Number(v);
-    if (!Number.isFinite(x) || x < min) throw new Error(`${flag} must be a number >= ${min}, got "${v}"`);
+    if (!Number.isFinite(x) || x < min || x > max) {
+      throw new Error(`${flag} must be a number ${max === Number.POSITIVE_INFINITY ? `>= ${min}` : `within ${min}..${max}`}, got "${v}"`);
+    }
     return x;
   };
 }
@@ -289,6 +292,17 @@ export function httpPortOption(defaultPort: number): Option {
     .env('DITPIPE_HTTP_PORT')
     .default(defaultPort)
     .argParser(intArg('--http-port', -1, 65535));
+}
+
+/** `--repeat-cache-mib`: the scheduler's repeat cache budget in MiB; 0 turns it off. */
+export function repeatCacheOption(): Option {
+  return new Option(
+    '--repeat-cache-mib <n>',
+    'MiB of finished images kept to answer exact repeats (same model, settings, seed, class and sample index) without sampling; fractions allowed, 0 = off',
+  )
+    .env('DITPIPE_REPEAT_CACHE_MIB')
+    .default(schedulerConfigDefault('repeatCacheMiB'))
+    .argParser(numberArg('--repeat-cache-mib', 0, 1024 * 1024));
 }
 
 export function logger(name: string, f: { logLevel: string; logFormat?: LogFormat }): Logger {

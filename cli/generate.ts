@@ -6,7 +6,14 @@ import { SingleBar } from 'cli-progress';
 import { Command, Option } from 'commander';
 import { checkAddress, request as fullRequest, SamplerApi } from '../shared/client.ts';
 import { DitpipeError } from '../shared/errors.ts';
-import { GenerateRequest, type GenerateEvent, type Image, type ModelInfo, type Timings } from '../shared/gen/ditpipe/v1/sampler.ts';
+import {
+  CachePolicy,
+  GenerateRequest,
+  type GenerateEvent,
+  type Image,
+  type ModelInfo,
+  type Timings,
+} from '../shared/gen/ditpipe/v1/sampler.ts';
 import { labelledGrid } from '../shared/image/grid.ts';
 import { VERSION } from '../shared/version.ts';
 import { classFileName, describeClasses, findClass } from './classes.ts';
@@ -173,6 +180,7 @@ export async function generateToDir(o: GenerateToDirOptions): Promise<GenerateTo
       className: img.className,
       width: img.width,
       height: img.height,
+      cached: img.cached,
     })),
     grid: 'grid.png',
   };
@@ -191,6 +199,7 @@ interface Flags extends GrpcClientFlags {
   guidanceChannels: string;
   eta?: number;
   seed?: string;
+  cache: boolean;
   out: string;
   overwrite?: boolean;
   timeout: number;
@@ -233,6 +242,7 @@ export const command = addGrpcClientOptions(
       return v;
     }),
   )
+  .option('--no-cache', "sample every image, even those the server's repeat cache holds from an earlier identical request")
   .addOption(new Option('--out <dir>', 'run folder for the images, grid.png and run.json (must be empty or new)').default('out/generate'))
   .option('--overwrite', 'reuse a non-empty --out: remove the images, grid and run.json an earlier run wrote there')
   .addOption(new Option('--timeout <ms>', 'request deadline').default(600_000).argParser(intArg('--timeout', 1)))
@@ -277,6 +287,7 @@ export const command = addGrpcClientOptions(
               cfg: o.cfg ?? null,
               eta: o.eta ?? null,
               seed: o.seed ?? null,
+              cache: o.cache,
             },
           },
           request: {
@@ -288,6 +299,7 @@ export const command = addGrpcClientOptions(
             guidanceChannels: GUIDANCE_FLAGS[o.guidanceChannels],
             eta: o.eta,
             seed: o.seed === undefined ? undefined : BigInt(o.seed),
+            cachePolicy: o.cache ? CachePolicy.CACHE_POLICY_UNSPECIFIED : CachePolicy.CACHE_POLICY_BYPASS,
           },
           onProgress: (step, total) => {
             if (!started) bar.start(total, 0);
@@ -300,8 +312,9 @@ export const command = addGrpcClientOptions(
       } finally {
         if (started) bar.stop();
       }
+      const cached = res.images.filter((i) => i.cached).length;
       console.log(
-        `${res.images.length} image(s) from ${model.name}, seed ${res.seed}, ${res.run.numSteps} steps, cfg ${res.run.cfgScale}, in ${o.out}; grid: ${res.grid}`,
+        `${res.images.length} image(s) from ${model.name}, seed ${res.seed}, ${res.run.numSteps} steps, cfg ${res.run.cfgScale}, in ${o.out}; grid: ${res.grid}${cached ? ` (${cached} from the server's repeat cache)` : ''}`,
       );
     } finally {
       api.close();

@@ -18,6 +18,7 @@ export const GENERATE_FLAGS: Readonly<Record<string, string>> = {
   guidance_channels: '--guidance-channels',
   eta: '--eta',
   seed: '--seed',
+  cache_policy: '--no-cache',
 };
 
 /** CLI values of the enums generate sets (the flag's choices). */

@@ -28,6 +28,7 @@ import {
   natsFromFlags,
   numberArg,
   queueFromFlags,
+  repeatCacheOption,
   serveUntilSignal,
   type GrpcServerFlags,
   type NatsFlags,
@@ -98,6 +99,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
       .default(schedulerConfigDefault('defaultCfgScale'))
       .argParser(numberArg('--default-cfg', 1)),
   )
+  .addOption(repeatCacheOption())
   .action(
     async (
       o: ServiceFlags & {
@@ -110,6 +112,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
         stepTimeout: number;
         decodeTimeout: number;
         defaultCfg: number;
+        repeatCacheMib: number;
       },
       cmd: Command,
     ) => {
@@ -124,6 +127,7 @@ const scheduler = addGrpcServerOptions(addServiceOptions(addNatsOptions(new Comm
         stepTimeoutMs: userSet(cmd, o, 'stepTimeout'),
         decodeTimeoutMs: userSet(cmd, o, 'decodeTimeout'),
         defaultCfgScale: userSet(cmd, o, 'defaultCfg'),
+        repeatCacheMiB: userSet(cmd, o, 'repeatCacheMib'),
       });
       const grpc = grpcServerFromFlags(o, log);
       const transport = await natsFromFlags(o, 'ditpipe-scheduler', log, 'scheduler');

@@ -29,12 +29,14 @@ import {
   logger,
   natsFromFlags,
   queueFromFlags,
+  repeatCacheOption,
   serveUntilSignal,
   tokensFromFlags,
   type GrpcServerFlags,
   type NatsFlags,
   type ServiceFlags,
 } from './common.ts';
+import { userSet } from './config-flags.ts';
 import { ensureDefaultModels } from './default-model.ts';
 import { defaultTitle, generateToDir } from './generate.ts';
 
@@ -42,6 +44,7 @@ interface Flags extends NatsFlags, ServiceFlags, GrpcServerFlags {
   modelDir?: string;
   vaeDir?: string;
   httpPort: number;
+  repeatCacheMib: number;
   threads: number;
   grid: boolean;
   gridOut: string;
@@ -65,6 +68,7 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
   )
   .addOption(new Option('--vae-dir <dir>', 'VAE model directory (default: the Fashion-MNIST VAE)').env('DITPIPE_VAE_DIR'))
   .addOption(httpPortOption(8080))
+  .addOption(repeatCacheOption())
   .addOption(
     new Option('--threads <n>', 'onnxruntime intra-op threads per model (0 = all cores)')
       .env('DITPIPE_THREADS')
@@ -90,7 +94,7 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
       .argParser(intArg('--grid-steps', 1, 1000)),
   )
   .addOption(new Option('--exit-after-grid', 'stop once the grid is written (smoke tests)').env('DITPIPE_EXIT_AFTER_GRID'))
-  .action(async (o: Flags) => {
+  .action(async (o: Flags, cmd: Command) => {
     const log = logger('ditpipe', o);
     guardProcess(log);
     const grpc = grpcServerFromFlags(o, log);
@@ -127,7 +131,11 @@ export const command = addGrpcServerOptions(addServiceOptions(addNatsOptions(new
       queueSettings,
     });
     const scheduler = await startSchedulerService(
-      compileSchedulerConfig({ models: [dit.name], vae: { [dit.name]: dit.vae ?? vae.name } }),
+      compileSchedulerConfig({
+        models: [dit.name],
+        vae: { [dit.name]: dit.vae ?? vae.name },
+        repeatCacheMiB: userSet(cmd, o, 'repeatCacheMib'),
+      }),
       schedulerT,
       {
         grpc,

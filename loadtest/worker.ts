@@ -6,7 +6,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { SamplerApi } from '../shared/client.ts';
 import { codeName, DitpipeError } from '../shared/errors.ts';
 import { GuidanceChannels } from '../shared/gen/ditpipe/v1/common.ts';
-import { OutputFormat, type ClassLabel, type GenerateRequest } from '../shared/gen/ditpipe/v1/sampler.ts';
+import { CachePolicy, OutputFormat, type ClassLabel, type GenerateRequest } from '../shared/gen/ditpipe/v1/sampler.ts';
 import { SAMPLER_KINDS } from '../shared/sampler-kinds.ts';
 import type { MixEntry } from './campaign.ts';
 import type { FromWorker, PhasePlan, RequestResult, ToWorker, WorkerInit } from './protocol.ts';
@@ -62,6 +62,9 @@ export function drawRequest(
     classLabels: labels,
     sampler: SAMPLER_KINDS[entry.sampler],
     outputFormat: entry.output === 'latent' ? OutputFormat.OUTPUT_FORMAT_RAW_LATENT : OutputFormat.OUTPUT_FORMAT_PNG,
+    // A load test measures sampling: the scheduler's repeat cache would answer the repeats of an
+    // entry with a fixed seed without any.
+    cachePolicy: CachePolicy.CACHE_POLICY_BYPASS,
   };
   if (entry.steps !== undefined) req.numSteps = entry.steps;
   if (entry.cfg !== undefined) req.cfgScale = entry.cfg;

@@ -180,6 +180,7 @@ export function request(req: Partial<GenerateRequest>): GenerateRequest {
     sampler: 0,
     guidanceChannels: 0,
     outputFormat: 0,
+    cachePolicy: 0,
     ...req,
   };
 }

@@ -257,6 +257,33 @@ export function schedulerMetrics(registry = new Registry()) {
       buckets: LATENCY_BUCKETS,
       registers: r,
     }),
+    // The repeat cache (services/scheduler/repeat-cache.ts), counted in images.
+    repeatCacheHits: new Counter({
+      name: 'ditpipe_repeat_cache_hits_total',
+      help: 'Images served from the repeat cache instead of being sampled.',
+      registers: r,
+    }),
+    repeatCacheMisses: new Counter({
+      name: 'ditpipe_repeat_cache_misses_total',
+      help: 'Images looked up in the repeat cache and not found, so sampled (requests without a seed or with CACHE_POLICY_BYPASS are not looked up).',
+      registers: r,
+    }),
+    repeatCacheEvictions: new Counter({
+      name: 'ditpipe_repeat_cache_evictions_total',
+      help: 'Images dropped from the repeat cache, least recently used first, to keep it within its byte budget.',
+      registers: r,
+    }),
+    repeatCacheBytes: new Gauge({
+      name: 'ditpipe_repeat_cache_bytes',
+      help: 'Bytes the repeat cache holds (image bytes plus a fixed overhead per image); at most ditpipe_repeat_cache_max_bytes.',
+      registers: r,
+    }),
+    repeatCacheImages: new Gauge({ name: 'ditpipe_repeat_cache_images', help: 'Images the repeat cache holds.', registers: r }),
+    repeatCacheMaxBytes: new Gauge({
+      name: 'ditpipe_repeat_cache_max_bytes',
+      help: 'Byte budget of the repeat cache (--repeat-cache-mib); 0 when it is off.',
+      registers: r,
+    }),
     previews: new Counter({
       name: 'ditpipe_previews_total',
       help: 'Preview images by method and outcome: sent, skipped (the previous preview was still being made), late (ready after the final images started), failed.',

@@ -63,6 +63,7 @@ export class Decoder {
       executionProvider: config.executionProvider,
       instanceId: randomUUID(),
       outputCrop: meta.outputCrop,
+      sourceSha256: meta.source.sha256,
     };
     this.batcher = new Batcher((jobs, rows) => this.forward(jobs, rows), {
       maxRows: config.maxBatch,

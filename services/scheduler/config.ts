@@ -35,6 +35,15 @@ const schema = z.object({
   decodeTimeoutMs: z.number().int().min(1).default(60_000),
   /** How long model descriptions from the denoisers stay cached. */
   modelInfoTtlMs: z.number().int().min(0).default(5_000),
+  /**
+   * Budget of the repeat cache in MiB (fractions allowed): finished images kept to answer exact
+   * repeats without sampling (repeat-cache.ts). 0 turns it off.
+   */
+  repeatCacheMiB: z
+    .number()
+    .min(0)
+    .max(1024 * 1024)
+    .default(64),
 });
 
 export type SchedulerConfig = z.output<typeof schema>;

@@ -17,8 +17,8 @@ export interface PreviewPlan {
 export interface PreviewSink {
   model: string;
   numSteps: number;
-  /** Images of the request. */
-  count: number;
+  /** Sample index (position in the request) of each image sampled, in the state's order. */
+  sampleIndices: ArrayLike<number>;
   /** Elements of one sample's latent. */
   perSample: number;
   metrics: SchedulerMetrics;
@@ -40,7 +40,8 @@ export class Previews {
   afterStep(step: number, state: SamplerState, modelOut: Float32Array): void {
     const done = step + 1;
     if (done % this.plan.every !== 0 || done >= this.sink.numSteps) return;
-    const { count, perSample } = this.sink;
+    const { sampleIndices, perSample } = this.sink;
+    const count = sampleIndices.length;
     if (this.busy) {
       this.count('skipped', count);
       return;
@@ -48,13 +49,13 @@ export class Previews {
     const x0 = predictX0(state, modelOut);
     this.busy = true;
     const rounds = Array.from({ length: count }, (_, i) =>
-      this.sink.render(x0.subarray(i * perSample, (i + 1) * perSample), i).then(
+      this.sink.render(x0.subarray(i * perSample, (i + 1) * perSample), sampleIndices[i]).then(
         (img) => {
           if (!this.open) return this.count('late', 1);
           this.sink.emit({
             step: done,
             numSteps: this.sink.numSteps,
-            sampleIndex: i,
+            sampleIndex: sampleIndices[i],
             png: img.png,
             width: img.width,
             height: img.height,

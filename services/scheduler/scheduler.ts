@@ -6,7 +6,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { DiffusionInputError } from '../../shared/diffusion/errors.ts';
 import { guidanceRows, modelOutChannels } from '../../shared/diffusion/guidance.ts';
 import { samplerByName } from '../../shared/diffusion/sampler/registry.ts';
-import { advance, next, result, start, type SamplerName } from '../../shared/diffusion/state.ts';
+import { advance, next, result, start, type SamplerName, type SamplerState } from '../../shared/diffusion/state.ts';
 import { samplerOfKind } from '../../shared/sampler-kinds.ts';
 import { checkEta, checkGuidance } from '../../shared/sampling-settings.ts';
 import {
@@ -27,6 +27,7 @@ import {
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
 import { ImageFormat, type DecoderInfo } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import {
+  CachePolicy,
   OutputFormat,
   PreviewMethod,
   type GenerateEvent,
@@ -48,6 +49,7 @@ import { Catalog, type ServedModel } from './catalog.ts';
 import type { SchedulerConfig } from './config.ts';
 import { Previews, type PreviewPlan } from './preview.ts';
 import { calibrationLatents, fitProjection, projectToPng, type Projection } from './projection.ts';
+import { RepeatCache, repeatKey, type CachedImage, type RepeatSettings } from './repeat-cache.ts';
 
 /** A request after validation: everything the loop needs, nothing left to check. */
 interface Plan {
@@ -60,8 +62,12 @@ interface Plan {
   guidance: GuidanceChannels;
   eta: number;
   seed: bigint;
+  /** The request named its seed (only then can it repeat an earlier one). */
+  seedGiven: boolean;
   raw: boolean;
   preview: PreviewPlan | null;
+  /** Read and write the repeat cache (it is on, and the request did not opt out). */
+  useCache: boolean;
 }
 
 export interface GenerateOptions {
@@ -115,6 +121,8 @@ export class Scheduler {
   private readonly maxDeliver: number;
   /** Moving average of completed requests' durations, for the RESOURCE_EXHAUSTED retry hint. */
   private typicalRequestMs = 1_000;
+  /** Finished images by what determines their bytes, to answer exact repeats without sampling. */
+  readonly repeatCache: RepeatCache;
 
   constructor(
     readonly config: SchedulerConfig,
@@ -126,6 +134,7 @@ export class Scheduler {
     this.log = opts.log ?? silentLogger();
     this.events = new RateLimitedLog(this.log);
     this.maxDeliver = queueSettings(opts.queueSettings).maxDeliver;
+    this.repeatCache = new RepeatCache(Math.round(config.repeatCacheMiB * 2 ** 20), metrics);
     this.catalog = new Catalog(
       transport,
       config,
@@ -223,27 +232,33 @@ export class Scheduler {
 
   private async run(req: GenerateRequest, opts: GenerateOptions, arrived: number): Promise<GenerateResponse> {
     let plan: Plan;
+    let hits: Map<number, CachedImage>;
     try {
       if (this.stopping) throw new ResourceExhaustedError('the scheduler is shutting down; retry on another scheduler');
       // Fail fast while NATS is away: a new request could only wait out its deadline.
       if (!this.transport.connected)
         throw new UnavailableError('the scheduler has lost its connection to NATS and is reconnecting; retry shortly');
       plan = await this.plan(req, opts.onEvent !== undefined);
-      this.admit(plan.labels.length);
+      const found = this.cachedImages(plan);
+      hits = found ?? new Map<number, CachedImage>();
+      // Images from the cache take no sampling capacity: a whole repeat is answered even when full.
+      this.admit(plan.labels.length - hits.size);
+      if (found) this.repeatCache.count(hits.size, plan.labels.length - hits.size);
     } catch (err) {
       const e = toDitpipeError(err);
       this.metrics.rejected.inc({ reason: codeName(e.code).toLowerCase() });
       this.logFailure(e, req.model);
       throw e;
     }
-    const n = plan.labels.length;
+    const n = plan.labels.length - hits.size;
     const labels = { model: plan.model.name };
     this.metrics.requestsInFlight.inc();
     this.metrics.samplesInFlight.inc(n);
     try {
-      const res = await this.sample(plan, opts, arrived);
+      const res = await this.sample(plan, hits, opts, arrived);
       this.metrics.requestSeconds.observe({ ...labels, outcome: 'OK' }, res.timings!.totalMs / 1000);
-      this.typicalRequestMs = 0.8 * this.typicalRequestMs + 0.2 * res.timings!.totalMs;
+      // The retry hint is about capacity: a request answered wholly from the cache took none.
+      if (n > 0) this.typicalRequestMs = 0.8 * this.typicalRequestMs + 0.2 * res.timings!.totalMs;
       return res;
     } catch (err) {
       let e = toDitpipeError(err);
@@ -259,6 +274,36 @@ export class Scheduler {
       this.metrics.requestsInFlight.dec();
       this.metrics.samplesInFlight.dec(n);
     }
+  }
+
+  /**
+   * The images of the request the repeat cache holds, by sample index; null when it was not looked
+   * up: only a request that named its seed is (a new seed repeats nothing), and a PNG request only
+   * once the model's VAE is known (the key names its weights).
+   */
+  private cachedImages(plan: Plan): Map<number, CachedImage> | null {
+    if (!plan.useCache || !plan.seedGiven) return null;
+    const decoder = plan.raw ? null : plan.model.decoder && { vae: plan.model.vae, info: plan.model.decoder };
+    if (decoder === null && !plan.raw) return null;
+    const hits = new Map<number, CachedImage>();
+    const settings = this.repeatSettings(plan, decoder);
+    this.repeatCache.lookup(plan.labels.map((label, i) => repeatKey(settings, label, i))).forEach((img, i) => {
+      if (img) hits.set(i, img);
+    });
+    return hits;
+  }
+
+  private repeatSettings(plan: Plan, decoder: RepeatSettings['decoder']): RepeatSettings {
+    return {
+      denoiser: plan.model.denoiser,
+      decoder,
+      sampler: plan.sampler,
+      numSteps: plan.numSteps,
+      cfgScale: plan.cfgScale,
+      guidance: plan.guidance,
+      eta: plan.eta,
+      seed: plan.seed,
+    };
   }
 
   /** Counts and logs a request refused before it reached generate() (e.g. by the gRPC layer). */
@@ -350,6 +395,14 @@ export class Scheduler {
       }
       preview = { every: req.preview.everySteps, method: m === PreviewMethod.PREVIEW_METHOD_PROJECTION ? 'projection' : 'decoder' };
     }
+    const policy = req.cachePolicy;
+    if (
+      policy !== CachePolicy.CACHE_POLICY_UNSPECIFIED &&
+      policy !== CachePolicy.CACHE_POLICY_USE &&
+      policy !== CachePolicy.CACHE_POLICY_BYPASS
+    ) {
+      throw new InvalidArgumentError(`cache_policy: unknown value ${policy}`, { field: 'cache_policy' });
+    }
     const model = await this.catalog.get(req.model);
     const numClasses = model.denoiser.config?.numClasses ?? 0;
     const labels = req.classLabels.map((l, i) => {
@@ -385,8 +438,10 @@ export class Scheduler {
       guidance: guided === 'all' ? GuidanceChannels.GUIDANCE_CHANNELS_ALL : GuidanceChannels.GUIDANCE_CHANNELS_THREE,
       eta,
       seed,
+      seedGiven: req.seed !== undefined,
       raw: fmt === OutputFormat.OUTPUT_FORMAT_RAW_LATENT,
       preview,
+      useCache: this.repeatCache.enabled && policy !== CachePolicy.CACHE_POLICY_BYPASS,
     };
   }
 
@@ -404,25 +459,37 @@ export class Scheduler {
     return opts.deadline === undefined ? all : Math.max(1, Math.min(all, opts.deadline - Date.now()));
   }
 
-  private async sample(plan: Plan, opts: GenerateOptions, arrived: number): Promise<GenerateResponse> {
+  /**
+   * Samples the request's images the repeat cache did not hold (`hits`, by sample index) and
+   * decodes them; the cached ones join them after the last step. The noise of each sampled image
+   * is that of its own sample index, so it comes out as it would in the whole request.
+   */
+  private async sample(plan: Plan, hits: Map<number, CachedImage>, opts: GenerateOptions, arrived: number): Promise<GenerateResponse> {
     const { model } = plan;
     const c = model.denoiser.config!;
     const n = plan.labels.length;
-    let state;
-    try {
-      state = start({
-        sampler: plan.sampler,
-        numSteps: plan.numSteps,
-        shape: [c.inChannels, c.inputSize, c.inputSize],
-        count: n,
-        // Only samplers that read the learned variance get it; the others take the mean channels alone (see omitVariance).
-        learnSigma: c.learnSigma && samplerByName(plan.sampler)!.learnedVariance,
-        seed: plan.seed,
-        eta: plan.eta,
-      });
-    } catch (err) {
-      if (err instanceof DiffusionInputError) throw new InvalidArgumentError(err.message, { field: err.field });
-      throw err;
+    // The images to sample, by sample index, and their classes.
+    const todo = plan.labels.flatMap((_, i) => (hits.has(i) ? [] : [i]));
+    const todoLabels = todo.map((i) => plan.labels[i]);
+    const m = todo.length;
+    let state = null;
+    if (m > 0) {
+      try {
+        state = start({
+          sampler: plan.sampler,
+          numSteps: plan.numSteps,
+          shape: [c.inChannels, c.inputSize, c.inputSize],
+          count: m,
+          sampleIndices: todo,
+          // Only samplers that read the learned variance get it; the others take the mean channels alone (see omitVariance).
+          learnSigma: c.learnSigma && samplerByName(plan.sampler)!.learnedVariance,
+          seed: plan.seed,
+          eta: plan.eta,
+        });
+      } catch (err) {
+        if (err instanceof DiffusionInputError) throw new InvalidArgumentError(err.message, { field: err.field });
+        throw err;
+      }
     }
     const queueMs = performance.now() - arrived;
     opts.onEvent?.({
@@ -434,11 +501,99 @@ export class Scheduler {
         numSteps: plan.numSteps,
         queueMs,
         cfgScale: plan.cfgScale,
+        cachedImages: hits.size,
       },
     });
-    const denoiser = this.catalog.denoiserClient(model.name);
     const labels = { model: model.name };
     const denoiseStart = performance.now();
+    const inPer = c.inChannels * c.inputSize * c.inputSize;
+    if (state) await this.denoise(plan, state, todoLabels, opts);
+    // A whole repeat runs no step; its stream still shows every step done.
+    else for (let s = 1; s <= plan.numSteps; s++) opts.onEvent?.({ progress: { step: s, numSteps: plan.numSteps } });
+    const denoiseMs = state ? performance.now() - denoiseStart : 0;
+    const tflops = (plan.numSteps * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops) / 1000;
+    for (let j = 0; j < m; j++) this.metrics.imageTflops.observe(labels, tflops);
+
+    const images: Image[] = new Array<Image>(n);
+    const names = model.denoiser.classNames;
+    const base = (i: number): Image => ({
+      png: new Uint8Array(0),
+      latent: undefined,
+      classLabel: plan.labels[i],
+      className: names[plan.labels[i]] ?? '',
+      seed: plan.seed,
+      sampleIndex: i,
+      width: c.inputSize,
+      height: c.inputSize,
+      cached: false,
+    });
+    for (const [i, img] of hits) {
+      images[i] = { ...base(i), ...img, cached: true };
+      opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, totalMs: performance.now() - arrived }) } });
+    }
+    const latents = state ? result(state) : new Float32Array(0);
+    let decodeMs = 0;
+    let decoder: RepeatSettings['decoder'] = null;
+    if (plan.raw) {
+      todo.forEach((i, j) => {
+        images[i] = { ...base(i), latent: f32Tensor([c.inChannels, c.inputSize, c.inputSize], latents.slice(j * inPer, (j + 1) * inPer)) };
+        opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, totalMs: performance.now() - arrived }) } });
+      });
+    } else if (m > 0) {
+      this.checkAlive(opts);
+      decoder = await this.catalog.decoderFor(model);
+      const { vae, info } = decoder;
+      const client = this.catalog.decoderClient(vae);
+      const decodeStart = performance.now();
+      // One call per image: images stream out as they finish and spread over the decoder replicas.
+      await Promise.all(
+        todo.map(async (i, j) => {
+          const started = performance.now();
+          this.metrics.decodes.inc({ ...labels, purpose: 'final' });
+          const res = await client.decode(
+            {
+              model: vae,
+              latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(j * inPer, (j + 1) * inPer)),
+              format: ImageFormat.IMAGE_FORMAT_PNG,
+              requestId: plan.id,
+            },
+            {
+              signal: opts.signal,
+              attemptTimeoutMs: this.config.decodeTimeoutMs,
+              timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
+            },
+          );
+          this.metrics.decodeSeconds.observe({ ...labels, purpose: 'final' }, (performance.now() - started) / 1000);
+          const size = servedImageSize(c.inputSize, info);
+          images[i] = { ...base(i), png: res.png[0], width: size.width, height: size.height };
+          opts.onEvent?.({
+            image: {
+              image: images[i],
+              timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }),
+            },
+          });
+        }),
+      );
+      decodeMs = performance.now() - decodeStart;
+    }
+    // Every image exists: only now are the sampled ones worth keeping.
+    if (plan.useCache && m > 0) {
+      const settings = this.repeatSettings(plan, decoder);
+      for (const i of todo) this.repeatCache.store(repeatKey(settings, plan.labels[i], i), images[i]);
+    }
+    this.metrics.images.inc(labels, n);
+    const all = timings({ queueMs, denoiseMs, decodeMs, totalMs: performance.now() - arrived });
+    opts.onEvent?.({ completed: { timings: all, numImages: n } });
+    return { images, timings: all, requestId: plan.id, model: model.name, seed: plan.seed, numSteps: plan.numSteps };
+  }
+
+  /** The sampling loop: one denoise step after another until `state` is done; `y` is each sample's class. */
+  private async denoise(plan: Plan, state: SamplerState, y: number[], opts: GenerateOptions): Promise<void> {
+    const { model } = plan;
+    const c = model.denoiser.config!;
+    const m = y.length;
+    const denoiser = this.catalog.denoiserClient(model.name);
+    const labels = { model: model.name };
     const omitVariance = c.learnSigma && !samplerByName(plan.sampler)!.learnedVariance;
     const outChannels = modelOutChannels(c.inChannels, c.learnSigma && !omitVariance);
     const inPer = c.inChannels * c.inputSize * c.inputSize;
@@ -447,16 +602,16 @@ export class Scheduler {
     // count); the calls run concurrently, so a large request also spreads over the replicas.
     const rowBudget = model.denoiser.maxBatchRows || Number.POSITIVE_INFINITY;
     const chunk = Math.max(1, Math.floor(rowBudget / guidanceRows(1, plan.cfgScale)));
-    const modelOut = new Float32Array(n * outPer);
-    const stepGflops = n * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops;
-    const previews = plan.preview ? await this.previews(plan, opts, inPer) : null;
+    const modelOut = new Float32Array(m * outPer);
+    const stepGflops = m * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops;
+    const previews = plan.preview ? await this.previews(plan, opts, inPer, state.sampleIndices) : null;
     for (let p = next(state); p !== null; p = next(state)) {
       this.checkAlive(opts);
       const step = p;
       const t = Array.from(step.t, (v) => BigInt(v));
       const calls: Array<Promise<void>> = [];
-      for (let a = 0; a < n; a += chunk) {
-        const b = Math.min(n, a + chunk);
+      for (let a = 0; a < m; a += chunk) {
+        const b = Math.min(m, a + chunk);
         this.metrics.stepsDispatched.inc(labels);
         calls.push(
           denoiser
@@ -465,7 +620,7 @@ export class Scheduler {
                 model: model.name,
                 x: f32Tensor([b - a, c.inChannels, c.inputSize, c.inputSize], step.x.subarray(a * inPer, b * inPer)),
                 t: t.slice(a, b),
-                y: plan.labels.slice(a, b),
+                y: y.slice(a, b),
                 cfgScale: plan.cfgScale,
                 guidanceChannels: plan.guidance,
                 requestId: plan.id,
@@ -491,69 +646,6 @@ export class Scheduler {
       opts.onEvent?.({ progress: { step: step.step + 1, numSteps: plan.numSteps } });
     }
     previews?.close();
-    const denoiseMs = performance.now() - denoiseStart;
-    const tflops = (plan.numSteps * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops) / 1000;
-    for (let i = 0; i < n; i++) this.metrics.imageTflops.observe(labels, tflops);
-
-    const latents = result(state);
-    const images: Image[] = new Array<Image>(n);
-    const names = model.denoiser.classNames;
-    const base = (i: number): Image => ({
-      png: new Uint8Array(0),
-      latent: undefined,
-      classLabel: plan.labels[i],
-      className: names[plan.labels[i]] ?? '',
-      seed: plan.seed,
-      sampleIndex: i,
-      width: c.inputSize,
-      height: c.inputSize,
-    });
-    let decodeMs = 0;
-    if (plan.raw) {
-      for (let i = 0; i < n; i++) {
-        images[i] = { ...base(i), latent: f32Tensor([c.inChannels, c.inputSize, c.inputSize], latents.slice(i * inPer, (i + 1) * inPer)) };
-        opts.onEvent?.({ image: { image: images[i], timings: timings({ queueMs, denoiseMs, totalMs: performance.now() - arrived }) } });
-      }
-    } else {
-      this.checkAlive(opts);
-      const { vae, info } = await this.catalog.decoderFor(model);
-      const decoder = this.catalog.decoderClient(vae);
-      const decodeStart = performance.now();
-      // One call per image: images stream out as they finish and spread over the decoder replicas.
-      await Promise.all(
-        plan.labels.map(async (_, i) => {
-          const started = performance.now();
-          this.metrics.decodes.inc({ ...labels, purpose: 'final' });
-          const res = await decoder.decode(
-            {
-              model: vae,
-              latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * inPer, (i + 1) * inPer)),
-              format: ImageFormat.IMAGE_FORMAT_PNG,
-              requestId: plan.id,
-            },
-            {
-              signal: opts.signal,
-              attemptTimeoutMs: this.config.decodeTimeoutMs,
-              timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
-            },
-          );
-          this.metrics.decodeSeconds.observe({ ...labels, purpose: 'final' }, (performance.now() - started) / 1000);
-          const size = servedImageSize(c.inputSize, info);
-          images[i] = { ...base(i), png: res.png[0], width: size.width, height: size.height };
-          opts.onEvent?.({
-            image: {
-              image: images[i],
-              timings: timings({ queueMs, denoiseMs, decodeMs: performance.now() - started, totalMs: performance.now() - arrived }),
-            },
-          });
-        }),
-      );
-      decodeMs = performance.now() - decodeStart;
-    }
-    this.metrics.images.inc(labels, n);
-    const all = timings({ queueMs, denoiseMs, decodeMs, totalMs: performance.now() - arrived });
-    opts.onEvent?.({ completed: { timings: all, numImages: n } });
-    return { images, timings: all, requestId: plan.id, model: model.name, seed: plan.seed, numSteps: plan.numSteps };
   }
 
   /** What the denoiser reported with a step's answer (the scheduler cannot read its metrics). */
@@ -563,7 +655,7 @@ export class Scheduler {
   }
 
   /** Previews of a request: x0 predictions decoded by the model's decoder pool, or projected here. */
-  private async previews(plan: Plan, opts: GenerateOptions, inPer: number): Promise<Previews> {
+  private async previews(plan: Plan, opts: GenerateOptions, inPer: number, sampleIndices: ArrayLike<number>): Promise<Previews> {
     const { model } = plan;
     const c = model.denoiser.config!;
     const { vae, info } = await this.catalog.decoderFor(model);
@@ -573,7 +665,7 @@ export class Scheduler {
     const sink = {
       model: model.name,
       numSteps: plan.numSteps,
-      count: plan.labels.length,
+      sampleIndices,
       perSample: inPer,
       metrics: this.metrics,
       emit: (preview: Preview) => opts.onEvent?.({ preview }),

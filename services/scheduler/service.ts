@@ -118,6 +118,8 @@ export function maxGenerateRequestBytes(config: SchedulerConfig): number {
     eta: Number.MAX_VALUE,
     seed: 2n ** 64n - 1n,
     outputFormat: -1,
+    preview: { everySteps: 2 ** 32 - 1, method: -1 },
+    cachePolicy: -1,
   }).finish();
   return req.byteLength;
 }

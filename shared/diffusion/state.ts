@@ -44,6 +44,11 @@ export interface SampleRequest {
   readonly seed: bigint;
   /** Index of this request's first sample in the noise streams, default 0. */
   readonly sampleIndexOffset?: number;
+  /**
+   * Noise stream index of each sample (length `count`), for a subset of a larger request (the
+   * scheduler samples only the images its repeat cache lacks); instead of sampleIndexOffset.
+   */
+  readonly sampleIndices?: readonly number[];
   /** eta of the samplers that take it (DDIM), default the sampler's; ignored by the others. */
   readonly eta?: number;
   /** Clamp the x0 prediction to [-1, 1]; default false, as the DiT sampling scripts. */
@@ -69,7 +74,8 @@ export interface SamplerState {
   readonly eta: number;
   readonly clipDenoised: boolean;
   readonly key: readonly [number, number];
-  readonly sampleIndexOffset: number;
+  /** Noise stream index of each sample. */
+  readonly sampleIndices: Uint32Array;
   readonly injected: InjectedNoise | null;
   /** Scratch for the step noise (null when the sampler never draws noise). */
   readonly noiseBuf: Float32Array | null;
@@ -125,6 +131,21 @@ export function start(req: SampleRequest): SamplerState {
   if (!Number.isInteger(offset) || offset < 0 || offset + count > 2 ** 32) {
     throw new DiffusionInputError('sampleIndexOffset', `must be an integer in [0, 2^32 - count], got ${offset}`);
   }
+  const sampleIndices = Uint32Array.from({ length: count }, (_, s) => offset + s);
+  if (req.sampleIndices !== undefined) {
+    if (req.sampleIndexOffset !== undefined) {
+      throw new DiffusionInputError('sampleIndices', 'give sampleIndices or sampleIndexOffset, not both');
+    }
+    const given = req.sampleIndices;
+    if (given.length !== count) throw new DiffusionInputError('sampleIndices', `must list one index per sample (${count})`);
+    for (let s = 0; s < count; s++) {
+      const v = given[s];
+      if (!Number.isInteger(v) || v < 0 || v >= 2 ** 32) {
+        throw new DiffusionInputError(`sampleIndices[${s}]`, `must be an integer in [0, 2^32), got ${v}`);
+      }
+      sampleIndices[s] = v;
+    }
+  }
   const fixed = req.fixedVariance ?? 'fixed-large';
   if (fixed !== 'fixed-large' && fixed !== 'fixed-small') {
     throw new DiffusionInputError('fixedVariance', `must be 'fixed-large' or 'fixed-small', got '${String(fixed)}'`);
@@ -141,7 +162,7 @@ export function start(req: SampleRequest): SamplerState {
     x.set(req.noise.z);
   } else {
     const per = channels * plane;
-    for (let s = 0; s < count; s++) fillNormal(x, s * per, per, key, offset + s, 0, STREAM_INITIAL);
+    for (let s = 0; s < count; s++) fillNormal(x, s * per, per, key, sampleIndices[s], 0, STREAM_INITIAL);
   }
   const drawsNoise = def.drawsNoise({ eta });
   return {
@@ -157,7 +178,7 @@ export function start(req: SampleRequest): SamplerState {
     eta,
     clipDenoised: req.clipDenoised ?? false,
     key,
-    sampleIndexOffset: offset,
+    sampleIndices,
     injected: req.noise ?? null,
     noiseBuf: drawsNoise && !req.noise ? new Float32Array(n) : null,
     memory: def.memory ? def.memory(n) : null,
@@ -191,7 +212,7 @@ function stepNoise(state: SamplerState, step: number, index: number): Float32Arr
   const buf = state.noiseBuf as Float32Array;
   const per = state.layout.channels * state.layout.plane;
   for (let s = 0; s < state.layout.count; s++) {
-    fillNormal(buf, s * per, per, state.key, state.sampleIndexOffset + s, step, STREAM_STEP);
+    fillNormal(buf, s * per, per, state.key, state.sampleIndices[s], step, STREAM_STEP);
   }
   return buf;
 }

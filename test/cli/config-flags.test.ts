@@ -2,6 +2,7 @@
 // set, so compile*Config is the one place defaults are filled.
 import { Command, Option } from 'commander';
 import { describe, expect, it } from 'vitest';
+import { repeatCacheOption } from '../../cli/common.ts';
 import { userSet } from '../../cli/config-flags.ts';
 import { compileSchedulerConfig, schedulerConfigDefault } from '../../services/scheduler/config.ts';
 import { helpSpec } from '../helpers/cli-help.ts';
@@ -37,6 +38,23 @@ describe('service flags and config defaults', () => {
     expect(spec.options.get('--max-images-per-request')?.default).toBe(String(full.maxImagesPerRequest));
     expect(spec.options.get('--step-timeout')?.default).toBe(String(full.stepTimeoutMs));
     expect(spec.options.get('--default-cfg')?.default).toBe(String(full.defaultCfgScale));
+    expect(spec.options.get('--repeat-cache-mib')).toMatchObject({ default: String(full.repeatCacheMiB), env: 'DITPIPE_REPEAT_CACHE_MIB' });
     expect(() => schedulerConfigDefault('models')).toThrow(/no default/);
+  });
+
+  it('--repeat-cache-mib is on the scheduler and the all-in-one start, takes fractions and 0 (off), refuses the rest naming the flag', async () => {
+    expect((await helpSpec(['start'])).options.get('--repeat-cache-mib')).toMatchObject({
+      default: String(schedulerConfigDefault('repeatCacheMiB')),
+      env: 'DITPIPE_REPEAT_CACHE_MIB',
+    });
+    const parse = (...args: string[]): Command =>
+      new Command('x').exitOverride().addOption(repeatCacheOption()).parse(args, { from: 'user' });
+    expect(parse('--repeat-cache-mib', '0').opts().repeatCacheMib).toBe(0);
+    expect(parse('--repeat-cache-mib', '0.5').opts().repeatCacheMib).toBe(0.5);
+    for (const bad of ['-1', 'lots', '1e9']) {
+      expect(() => parse('--repeat-cache-mib', bad), bad).toThrow(/--repeat-cache-mib must be a number within 0\.\.1048576/);
+    }
+    expect(compileSchedulerConfig({ models: ['m'], repeatCacheMiB: 0 }).repeatCacheMiB).toBe(0);
+    expect(() => compileSchedulerConfig({ models: ['m'], repeatCacheMiB: -1 })).toThrow(/repeatCacheMiB/);
   });
 });

@@ -130,10 +130,22 @@ describe('ditpipe generate against a served model', () => {
     });
     for (const k of ['queueMs', 'denoiseMs', 'decodeMs', 'totalMs', 'clientMs']) expect(run.timings[k], k).toBeGreaterThan(0);
     expect(run.images).toEqual([
-      { file: '000-Ankle_boot.png', sampleIndex: 0, classLabel: 9, className: 'Ankle boot', width: 28, height: 28 },
-      { file: '001-T-shirt_top.png', sampleIndex: 1, classLabel: 0, className: 'T-shirt/top', width: 28, height: 28 },
+      { file: '000-Ankle_boot.png', sampleIndex: 0, classLabel: 9, className: 'Ankle boot', width: 28, height: 28, cached: false },
+      { file: '001-T-shirt_top.png', sampleIndex: 1, classLabel: 0, className: 'T-shirt/top', width: 28, height: 28, cached: false },
     ]);
     expect(decodePng(readFileSync(join(out, '000-Ankle_boot.png'))).width).toBe(28);
+  });
+
+  it('--no-cache asks the server to sample every image (cache_policy BYPASS in the request sent)', async () => {
+    const out = join(dir, 'nocache');
+    const r = await gen('--class', '1', '--steps', '1', '--seed', '4', '--no-cache', '--out', out);
+    expect(r.code, r.stderr).toBe(0);
+    const run = JSON.parse(readFileSync(join(out, 'run.json'), 'utf8')) as {
+      request: Record<string, unknown>;
+      flags: Record<string, unknown>;
+    };
+    expect(run.request.cachePolicy).toBe('CACHE_POLICY_BYPASS');
+    expect(run.flags.cache).toBe(false);
   });
 
   it('refuses a non-empty --out, and with --overwrite replaces only what a run wrote', async () => {

@@ -182,8 +182,9 @@ describe('batch-order independence', () => {
     }
     return out;
   };
-  const run = (sampler: 'ddpm' | 'ddim', count: number, offset: number) => {
-    const st = start({ sampler, respacing: '12', shape, count, learnSigma: true, seed: 2024n, sampleIndexOffset: offset, eta: 0.5 });
+  const run = (sampler: 'ddpm' | 'ddim', count: number, offset: number | number[]) => {
+    const at = typeof offset === 'number' ? { sampleIndexOffset: offset } : { sampleIndices: offset };
+    const st = start({ sampler, respacing: '12', shape, count, learnSigma: true, seed: 2024n, ...at, eta: 0.5 });
     for (let p = next(st); p; p = next(st)) advance(st, fakeModel(p.x, p.t, count, 2 * shape[0]));
     return result(st);
   };
@@ -198,6 +199,10 @@ describe('batch-order independence', () => {
         expect(Array.from(together.subarray(k * per, (k + 1) * per))).toEqual(Array.from(alone));
       }
       expect(Array.from(pairLate)).toEqual(Array.from(together.subarray(2 * per)));
+      // Any subset, in any order (the scheduler samples only what its repeat cache lacks).
+      const picked = run(sampler, 2, [3, 1]);
+      expect(Array.from(picked.subarray(0, per))).toEqual(Array.from(together.subarray(3 * per, 4 * per)));
+      expect(Array.from(picked.subarray(per))).toEqual(Array.from(together.subarray(per, 2 * per)));
       // And different samples really differ.
       expect(Array.from(together.subarray(0, per))).not.toEqual(Array.from(together.subarray(per, 2 * per)));
     });

@@ -362,6 +362,9 @@ describe('state machine', () => {
       [{ eta: -0.1 }, /eta: must be a finite number >= 0/],
       [{ seed: -3n }, /seed: must be an unsigned 64-bit integer/],
       [{ sampleIndexOffset: 1.5 }, /sampleIndexOffset/],
+      [{ sampleIndices: [0, 1, 2] }, /sampleIndices: must list one index per sample/],
+      [{ sampleIndices: [0, -1] }, /sampleIndices\[1\]: must be an integer/],
+      [{ sampleIndices: [0, 1], sampleIndexOffset: 2 }, /give sampleIndices or sampleIndexOffset, not both/],
       [{ noise: { z: new Float32Array(3), stepNoise: () => new Float32Array(0) } }, /noise\.z: must be a Float32Array of 32 elements/],
     ];
     for (const [patch, msg] of cases) {

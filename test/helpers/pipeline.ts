@@ -39,6 +39,10 @@ export interface PipelineOptions {
   transport: TransportKind;
   denoisers?: number;
   decoders?: number;
+  /**
+   * The repeat cache is off unless asked for (repeatCacheMiB), so a test repeating a request
+   * really samples it again (a determinism check stays one).
+   */
   scheduler?: Partial<SchedulerConfigInput>;
   denoiser?: Partial<DenoiserConfigInput>;
   /** Also serve the HTTP API (on a free loopback port unless the config says otherwise). */
@@ -120,7 +124,7 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const sMetrics = schedulerMetrics();
   const grpc = new GrpcServer({ host: '127.0.0.1', port: 0, ...opts.grpc });
   const scheduler = await startSchedulerService(
-    compileSchedulerConfig({ models: [ditName], vae: { [ditName]: vaeName }, ...opts.scheduler }),
+    compileSchedulerConfig({ models: [ditName], vae: { [ditName]: vaeName }, repeatCacheMiB: 0, ...opts.scheduler }),
     await connect('scheduler'),
     {
       grpc,

@@ -10,6 +10,7 @@ import { histogramQuantile, parsePrometheusText, serverFigures, type Scrape } fr
 import { LoadtestError, runCampaign, split } from '../../loadtest/runner.ts';
 import { ghzCode, ghzSummary } from '../../loadtest/stats.ts';
 import { arrivalTime, drawRequest, prng } from '../../loadtest/worker.ts';
+import { CachePolicy } from '../../shared/gen/ditpipe/v1/sampler.ts';
 
 const ROOT = join(import.meta.dirname, '../..');
 const good = (): Record<string, unknown> => ({
@@ -238,7 +239,7 @@ describe('arrivals and the mix', () => {
     const b = Array.from({ length: 5 }, (_, i) => drawRequest(mix, { m: 10 }, prng(i)).req);
     expect(a).toEqual(b);
     const r = drawRequest([mix[1]], { m: 10 }, rand).req;
-    expect(r).toMatchObject({ classLabels: [{ index: 7 }], cfgScale: 2, outputFormat: 2 });
+    expect(r).toMatchObject({ classLabels: [{ index: 7 }], cfgScale: 2, outputFormat: 2, cachePolicy: CachePolicy.CACHE_POLICY_BYPASS });
     const labels = new Set(Array.from({ length: 50 }, () => JSON.stringify(drawRequest([mix[0]], { m: 10 }, rand).req.classLabels![0])));
     expect(labels).toEqual(new Set(['{"index":1}', '{"name":"Sandal"}']));
   });

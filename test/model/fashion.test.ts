@@ -183,6 +183,7 @@ describe('the committed Fashion-MNIST model', () => {
           seed: 1n,
           guidanceChannels: 0,
           outputFormat: 0,
+          cachePolicy: 0,
           preview: { everySteps: 19, method: PreviewMethod.PREVIEW_METHOD_PROJECTION },
         },
         { onEvent: (e) => events.push(e) },

@@ -4,8 +4,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Code, type InvalidArgumentError, type ResourceExhaustedError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
-import { OutputFormat, SamplerKind, type GenerateEvent, type GenerateRequest } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import {
+  OutputFormat,
+  SamplerKind,
+  type CachePolicy,
+  type GenerateEvent,
+  type GenerateRequest,
+} from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { CLASS_NAMES, DIT_NAME } from '../helpers/models.ts';
+import { repeatCacheSuite } from './repeat-cache.ts';
 import { startPipeline, type Pipeline, type TransportKind } from '../helpers/pipeline.ts';
 import { failureOf } from '../helpers/failure.ts';
 
@@ -167,6 +174,7 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       ['eta out of range', { sampler: SamplerKind.SAMPLER_KIND_DDIM, eta: 2 }, 'eta'],
       ['eta for DDPM', { eta: 0.5 }, 'eta'],
       ['unknown output format', { outputFormat: 5 as OutputFormat }, 'output_format'],
+      ['unknown cache policy', { cachePolicy: 7 as CachePolicy }, 'cache_policy'],
       ['too many images', { classLabels: Array.from({ length: 65 }, () => ({ index: 1 })) }, 'class_labels'],
     ];
     it.each(bad)('rejects %s with INVALID_ARGUMENT naming the field', async (_name, over, field) => {
@@ -245,12 +253,28 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
       expect(Number(m.params)).toBe(182176);
     });
 
+    it('samples a repeat again with the repeat cache off (repeatCacheMiB 0)', async () => {
+      const registry = p.schedulerMetrics.registry;
+      expect(await counter(registry, 'ditpipe_repeat_cache_max_bytes')).toBe(0);
+      const first = await p.api.generate(base({ seed: 8080n }));
+      const dispatched = await counter(registry, 'ditpipe_steps_dispatched_total');
+      const again = await p.api.generate(base({ seed: 8080n }));
+      expect(again.images.map((i) => i.cached)).toEqual([false, false]);
+      again.images.forEach((img, k) => expect(same(img.png, first.images[k].png)).toBe(true));
+      expect((await counter(registry, 'ditpipe_steps_dispatched_total')) - dispatched).toBe(6);
+      for (const name of ['ditpipe_repeat_cache_hits_total', 'ditpipe_repeat_cache_misses_total', 'ditpipe_repeat_cache_bytes']) {
+        expect(await counter(registry, name), name).toBe(0);
+      }
+    });
+
     it('keeps guidance channel settings apart: "all" changes the image', async () => {
       const three = await p.api.generate(base({ classLabels: [{ index: 5 }] }));
       const all = await p.api.generate(base({ classLabels: [{ index: 5 }], guidanceChannels: GuidanceChannels.GUIDANCE_CHANNELS_ALL }));
       expect(same(three.images[0].png, all.images[0].png)).toBe(false);
     });
   });
+
+  repeatCacheSuite(label, transport);
 
   describe(`two denoiser replicas over ${label}`, () => {
     it('give the same bytes as one replica, and both take work', async () => {

@@ -10,7 +10,13 @@ import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Code } from '../../shared/errors.ts';
 import type { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
-import { GenerateRequest, type ClassLabel, type OutputFormat, type SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import {
+  GenerateRequest,
+  type CachePolicy,
+  type ClassLabel,
+  type OutputFormat,
+  type SamplerKind,
+} from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { ModelDirError, readModelDir } from '../../shared/model/modeldir.ts';
 import { openWeights, WeightsError } from '../../shared/weights/index.ts';
 import { DIT_NAME, GOLDEN, testModels } from '../helpers/models.ts';
@@ -100,6 +106,7 @@ describe('fuzzing the Sampler API', () => {
           eta: pick([undefined, 0, 0.5, 1, 2, -0.1, Number.NaN]),
           seed: pick([undefined, 0n, 1n, 2n ** 64n - 1n]),
           outputFormat: pick([0, 1, 2, 3, -1]) as OutputFormat,
+          cachePolicy: pick([0, 1, 2, 3, -1]) as CachePolicy,
         }).finish(),
       );
     const mutate = (b: Buffer): Buffer => {

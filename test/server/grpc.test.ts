@@ -152,8 +152,9 @@ describe('typed errors over gRPC', () => {
     const client = new SamplerClient(address, grpc.credentials.createInsecure());
     try {
       const err = await new Promise<grpc.ServiceError>((resolve) => {
-        client.generate({ model: 'm', classLabels: [{ index: 12 }], sampler: 0, guidanceChannels: 0, outputFormat: 0 }, (e) =>
-          resolve(e as grpc.ServiceError),
+        client.generate(
+          { model: 'm', classLabels: [{ index: 12 }], sampler: 0, guidanceChannels: 0, outputFormat: 0, cachePolicy: 0 },
+          (e) => resolve(e as grpc.ServiceError),
         );
       });
       expect(err.code).toBe(grpc.status.INVALID_ARGUMENT);
@@ -165,7 +166,7 @@ describe('typed errors over gRPC', () => {
       expect((typed as InvalidArgumentError).field).toBe('class_labels[0]');
 
       const streamErr = await new Promise<grpc.ServiceError>((resolve) => {
-        const s = client.generateStream({ model: 'm', classLabels: [], sampler: 0, guidanceChannels: 0, outputFormat: 0 });
+        const s = client.generateStream({ model: 'm', classLabels: [], sampler: 0, guidanceChannels: 0, outputFormat: 0, cachePolicy: 0 });
         s.on('data', () => undefined);
         s.on('error', (e) => resolve(e as grpc.ServiceError));
       });

@@ -477,7 +477,7 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       );
       const sampler = client.client(SamplerDefinition, { scope: 'all', retries: 5 });
       const err = await sampler
-        .generate({ model: 'm', classLabels: [{ index: 1 }], sampler: 0, guidanceChannels: 0, outputFormat: 0 })
+        .generate({ model: 'm', classLabels: [{ index: 1 }], sampler: 0, guidanceChannels: 0, outputFormat: 0, cachePolicy: 0 })
         .catch((e: unknown) => e);
       expect(err).toBeInstanceOf(UnavailableError);
       expect((err as Error).message).toBe('not now');

@@ -5,6 +5,7 @@
 import { z } from 'zod';
 import { GuidanceChannels } from '../../../shared/gen/ditpipe/v1/common.ts';
 import {
+  CachePolicy,
   OutputFormat,
   PreviewMethod,
   SamplerKind,
@@ -43,6 +44,7 @@ export const ditpipeExtension = z.strictObject({
       method: z.enum(['decoder', 'projection']).optional(),
     })
     .optional(),
+  cache: z.enum(['use', 'bypass']).optional(),
   timeout_ms: z
     .number()
     .int()
@@ -137,6 +139,12 @@ export function toGenerateRequest(
       seed: seedOf(x.seed),
       outputFormat: OutputFormat.OUTPUT_FORMAT_PNG,
       preview,
+      cachePolicy:
+        x.cache === 'bypass'
+          ? CachePolicy.CACHE_POLICY_BYPASS
+          : x.cache === 'use'
+            ? CachePolicy.CACHE_POLICY_USE
+            : CachePolicy.CACHE_POLICY_UNSPECIFIED,
     },
     stream,
     timeoutMs: x.timeout_ms,
@@ -151,7 +159,13 @@ export function timingsJson(t: Timings | undefined): Record<string, number> {
 }
 
 function imageInfo(img: Image): Record<string, unknown> {
-  return { image_index: img.sampleIndex, class_label: img.classLabel, class_name: img.className, seed: String(img.seed) };
+  return {
+    image_index: img.sampleIndex,
+    class_label: img.classLabel,
+    class_name: img.className,
+    seed: String(img.seed),
+    cached: img.cached,
+  };
 }
 
 /** The answer of a non-streaming request, in OpenAI's ImagesResponse shape plus a `ditpipe` object. */

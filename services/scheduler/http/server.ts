@@ -180,6 +180,7 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
             n: a.numImages,
             num_steps: a.numSteps,
             queue_ms: a.queueMs,
+            cached_images: a.cachedImages,
           });
         } else if (e.progress) {
           send('ditpipe.progress', { step: e.progress.step, num_steps: e.progress.numSteps });

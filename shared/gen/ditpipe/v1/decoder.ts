@@ -143,7 +143,14 @@ export interface DecoderInfo {
    * autoencoders trained on padded images; unset or zero: none. Served images are
    * (upsample × latent size − top − bottom) pixels high, likewise wide.
    */
-  outputCrop?: ImageCrop | undefined;
+  outputCrop?:
+    | ImageCrop
+    | undefined;
+  /**
+   * SHA-256 of the source weights, hex (the scheduler's repeat cache keys images by it, so
+   * images of other weights under the same name are never served from it).
+   */
+  sourceSha256: string;
 }
 
 /** Pixels removed from each edge of an image. */
@@ -467,6 +474,7 @@ function createBaseDecoderInfo(): DecoderInfo {
     executionProvider: "",
     instanceId: "",
     outputCrop: undefined,
+    sourceSha256: "",
   };
 }
 
@@ -507,6 +515,9 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     }
     if (message.outputCrop !== undefined) {
       ImageCrop.encode(message.outputCrop, writer.uint32(90).fork()).join();
+    }
+    if (message.sourceSha256 !== "") {
+      writer.uint32(98).string(message.sourceSha256);
     }
     return writer;
   },
@@ -612,6 +623,14 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
             message.outputCrop = ImageCrop.decode(reader, reader.uint32());
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.sourceSha256 = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -665,6 +684,11 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
         : isSet(object.output_crop)
         ? ImageCrop.fromJSON(object.output_crop)
         : undefined,
+      sourceSha256: isSet(object.sourceSha256)
+        ? globalThis.String(object.sourceSha256)
+        : isSet(object.source_sha256)
+        ? globalThis.String(object.source_sha256)
+        : "",
     };
   },
 
@@ -703,6 +727,9 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     if (message.outputCrop !== undefined) {
       obj.outputCrop = ImageCrop.toJSON(message.outputCrop);
     }
+    if (message.sourceSha256 !== "") {
+      obj.sourceSha256 = message.sourceSha256;
+    }
     return obj;
   },
 
@@ -724,6 +751,7 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     message.outputCrop = (object.outputCrop !== undefined && object.outputCrop !== null)
       ? ImageCrop.fromPartial(object.outputCrop)
       : undefined;
+    message.sourceSha256 = object.sourceSha256 ?? "";
     return message;
   },
 };

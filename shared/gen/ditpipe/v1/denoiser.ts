@@ -112,7 +112,7 @@ export interface DenoiserInfo {
   executionProvider: string;
   /** Identifier of this replica (unique per process). */
   instanceId: string;
-  /** SHA-256 of the source weights, hex. */
+  /** SHA-256 of the source weights, hex (the scheduler's repeat cache keys images by it). */
   sourceSha256: string;
 }
 

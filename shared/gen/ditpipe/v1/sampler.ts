@@ -192,6 +192,62 @@ export function previewMethodToJSON(object: PreviewMethod): string {
   }
 }
 
+/**
+ * Whether a request may use the scheduler's repeat cache. A request's images are a pure
+ * function of (the model and, for PNGs, its VAE: names, weights and configuration; sampler,
+ * num_steps, cfg_scale, guidance_channels, eta, seed, output_format) and, per image, its class
+ * (by index: a name and its index are the same class) and sample index, so the scheduler
+ * keeps finished images in a cache bounded in bytes (`--repeat-cache-mib`, 0 = off), keyed
+ * by a digest of exactly those values, one entry per image: a request that repeats all or some
+ * of an earlier request's images (same settings and seed, the same class at the same sample
+ * index) gets those images from the cache, byte for byte, marked Image.cached, and samples
+ * only the rest. Only the images of requests that finished successfully are stored, never
+ * those of a failed or cancelled one. A request without a seed gets a new one, so it cannot repeat anything; its images are
+ * stored all the same (a later request naming that seed repeats them). Cached images take no
+ * admission capacity. Each scheduler process has its own cache.
+ */
+export enum CachePolicy {
+  /** CACHE_POLICY_UNSPECIFIED - Not set: CACHE_POLICY_USE. */
+  CACHE_POLICY_UNSPECIFIED = 0,
+  /** CACHE_POLICY_USE - Take what the cache holds of this request's images and store the images sampled. */
+  CACHE_POLICY_USE = 1,
+  /** CACHE_POLICY_BYPASS - Neither read nor write the cache: every image is sampled (e.g. to measure sampling). */
+  CACHE_POLICY_BYPASS = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function cachePolicyFromJSON(object: any): CachePolicy {
+  switch (object) {
+    case 0:
+    case "CACHE_POLICY_UNSPECIFIED":
+      return CachePolicy.CACHE_POLICY_UNSPECIFIED;
+    case 1:
+    case "CACHE_POLICY_USE":
+      return CachePolicy.CACHE_POLICY_USE;
+    case 2:
+    case "CACHE_POLICY_BYPASS":
+      return CachePolicy.CACHE_POLICY_BYPASS;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CachePolicy.UNRECOGNIZED;
+  }
+}
+
+export function cachePolicyToJSON(object: CachePolicy): string {
+  switch (object) {
+    case CachePolicy.CACHE_POLICY_UNSPECIFIED:
+      return "CACHE_POLICY_UNSPECIFIED";
+    case CachePolicy.CACHE_POLICY_USE:
+      return "CACHE_POLICY_USE";
+    case CachePolicy.CACHE_POLICY_BYPASS:
+      return "CACHE_POLICY_BYPASS";
+    case CachePolicy.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Previews of the images while they form (GenerateStream only). */
 export interface PreviewOptions {
   /**
@@ -254,9 +310,17 @@ export interface GenerateRequest {
   outputFormat: OutputFormat;
   /**
    * Previews while sampling (GenerateStream only; Generate answers INVALID_ARGUMENT with
-   * field "preview" when every_steps > 0). Unset: none.
+   * field "preview" when every_steps > 0). Unset: none. Images served from the repeat cache
+   * get no previews.
    */
-  preview?: PreviewOptions | undefined;
+  preview?:
+    | PreviewOptions
+    | undefined;
+  /**
+   * Use of the repeat cache; unset means CACHE_POLICY_USE. Has no effect on a scheduler whose
+   * cache is off.
+   */
+  cachePolicy: CachePolicy;
 }
 
 /** Where the time of a request (or of one image) went, in milliseconds. */
@@ -290,6 +354,12 @@ export interface Image {
   /** Image width and height in pixels (latent width and height for raw latents). */
   width: number;
   height: number;
+  /**
+   * True when this image was not sampled for this request but taken from the scheduler's
+   * repeat cache: the same bytes an earlier request with the same settings, seed, class and
+   * sample index received (see CachePolicy).
+   */
+  cached: boolean;
 }
 
 export interface GenerateResponse {
@@ -336,6 +406,12 @@ export interface Accepted {
   queueMs: number;
   /** The guidance scale used (the requested one, or the scheduler's default). */
   cfgScale: number;
+  /**
+   * Of num_images, those the repeat cache holds: they are not sampled, and come as `image`
+   * events marked cached after the last progress event. All of them (a whole repeat): no step
+   * runs, the progress events follow at once.
+   */
+  cachedImages: number;
 }
 
 /** Every sample of the request has finished reverse step `step` of `num_steps`. */
@@ -370,7 +446,10 @@ export interface ImageReady {
   image?:
     | Image
     | undefined;
-  /** Timings of this image (queue and denoise are shared by the request). */
+  /**
+   * Timings of this image (queue and denoise are shared by the request; denoise and decode
+   * are zero for an image from the repeat cache).
+   */
   timings?: Timings | undefined;
 }
 
@@ -602,6 +681,7 @@ function createBaseGenerateRequest(): GenerateRequest {
     seed: undefined,
     outputFormat: 0,
     preview: undefined,
+    cachePolicy: 0,
   };
 }
 
@@ -639,6 +719,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.preview !== undefined) {
       PreviewOptions.encode(message.preview, writer.uint32(82).fork()).join();
+    }
+    if (message.cachePolicy !== 0) {
+      writer.uint32(88).int32(message.cachePolicy);
     }
     return writer;
   },
@@ -736,6 +819,14 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
             message.preview = PreviewOptions.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.cachePolicy = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -780,6 +871,11 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
         ? outputFormatFromJSON(object.output_format)
         : 0,
       preview: isSet(object.preview) ? PreviewOptions.fromJSON(object.preview) : undefined,
+      cachePolicy: isSet(object.cachePolicy)
+        ? cachePolicyFromJSON(object.cachePolicy)
+        : isSet(object.cache_policy)
+        ? cachePolicyFromJSON(object.cache_policy)
+        : 0,
     };
   },
 
@@ -815,6 +911,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     if (message.preview !== undefined) {
       obj.preview = PreviewOptions.toJSON(message.preview);
     }
+    if (message.cachePolicy !== 0) {
+      obj.cachePolicy = cachePolicyToJSON(message.cachePolicy);
+    }
     return obj;
   },
 
@@ -835,6 +934,7 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     message.preview = (object.preview !== undefined && object.preview !== null)
       ? PreviewOptions.fromPartial(object.preview)
       : undefined;
+    message.cachePolicy = object.cachePolicy ?? 0;
     return message;
   },
 };
@@ -982,6 +1082,7 @@ function createBaseImage(): Image {
     sampleIndex: 0,
     width: 0,
     height: 0,
+    cached: false,
   };
 }
 
@@ -1013,6 +1114,9 @@ export const Image: MessageFns<Image> = {
     }
     if (message.height !== 0) {
       writer.uint32(64).uint32(message.height);
+    }
+    if (message.cached !== false) {
+      writer.uint32(72).bool(message.cached);
     }
     return writer;
   },
@@ -1094,6 +1198,14 @@ export const Image: MessageFns<Image> = {
             message.height = reader.uint32();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.cached = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1128,6 +1240,7 @@ export const Image: MessageFns<Image> = {
         : 0,
       width: isSet(object.width) ? globalThis.Number(object.width) : 0,
       height: isSet(object.height) ? globalThis.Number(object.height) : 0,
+      cached: isSet(object.cached) ? globalThis.Boolean(object.cached) : false,
     };
   },
 
@@ -1157,6 +1270,9 @@ export const Image: MessageFns<Image> = {
     if (message.height !== 0) {
       obj.height = Math.round(message.height);
     }
+    if (message.cached !== false) {
+      obj.cached = message.cached;
+    }
     return obj;
   },
 
@@ -1175,6 +1291,7 @@ export const Image: MessageFns<Image> = {
     message.sampleIndex = object.sampleIndex ?? 0;
     message.width = object.width ?? 0;
     message.height = object.height ?? 0;
+    message.cached = object.cached ?? false;
     return message;
   },
 };
@@ -1485,7 +1602,7 @@ export const GenerateEvent: MessageFns<GenerateEvent> = {
 };
 
 function createBaseAccepted(): Accepted {
-  return { requestId: "", model: "", seed: 0n, numImages: 0, numSteps: 0, queueMs: 0, cfgScale: 0 };
+  return { requestId: "", model: "", seed: 0n, numImages: 0, numSteps: 0, queueMs: 0, cfgScale: 0, cachedImages: 0 };
 }
 
 export const Accepted: MessageFns<Accepted> = {
@@ -1513,6 +1630,9 @@ export const Accepted: MessageFns<Accepted> = {
     }
     if (message.cfgScale !== 0) {
       writer.uint32(57).double(message.cfgScale);
+    }
+    if (message.cachedImages !== 0) {
+      writer.uint32(64).uint32(message.cachedImages);
     }
     return writer;
   },
@@ -1586,6 +1706,14 @@ export const Accepted: MessageFns<Accepted> = {
             message.cfgScale = reader.double();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.cachedImages = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1627,6 +1755,11 @@ export const Accepted: MessageFns<Accepted> = {
         : isSet(object.cfg_scale)
         ? globalThis.Number(object.cfg_scale)
         : 0,
+      cachedImages: isSet(object.cachedImages)
+        ? globalThis.Number(object.cachedImages)
+        : isSet(object.cached_images)
+        ? globalThis.Number(object.cached_images)
+        : 0,
     };
   },
 
@@ -1653,6 +1786,9 @@ export const Accepted: MessageFns<Accepted> = {
     if (message.cfgScale !== 0) {
       obj.cfgScale = floatToJson(message.cfgScale);
     }
+    if (message.cachedImages !== 0) {
+      obj.cachedImages = Math.round(message.cachedImages);
+    }
     return obj;
   },
 
@@ -1668,6 +1804,7 @@ export const Accepted: MessageFns<Accepted> = {
     message.numSteps = object.numSteps ?? 0;
     message.queueMs = object.queueMs ?? 0;
     message.cfgScale = object.cfgScale ?? 0;
+    message.cachedImages = object.cachedImages ?? 0;
     return message;
   },
 };
@@ -2501,6 +2638,9 @@ export const SamplerDefinition = {
      * each reverse-diffusion step (and `preview` events when the request asks for them),
      * then one `image` per finished image, then `completed`.
      * Cancelling the call stops step dispatch for the request.
+     * A request served wholly from the repeat cache (see CachePolicy) sends the same events:
+     * accepted, all the progress events at once, the images (marked cached), completed; no
+     * previews, since no step runs.
      */
     generateStream: {
       name: "GenerateStream",
@@ -2539,6 +2679,9 @@ export const SamplerService = {
    * each reverse-diffusion step (and `preview` events when the request asks for them),
    * then one `image` per finished image, then `completed`.
    * Cancelling the call stops step dispatch for the request.
+   * A request served wholly from the repeat cache (see CachePolicy) sends the same events:
+   * accepted, all the progress events at once, the images (marked cached), completed; no
+   * previews, since no step runs.
    */
   generateStream: {
     path: "/ditpipe.v1.Sampler/GenerateStream" as const,
@@ -2569,6 +2712,9 @@ export interface SamplerServer extends UntypedServiceImplementation {
    * each reverse-diffusion step (and `preview` events when the request asks for them),
    * then one `image` per finished image, then `completed`.
    * Cancelling the call stops step dispatch for the request.
+   * A request served wholly from the repeat cache (see CachePolicy) sends the same events:
+   * accepted, all the progress events at once, the images (marked cached), completed; no
+   * previews, since no step runs.
    */
   generateStream: handleServerStreamingCall<GenerateRequest, GenerateEvent>;
   /** Lists the models this scheduler can sample from. */
@@ -2597,6 +2743,9 @@ export interface SamplerClient extends Client {
    * each reverse-diffusion step (and `preview` events when the request asks for them),
    * then one `image` per finished image, then `completed`.
    * Cancelling the call stops step dispatch for the request.
+   * A request served wholly from the repeat cache (see CachePolicy) sends the same events:
+   * accepted, all the progress events at once, the images (marked cached), completed; no
+   * previews, since no step runs.
    */
   generateStream(request: GenerateRequest, options?: Partial<CallOptions>): ClientReadableStream<GenerateEvent>;
   generateStream(
