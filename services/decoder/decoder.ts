@@ -13,7 +13,7 @@ import {
 } from '../../shared/gen/ditpipe/v1/decoder.ts';
 import { croppedSize, isNoCrop } from '../../shared/image/crop.ts';
 import { decoderMetrics, type DecoderMetrics } from '../../shared/metrics.ts';
-import { readVaeModelDir, type VaeModelJson } from '../../shared/model/modeldir.ts';
+import { graphRevisionOf, readVaeModelDir, type VaeModelJson } from '../../shared/model/modeldir.ts';
 import { WorkerSession } from '../../shared/runtime/session.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
 import type { CallContext, ServiceImpl, WorkSource } from '../../shared/transport/types.ts';
@@ -64,6 +64,8 @@ export class Decoder {
       instanceId: randomUUID(),
       outputCrop: meta.outputCrop,
       sourceSha256: meta.source.sha256,
+      weightDtype: meta.weightDtype,
+      graphRevision: graphRevisionOf(meta),
     };
     this.batcher = new Batcher((jobs, rows) => this.forward(jobs, rows), {
       maxRows: config.maxBatch,

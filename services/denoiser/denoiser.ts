@@ -9,7 +9,7 @@ import { InvalidArgumentError, NotFoundError, UnavailableError } from '../../sha
 import { checkGuidance } from '../../shared/sampling-settings.ts';
 import type { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { denoiserMetrics, type DenoiserMetrics } from '../../shared/metrics.ts';
-import { readDitModelDir, type DitModelJson } from '../../shared/model/modeldir.ts';
+import { graphRevisionOf, readDitModelDir, type DitModelJson } from '../../shared/model/modeldir.ts';
 import { WorkerSession } from '../../shared/runtime/session.ts';
 import { f32Tensor, readF32Tensor } from '../../shared/tensor.ts';
 import type { CallContext, ServiceImpl, WorkSource } from '../../shared/transport/types.ts';
@@ -80,6 +80,8 @@ export class Denoiser {
       executionProvider: config.simulate ? 'simulate' : config.executionProvider,
       instanceId: randomUUID(),
       sourceSha256: meta.source.sha256,
+      weightDtype: meta.weightDtype,
+      graphRevision: graphRevisionOf(meta),
     };
   }
 

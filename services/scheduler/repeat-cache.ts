@@ -1,6 +1,6 @@
 // The repeat cache: finished images kept so that an exact repeat is answered without sampling.
 // Noise is counter-based (seed, sample index, step), so an image's bytes are a function of the
-// model and VAE weights, the sampling settings, the seed, and the image's class and sample index,
+// model and VAE weights (and how they were built: weight dtype, graph revision), the sampling settings, the seed, and the image's class and sample index,
 // and of nothing else that runs at the same time. The cache holds one entry per image, keyed by a
 // digest of exactly those values (repeatKey), so a request repeating some of an earlier request's
 // images gets those and samples only the rest. Bounded by bytes (least recently used out first);
@@ -15,7 +15,7 @@ import type { Tensor } from '../../shared/gen/ditpipe/v1/tensor.ts';
 import type { SchedulerMetrics } from '../../shared/metrics.ts';
 
 /** Changes when the meaning of a key's parts changes, so no older entry can ever match. */
-const KEY_VERSION = 'ditpipe-repeat/1';
+const KEY_VERSION = 'ditpipe-repeat/2';
 
 /** Bytes counted per image besides its own: the key, the entry and the cache's bookkeeping. */
 export const ENTRY_OVERHEAD_BYTES = 256;
@@ -57,12 +57,16 @@ export function repeatKey(s: RepeatSettings, classLabel: number, sampleIndex: nu
     KEY_VERSION,
     d.model,
     d.sourceSha256,
+    d.weightDtype,
+    d.graphRevision,
     Buffer.from(DiTConfig.encode(d.config ?? DiTConfig.fromPartial({})).finish()).toString('base64'),
     v
       ? [
           'png',
           v.vae,
           v.info.sourceSha256,
+          v.info.weightDtype,
+          v.info.graphRevision,
           v.info.latentChannels,
           v.info.outChannels,
           v.info.upsample,

@@ -36,6 +36,8 @@ const denoiser = (): DenoiserInfo => ({
   executionProvider: 'cpu',
   instanceId: 'a',
   sourceSha256: 'a'.repeat(64),
+  weightDtype: 'float32',
+  graphRevision: 2,
 });
 
 const decoderInfo = (): DecoderInfo => ({
@@ -51,6 +53,8 @@ const decoderInfo = (): DecoderInfo => ({
   instanceId: 'b',
   outputCrop: undefined,
   sourceSha256: 'b'.repeat(64),
+  weightDtype: 'float32',
+  graphRevision: 2,
 });
 
 const settings = (): RepeatSettings => ({
@@ -68,11 +72,15 @@ const settings = (): RepeatSettings => ({
 const variants: Array<[string, (s: RepeatSettings) => void]> = [
   ['model name', (s) => (s.denoiser.model = 'dit-other')],
   ['model weights', (s) => (s.denoiser.sourceSha256 = 'c'.repeat(64))],
+  ['model built with float16 weights', (s) => (s.denoiser.weightDtype = 'float16')],
+  ['model built by another graph revision', (s) => (s.denoiser.graphRevision = 1)],
   ['model config', (s) => (s.denoiser.config!.depth = 3)],
   ['model learn_sigma', (s) => (s.denoiser.config!.learnSigma = false)],
   ['raw latents instead of PNG', (s) => (s.decoder = null)],
   ['VAE name', (s) => (s.decoder!.vae = 'vae-other')],
   ['VAE weights', (s) => (s.decoder!.info.sourceSha256 = 'd'.repeat(64))],
+  ['VAE built with float16 weights', (s) => (s.decoder!.info.weightDtype = 'float16')],
+  ['VAE built by another graph revision', (s) => (s.decoder!.info.graphRevision = 1)],
   ['VAE scaling factor', (s) => (s.decoder!.info.scalingFactor = 0.13025)],
   ['VAE upsampling', (s) => (s.decoder!.info.upsample = 8)],
   ['VAE output channels', (s) => (s.decoder!.info.outChannels = 1)],

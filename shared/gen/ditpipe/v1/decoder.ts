@@ -151,6 +151,12 @@ export interface DecoderInfo {
    * images of other weights under the same name are never served from it).
    */
   sourceSha256: string;
+  /**
+   * How the served graph stores its weights ("float32" or "float16") and the compiler revision
+   * that wrote it, as DenoiserInfo's: the repeat cache keys images by these too.
+   */
+  weightDtype: string;
+  graphRevision: number;
 }
 
 /** Pixels removed from each edge of an image. */
@@ -475,6 +481,8 @@ function createBaseDecoderInfo(): DecoderInfo {
     instanceId: "",
     outputCrop: undefined,
     sourceSha256: "",
+    weightDtype: "",
+    graphRevision: 0,
   };
 }
 
@@ -518,6 +526,12 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     }
     if (message.sourceSha256 !== "") {
       writer.uint32(98).string(message.sourceSha256);
+    }
+    if (message.weightDtype !== "") {
+      writer.uint32(106).string(message.weightDtype);
+    }
+    if (message.graphRevision !== 0) {
+      writer.uint32(112).uint32(message.graphRevision);
     }
     return writer;
   },
@@ -631,6 +645,22 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
             message.sourceSha256 = reader.string();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.weightDtype = reader.string();
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.graphRevision = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -689,6 +719,16 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
         : isSet(object.source_sha256)
         ? globalThis.String(object.source_sha256)
         : "",
+      weightDtype: isSet(object.weightDtype)
+        ? globalThis.String(object.weightDtype)
+        : isSet(object.weight_dtype)
+        ? globalThis.String(object.weight_dtype)
+        : "",
+      graphRevision: isSet(object.graphRevision)
+        ? globalThis.Number(object.graphRevision)
+        : isSet(object.graph_revision)
+        ? globalThis.Number(object.graph_revision)
+        : 0,
     };
   },
 
@@ -730,6 +770,12 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
     if (message.sourceSha256 !== "") {
       obj.sourceSha256 = message.sourceSha256;
     }
+    if (message.weightDtype !== "") {
+      obj.weightDtype = message.weightDtype;
+    }
+    if (message.graphRevision !== 0) {
+      obj.graphRevision = Math.round(message.graphRevision);
+    }
     return obj;
   },
 
@@ -752,6 +798,8 @@ export const DecoderInfo: MessageFns<DecoderInfo> = {
       ? ImageCrop.fromPartial(object.outputCrop)
       : undefined;
     message.sourceSha256 = object.sourceSha256 ?? "";
+    message.weightDtype = object.weightDtype ?? "";
+    message.graphRevision = object.graphRevision ?? 0;
     return message;
   },
 };

@@ -114,6 +114,13 @@ export interface DenoiserInfo {
   instanceId: string;
   /** SHA-256 of the source weights, hex (the scheduler's repeat cache keys images by it). */
   sourceSha256: string;
+  /**
+   * How the served graph stores its weights ("float32" or "float16", model.json weightDtype) and
+   * which compiler revision wrote it (model.json graphRevision): the same source weights built
+   * another way give other numbers, so the repeat cache keys images by these too.
+   */
+  weightDtype: string;
+  graphRevision: number;
 }
 
 function createBaseDenoiseRequest(): DenoiseRequest {
@@ -567,6 +574,8 @@ function createBaseDenoiserInfo(): DenoiserInfo {
     executionProvider: "",
     instanceId: "",
     sourceSha256: "",
+    weightDtype: "",
+    graphRevision: 0,
   };
 }
 
@@ -604,6 +613,12 @@ export const DenoiserInfo: MessageFns<DenoiserInfo> = {
     }
     if (message.sourceSha256 !== "") {
       writer.uint32(82).string(message.sourceSha256);
+    }
+    if (message.weightDtype !== "") {
+      writer.uint32(90).string(message.weightDtype);
+    }
+    if (message.graphRevision !== 0) {
+      writer.uint32(96).uint32(message.graphRevision);
     }
     return writer;
   },
@@ -701,6 +716,22 @@ export const DenoiserInfo: MessageFns<DenoiserInfo> = {
             message.sourceSha256 = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.weightDtype = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.graphRevision = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -745,6 +776,16 @@ export const DenoiserInfo: MessageFns<DenoiserInfo> = {
         : isSet(object.source_sha256)
         ? globalThis.String(object.source_sha256)
         : "",
+      weightDtype: isSet(object.weightDtype)
+        ? globalThis.String(object.weightDtype)
+        : isSet(object.weight_dtype)
+        ? globalThis.String(object.weight_dtype)
+        : "",
+      graphRevision: isSet(object.graphRevision)
+        ? globalThis.Number(object.graphRevision)
+        : isSet(object.graph_revision)
+        ? globalThis.Number(object.graph_revision)
+        : 0,
     };
   },
 
@@ -780,6 +821,12 @@ export const DenoiserInfo: MessageFns<DenoiserInfo> = {
     if (message.sourceSha256 !== "") {
       obj.sourceSha256 = message.sourceSha256;
     }
+    if (message.weightDtype !== "") {
+      obj.weightDtype = message.weightDtype;
+    }
+    if (message.graphRevision !== 0) {
+      obj.graphRevision = Math.round(message.graphRevision);
+    }
     return obj;
   },
 
@@ -800,6 +847,8 @@ export const DenoiserInfo: MessageFns<DenoiserInfo> = {
     message.executionProvider = object.executionProvider ?? "";
     message.instanceId = object.instanceId ?? "";
     message.sourceSha256 = object.sourceSha256 ?? "";
+    message.weightDtype = object.weightDtype ?? "";
+    message.graphRevision = object.graphRevision ?? 0;
     return message;
   },
 };
