@@ -24,7 +24,8 @@ export interface Variant {
 }
 
 /** This tree: pull dispatch. The HTTP API is off so clusters side by side do not compete for its port. */
-export const PULL: Variant = { name: 'pull', root: ROOT, schedulerArgs: ['--http-port', '-1'] };
+// The repeat cache is off: a benchmark repeating a seed measures sampling, not the cache.
+export const PULL: Variant = { name: 'pull', root: ROOT, schedulerArgs: ['--http-port', '-1', '--repeat-cache-mib', '0'] };
 
 /**
  * Another git revision of ditpipe as a variant (e.g. the last commit with push dispatch), checked

@@ -49,9 +49,13 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<Cluster> 
   const decoders = Array.from({ length: opts.decoders ?? 1 }, (_, i) =>
     spawnService(`decoder-${i}`, ['decoder', ...common, '--model-dir', vaeDir, '--grpc-port', '-1', '--threads', '1']),
   );
+  // The repeat cache is off: the fault tests repeat seeds to compare bytes, and a cache hit would
+  // answer them without a step in flight when the fault strikes.
   const scheduler = spawnService('scheduler', [
     'scheduler',
     ...common,
+    '--repeat-cache-mib',
+    '0',
     '--models',
     DIT_NAME,
     '--vae',

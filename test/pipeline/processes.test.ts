@@ -44,6 +44,9 @@ beforeAll(async () => {
     '-1',
     '--metrics-port',
     '0',
+    // Off: the tests repeat a request to compare bytes, and a cache hit would run no step.
+    '--repeat-cache-mib',
+    '0',
   ]);
   procs = [...denoisers, decoder, scheduler];
   await Promise.all([...denoisers, decoder].map((p) => p.waitFor(/^serving /)));
