@@ -10,20 +10,9 @@ import { CachePolicy, OutputFormat, type ClassLabel, type GenerateRequest } from
 import { SAMPLER_KINDS } from '../shared/sampler-kinds.ts';
 import type { MixEntry } from './campaign.ts';
 import type { FromWorker, PhasePlan, RequestResult, ToWorker, WorkerInit } from './protocol.ts';
+import { prng } from '../shared/prng.ts';
 
 const now = (): number => performance.timeOrigin + performance.now();
-
-/** mulberry32: small seeded PRNG so a campaign's request mix is reproducible. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function pickWeighted<T>(items: T[], weight: (x: T) => number, r: number): T {
   const sum = items.reduce((s, x) => s + weight(x), 0);

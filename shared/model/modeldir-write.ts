@@ -19,39 +19,23 @@ import {
   type VaeModelJson,
 } from './modeldir.ts';
 
-/** What a graph builder knows; `writeModelDir` adds what writing the graph tells. */
-export type ModelJsonDraft =
-  | Omit<
-      DitModelJson,
-      | 'format'
-      | 'version'
-      | 'inputs'
-      | 'outputs'
-      | 'params'
-      | 'gflops'
-      | 'flopsConvention'
-      | 'weightDtype'
-      | 'onnx'
-      | 'externalData'
-      | 'createdBy'
-      | 'graphRevision'
-      | 'cacheGraphs'
-    >
-  | Omit<
-      VaeModelJson,
-      | 'format'
-      | 'version'
-      | 'inputs'
-      | 'outputs'
-      | 'params'
-      | 'gflops'
-      | 'flopsConvention'
-      | 'weightDtype'
-      | 'onnx'
-      | 'externalData'
-      | 'createdBy'
-      | 'graphRevision'
-    >;
+/** The model.json fields `writeModelDir` fills in from writing the graph. */
+type WrittenFields =
+  | 'format'
+  | 'version'
+  | 'inputs'
+  | 'outputs'
+  | 'params'
+  | 'gflops'
+  | 'flopsConvention'
+  | 'weightDtype'
+  | 'onnx'
+  | 'externalData'
+  | 'createdBy'
+  | 'graphRevision';
+
+/** What a graph builder knows; `writeModelDir` adds what writing the graph tells (a DiT's cache graphs too). */
+export type ModelJsonDraft = Omit<DitModelJson, WrittenFields | 'cacheGraphs'> | Omit<VaeModelJson, WrittenFields>;
 
 /** Multiply-accumulates per forward at batch 1, ×1e-9. */
 export function graphGflops(graph: Graph): number {

@@ -9,7 +9,8 @@ import { CampaignError, isLoopback, parseDuration, remoteHosts, validateCampaign
 import { histogramQuantile, parsePrometheusText, serverFigures, type Scrape } from '../../loadtest/prom.ts';
 import { LoadtestError, runCampaign, split } from '../../loadtest/runner.ts';
 import { ghzCode, ghzSummary } from '../../loadtest/stats.ts';
-import { arrivalTime, drawRequest, prng } from '../../loadtest/worker.ts';
+import { arrivalTime, drawRequest } from '../../loadtest/worker.ts';
+import { prng } from '../../shared/prng.ts';
 import { CachePolicy } from '../../shared/gen/ditpipe/v1/sampler.ts';
 
 const ROOT = join(import.meta.dirname, '../..');

@@ -17,24 +17,13 @@ import { connectNats } from '../../shared/transport/nats.ts';
 import { DIT_NAME, VAE_NAME } from '../helpers/models.ts';
 import { type NatsServerHandle, startNatsServer } from '../helpers/nats.ts';
 import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
+import { prng as rng } from '../../shared/prng.ts';
 
 const SEED = 20_261_203;
 const MESSAGES = 3_000;
 const DENOISE = `ditpipe.v1.denoiser.${DIT_NAME}.denoise`;
 const DECODE = `ditpipe.v1.decoder.${VAE_NAME}.decode`;
 const REPLY = 'fuzz.replies';
-
-/** mulberry32: small, fast, seeded. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 let nats: NatsServerHandle;
 let p: Pipeline;

@@ -21,22 +21,11 @@ import { ModelDirError, readModelDir } from '../../shared/model/modeldir.ts';
 import { openWeights, WeightsError } from '../../shared/weights/index.ts';
 import { DIT_NAME, GOLDEN, testModels } from '../helpers/models.ts';
 import { startPipeline, type Pipeline } from '../helpers/pipeline.ts';
+import { prng as rng } from '../../shared/prng.ts';
 
 const SEED = 20_261_202;
 const FRAMES = 2_400;
 const FILES_PER_KIND = 150;
-
-/** mulberry32: small, fast, seeded. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const dir = mkdtempSync(join(tmpdir(), 'ditpipe-fuzz-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

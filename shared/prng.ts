@@ -1,0 +1,14 @@
+// mulberry32: a small, fast, seeded PRNG (32-bit state), for what must be reproducible from a seed
+// but need not be cryptographic: a load-test campaign's request mix, the fuzz tests' inputs.
+
+/** Uniform numbers in [0, 1), the same sequence for the same seed. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
