@@ -98,7 +98,7 @@ export function toGenerateRequest(
   config: SchedulerConfig,
 ): { request: GenerateRequest; stream: boolean; timeoutMs: number | undefined } {
   if (r.response_format === 'url') {
-    throw badRequest('response_format: "url" is not served (ditpipe stores no images); use "b64_json"', 'response_format');
+    throw badRequest('response_format: "url" is not served (ditpipe serves no image files to link to); use "b64_json"', 'response_format');
   }
   if (r.response_format != null && r.response_format !== 'b64_json') {
     throw badRequest(`response_format: must be "b64_json", got "${r.response_format}"`, 'response_format');
