@@ -87,14 +87,23 @@ function sse(text: string): Array<{ event: string; data: any }> {
 let p: Pipeline;
 let base: string;
 let openai: OpenAI;
+/**
+ * For the tests that need previews to arrive: sampling never waits for one (a round still decoding
+ * when the next is due is skipped, a late one dropped), so on the real tiny model a run can finish
+ * before the first preview is back. A simulated denoiser (40 ms passes, zeros) gives the real
+ * decoder the time to answer, on a busy machine too.
+ */
+let slow: Pipeline;
 
 beforeAll(async () => {
   // A second configured model that no denoiser serves, for UNAVAILABLE.
   p = await startPipeline({ transport: { kind: 'inproc' }, scheduler: { maxSamplesInFlight: 24, models: [DIT_NAME, 'ghost'] }, http: {} });
   base = p.http!.url;
+  slow = await startPipeline({ transport: { kind: 'inproc' }, denoiser: { simulate: { baseMs: 40, perRowMs: 0 } }, http: {} });
   openai = new OpenAI({ apiKey: 'not-checked', baseURL: `${base}/v1`, maxRetries: 0 });
 });
 afterAll(async () => {
+  await slow?.stop();
   await p?.stop();
 });
 
@@ -264,7 +273,7 @@ describe('one validation, two front ends', () => {
     expect(ghost.json().error).toMatchObject({ code: 'unavailable', type: 'server_error' });
 
     // Fill the admission budget (24) with a slow gRPC request, then overflow it over HTTP.
-    const slow = p.api.generate({
+    const filler = p.api.generate({
       model: DIT_NAME,
       classLabels: Array.from({ length: 20 }, () => ({ index: 2 })),
       numSteps: 300,
@@ -276,7 +285,7 @@ describe('one validation, two front ends', () => {
     expect(full.headers['retry-after']).toBe('1');
     expect(full.json().error).toMatchObject({ code: 'resource_exhausted', type: 'rate_limit_error' });
     expect(full.json().error.message).toMatch(/capacity/);
-    await slow;
+    await filler;
 
     const late = await post(base, { ...d({ steps: 1000, cfg_scale: 1, timeout_ms: 300 }) });
     expect(late.status, late.text).toBe(504);
@@ -301,10 +310,10 @@ describe('one validation, two front ends', () => {
 describe('server-sent events', () => {
   it('come in order: accepted, progress per step with previews after their steps, each final image, completed; previews are counted by purpose', async () => {
     const before = {
-      decodes: await metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' }),
-      sent: await metric(p, 'ditpipe_previews_total', { outcome: 'sent' }),
+      decodes: await metric(slow, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' }),
+      sent: await metric(slow, 'ditpipe_previews_total', { outcome: 'sent' }),
     };
-    const res = await post(base, {
+    const res = await post(slow.http!.url, {
       model: DIT_NAME,
       prompt: 'five',
       n: 2,
@@ -344,13 +353,13 @@ describe('server-sent events', () => {
     expect(finals.map((e) => e.data.ditpipe.image_index).sort()).toEqual([0, 1]);
     // The last preview is the model's guess at step ≤ 10; the final image differs from it.
     expect(previews.every((pv) => pv.data.b64_json !== finals[0].data.b64_json)).toBe(true);
-    const decodes = (await metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' })) - before.decodes;
-    const sent = (await metric(p, 'ditpipe_previews_total', { outcome: 'sent' })) - before.sent;
+    const decodes = (await metric(slow, 'ditpipe_scheduler_decodes_total', { purpose: 'preview' })) - before.decodes;
+    const sent = (await metric(slow, 'ditpipe_previews_total', { outcome: 'sent' })) - before.sent;
     expect(sent).toBe(previews.length);
     expect(decodes).toBeGreaterThanOrEqual(previews.length);
-    expect(await metric(p, 'ditpipe_scheduler_decodes_total', { purpose: 'final' })).toBeGreaterThanOrEqual(2);
+    expect(await metric(slow, 'ditpipe_scheduler_decodes_total', { purpose: 'final' })).toBeGreaterThanOrEqual(2);
     // The same request without previews gives the same final images: previews do not touch the sampling.
-    const plain = await post(base, { model: DIT_NAME, prompt: 'five', n: 2, ditpipe: { steps: 12, sampler: 'ddpm', seed: 3 } });
+    const plain = await post(slow.http!.url, { model: DIT_NAME, prompt: 'five', n: 2, ditpipe: { steps: 12, sampler: 'ddpm', seed: 3 } });
     const byIndex = new Map(finals.map((e) => [e.data.ditpipe.image_index as number, e.data.b64_json as string]));
     expect(plain.json().data.map((x: { b64_json: string }) => x.b64_json)).toEqual([byIndex.get(0), byIndex.get(1)]);
   });
@@ -525,7 +534,7 @@ describe('TLS and bearer tokens', () => {
 describe('previews over gRPC', () => {
   it('GenerateStream sends preview events between progress events when asked', async () => {
     const events: GenerateEvent[] = [];
-    for await (const ev of p.api.generateStream({
+    for await (const ev of slow.api.generateStream({
       model: DIT_NAME,
       classLabels: [{ index: 4 }],
       numSteps: 8,
