@@ -543,29 +543,14 @@ export class Scheduler {
       this.checkAlive(opts);
       decoder = await this.catalog.decoderFor(model);
       const { vae, info } = decoder;
-      const client = this.catalog.decoderClient(vae);
       const decodeStart = performance.now();
       // One call per image: images stream out as they finish and spread over the decoder replicas.
       await Promise.all(
         todo.map(async (i, j) => {
           const started = performance.now();
-          this.metrics.decodes.inc({ ...labels, purpose: 'final' });
-          const res = await client.decode(
-            {
-              model: vae,
-              latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(j * inPer, (j + 1) * inPer)),
-              format: ImageFormat.IMAGE_FORMAT_PNG,
-              requestId: plan.id,
-            },
-            {
-              signal: opts.signal,
-              attemptTimeoutMs: this.config.decodeTimeoutMs,
-              timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
-            },
-          );
-          this.metrics.decodeSeconds.observe({ ...labels, purpose: 'final' }, (performance.now() - started) / 1000);
+          const png = await this.decodeToPng(plan, vae, latents.subarray(j * inPer, (j + 1) * inPer), 'final', opts);
           const size = servedImageSize(c.inputSize, info);
-          images[i] = { ...base(i), png: res.png[0], width: size.width, height: size.height };
+          images[i] = { ...base(i), png, width: size.width, height: size.height };
           opts.onEvent?.({
             image: {
               image: images[i],
@@ -659,8 +644,6 @@ export class Scheduler {
     const { model } = plan;
     const c = model.denoiser.config!;
     const { vae, info } = await this.catalog.decoderFor(model);
-    const decoder = this.catalog.decoderClient(vae);
-    const labels = { model: model.name, purpose: 'preview' };
     const size = servedImageSize(c.inputSize, info);
     const sink = {
       model: model.name,
@@ -679,26 +662,11 @@ export class Scheduler {
     }
     return new Previews(plan.preview!, {
       ...sink,
-      render: async (latent) => {
-        const started = performance.now();
-        this.metrics.decodes.inc(labels);
-        // A preview is not worth a retry: a later one replaces it.
-        const res = await decoder.decode(
-          {
-            model: vae,
-            latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latent),
-            format: ImageFormat.IMAGE_FORMAT_PNG,
-            requestId: plan.id,
-          },
-          {
-            signal: opts.signal,
-            retries: 0,
-            timeoutMs: Math.min(this.config.decodeTimeoutMs, this.callBudget(opts, this.config.decodeTimeoutMs)),
-          },
-        );
-        this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
-        return { png: res.png[0], width: size.width, height: size.height };
-      },
+      render: async (latent) => ({
+        png: await this.decodeToPng(plan, vae, latent, 'preview', opts),
+        width: size.width,
+        height: size.height,
+      }),
     });
   }
 
@@ -711,36 +679,50 @@ export class Scheduler {
     const key = `${vae}/${c.inChannels}x${c.inputSize}`;
     let p = this.projections.get(key);
     if (!p) {
-      const decoder = this.catalog.decoderClient(vae);
       const count = 8;
       const per = c.inChannels * c.inputSize * c.inputSize;
       const latents = calibrationLatents(count, c.inChannels, c.inputSize);
-      const labels = { model: plan.model.name, purpose: 'calibration' };
       p = Promise.all(
-        Array.from({ length: count }, async (_, i) => {
-          const started = performance.now();
-          this.metrics.decodes.inc(labels);
-          const res = await decoder.decode(
-            {
-              model: vae,
-              latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latents.subarray(i * per, (i + 1) * per)),
-              format: ImageFormat.IMAGE_FORMAT_PNG,
-              requestId: plan.id,
-            },
-            {
-              signal: opts.signal,
-              timeoutMs: this.callBudget(opts, this.config.decodeTimeoutMs),
-              attemptTimeoutMs: this.config.decodeTimeoutMs,
-            },
-          );
-          this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
-          return res.png[0];
-        }),
+        Array.from({ length: count }, (_, i) => this.decodeToPng(plan, vae, latents.subarray(i * per, (i + 1) * per), 'calibration', opts)),
       ).then((pngs) => fitProjection(latents, c.inChannels, c.inputSize, pngs, { upsample: info.upsample, crop: info.outputCrop }));
       p.catch(() => this.projections.delete(key));
       this.projections.set(key, p);
     }
     return p;
+  }
+
+  /**
+   * One latent decoded to a PNG by the VAE's decoder pool, counted and timed by purpose. A final or
+   * calibration decode gets the work queue's redelivery like a step; a preview is not worth a
+   * retry (a later one replaces it).
+   */
+  private async decodeToPng(
+    plan: Plan,
+    vae: string,
+    latent: Float32Array,
+    purpose: 'final' | 'preview' | 'calibration',
+    opts: GenerateOptions,
+  ): Promise<Uint8Array> {
+    const c = plan.model.denoiser.config!;
+    const labels = { model: plan.model.name, purpose };
+    const started = performance.now();
+    this.metrics.decodes.inc(labels);
+    const budget = this.callBudget(opts, this.config.decodeTimeoutMs);
+    const res = await this.catalog
+      .decoderClient(vae)
+      .decode(
+        {
+          model: vae,
+          latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latent),
+          format: ImageFormat.IMAGE_FORMAT_PNG,
+          requestId: plan.id,
+        },
+        purpose === 'preview'
+          ? { signal: opts.signal, retries: 0, timeoutMs: Math.min(this.config.decodeTimeoutMs, budget) }
+          : { signal: opts.signal, attemptTimeoutMs: this.config.decodeTimeoutMs, timeoutMs: budget },
+      );
+    this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
+    return res.png[0];
   }
 
   /** Refuses new requests and waits up to graceMs for those in flight. */

@@ -72,6 +72,10 @@ async function metric(
   return sum;
 }
 
+/**
+ * The events of a server-sent-events body. `data` is whatever JSON the server sent, typed `any` on
+ * purpose: the tests read it field by field and their assertions are what check its shape.
+ */
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 function sse(text: string): Array<{ event: string; data: any }> {
   return text
