@@ -183,7 +183,7 @@ export function watchNatsConnection(nc: NatsConnection, log: Logger, service?: N
 }
 
 /** The host:port of each URL in --nats-url, without any user or password it carries (for logs). */
-export function natsHosts(urls: string): string[] {
+function natsHosts(urls: string): string[] {
   return urls.split(',').map((u) => {
     const url = u.trim();
     try {
@@ -201,7 +201,8 @@ export async function natsFromFlags(
   service?: NatsService,
 ): Promise<Transport> {
   const opts = natsOptions(f, name, service);
-  log?.info({ servers: natsHosts(f.natsUrl) }, `connecting to NATS at ${natsHosts(f.natsUrl).join(', ')}`);
+  const servers = natsHosts(f.natsUrl);
+  log?.info({ servers }, `connecting to NATS at ${servers.join(', ')}`);
   const nc = await connectNats(opts);
   if (log) watchNatsConnection(nc, log, service);
   return natsTransport(nc, { log });
