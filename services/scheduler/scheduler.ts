@@ -708,19 +708,17 @@ export class Scheduler {
     const started = performance.now();
     this.metrics.decodes.inc(labels);
     const budget = this.callBudget(opts, this.config.decodeTimeoutMs);
-    const res = await this.catalog
-      .decoderClient(vae)
-      .decode(
-        {
-          model: vae,
-          latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latent),
-          format: ImageFormat.IMAGE_FORMAT_PNG,
-          requestId: plan.id,
-        },
-        purpose === 'preview'
-          ? { signal: opts.signal, retries: 0, timeoutMs: Math.min(this.config.decodeTimeoutMs, budget) }
-          : { signal: opts.signal, attemptTimeoutMs: this.config.decodeTimeoutMs, timeoutMs: budget },
-      );
+    const res = await this.catalog.decoderClient(vae).decode(
+      {
+        model: vae,
+        latents: f32Tensor([1, c.inChannels, c.inputSize, c.inputSize], latent),
+        format: ImageFormat.IMAGE_FORMAT_PNG,
+        requestId: plan.id,
+      },
+      purpose === 'preview'
+        ? { signal: opts.signal, retries: 0, timeoutMs: Math.min(this.config.decodeTimeoutMs, budget) }
+        : { signal: opts.signal, attemptTimeoutMs: this.config.decodeTimeoutMs, timeoutMs: budget },
+    );
     this.metrics.decodeSeconds.observe(labels, (performance.now() - started) / 1000);
     return res.png[0];
   }
