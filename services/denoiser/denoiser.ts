@@ -126,6 +126,9 @@ export class Denoiser {
         batchRows: done.batchRows,
         queueMs: done.queueMs,
         forwardMs: done.result.forwardMs,
+        cacheHolder: '',
+        cached: false,
+        gflops: guidanceRows(job.n, job.scale) * this.meta.gflops,
       };
     } catch (err) {
       this.metrics.steps.inc({ ...labels, outcome: 'error' });

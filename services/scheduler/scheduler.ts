@@ -611,6 +611,8 @@ export class Scheduler {
                 requestId: plan.id,
                 stepIndex: step.step,
                 omitVariance,
+                cacheKey: '',
+                numSteps: plan.numSteps,
               },
               {
                 signal: opts.signal,

@@ -121,6 +121,13 @@ export interface CallOptions {
    * cannot be shared by idle replicas.
    */
   maxBatchCost?: number;
+  /**
+   * Work: the instance of the replica to send this call to directly (it holds state the call can
+   * reuse, e.g. a request's step cache), on core NATS subject `<method subject>.to.<instance>`.
+   * The call falls back to the queue when that replica gives it back or says nothing of it for an
+   * ack wait, so a target that died or froze costs at most that wait, never the call.
+   */
+  target?: string;
 }
 
 export interface CollectOptions {

@@ -59,6 +59,85 @@ export function guidanceChannelsToJSON(object: GuidanceChannels): string {
   }
 }
 
+/**
+ * How a request's denoise steps reuse the work of earlier steps (step caching). A full step runs
+ * every transformer block; a cached step runs only the embeddings and the first block and adds
+ * the block stack's residual kept from the request's last full step (the step-cache graphs of
+ * docs/model-dir.md). Cached steps cost a fraction of a full one and change the numbers a little.
+ */
+export enum StepCachePolicy {
+  /** STEP_CACHE_POLICY_UNSPECIFIED - Not set: no step caching; every step is a full step with the original numerics. */
+  STEP_CACHE_POLICY_UNSPECIFIED = 0,
+  /** STEP_CACHE_POLICY_INTERVAL - Static (FORA-like): a full step every `interval` steps, cached steps between. */
+  STEP_CACHE_POLICY_INTERVAL = 1,
+  /**
+   * STEP_CACHE_POLICY_ADAPTIVE - Adaptive (FBCache-like): a step is cached while the first block's residual differs from
+   * that of the last full step by less than `threshold` (mean absolute difference relative to
+   * its mean absolute value, over all rows of the request's step).
+   */
+  STEP_CACHE_POLICY_ADAPTIVE = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function stepCachePolicyFromJSON(object: any): StepCachePolicy {
+  switch (object) {
+    case 0:
+    case "STEP_CACHE_POLICY_UNSPECIFIED":
+      return StepCachePolicy.STEP_CACHE_POLICY_UNSPECIFIED;
+    case 1:
+    case "STEP_CACHE_POLICY_INTERVAL":
+      return StepCachePolicy.STEP_CACHE_POLICY_INTERVAL;
+    case 2:
+    case "STEP_CACHE_POLICY_ADAPTIVE":
+      return StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return StepCachePolicy.UNRECOGNIZED;
+  }
+}
+
+export function stepCachePolicyToJSON(object: StepCachePolicy): string {
+  switch (object) {
+    case StepCachePolicy.STEP_CACHE_POLICY_UNSPECIFIED:
+      return "STEP_CACHE_POLICY_UNSPECIFIED";
+    case StepCachePolicy.STEP_CACHE_POLICY_INTERVAL:
+      return "STEP_CACHE_POLICY_INTERVAL";
+    case StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE:
+      return "STEP_CACHE_POLICY_ADAPTIVE";
+    case StepCachePolicy.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
+ * A request's step-cache settings. The first `warmup_steps` steps and the last step are always
+ * full steps; so is any step whose replica does not hold the request's cache (the replica died,
+ * evicted it, or the step went elsewhere): caching saves work, it never loses any.
+ */
+export interface StepCacheOptions {
+  /**
+   * A named preset ("interval-2", "interval-3", "adaptive"; the scheduler's ListModels
+   * documentation and docs/step-cache.md list what each sets). Set either a preset or `policy`,
+   * not both; unset with no policy: no step caching.
+   */
+  preset: string;
+  /** The policy, when no preset is named. */
+  policy: StepCachePolicy;
+  /** INTERVAL: steps from one full step to the next, 1..1000 (1 = every step full). */
+  interval: number;
+  /**
+   * ADAPTIVE: relative change of the first block's residual below which a step is cached,
+   * finite, > 0 and ≤ 10.
+   */
+  threshold: number;
+  /** Steps at the start that are always full, 0..1000. */
+  warmupSteps: number;
+  /** ADAPTIVE: most cached steps in a row before a full one, 0..1000 (0 = no limit). */
+  maxCachedSteps: number;
+}
+
 /** Configuration of a DiT model, with the argument names of the original DiT constructor. */
 export interface DiTConfig {
   /** Latent side length (image side / 8 for the SD VAE), e.g. 32 for 256×256 images. */
@@ -80,6 +159,163 @@ export interface DiTConfig {
   /** MLP hidden width as a multiple of hidden_size (4 in every published preset). */
   mlpRatio: number;
 }
+
+function createBaseStepCacheOptions(): StepCacheOptions {
+  return { preset: "", policy: 0, interval: 0, threshold: 0, warmupSteps: 0, maxCachedSteps: 0 };
+}
+
+export const StepCacheOptions: MessageFns<StepCacheOptions> = {
+  encode(message: StepCacheOptions, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.preset !== "") {
+      writer.uint32(10).string(message.preset);
+    }
+    if (message.policy !== 0) {
+      writer.uint32(16).int32(message.policy);
+    }
+    if (message.interval !== 0) {
+      writer.uint32(24).uint32(message.interval);
+    }
+    if (message.threshold !== 0) {
+      writer.uint32(33).double(message.threshold);
+    }
+    if (message.warmupSteps !== 0) {
+      writer.uint32(40).uint32(message.warmupSteps);
+    }
+    if (message.maxCachedSteps !== 0) {
+      writer.uint32(48).uint32(message.maxCachedSteps);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StepCacheOptions {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStepCacheOptions();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.preset = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.policy = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.interval = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.threshold = reader.double();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.warmupSteps = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.maxCachedSteps = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StepCacheOptions {
+    return {
+      preset: isSet(object.preset) ? globalThis.String(object.preset) : "",
+      policy: isSet(object.policy) ? stepCachePolicyFromJSON(object.policy) : 0,
+      interval: isSet(object.interval) ? globalThis.Number(object.interval) : 0,
+      threshold: isSet(object.threshold) ? globalThis.Number(object.threshold) : 0,
+      warmupSteps: isSet(object.warmupSteps)
+        ? globalThis.Number(object.warmupSteps)
+        : isSet(object.warmup_steps)
+        ? globalThis.Number(object.warmup_steps)
+        : 0,
+      maxCachedSteps: isSet(object.maxCachedSteps)
+        ? globalThis.Number(object.maxCachedSteps)
+        : isSet(object.max_cached_steps)
+        ? globalThis.Number(object.max_cached_steps)
+        : 0,
+    };
+  },
+
+  toJSON(message: StepCacheOptions): unknown {
+    const obj: any = {};
+    if (message.preset !== "") {
+      obj.preset = message.preset;
+    }
+    if (message.policy !== 0) {
+      obj.policy = stepCachePolicyToJSON(message.policy);
+    }
+    if (message.interval !== 0) {
+      obj.interval = Math.round(message.interval);
+    }
+    if (message.threshold !== 0) {
+      obj.threshold = floatToJson(message.threshold);
+    }
+    if (message.warmupSteps !== 0) {
+      obj.warmupSteps = Math.round(message.warmupSteps);
+    }
+    if (message.maxCachedSteps !== 0) {
+      obj.maxCachedSteps = Math.round(message.maxCachedSteps);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StepCacheOptions>): StepCacheOptions {
+    return StepCacheOptions.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StepCacheOptions>): StepCacheOptions {
+    const message = createBaseStepCacheOptions();
+    message.preset = object.preset ?? "";
+    message.policy = object.policy ?? 0;
+    message.interval = object.interval ?? 0;
+    message.threshold = object.threshold ?? 0;
+    message.warmupSteps = object.warmupSteps ?? 0;
+    message.maxCachedSteps = object.maxCachedSteps ?? 0;
+    return message;
+  },
+};
 
 function createBaseDiTConfig(): DiTConfig {
   return {

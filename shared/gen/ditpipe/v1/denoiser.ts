@@ -18,7 +18,13 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
-import { DiTConfig, GuidanceChannels, guidanceChannelsFromJSON, guidanceChannelsToJSON } from "./common.ts";
+import {
+  DiTConfig,
+  GuidanceChannels,
+  guidanceChannelsFromJSON,
+  guidanceChannelsToJSON,
+  StepCacheOptions,
+} from "./common.ts";
 import { Tensor } from "./tensor.ts";
 
 export const protobufPackage = "ditpipe.v1";
@@ -60,7 +66,10 @@ export interface DenoiseRequest {
   guidanceChannels: GuidanceChannels;
   /** Request identifier, for logs only. */
   requestId: string;
-  /** 0-based index of this step in the request's sampling loop, for logs only. */
+  /**
+   * 0-based index of this step in the request's sampling loop (the step cache's policy reads
+   * it; otherwise for logs only).
+   */
   stepIndex: number;
   /**
    * Answer only the C mean (eps) channels of a learned-sigma model: samplers that ignore the
@@ -68,6 +77,25 @@ export interface DenoiseRequest {
    * without learned sigma.
    */
   omitVariance: boolean;
+  /**
+   * Step caching for this request (policy resolved: no preset). Unset policy: a full step with
+   * the original numerics and no state kept.
+   */
+  stepCache?:
+    | StepCacheOptions
+    | undefined;
+  /**
+   * With step_cache: the key of the request's cache state on the replica, unique per request
+   * and per group of samples (the scheduler sends "<request id>/<first sample index>"). Rows,
+   * guidance and policy must stay the same for a key; a state that does not match is dropped
+   * and the step computed in full. 1..256 characters.
+   */
+  cacheKey: string;
+  /**
+   * With step_cache: steps of the request's sampling loop; the last (step_index =
+   * num_steps - 1) is a full step and frees the state.
+   */
+  numSteps: number;
 }
 
 export interface DenoiseResponse {
@@ -85,6 +113,19 @@ export interface DenoiseResponse {
   queueMs: number;
   /** Duration of the forward pass that served it, in milliseconds. */
   forwardMs: number;
+  /**
+   * With step_cache: instance_id of the replica that holds the request's cache state after this
+   * step (send the next step there to reuse it); empty when no state is kept (last step, cache
+   * off or full).
+   */
+  cacheHolder: string;
+  /** True when this step was a cached step (the block stack skipped). */
+  cached: boolean;
+  /**
+   * Giga multiply-accumulates this step's rows cost (guidance rows counted): the full graph's
+   * per row for a full step, the head and skip graphs' for a cached one.
+   */
+  gflops: number;
 }
 
 export interface DenoiserInfoRequest {
@@ -134,6 +175,9 @@ function createBaseDenoiseRequest(): DenoiseRequest {
     requestId: "",
     stepIndex: 0,
     omitVariance: false,
+    stepCache: undefined,
+    cacheKey: "",
+    numSteps: 0,
   };
 }
 
@@ -176,6 +220,15 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
     }
     if (message.omitVariance !== false) {
       writer.uint32(72).bool(message.omitVariance);
+    }
+    if (message.stepCache !== undefined) {
+      StepCacheOptions.encode(message.stepCache, writer.uint32(82).fork()).join();
+    }
+    if (message.cacheKey !== "") {
+      writer.uint32(90).string(message.cacheKey);
+    }
+    if (message.numSteps !== 0) {
+      writer.uint32(96).uint32(message.numSteps);
     }
     return writer;
   },
@@ -285,6 +338,30 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
             message.omitVariance = reader.bool();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.stepCache = StepCacheOptions.decode(reader, reader.uint32());
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.cacheKey = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.numSteps = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -328,6 +405,21 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
         : isSet(object.omit_variance)
         ? globalThis.Boolean(object.omit_variance)
         : false,
+      stepCache: isSet(object.stepCache)
+        ? StepCacheOptions.fromJSON(object.stepCache)
+        : isSet(object.step_cache)
+        ? StepCacheOptions.fromJSON(object.step_cache)
+        : undefined,
+      cacheKey: isSet(object.cacheKey)
+        ? globalThis.String(object.cacheKey)
+        : isSet(object.cache_key)
+        ? globalThis.String(object.cache_key)
+        : "",
+      numSteps: isSet(object.numSteps)
+        ? globalThis.Number(object.numSteps)
+        : isSet(object.num_steps)
+        ? globalThis.Number(object.num_steps)
+        : 0,
     };
   },
 
@@ -360,6 +452,15 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
     if (message.omitVariance !== false) {
       obj.omitVariance = message.omitVariance;
     }
+    if (message.stepCache !== undefined) {
+      obj.stepCache = StepCacheOptions.toJSON(message.stepCache);
+    }
+    if (message.cacheKey !== "") {
+      obj.cacheKey = message.cacheKey;
+    }
+    if (message.numSteps !== 0) {
+      obj.numSteps = Math.round(message.numSteps);
+    }
     return obj;
   },
 
@@ -377,12 +478,17 @@ export const DenoiseRequest: MessageFns<DenoiseRequest> = {
     message.requestId = object.requestId ?? "";
     message.stepIndex = object.stepIndex ?? 0;
     message.omitVariance = object.omitVariance ?? false;
+    message.stepCache = (object.stepCache !== undefined && object.stepCache !== null)
+      ? StepCacheOptions.fromPartial(object.stepCache)
+      : undefined;
+    message.cacheKey = object.cacheKey ?? "";
+    message.numSteps = object.numSteps ?? 0;
     return message;
   },
 };
 
 function createBaseDenoiseResponse(): DenoiseResponse {
-  return { out: undefined, batchRows: 0, queueMs: 0, forwardMs: 0 };
+  return { out: undefined, batchRows: 0, queueMs: 0, forwardMs: 0, cacheHolder: "", cached: false, gflops: 0 };
 }
 
 export const DenoiseResponse: MessageFns<DenoiseResponse> = {
@@ -398,6 +504,15 @@ export const DenoiseResponse: MessageFns<DenoiseResponse> = {
     }
     if (message.forwardMs !== 0) {
       writer.uint32(33).double(message.forwardMs);
+    }
+    if (message.cacheHolder !== "") {
+      writer.uint32(42).string(message.cacheHolder);
+    }
+    if (message.cached !== false) {
+      writer.uint32(48).bool(message.cached);
+    }
+    if (message.gflops !== 0) {
+      writer.uint32(57).double(message.gflops);
     }
     return writer;
   },
@@ -447,6 +562,30 @@ export const DenoiseResponse: MessageFns<DenoiseResponse> = {
             message.forwardMs = reader.double();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.cacheHolder = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.cached = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.gflops = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -477,6 +616,13 @@ export const DenoiseResponse: MessageFns<DenoiseResponse> = {
         : isSet(object.forward_ms)
         ? globalThis.Number(object.forward_ms)
         : 0,
+      cacheHolder: isSet(object.cacheHolder)
+        ? globalThis.String(object.cacheHolder)
+        : isSet(object.cache_holder)
+        ? globalThis.String(object.cache_holder)
+        : "",
+      cached: isSet(object.cached) ? globalThis.Boolean(object.cached) : false,
+      gflops: isSet(object.gflops) ? globalThis.Number(object.gflops) : 0,
     };
   },
 
@@ -494,6 +640,15 @@ export const DenoiseResponse: MessageFns<DenoiseResponse> = {
     if (message.forwardMs !== 0) {
       obj.forwardMs = floatToJson(message.forwardMs);
     }
+    if (message.cacheHolder !== "") {
+      obj.cacheHolder = message.cacheHolder;
+    }
+    if (message.cached !== false) {
+      obj.cached = message.cached;
+    }
+    if (message.gflops !== 0) {
+      obj.gflops = floatToJson(message.gflops);
+    }
     return obj;
   },
 
@@ -506,6 +661,9 @@ export const DenoiseResponse: MessageFns<DenoiseResponse> = {
     message.batchRows = object.batchRows ?? 0;
     message.queueMs = object.queueMs ?? 0;
     message.forwardMs = object.forwardMs ?? 0;
+    message.cacheHolder = object.cacheHolder ?? "";
+    message.cached = object.cached ?? false;
+    message.gflops = object.gflops ?? 0;
     return message;
   },
 };

@@ -20,7 +20,13 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
-import { DiTConfig, GuidanceChannels, guidanceChannelsFromJSON, guidanceChannelsToJSON } from "./common.ts";
+import {
+  DiTConfig,
+  GuidanceChannels,
+  guidanceChannelsFromJSON,
+  guidanceChannelsToJSON,
+  StepCacheOptions,
+} from "./common.ts";
 import { Tensor } from "./tensor.ts";
 
 export const protobufPackage = "ditpipe.v1";
@@ -321,6 +327,12 @@ export interface GenerateRequest {
    * cache is off.
    */
   cachePolicy: CachePolicy;
+  /**
+   * Step caching (reuse of the transformer blocks' work across neighbouring steps; see
+   * StepCacheOptions). Unset: none, the original numerics bit for bit. Images sampled with
+   * step caching differ a little from uncached ones; the repeat cache keys them apart.
+   */
+  stepCache?: StepCacheOptions | undefined;
 }
 
 /** Where the time of a request (or of one image) went, in milliseconds. */
@@ -682,6 +694,7 @@ function createBaseGenerateRequest(): GenerateRequest {
     outputFormat: 0,
     preview: undefined,
     cachePolicy: 0,
+    stepCache: undefined,
   };
 }
 
@@ -722,6 +735,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.cachePolicy !== 0) {
       writer.uint32(88).int32(message.cachePolicy);
+    }
+    if (message.stepCache !== undefined) {
+      StepCacheOptions.encode(message.stepCache, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -827,6 +843,14 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
             message.cachePolicy = reader.int32() as any;
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.stepCache = StepCacheOptions.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -876,6 +900,11 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
         : isSet(object.cache_policy)
         ? cachePolicyFromJSON(object.cache_policy)
         : 0,
+      stepCache: isSet(object.stepCache)
+        ? StepCacheOptions.fromJSON(object.stepCache)
+        : isSet(object.step_cache)
+        ? StepCacheOptions.fromJSON(object.step_cache)
+        : undefined,
     };
   },
 
@@ -914,6 +943,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     if (message.cachePolicy !== 0) {
       obj.cachePolicy = cachePolicyToJSON(message.cachePolicy);
     }
+    if (message.stepCache !== undefined) {
+      obj.stepCache = StepCacheOptions.toJSON(message.stepCache);
+    }
     return obj;
   },
 
@@ -935,6 +967,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
       ? PreviewOptions.fromPartial(object.preview)
       : undefined;
     message.cachePolicy = object.cachePolicy ?? 0;
+    message.stepCache = (object.stepCache !== undefined && object.stepCache !== null)
+      ? StepCacheOptions.fromPartial(object.stepCache)
+      : undefined;
     return message;
   },
 };

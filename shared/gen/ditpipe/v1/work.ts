@@ -24,6 +24,13 @@ export const protobufFileName = "ditpipe/v1/work.proto";
  * Ditpipe-Timeout-Ms) is delivered again to another replica; a caller re-sends its unanswered
  * batches after a NATS reconnect. So an item may be computed twice: the methods are pure, and the
  * caller keeps the first answer.
+ *
+ * Direct calls: a caller that knows which replica holds state worth reusing for a call (a
+ * request's step cache) publishes its WorkBatch with the same headers on core NATS subject
+ * <method subject>.to.<replica instance> instead. The replica serves it like queued work and
+ * confirms it with `working` heartbeats; if it says nothing for an ack wait (dead, frozen) or gives
+ * the call back, the caller appends it to the queue, so a direct call is never lost, only its
+ * reuse.
  */
 
 /** Calls of one caller that became ready together, computed independently of each other. */
@@ -46,6 +53,17 @@ export interface WorkItem {
 /** Answers of one replica to one caller, published to the caller's reply subject. */
 export interface WorkResults {
   results: WorkResult[];
+  /**
+   * Calls sent to this replica directly (see below) that it holds and is still working on: a
+   * heartbeat, every ack wait / 4. A caller that hears nothing of a direct call for an ack wait
+   * sends it through the queue instead.
+   */
+  working: bigint[];
+  /**
+   * Calls sent to this replica directly that it will not serve (it is stopping or cannot
+   * serve them): the caller sends them through the queue at once.
+   */
+  givenBack: bigint[];
 }
 
 export interface WorkResult {
@@ -257,13 +275,33 @@ export const WorkItem: MessageFns<WorkItem> = {
 };
 
 function createBaseWorkResults(): WorkResults {
-  return { results: [] };
+  return { results: [], working: [], givenBack: [] };
 }
 
 export const WorkResults: MessageFns<WorkResults> = {
   encode(message: WorkResults, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.results) {
       WorkResult.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.working.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.working) {
+        if (BigInt.asUintN(64, v) !== v) {
+          throw new globalThis.Error("a value provided in array field working of type uint64 is too large");
+        }
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.givenBack.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.givenBack) {
+        if (BigInt.asUintN(64, v) !== v) {
+          throw new globalThis.Error("a value provided in array field givenBack of type uint64 is too large");
+        }
+        writer.uint64(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -289,6 +327,42 @@ export const WorkResults: MessageFns<WorkResults> = {
             message.results.push(WorkResult.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag === 16) {
+              message.working.push(reader.uint64() as bigint);
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.working.push(reader.uint64() as bigint);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.givenBack.push(reader.uint64() as bigint);
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.givenBack.push(reader.uint64() as bigint);
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -304,6 +378,12 @@ export const WorkResults: MessageFns<WorkResults> = {
   fromJSON(object: any): WorkResults {
     return {
       results: globalThis.Array.isArray(object?.results) ? object.results.map((e: any) => WorkResult.fromJSON(e)) : [],
+      working: globalThis.Array.isArray(object?.working) ? object.working.map((e: any) => BigInt(e)) : [],
+      givenBack: globalThis.Array.isArray(object?.givenBack)
+        ? object.givenBack.map((e: any) => BigInt(e))
+        : globalThis.Array.isArray(object?.given_back)
+        ? object.given_back.map((e: any) => BigInt(e))
+        : [],
     };
   },
 
@@ -311,6 +391,12 @@ export const WorkResults: MessageFns<WorkResults> = {
     const obj: any = {};
     if (message.results?.length) {
       obj.results = message.results.map((e) => WorkResult.toJSON(e));
+    }
+    if (message.working?.length) {
+      obj.working = message.working.map((e) => e.toString());
+    }
+    if (message.givenBack?.length) {
+      obj.givenBack = message.givenBack.map((e) => e.toString());
     }
     return obj;
   },
@@ -321,6 +407,8 @@ export const WorkResults: MessageFns<WorkResults> = {
   fromPartial(object: DeepPartial<WorkResults>): WorkResults {
     const message = createBaseWorkResults();
     message.results = object.results?.map((e) => WorkResult.fromPartial(e)) || [];
+    message.working = object.working?.map((e) => BigInt(e)) || [];
+    message.givenBack = object.givenBack?.map((e) => BigInt(e)) || [];
     return message;
   },
 };
