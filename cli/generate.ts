@@ -15,6 +15,8 @@ import {
   type Timings,
 } from '../shared/gen/ditpipe/v1/sampler.ts';
 import { labelledGrid } from '../shared/image/grid.ts';
+import { StepCacheOptions } from '../shared/gen/ditpipe/v1/common.ts';
+import { STEP_CACHE_PRESET_NAMES } from '../shared/step-cache.ts';
 import { VERSION } from '../shared/version.ts';
 import { classFileName, describeClasses, findClass } from './classes.ts';
 import { addGrpcClientOptions, clientOptionsFromFlags, intArg, numberArg, type GrpcClientFlags } from './common.ts';
@@ -200,6 +202,7 @@ interface Flags extends GrpcClientFlags {
   eta?: number;
   seed?: string;
   cache: boolean;
+  stepCache?: string;
   out: string;
   overwrite?: boolean;
   timeout: number;
@@ -241,6 +244,12 @@ export const command = addGrpcClientOptions(
       if (!/^\d+$/.test(v) || BigInt(v) >= 2n ** 64n) throw new Error(`--seed must be an integer within 0..2^64-1, got "${v}"`);
       return v;
     }),
+  )
+  .addOption(
+    new Option(
+      '--step-cache <preset>',
+      "step caching: reuse the transformer blocks' work across neighbouring steps (faster, slightly different images; docs/step-cache.md)",
+    ).choices(STEP_CACHE_PRESET_NAMES),
   )
   .option('--no-cache', "sample every image, even those the server's repeat cache holds from an earlier identical request")
   .addOption(new Option('--out <dir>', 'run folder for the images, grid.png and run.json (must be empty or new)').default('out/generate'))
@@ -288,6 +297,7 @@ export const command = addGrpcClientOptions(
               eta: o.eta ?? null,
               seed: o.seed ?? null,
               cache: o.cache,
+              stepCache: o.stepCache ?? null,
             },
           },
           request: {
@@ -300,6 +310,7 @@ export const command = addGrpcClientOptions(
             eta: o.eta,
             seed: o.seed === undefined ? undefined : BigInt(o.seed),
             cachePolicy: o.cache ? CachePolicy.CACHE_POLICY_UNSPECIFIED : CachePolicy.CACHE_POLICY_BYPASS,
+            stepCache: o.stepCache === undefined ? undefined : StepCacheOptions.fromPartial({ preset: o.stepCache }),
           },
           onProgress: (step, total) => {
             if (!started) bar.start(total, 0);

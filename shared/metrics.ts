@@ -217,7 +217,7 @@ export function schedulerMetrics(registry = new Registry()) {
     }),
     imageTflops: new Histogram({
       name: 'ditpipe_image_tflops',
-      help: 'Sampling compute per generated image: steps times model rows per sample (2 with guidance) times Gflops, in Tflops (multiply-accumulates).',
+      help: 'Sampling compute per generated image, as the denoisers computed it (a cached step counts its head and skip graphs only), in Tflops (multiply-accumulates; guidance rows included).',
       labelNames: ['model'],
       buckets: [0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250],
       registers: r,
@@ -226,8 +226,14 @@ export function schedulerMetrics(registry = new Registry()) {
     // What the scheduler itself sees of the pools (it has no access to the replicas' registries):
     samplingGflops: new Counter({
       name: 'ditpipe_scheduler_sampling_gflops_total',
-      help: 'Sampling compute of the denoise steps answered, as the scheduler counts it: samples times model rows per sample (2 with guidance) times Gflops; the denoisers count the same work in ditpipe_sampling_gflops_total.',
+      help: 'Sampling compute of the denoise steps answered, as the denoisers reported it with each answer (rows times the Gflops of the graphs that ran; guidance rows included); the denoisers count the same work in ditpipe_sampling_gflops_total.',
       labelNames: ['model'],
+      registers: r,
+    }),
+    stepCacheCalls: new Counter({
+      name: 'ditpipe_scheduler_step_cache_calls_total',
+      help: 'Denoise calls of requests with step caching answered, by whether the denoiser reused the cache (cached) or ran every block (full), and whether the call went to the replica holding the cache (direct) or through the queue.',
+      labelNames: ['model', 'outcome', 'route'],
       registers: r,
     }),
     stepBatchRows: new Histogram({

@@ -86,7 +86,8 @@ def main():
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['set']} | {r['n']} | {r['class_accuracy'] * 100:.1f}% | {r['frechet_distance']:.2f} |")
-    out = os.path.join(HERE, "eval.json")
+    # EVAL_JSON: where to write the rows (default the model card's eval.json beside this file).
+    out = os.environ.get("EVAL_JSON", os.path.join(HERE, "eval.json"))
     with open(out, "w") as fh:
         json.dump(rows, fh, indent=1)
     print(f"wrote {out}", file=sys.stderr)

@@ -10,7 +10,9 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { SamplerApi } from '../../shared/client.ts';
 import { SAMPLER_NAMES, samplerByName } from '../../shared/diffusion/sampler/registry.ts';
-import type { SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { StepCacheOptions } from '../../shared/gen/ditpipe/v1/common.ts';
+import { CachePolicy, type SamplerKind } from '../../shared/gen/ditpipe/v1/sampler.ts';
+import { STEP_CACHE_PRESET_NAMES } from '../../shared/step-cache.ts';
 import { SAMPLER_KINDS } from '../../shared/sampler-kinds.ts';
 import { decodePng } from '../../shared/image/png.ts';
 import { openSafetensors, writeSafetensors } from '../../shared/weights/index.ts';
@@ -38,14 +40,23 @@ interface Config {
   sampler: SamplerKind;
   steps: number;
   cfg: number;
+  /** A step-cache preset (GenerateRequest.step_cache), or none. */
+  stepCache: string | undefined;
 }
 
 function parseConfig(name: string): Config {
-  const m = /^([a-z-]+?)(\d+)-cfg([\d.]+)$/.exec(name);
+  const m = /^([a-z-]+?)(\d+)-cfg([\d.]+)(?:\+([a-z0-9.-]+))?$/.exec(name);
   const def = m ? samplerByName(m[1]) : undefined;
-  if (!m || !def) throw new Error(`config "${name}": expected <sampler><steps>-cfg<scale>, e.g. ddpm250-cfg4 (samplers: ${SAMPLER_NAMES.join(', ')})`);
+  if (!m || !def) {
+    throw new Error(
+      `config "${name}": expected <sampler><steps>-cfg<scale>[+<step-cache preset>], e.g. ddpm250-cfg4 or ddim50-cfg1.5+interval-2 (samplers: ${SAMPLER_NAMES.join(', ')}; presets: ${STEP_CACHE_PRESET_NAMES.join(', ')})`,
+    );
+  }
+  if (m[4] !== undefined && !STEP_CACHE_PRESET_NAMES.includes(m[4])) {
+    throw new Error(`config "${name}": unknown step-cache preset "${m[4]}" (presets: ${STEP_CACHE_PRESET_NAMES.join(', ')})`);
+  }
   const sampler = SAMPLER_KINDS[def.name];
-  return { name, sampler, steps: Number(m[2]), cfg: Number(m[3]) };
+  return { name, sampler, steps: Number(m[2]), cfg: Number(m[3]), stepCache: m[4] };
 }
 
 function keptSize(path: string): number {
@@ -70,6 +81,7 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
   const images = new Uint8Array(total * SIZE * SIZE);
   const started = Date.now();
   let done = 0;
+  let gflops = 0;
   let next = 0;
   const worker = async (): Promise<void> => {
     while (next < total) {
@@ -83,7 +95,11 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
         cfgScale: cfg.cfg,
         // One seed per batch, so every image of the set has its own noise stream.
         seed: BigInt(values.seed) * 1_000_000n + BigInt(first),
+        // Every image sampled: the speed figures are of sampling, never of the repeat cache.
+        cachePolicy: CachePolicy.CACHE_POLICY_BYPASS,
+        stepCache: cfg.stepCache === undefined ? undefined : StepCacheOptions.fromPartial({ preset: cfg.stepCache }),
       });
+      gflops += res.samplingGflops;
       res.images.forEach((img, k) => {
         const px = decodePng(img.png);
         if (px.channels !== 1 || px.width !== SIZE || px.height !== SIZE) {
@@ -96,10 +112,19 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
     }
   };
   await Promise.all(Array.from({ length: inFlight }, worker));
-  process.stderr.write('\n');
+  const seconds = (Date.now() - started) / 1000;
+  process.stderr.write(`\n${cfg.name}: ${(total / seconds).toFixed(1)} images/s, ${(gflops / total).toFixed(3)} Gflops per image\n`);
   writeSafetensors(path, [
     { name: 'images', dtype: 'U8', shape: [total, SIZE, SIZE], data: images },
     { name: 'labels', dtype: 'I64', shape: [total], data: BigInt64Array.from(labels, (l) => BigInt(l)) },
-  ], { config: cfg.name, steps: String(cfg.steps), cfg: String(cfg.cfg), seconds: String((Date.now() - started) / 1000) });
+  ], {
+    config: cfg.name,
+    steps: String(cfg.steps),
+    cfg: String(cfg.cfg),
+    step_cache: cfg.stepCache ?? 'none',
+    seconds: String(seconds),
+    images_per_second: String(total / seconds),
+    gflops_per_image: String(gflops / total),
+  });
 }
 api.close();

@@ -15,7 +15,7 @@ import type { Tensor } from '../../shared/gen/ditpipe/v1/tensor.ts';
 import type { SchedulerMetrics } from '../../shared/metrics.ts';
 
 /** Changes when the meaning of a key's parts changes, so no older entry can ever match. */
-const KEY_VERSION = 'ditpipe-repeat/2';
+const KEY_VERSION = 'ditpipe-repeat/3';
 
 /** Bytes counted per image besides its own: the key, the entry and the cache's bookkeeping. */
 export const ENTRY_OVERHEAD_BYTES = 256;
@@ -32,6 +32,8 @@ export interface RepeatSettings {
   guidance: GuidanceChannels;
   eta: number;
   seed: bigint;
+  /** The step-cache settings (describeStepCache); "none" without step caching. */
+  stepCache: string;
 }
 
 /** What an image's settings made; the rest of an Image (class name, seed, index) comes from the request. */
@@ -79,6 +81,7 @@ export function repeatKey(s: RepeatSettings, classLabel: number, sampleIndex: nu
     s.cfgScale,
     s.guidance,
     s.eta,
+    s.stepCache,
     s.seed.toString(),
     classLabel,
     sampleIndex,

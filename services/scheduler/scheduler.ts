@@ -50,6 +50,7 @@ import type { SchedulerConfig } from './config.ts';
 import { Previews, type PreviewPlan } from './preview.ts';
 import { calibrationLatents, fitProjection, projectToPng, type Projection } from './projection.ts';
 import { RepeatCache, repeatKey, type CachedImage, type RepeatSettings } from './repeat-cache.ts';
+import { describeStepCache, resolveStepCache, type StepCacheSettings } from '../../shared/step-cache.ts';
 
 /** A request after validation: everything the loop needs, nothing left to check. */
 interface Plan {
@@ -68,6 +69,8 @@ interface Plan {
   preview: PreviewPlan | null;
   /** Read and write the repeat cache (it is on, and the request did not opt out). */
   useCache: boolean;
+  /** Step caching, resolved (GenerateRequest.step_cache); null for none. */
+  stepCache: StepCacheSettings | null;
 }
 
 export interface GenerateOptions {
@@ -303,6 +306,7 @@ export class Scheduler {
       guidance: plan.guidance,
       eta: plan.eta,
       seed: plan.seed,
+      stepCache: describeStepCache(plan.stepCache),
     };
   }
 
@@ -403,6 +407,7 @@ export class Scheduler {
     ) {
       throw new InvalidArgumentError(`cache_policy: unknown value ${policy}`, { field: 'cache_policy' });
     }
+    const stepCache = resolveStepCache(req.stepCache);
     const model = await this.catalog.get(req.model);
     const numClasses = model.denoiser.config?.numClasses ?? 0;
     const labels = req.classLabels.map((l, i) => {
@@ -442,6 +447,7 @@ export class Scheduler {
       raw: fmt === OutputFormat.OUTPUT_FORMAT_RAW_LATENT,
       preview,
       useCache: this.repeatCache.enabled && policy !== CachePolicy.CACHE_POLICY_BYPASS,
+      stepCache,
     };
   }
 
@@ -507,12 +513,12 @@ export class Scheduler {
     const labels = { model: model.name };
     const denoiseStart = performance.now();
     const inPer = c.inChannels * c.inputSize * c.inputSize;
-    if (state) await this.denoise(plan, state, todoLabels, opts);
+    let gflops = 0;
+    if (state) gflops = await this.denoise(plan, state, todoLabels, opts);
     // A whole repeat runs no step; its stream still shows every step done.
     else for (let s = 1; s <= plan.numSteps; s++) opts.onEvent?.({ progress: { step: s, numSteps: plan.numSteps } });
     const denoiseMs = state ? performance.now() - denoiseStart : 0;
-    const tflops = (plan.numSteps * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops) / 1000;
-    for (let j = 0; j < m; j++) this.metrics.imageTflops.observe(labels, tflops);
+    for (let j = 0; j < m; j++) this.metrics.imageTflops.observe(labels, gflops / m / 1000);
 
     const images: Image[] = new Array<Image>(n);
     const names = model.denoiser.classNames;
@@ -568,12 +574,23 @@ export class Scheduler {
     }
     this.metrics.images.inc(labels, n);
     const all = timings({ queueMs, denoiseMs, decodeMs, totalMs: performance.now() - arrived });
-    opts.onEvent?.({ completed: { timings: all, numImages: n } });
-    return { images, timings: all, requestId: plan.id, model: model.name, seed: plan.seed, numSteps: plan.numSteps };
+    opts.onEvent?.({ completed: { timings: all, numImages: n, samplingGflops: gflops } });
+    return {
+      images,
+      timings: all,
+      requestId: plan.id,
+      model: model.name,
+      seed: plan.seed,
+      numSteps: plan.numSteps,
+      samplingGflops: gflops,
+    };
   }
 
-  /** The sampling loop: one denoise step after another until `state` is done; `y` is each sample's class. */
-  private async denoise(plan: Plan, state: SamplerState, y: number[], opts: GenerateOptions): Promise<void> {
+  /**
+   * The sampling loop: one denoise step after another until `state` is done; `y` is each sample's
+   * class. Returns the Gflops the denoisers computed for it.
+   */
+  private async denoise(plan: Plan, state: SamplerState, y: number[], opts: GenerateOptions): Promise<number> {
     const { model } = plan;
     const c = model.denoiser.config!;
     const m = y.length;
@@ -588,7 +605,11 @@ export class Scheduler {
     const rowBudget = model.denoiser.maxBatchRows || Number.POSITIVE_INFINITY;
     const chunk = Math.max(1, Math.floor(rowBudget / guidanceRows(1, plan.cfgScale)));
     const modelOut = new Float32Array(m * outPer);
-    const stepGflops = m * guidanceRows(1, plan.cfgScale) * model.denoiser.gflops;
+    // With step caching, each call's cache state lives on one replica: the next step of that
+    // group of samples goes there directly (holders, by call), and through the queue if it is gone.
+    const holders = new Map<number, string>();
+    const stepCache = plan.stepCache ?? undefined;
+    let gflops = 0;
     const previews = plan.preview ? await this.previews(plan, opts, inPer, state.sampleIndices) : null;
     for (let p = next(state); p !== null; p = next(state)) {
       this.checkAlive(opts);
@@ -597,6 +618,7 @@ export class Scheduler {
       const calls: Array<Promise<void>> = [];
       for (let a = 0; a < m; a += chunk) {
         const b = Math.min(m, a + chunk);
+        const target = holders.get(a);
         this.metrics.stepsDispatched.inc(labels);
         calls.push(
           denoiser
@@ -611,28 +633,37 @@ export class Scheduler {
                 requestId: plan.id,
                 stepIndex: step.step,
                 omitVariance,
-                cacheKey: '',
+                stepCache,
+                cacheKey: stepCache ? `${plan.id}/${state.sampleIndices[a]}` : '',
                 numSteps: plan.numSteps,
               },
               {
                 signal: opts.signal,
                 attemptTimeoutMs: this.config.stepTimeoutMs,
                 timeoutMs: this.callBudget(opts, this.config.stepTimeoutMs),
+                target,
               },
             )
             .then((res) => {
               this.observeStep(labels, res);
+              gflops += res.gflops;
+              this.metrics.samplingGflops.inc(labels, res.gflops);
+              if (stepCache) {
+                this.metrics.stepCacheCalls.inc({ ...labels, outcome: res.cached ? 'cached' : 'full', route: target ? 'direct' : 'queue' });
+                if (res.cacheHolder) holders.set(a, res.cacheHolder);
+                else holders.delete(a);
+              }
               copyF32TensorInto(res.out, 'out', [b - a, outChannels, c.inputSize, c.inputSize], modelOut, a * outPer);
             }),
         );
       }
       await Promise.all(calls);
-      this.metrics.samplingGflops.inc(labels, stepGflops);
       previews?.afterStep(step.step, state, modelOut); // before advance: reads the step's x_t
       advance(state, modelOut);
       opts.onEvent?.({ progress: { step: step.step + 1, numSteps: plan.numSteps } });
     }
     previews?.close();
+    return gflops;
   }
 
   /** What the denoiser reported with a step's answer (the scheduler cannot read its metrics). */

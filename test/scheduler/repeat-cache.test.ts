@@ -66,6 +66,7 @@ const settings = (): RepeatSettings => ({
   guidance: GuidanceChannels.GUIDANCE_CHANNELS_THREE,
   eta: 0,
   seed: 1n,
+  stepCache: 'none',
 });
 
 /** One change per value an image's bytes depend on. */
@@ -91,6 +92,8 @@ const variants: Array<[string, (s: RepeatSettings) => void]> = [
   ['cfg scale', (s) => (s.cfgScale = 4.000001)],
   ['guidance channels', (s) => (s.guidance = GuidanceChannels.GUIDANCE_CHANNELS_ALL)],
   ['eta', (s) => (s.eta = 0.5)],
+  ['step caching', (s) => (s.stepCache = 'interval:2:w2')],
+  ['step caching, another interval', (s) => (s.stepCache = 'interval:3:w2')],
   ['seed', (s) => (s.seed = 2n)],
   ['seed past 2^53', (s) => (s.seed = 2n ** 64n - 1n)],
 ];

@@ -52,6 +52,8 @@ const PARAMS: Array<[RegExp, string]> = [
 ];
 
 export function httpParam(field: string): string {
+  // step_cache.<field> is spelled the same inside the ditpipe object.
+  if (/^step_cache(\.|$)/.test(field)) return `ditpipe.${field}`;
   for (const [re, param] of PARAMS) if (re.test(field)) return param;
   return field;
 }

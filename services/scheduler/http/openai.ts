@@ -3,7 +3,7 @@
 // needs, such as a uint64 seed); every value the Sampler API accepts is judged by the scheduler
 // itself (Scheduler.generate), exactly as for a gRPC request.
 import { z } from 'zod';
-import { GuidanceChannels } from '../../../shared/gen/ditpipe/v1/common.ts';
+import { GuidanceChannels, StepCacheOptions, StepCachePolicy } from '../../../shared/gen/ditpipe/v1/common.ts';
 import {
   CachePolicy,
   OutputFormat,
@@ -45,6 +45,19 @@ export const ditpipeExtension = z.strictObject({
     })
     .optional(),
   cache: z.enum(['use', 'bypass']).optional(),
+  /** Step caching: a preset's name, or a policy and its settings (StepCacheOptions). */
+  step_cache: z
+    .union([
+      z.string(),
+      z.strictObject({
+        policy: z.enum(['interval', 'adaptive']),
+        interval: z.number().optional(),
+        threshold: z.number().optional(),
+        warmup_steps: z.number().optional(),
+        max_cached_steps: z.number().optional(),
+      }),
+    ])
+    .optional(),
   timeout_ms: z
     .number()
     .int()
@@ -53,6 +66,19 @@ export const ditpipeExtension = z.strictObject({
     .optional(),
 });
 export type DitpipeExtension = z.infer<typeof ditpipeExtension>;
+
+/** The ditpipe object's step_cache as StepCacheOptions (the scheduler checks the values). */
+function stepCacheOf(v: DitpipeExtension['step_cache']): StepCacheOptions | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v === 'string') return StepCacheOptions.fromPartial({ preset: v });
+  return StepCacheOptions.fromPartial({
+    policy: v.policy === 'interval' ? StepCachePolicy.STEP_CACHE_POLICY_INTERVAL : StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE,
+    interval: v.interval,
+    threshold: v.threshold,
+    warmupSteps: v.warmup_steps,
+    maxCachedSteps: v.max_cached_steps,
+  });
+}
 
 /** POST /v1/images/generations. OpenAI fields ditpipe has no use for (quality, style, user, ...) are ignored. */
 export const imagesRequest = z.object({
@@ -145,6 +171,7 @@ export function toGenerateRequest(
           : x.cache === 'use'
             ? CachePolicy.CACHE_POLICY_USE
             : CachePolicy.CACHE_POLICY_UNSPECIFIED,
+      stepCache: stepCacheOf(x.step_cache),
     },
     stream,
     timeoutMs: x.timeout_ms,
@@ -182,6 +209,7 @@ export function imagesResponse(res: GenerateResponse): Record<string, unknown> {
       model: res.model,
       seed: String(res.seed),
       num_steps: res.numSteps,
+      sampling_gflops: res.samplingGflops,
       timings: timingsJson(res.timings),
       images: res.images.map(imageInfo),
     },

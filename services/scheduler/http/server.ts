@@ -193,7 +193,11 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
           const { type, ...rest } = completedImageEvent(e.image.image, e.image.timings);
           send(type as string, rest);
         } else if (e.completed) {
-          send('ditpipe.completed', { n: e.completed.numImages, timings: timingsJson(e.completed.timings) });
+          send('ditpipe.completed', {
+            n: e.completed.numImages,
+            sampling_gflops: e.completed.samplingGflops,
+            timings: timingsJson(e.completed.timings),
+          });
         }
       };
       try {

@@ -389,6 +389,12 @@ export interface GenerateResponse {
   seed: bigint;
   /** Steps run per image. */
   numSteps: number;
+  /**
+   * Sampling compute the denoisers spent on this request, in Gflops (multiply-accumulates,
+   * guidance rows counted): the graphs that actually ran, so cached steps count less and
+   * images from the repeat cache nothing.
+   */
+  samplingGflops: number;
 }
 
 /**
@@ -469,6 +475,8 @@ export interface ImageReady {
 export interface Completed {
   timings?: Timings | undefined;
   numImages: number;
+  /** As GenerateResponse.sampling_gflops. */
+  samplingGflops: number;
 }
 
 export interface ListModelsRequest {
@@ -1332,7 +1340,7 @@ export const Image: MessageFns<Image> = {
 };
 
 function createBaseGenerateResponse(): GenerateResponse {
-  return { images: [], timings: undefined, requestId: "", model: "", seed: 0n, numSteps: 0 };
+  return { images: [], timings: undefined, requestId: "", model: "", seed: 0n, numSteps: 0, samplingGflops: 0 };
 }
 
 export const GenerateResponse: MessageFns<GenerateResponse> = {
@@ -1357,6 +1365,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     }
     if (message.numSteps !== 0) {
       writer.uint32(48).uint32(message.numSteps);
+    }
+    if (message.samplingGflops !== 0) {
+      writer.uint32(57).double(message.samplingGflops);
     }
     return writer;
   },
@@ -1422,6 +1433,14 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
             message.numSteps = reader.uint32();
             continue;
           }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.samplingGflops = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1450,6 +1469,11 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
         : isSet(object.num_steps)
         ? globalThis.Number(object.num_steps)
         : 0,
+      samplingGflops: isSet(object.samplingGflops)
+        ? globalThis.Number(object.samplingGflops)
+        : isSet(object.sampling_gflops)
+        ? globalThis.Number(object.sampling_gflops)
+        : 0,
     };
   },
 
@@ -1473,6 +1497,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     if (message.numSteps !== 0) {
       obj.numSteps = Math.round(message.numSteps);
     }
+    if (message.samplingGflops !== 0) {
+      obj.samplingGflops = floatToJson(message.samplingGflops);
+    }
     return obj;
   },
 
@@ -1489,6 +1516,7 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     message.model = object.model ?? "";
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
     message.numSteps = object.numSteps ?? 0;
+    message.samplingGflops = object.samplingGflops ?? 0;
     return message;
   },
 };
@@ -2194,7 +2222,7 @@ export const ImageReady: MessageFns<ImageReady> = {
 };
 
 function createBaseCompleted(): Completed {
-  return { timings: undefined, numImages: 0 };
+  return { timings: undefined, numImages: 0, samplingGflops: 0 };
 }
 
 export const Completed: MessageFns<Completed> = {
@@ -2204,6 +2232,9 @@ export const Completed: MessageFns<Completed> = {
     }
     if (message.numImages !== 0) {
       writer.uint32(16).uint32(message.numImages);
+    }
+    if (message.samplingGflops !== 0) {
+      writer.uint32(25).double(message.samplingGflops);
     }
     return writer;
   },
@@ -2237,6 +2268,14 @@ export const Completed: MessageFns<Completed> = {
             message.numImages = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.samplingGflops = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2257,6 +2296,11 @@ export const Completed: MessageFns<Completed> = {
         : isSet(object.num_images)
         ? globalThis.Number(object.num_images)
         : 0,
+      samplingGflops: isSet(object.samplingGflops)
+        ? globalThis.Number(object.samplingGflops)
+        : isSet(object.sampling_gflops)
+        ? globalThis.Number(object.sampling_gflops)
+        : 0,
     };
   },
 
@@ -2267,6 +2311,9 @@ export const Completed: MessageFns<Completed> = {
     }
     if (message.numImages !== 0) {
       obj.numImages = Math.round(message.numImages);
+    }
+    if (message.samplingGflops !== 0) {
+      obj.samplingGflops = floatToJson(message.samplingGflops);
     }
     return obj;
   },
@@ -2280,6 +2327,7 @@ export const Completed: MessageFns<Completed> = {
       ? Timings.fromPartial(object.timings)
       : undefined;
     message.numImages = object.numImages ?? 0;
+    message.samplingGflops = object.samplingGflops ?? 0;
     return message;
   },
 };
