@@ -23,7 +23,9 @@ export function maxDenoiseRequestBytes(d: Denoiser): number {
     cfgScale: Number.MAX_VALUE,
     guidanceChannels: GuidanceChannels.GUIDANCE_CHANNELS_ALL,
     requestId: 'x'.repeat(128),
-    omitVariance: true, cacheKey: '', numSteps: 0,
+    omitVariance: true,
+    cacheKey: '',
+    numSteps: 0,
     stepIndex: 0xffffffff,
   }).finish().byteLength;
 }

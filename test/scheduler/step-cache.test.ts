@@ -69,7 +69,11 @@ describe('resolveStepCache', () => {
       [{ policy: A, threshold: 0.1, interval: 2 }, 'step_cache.interval'],
       [{ policy: A, threshold: 0.1, maxCachedSteps: 2000 }, 'step_cache.max_cached_steps'],
     ];
-    for (const [o, field] of cases) expect(fieldOf(() => resolveStepCache(opts(o))), JSON.stringify(o)).toBe(field);
+    for (const [o, field] of cases)
+      expect(
+        fieldOf(() => resolveStepCache(opts(o))),
+        JSON.stringify(o),
+      ).toBe(field);
   });
 
   it('HTTP spells the fields inside the ditpipe object', () => {
