@@ -7,6 +7,7 @@
 //   capacity  bench/pipeline/capacity.ts  scheduler steps/s and CPU per step against 16 simulated denoisers
 //   dispatch  bench/pipeline/dispatch.ts  push vs pull: a frozen replica, a 4× slower one, a lone request's overhead
 //   scale     bench/pipeline/scale.ts     steps/s and latency as simulated denoisers go 1 → 64 (about 12 min)
+//   step-cache bench/pipeline/step-cache.ts step-cache presets: images/s, Gflops/image, vs fewer steps, mixed passes
 //   diffusion bench/diffusion.ts          sampling-core cost per step (own process)
 //   model-build bench/model-build.ts      peak RSS of compiling DiT-XL/2 (own process)
 //   forward   bench/model-forward.ts      DiT forward ms and rows/s by batch; compares model dirs
@@ -19,6 +20,7 @@ import { forwardOptions, runForward } from './model-forward.ts';
 import { log, machine, ROOT } from './pipeline/cluster.ts';
 import { overheadOptions, runOverhead } from './pipeline/overhead.ts';
 import { runScale, scaleOptions } from './pipeline/scale.ts';
+import { runStepCacheBench, stepCacheBenchOptions } from './pipeline/step-cache.ts';
 
 type Bench = (argv: string[]) => Promise<unknown>;
 
@@ -42,6 +44,7 @@ const benches: Record<string, Bench> = {
   capacity: (argv) => runCapacity(capacityOptions(argv)),
   dispatch: (argv) => runDispatch(dispatchOptions(argv)),
   scale: (argv) => runScale(scaleOptions(argv)),
+  'step-cache': (argv) => runStepCacheBench(stepCacheBenchOptions(argv)),
   diffusion: script('bench/diffusion.ts'),
   'model-build': script('bench/model-build.ts'),
   forward: (argv) => runForward(forwardOptions(argv)),

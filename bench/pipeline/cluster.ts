@@ -106,13 +106,23 @@ export function parseMetrics(text: string): Metrics {
     const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/.exec(line);
     if (!match) continue;
     const v = Number(match[3]);
-    if (Number.isFinite(v)) m.set(match[1], (m.get(match[1]) ?? 0) + v);
+    if (!Number.isFinite(v)) continue;
+    m.set(match[1], (m.get(match[1]) ?? 0) + v);
+    if (match[2]) m.set(match[1] + match[2], v); // the series itself, for metricWhere
   }
   return m;
 }
 
+/** A metric summed over its series. */
 export function metric(m: Metrics, name: string): number {
   return m.get(name) ?? 0;
+}
+
+/** A metric summed over the series whose labels (`{a="x",b="y"}`) match `labels`. */
+export function metricWhere(m: Metrics, name: string, labels: RegExp): number {
+  let sum = 0;
+  for (const [key, v] of m) if (key.startsWith(`${name}{`) && labels.test(key.slice(name.length))) sum += v;
+  return sum;
 }
 
 /**
