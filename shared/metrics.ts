@@ -5,7 +5,7 @@
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
-import { DISCARD_REASONS, DROP_REASONS } from './transport/types.ts';
+import { DISCARD_REASONS, DROP_REASONS, FALLBACK_REASONS } from './transport/types.ts';
 
 const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 const ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
@@ -139,11 +139,18 @@ export function zeroReplicaWorkSeries(m: { redelivered: Counter<'model'>; droppe
   for (const reason of DROP_REASONS) m.dropped.inc({ model, reason }, 0);
 }
 
-/** The scheduler's discarded/resent series for both worker services, at 0. */
-export function zeroSchedulerWorkSeries(m: { discardedAnswers: Counter<'service' | 'reason'>; resent: Counter<'service'> }): void {
+/** The scheduler's discarded/resent/direct series for both worker services, at 0. */
+export function zeroSchedulerWorkSeries(m: {
+  discardedAnswers: Counter<'service' | 'reason'>;
+  resent: Counter<'service'>;
+  directCalls: Counter<'service'>;
+  directFallbacks: Counter<'service' | 'reason'>;
+}): void {
   for (const service of ['denoiser', 'decoder']) {
     m.resent.inc({ service }, 0);
+    m.directCalls.inc({ service }, 0);
     for (const reason of DISCARD_REASONS) m.discardedAnswers.inc({ service, reason }, 0);
+    for (const reason of FALLBACK_REASONS) m.directFallbacks.inc({ service, reason }, 0);
   }
 }
 
@@ -199,6 +206,18 @@ export function schedulerMetrics(registry = new Registry()) {
       name: 'ditpipe_work_resent_messages_total',
       help: 'Work messages sent again after a NATS reconnect because calls in them were still unanswered.',
       labelNames: ['service'],
+      registers: r,
+    }),
+    directCalls: new Counter({
+      name: 'ditpipe_work_direct_calls_total',
+      help: 'Work calls sent directly to the replica holding state they reuse (e.g. a step cache) instead of through the queue.',
+      labelNames: ['service'],
+      registers: r,
+    }),
+    directFallbacks: new Counter({
+      name: 'ditpipe_work_direct_fallbacks_total',
+      help: 'Direct work calls sent through the queue after all: their replica said nothing of them for an ack wait (silent), gave them back (given-back), or they could not be sent or may have been lost with the connection (unsent).',
+      labelNames: ['service', 'reason'],
       registers: r,
     }),
     queuePending: new Gauge({

@@ -147,7 +147,9 @@ export class Scheduler {
         log: this.log,
         onWorkEvent: (service, ev) => {
           if (ev.kind === 'discarded') metrics.discardedAnswers.inc({ service, reason: ev.reason });
-          else metrics.resent.inc({ service }, ev.messages);
+          else if (ev.kind === 'resent') metrics.resent.inc({ service }, ev.messages);
+          else if (ev.kind === 'direct') metrics.directCalls.inc({ service }, ev.calls);
+          else metrics.directFallbacks.inc({ service, reason: ev.reason });
         },
       },
     );

@@ -10,14 +10,18 @@
 // What each service does on NATS (prefix ditpipe.v1, `*` = any scope, i.e. model name):
 //   scheduler  creates the work queues (JetStream streams and consumers) and reads their lag;
 //              appends work to `<prefix>.denoiser.*.denoise` and `<prefix>.decoder.*.decode`
-//              (stored-message acks come back on its inbox), sends cancel notices on
-//              `<work subject>.cancel`, asks Info on `<prefix>.<replica>.*.info.all`; it reads
-//              only its own inbox `_INBOX.scheduler.>` (answers, acks, Info replies).
+//              (stored-message acks come back on its inbox), sends direct calls to one replica
+//              on `<work subject>.to.*` and cancel notices on `<work subject>.cancel`, asks Info
+//              on `<prefix>.<replica>.*.info.all`; it reads only its own inbox
+//              `_INBOX.scheduler.>` (answers, acks, Info replies).
 //   denoiser   pulls from the consumer named `denoiser` ($JS.API.CONSUMER.MSG.NEXT.*.denoiser),
 //   decoder    acknowledges its deliveries ($JS.ACK.*.denoiser.>), reads that consumer's info
 //              (to wait for the scheduler to create the queue), listens for Info on
-//              `<prefix>.denoiser.*.info.all` and for cancel notices, and answers on the
-//              scheduler's inbox; it reads only its own inbox `_INBOX.denoiser.>`.
+//              `<prefix>.denoiser.*.info.all`, for cancel notices and for direct calls on
+//              `<work subject>.to.*` (any instance: a replica draws its id when it starts, so the
+//              id is not known when the permissions are made; it may read its peers' direct
+//              calls, work it may take from the queue anyway), and answers on the scheduler's
+//              inbox; it reads only its own inbox `_INBOX.denoiser.>`.
 // The load tester (`ditpipe loadtest`) and `ditpipe generate` talk gRPC to the scheduler only:
 // they need no NATS credential.
 // So a replica's credential cannot enqueue work, create or change streams, take another
@@ -50,8 +54,11 @@ export function inboxPrefixOf(service: NatsService): string {
 }
 
 /** The subjects a replica service's definition uses, `*` for the scope (rpc.ts and work.ts name them). */
-function serviceSubjects(definition: ServiceDefinition, prefix: string): { work: string[]; cancel: string[]; control: string[] } {
-  const out = { work: [] as string[], cancel: [] as string[], control: [] as string[] };
+function serviceSubjects(
+  definition: ServiceDefinition,
+  prefix: string,
+): { work: string[]; cancel: string[]; direct: string[]; control: string[] } {
+  const out = { work: [] as string[], cancel: [] as string[], direct: [] as string[], control: [] as string[] };
   for (const m of Object.values(definition.methods)) {
     if (m.requestStream || m.responseStream) continue;
     // methodSubject(): <prefix>.<service>.<scope>.<method>
@@ -60,6 +67,9 @@ function serviceSubjects(definition: ServiceDefinition, prefix: string): { work:
     if (level === 'IDEMPOTENT') {
       out.work.push(subject); // queueSpec(): the stream captures the method subject
       out.cancel.push(`${subject}.cancel`); // cancelSubject()
+      // directSubject(): <work subject>.to.<replica instance>. Instances are random ids a replica
+      // draws when it starts, unknown when the permissions are made: any instance, hence `*`.
+      out.direct.push(`${subject}.to.*`);
     } else if (level === 'NO_SIDE_EFFECTS') {
       out.control.push(`${subject}.all`); // collectSubject(): every replica answers
     } else {
@@ -86,7 +96,7 @@ export function natsPermissions(service: NatsService, prefix = DEFAULT_PREFIX): 
     ];
     for (const def of Object.values(REPLICAS)) {
       const s = serviceSubjects(def, prefix);
-      publish.push(...s.work, ...s.cancel, ...s.control);
+      publish.push(...s.work, ...s.cancel, ...s.direct, ...s.control);
     }
     return { publish, subscribe: [`${inboxPrefixOf('scheduler')}.>`] };
   }
@@ -104,7 +114,7 @@ export function natsPermissions(service: NatsService, prefix = DEFAULT_PREFIX): 
       // Answers (work results, Info replies) go to the caller's inbox.
       `${inboxPrefixOf('scheduler')}.>`,
     ],
-    subscribe: [`${inboxPrefixOf(service)}.>`, ...s.control, ...s.cancel],
+    subscribe: [`${inboxPrefixOf(service)}.>`, ...s.control, ...s.cancel, ...s.direct],
   };
 }
 

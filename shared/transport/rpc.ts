@@ -382,8 +382,10 @@ export async function serveOnBus<D extends ServiceDefinition>(
 
   const stop = (graceMs = DEFAULT_GRACE_MS): Promise<void> => {
     stopping ??= (async () => {
-      await Promise.allSettled(subs.map((s) => s.drain()));
+      // Work servers first: they stop taking at once, and direct calls that come while the control
+      // subscriptions drain are given back rather than started.
       const workDone = Promise.all(works.map((w) => w.stop(graceMs)));
+      await Promise.allSettled(subs.map((s) => s.drain()));
       if (active.size > 0) {
         let timer: NodeJS.Timeout | undefined;
         await Promise.race([

@@ -204,7 +204,8 @@ export interface WorkSource {
   /**
    * Takes work for the next pass: waits up to waitMs for up to `expect` messages (default 1; with
    * waitMs 0 it does not wait), then takes what else is queued without waiting. Each call it takes
-   * is handed to the method's handler (which queues it for a pass) before the promise resolves;
+   * is handed to the method's handler (which queues it for a pass) before the promise resolves
+   * (direct calls, CallOptions.target, reach the handler without a take(), whatever the room);
    * `room()` says how much more the next pass can take (in the handler's units, e.g. rows), and
    * taking stops at 0. Resolves with the number of messages still waiting in the queue (0 when it
    * is empty, -1 when unknown).
@@ -260,7 +261,7 @@ export interface ClientOptions extends SubjectOptions {
   backoffMs?: number;
   /** Work queue settings (default: shared/transport/work.ts DEFAULT_QUEUE_SETTINGS). */
   queueSettings?: Partial<QueueSettings>;
-  /** Called for events a metric counts (answers discarded, work re-sent after a reconnect). */
+  /** Called for events a metric counts (answers discarded, work re-sent after a reconnect, direct calls and their fallbacks). */
   onWorkEvent?: (event: ClientWorkEvent) => void;
 }
 
@@ -268,8 +269,21 @@ export interface ClientOptions extends SubjectOptions {
 export const DISCARD_REASONS = ['duplicate', 'late'] as const;
 export type DiscardReason = (typeof DISCARD_REASONS)[number];
 
+/**
+ * Why a direct call (CallOptions.target) went to the queue after all: its replica said nothing of
+ * it for an ack wait (silent), gave it back (given-back), or it could not be sent or may have been
+ * lost with the connection (unsent).
+ */
+export const FALLBACK_REASONS = ['silent', 'given-back', 'unsent'] as const;
+export type FallbackReason = (typeof FALLBACK_REASONS)[number];
+
 export type ClientWorkEvent =
-  { kind: 'discarded'; method: string; reason: DiscardReason } | { kind: 'resent'; method: string; messages: number };
+  | { kind: 'discarded'; method: string; reason: DiscardReason }
+  | { kind: 'resent'; method: string; messages: number }
+  /** Calls sent directly to their target replica (one event per message). */
+  | { kind: 'direct'; method: string; calls: number }
+  /** A direct call sent through the queue instead (one event per call). */
+  | { kind: 'fallback'; method: string; reason: FallbackReason };
 
 /** A service mounted on a transport. */
 export interface RpcServer {

@@ -15,6 +15,11 @@
 //     the replicas to drop the call if they have not started it.
 //   - After a NATS reconnect the caller re-creates the queue if the server lost it and re-sends every
 //     batch with a call still unanswered, so an outage shorter than the calls' timeouts loses nothing.
+//   - A call with a target (CallOptions.target, a replica's instance) is published on core NATS to
+//     <subject>.to.<instance> instead (calls to one target ready in one turn share a message, same
+//     headers, no msg id). It falls back to the queue path with the same id when the replica says
+//     nothing of it (no answer, no `working` heartbeat) for ackWaitMs, lists it in `given_back`, or
+//     the publish failed or a reconnect may have lost it; the first answer wins as above.
 // Replica (WorkServer): a replica that may not create queues (NATS permissions) waits for the
 //   caller's first work to create it, looking every 250 ms. Its driver (the batcher) calls `take()`
 //   when it can start a pass. take()
@@ -26,6 +31,10 @@
 //   messages are redelivered within about ackWaitMs) whatever a pass costs; it stops confirming a
 //   message held past its attempt time, which the queue then gives to another replica. Answers to
 //   one caller from one pass go out as one WorkResults, then the messages are acknowledged.
+//   Direct messages (on <subject>.to.<its instance>, core NATS) bypass take() and the room: they are
+//   served by the same machinery, with `working` heartbeats (every ackWait/4, within the attempt
+//   time) in place of in-progress acks, nothing to acknowledge, and `given_back` to the caller where
+//   a queued message would be nak'ed (UNAVAILABLE from the handler, stopping, the stop grace over).
 import { randomUUID } from 'node:crypto';
 import { BinaryWriter } from '@bufbuild/protobuf/wire';
 import {
@@ -62,6 +71,7 @@ import type {
   CallContext,
   CallOptions,
   ClientWorkEvent,
+  FallbackReason,
   MethodDefinition,
   QueueSettings,
   ServiceDefinition,
@@ -177,6 +187,14 @@ export function cancelSubject(subject: string): string {
   return `${subject}.cancel`;
 }
 
+/** A subject token: what a replica instance must be to be a direct-call target. */
+const TOKEN_RE = /^[^\s.*>]+$/;
+
+/** Subject of the direct calls of a work method to one replica (core NATS; the stream does not capture it). */
+export function directSubject(subject: string, instance: string): string {
+  return `${subject}.to.${instance}`;
+}
+
 export function isWorkMethod(m: MethodDefinition): boolean {
   return !m.requestStream && !m.responseStream && m.options.idempotencyLevel === 'IDEMPOTENT';
 }
@@ -221,6 +239,14 @@ interface Waiting {
   signal: AbortSignal | undefined;
   onAbort: (() => void) | undefined;
   batch: Sent | undefined;
+  /** The replica instance to send it to directly (CallOptions.target); undefined once it fell back to the queue. */
+  target: string | undefined;
+  /** While it waits on its target: falls back to the queue when nothing of it is heard for an ack wait. */
+  silence: NodeJS.Timeout | undefined;
+  /** It went to a target, so a replica may hold it outside the queue (a cancel must reach it). */
+  sentDirect: boolean;
+  /** It went to the queue after a direct send. */
+  fellBack: boolean;
 }
 
 /** A batch appended to the stream, kept until every call in it is answered (to re-send it). */
@@ -261,6 +287,7 @@ export class WorkClient {
   private nextMsg = 0;
   private reply: string | undefined;
   private ready: Promise<void> | undefined;
+  private replying: Promise<void> | undefined;
   private readonly unlisten: () => void;
 
   constructor(
@@ -283,6 +310,12 @@ export class WorkClient {
     const timeoutMs = callOpts.timeoutMs ?? this.opts.timeoutMs;
     const attemptMs = Math.min(timeoutMs, callOpts.attemptTimeoutMs ?? this.opts.attemptTimeoutMs ?? timeoutMs);
     const cost = callOpts.cost ?? 1;
+    const target = callOpts.target;
+    if (target !== undefined && !TOKEN_RE.test(target)) {
+      return Promise.reject(
+        new InvalidArgumentError(`target must be a replica instance (a subject token), got ${JSON.stringify(target)}`, { field: 'target' }),
+      );
+    }
     // Unless asked, a call travels alone: a message goes to one replica, so packing calls together
     // would hand one replica work that idle replicas could have shared.
     const maxBatchCost = callOpts.maxBatchCost ?? cost;
@@ -339,6 +372,10 @@ export class WorkClient {
         signal: callOpts.signal,
         onAbort: undefined,
         batch: undefined,
+        target,
+        silence: undefined,
+        sentDirect: false,
+        fellBack: false,
       };
       w.timer = setTimeout(
         () =>
@@ -390,9 +427,84 @@ export class WorkClient {
         // A cancel notice only saves work; the answers, if any, are dropped here anyway.
       }
     }
-    for (const w of this.outbox) if (this.waiting.has(w.id)) this.staged.push(w);
+    const direct = new Map<string, Waiting[]>();
+    for (const w of this.outbox) {
+      if (!this.waiting.has(w.id)) continue;
+      if (w.target === undefined) this.staged.push(w);
+      else {
+        const list = direct.get(w.target);
+        if (list) list.push(w);
+        else direct.set(w.target, [w]);
+      }
+    }
     this.outbox = [];
+    if (direct.size > 0) void this.sendDirect(direct);
     if (this.staged.length > 0) void this.pump();
+  }
+
+  /**
+   * Publishes calls to their target replicas on core NATS, one message per target (and attempt
+   * time, within the payload limit), and starts each call's silence timer. Nothing is stored: a
+   * call the replica does not confirm falls back to the queue (fallBack).
+   */
+  private async sendDirect(byTarget: Map<string, Waiting[]>): Promise<void> {
+    if (this.bus.connected) {
+      try {
+        await this.openReply();
+      } catch {
+        // Falls back below: the queue path retries opening.
+      }
+    }
+    const limit = this.payloadLimit();
+    for (const [target, calls] of byTarget) {
+      const open = calls.filter((w) => this.waiting.has(w.id) && w.target !== undefined);
+      if (this.reply === undefined || !this.bus.connected) {
+        for (const w of open) this.fallBack(w, 'unsent');
+        continue;
+      }
+      const subject = directSubject(this.spec.subject, target);
+      let group: Waiting[] = [];
+      let bytes = 0;
+      const publish = (): void => {
+        if (group.length === 0) return;
+        const calls = group;
+        group = [];
+        bytes = 0;
+        for (const w of calls) {
+          w.sentDirect = true;
+          w.silence = setTimeout(() => this.fallBack(w, 'silent'), this.spec.settings.ackWaitMs);
+        }
+        try {
+          this.bus.publish(subject, {
+            data: batchBytes(calls.map((w) => w.item)),
+            headers: { [H_REPLY]: this.reply as string, [H_TIMEOUT]: String(Math.ceil(calls[0].attemptMs)) },
+          });
+        } catch {
+          for (const w of calls) this.fallBack(w, 'unsent');
+          return;
+        }
+        this.opts.onWorkEvent?.({ kind: 'direct', method: this.method.name, calls: calls.length });
+      };
+      for (const w of open) {
+        const framed = w.item.length + 6;
+        if (group.length > 0 && (group[0].attemptMs !== w.attemptMs || bytes + framed > limit)) publish();
+        group.push(w);
+        bytes += framed;
+      }
+      publish();
+    }
+  }
+
+  /** A direct call goes through the queue after all, with the same id: the first answer wins. */
+  private fallBack(w: Waiting, reason: FallbackReason): void {
+    if (!this.waiting.has(w.id) || w.target === undefined) return;
+    clearTimeout(w.silence);
+    w.silence = undefined;
+    w.target = undefined;
+    w.fellBack = true;
+    this.opts.onWorkEvent?.({ kind: 'fallback', method: this.method.name, reason });
+    this.staged.push(w);
+    void this.pump();
   }
 
   /**
@@ -478,17 +590,26 @@ export class WorkClient {
   /** Subscribes to answers and makes sure the queue exists (once; again after a failure or reconnect). */
   private open(): Promise<void> {
     this.ready ??= (async () => {
-      if (this.reply === undefined) {
-        const reply = this.bus.inbox();
-        await this.bus.subscribe(reply, undefined, (m) => this.onAnswers(m));
-        this.reply = reply;
-      }
+      await this.openReply();
       await this.bus.ensureQueue(this.spec);
     })().catch((err: unknown) => {
       this.ready = undefined;
       throw err;
     });
     return this.ready;
+  }
+
+  /** Subscribes to answers (once; again after a failure). */
+  private openReply(): Promise<void> {
+    if (this.reply !== undefined) return Promise.resolve();
+    this.replying ??= (async () => {
+      const reply = this.bus.inbox();
+      await this.bus.subscribe(reply, undefined, (m) => this.onAnswers(m));
+      this.reply = reply;
+    })().finally(() => {
+      this.replying = undefined;
+    });
+    return this.replying;
   }
 
   private message(group: Waiting[]): Sent {
@@ -533,6 +654,8 @@ export class WorkClient {
   /** The server may have restarted without our queue (memory storage): open it again, re-send what is unanswered. */
   private onReconnect(): void {
     this.ready = undefined;
+    // A direct message has no stored copy: one published around the outage may be lost.
+    for (const w of [...this.waiting.values()]) if (w.sentDirect && w.target !== undefined) this.fallBack(w, 'unsent');
     let n = 0;
     for (const sent of this.sent) {
       if (sent.open === 0) continue;
@@ -550,11 +673,24 @@ export class WorkClient {
     } catch {
       return; // not from a replica of ours
     }
+    for (const id of results.working) {
+      const w = this.waiting.get(id);
+      if (w?.target !== undefined) w.silence?.refresh();
+    }
+    for (const id of results.givenBack) {
+      const w = this.waiting.get(id);
+      if (w) this.fallBack(w, 'given-back');
+    }
     for (const r of results.results) {
       const w = this.waiting.get(r.id);
       if (!w) {
         this.opts.onWorkEvent?.({ kind: 'discarded', method: this.method.name, reason: this.recent.has(r.id) ? 'duplicate' : 'late' });
         continue;
+      }
+      if (w.fellBack && w.sentDirect) {
+        // Two copies may be out (the target's and the queue's): the other one need not be computed.
+        this.cancels.push(w.id);
+        this.scheduleFlush();
       }
       if (r.code === 0) {
         let res: unknown;
@@ -574,7 +710,7 @@ export class WorkClient {
   private giveUp(w: Waiting, err: DitpipeError): void {
     if (!this.waiting.has(w.id)) return;
     this.settle(w, err);
-    if (w.batch !== undefined) {
+    if (w.batch !== undefined || w.sentDirect) {
       this.cancels.push(w.id);
       this.scheduleFlush();
     }
@@ -583,6 +719,7 @@ export class WorkClient {
   private settle(w: Waiting, err: DitpipeError | undefined, res?: unknown): void {
     if (!this.waiting.delete(w.id)) return;
     clearTimeout(w.timer);
+    clearTimeout(w.silence);
     if (w.onAbort) w.signal?.removeEventListener('abort', w.onAbort);
     this.recent.add(w.id);
     if (this.recent.size > RECENT_IDS) this.recent.delete(this.recent.values().next().value as bigint);
@@ -609,9 +746,10 @@ interface HeldItem {
   settled: boolean;
 }
 
-/** A message taken from the queue and not yet acknowledged. */
+/** A message taken from the queue and not yet acknowledged, or a direct message not yet answered. */
 interface Held {
-  readonly msg: QueuedMessage;
+  /** The queued message; undefined for a direct message (nothing to acknowledge). */
+  readonly msg: QueuedMessage | undefined;
   readonly reply: string;
   readonly attemptMs: number;
   readonly takenAt: number;
@@ -644,6 +782,9 @@ export class WorkServer implements WorkSource {
   private pulling: Promise<unknown> | null = null;
   private puller: Puller | undefined;
   private cancelSub: BusSubscription | undefined;
+  private directSub: BusSubscription | undefined;
+  /** Ids of direct calls this replica will not serve, per reply subject, to publish at the next flush. */
+  private readonly givenBack = new Map<string, bigint[]>();
   private unlisten: (() => void) | undefined;
   /** The queue must be checked (created again) before the next pull: after a reconnect or a lost pull. */
   private recheck = false;
@@ -681,6 +822,12 @@ export class WorkServer implements WorkSource {
     }
     this.puller = await this.bus.puller(this.spec, (m) => this.onDelivery(m));
     this.cancelSub = await this.bus.subscribe(cancelSubject(this.spec.subject), undefined, (m) => this.onCancel(m));
+    // Direct calls: work a caller sends to this replica because it holds state the calls reuse.
+    // They bypass take() and the room: the replica already owns them, and the driver sees them
+    // through the handler like taken work.
+    this.directSub = await this.bus.subscribe(directSubject(this.spec.subject, this.opts.instance), undefined, (m) =>
+      this.onMessage(m, undefined),
+    );
     this.unlisten = this.bus.onConnection((ev) => {
       if (ev === 'reconnected') this.recheck = true;
     });
@@ -770,16 +917,17 @@ export class WorkServer implements WorkSource {
   }
 
   private onDelivery(m: QueuedMessage): void {
-    this.onMessage(m);
+    this.onMessage(m, m);
     this.taken++;
     const after = this.roomFn();
     if (this.roomBefore - after > 0) this.perMessage = 0.7 * this.perMessage + 0.3 * (this.roomBefore - after);
     this.roomBefore = after;
   }
 
-  private onMessage(m: QueuedMessage): void {
-    if (this.stopping) {
-      m.nak(); // another replica takes it now
+  /** Serves a work message: `queued` is the message taken from the queue, undefined for a direct one. */
+  private onMessage(m: BusMessage, queued: QueuedMessage | undefined): void {
+    if (this.stopping && queued) {
+      queued.nak(); // another replica takes it now
       return;
     }
     const reply = m.headers[H_REPLY];
@@ -789,16 +937,21 @@ export class WorkServer implements WorkSource {
       batch = WorkBatch.decode(m.data);
     } catch (err) {
       // Nobody to answer: drop it rather than have every replica choke on it in turn.
-      m.ack();
+      queued?.ack();
       this.opts.onError?.(
         new InvalidArgumentError(`malformed ${this.what} work message dropped: ${(err as Error).message}`),
         this.method.name,
       );
       return;
     }
+    if (this.stopping) {
+      // A direct message to a stopping replica: the caller sends it through the queue at once.
+      for (const item of batch.items) this.giveBackDirect(reply, item.id);
+      return;
+    }
     const attempt = Number(m.headers[H_TIMEOUT]);
     const held: Held = {
-      msg: m,
+      msg: queued,
       reply,
       attemptMs: Number.isFinite(attempt) && attempt > 0 ? attempt : Number.POSITIVE_INFINITY,
       takenAt: performance.now(),
@@ -806,7 +959,8 @@ export class WorkServer implements WorkSource {
       open: 0,
       giveBack: false,
     };
-    if (m.deliveries > 1) this.opts.onWorkEvent?.({ kind: 'redelivered', method: this.method.name, calls: batch.items.length });
+    if (queued && queued.deliveries > 1)
+      this.opts.onWorkEvent?.({ kind: 'redelivered', method: this.method.name, calls: batch.items.length });
     const now = Date.now();
     const dropped = { cancelled: 0, deadline: 0 };
     const started: Array<() => void> = [];
@@ -870,7 +1024,11 @@ export class WorkServer implements WorkSource {
     const aborted = entry.controller.signal.aborted;
     if (aborted && (err instanceof CancelledError || err instanceof DeadlineExceededError)) {
       // The caller stopped waiting: no answer needed.
-    } else if (err instanceof UnavailableError && held.msg.deliveries < this.spec.settings.maxDeliver) {
+    } else if (err instanceof UnavailableError && !held.msg) {
+      // A direct call this replica cannot serve: the caller sends it through the queue.
+      this.giveBackDirect(held.reply, id);
+      this.pausedUntil = performance.now() + this.spec.settings.ackWaitMs;
+    } else if (err instanceof UnavailableError && held.msg !== undefined && held.msg.deliveries < this.spec.settings.maxDeliver) {
       // This replica cannot serve it (shutting down, its model worker died): another one may.
       held.giveBack = true;
     } else {
@@ -909,6 +1067,13 @@ export class WorkServer implements WorkSource {
     const list = this.answers.get(held.reply);
     if (list) list.push(result!);
     else this.answers.set(held.reply, [result!]);
+    this.scheduleFlush();
+  }
+
+  private giveBackDirect(reply: string, id: bigint): void {
+    const list = this.givenBack.get(reply);
+    if (list) list.push(id);
+    else this.givenBack.set(reply, [id]);
     this.scheduleFlush();
   }
 
@@ -952,8 +1117,10 @@ export class WorkServer implements WorkSource {
       publish();
     }
     this.answers.clear();
+    this.publishGivenBack();
     for (const held of this.toAck.splice(0)) {
       if (!this.held.delete(held)) continue;
+      if (!held.msg) continue; // direct: nothing to acknowledge
       if (held.giveBack) {
         held.msg.nak();
         this.pausedUntil = performance.now() + this.spec.settings.ackWaitMs;
@@ -964,12 +1131,38 @@ export class WorkServer implements WorkSource {
     if (this.held.size === 0) this.notifyIdle();
   }
 
+  private publishGivenBack(): void {
+    for (const [reply, ids] of this.givenBack) this.publishStatus(reply, { results: [], working: [], givenBack: ids });
+    this.givenBack.clear();
+  }
+
+  private publishStatus(reply: string, results: WorkResults): void {
+    try {
+      this.bus.publish(reply, { data: WorkResults.encode(results, scratch).finish(), headers: {} });
+    } catch (err) {
+      this.opts.onError?.(err, this.method.name);
+    }
+  }
+
   private confirmHeld(): void {
     const now = performance.now();
+    const working = new Map<string, bigint[]>();
     for (const h of this.held) {
       // Past its attempt time the queue may give it to another replica; this one still answers if it can.
-      if (now - h.takenAt <= h.attemptMs) h.msg.working();
+      // A direct call past it gets no heartbeat either, so its caller sends it through the queue.
+      if (now - h.takenAt > h.attemptMs) continue;
+      if (h.msg) {
+        h.msg.working();
+        continue;
+      }
+      let ids = working.get(h.reply);
+      for (const [id, entry] of h.items) {
+        if (entry.settled) continue;
+        if (ids) ids.push(id);
+        else working.set(h.reply, (ids = [id]));
+      }
     }
+    for (const [reply, ids] of working) this.publishStatus(reply, { results: [], working: ids, givenBack: [] });
     const wall = Date.now();
     for (const [key, expires] of this.cancelledIds) {
       if (expires > wall) break;
@@ -1028,19 +1221,25 @@ export class WorkServer implements WorkSource {
     }
     let given = 0;
     for (const h of this.held) {
-      for (const entry of h.items.values()) {
+      for (const [id, entry] of h.items) {
         if (entry.settled) continue;
         entry.settled = true;
         clearTimeout(entry.timer);
         entry.controller.abort(new UnavailableError(`${this.what}: replica stopped before answering (grace ${graceMs} ms)`));
         given++;
+        if (!h.msg) this.giveBackDirect(h.reply, id);
       }
-      h.msg.nak();
+      h.msg?.nak();
     }
     this.held.clear();
+    this.publishGivenBack();
     if (given > 0) this.opts.onWorkEvent?.({ kind: 'dropped', method: this.method.name, reason: 'stopping', calls: given });
     clearInterval(this.keepAlive);
     this.unlisten?.();
+    // Until here a direct message was answered given_back at once (see onMessage); now callers
+    // that still send here hear nothing and fall back after an ack wait.
+    await this.directSub?.drain();
+    this.publishGivenBack();
     await this.cancelSub?.drain();
   }
 }

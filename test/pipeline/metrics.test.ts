@@ -52,6 +52,8 @@ describe('/metrics', () => {
       'ditpipe_steps_dispatched_total',
       'ditpipe_work_discarded_answers_total',
       'ditpipe_work_resent_messages_total',
+      'ditpipe_work_direct_calls_total',
+      'ditpipe_work_direct_fallbacks_total',
       'ditpipe_denoiser_redelivered_steps_total',
       'ditpipe_denoiser_dropped_steps_total',
       'ditpipe_decoder_redelivered_decodes_total',

@@ -84,6 +84,8 @@ describe('NATS permissions per service', () => {
         `ditpipe.v1.denoiser.${DIT_NAME}.denoise`,
         `ditpipe.v1.decoder.${VAE_NAME}.decode`,
         `ditpipe.v1.decoder.${VAE_NAME}.info.all`,
+        // Direct calls to the decoder's replicas.
+        `ditpipe.v1.decoder.${VAE_NAME}.decode.to.x`,
         // Replies to the scheduler (answers, Info) and to the decoder (its pulls).
         '_INBOX.scheduler.>',
         '_INBOX.decoder.>',
@@ -111,6 +113,7 @@ describe('NATS permissions per service', () => {
       for (const subject of denied) expect(errors.get(subject), subject).toBeInstanceOf(PermissionViolationError);
       // What a denoiser needs is allowed.
       nc.subscribe(`ditpipe.v1.denoiser.${DIT_NAME}.info.all`);
+      nc.subscribe(`ditpipe.v1.denoiser.${DIT_NAME}.denoise.to.x`);
       nc.subscribe('_INBOX.denoiser.x.>');
       await nc.flush();
       await new Promise((r) => setTimeout(r, 200));
@@ -148,6 +151,8 @@ describe('NATS permissions per service', () => {
         `ditpipe.v1.decoder.${VAE_NAME}.decode`,
         `ditpipe.v1.decoder.${VAE_NAME}.decode.cancel`,
         `ditpipe.v1.denoiser.${DIT_NAME}.denoise.cancel`,
+        // Direct calls are the scheduler's to send, as is all work.
+        `ditpipe.v1.denoiser.${DIT_NAME}.denoise.to.x`,
         `ditpipe.v1.decoder.${VAE_NAME}.info.all`,
         `$JS.API.CONSUMER.MSG.NEXT.${decoderStream}.decoder`,
         `$JS.ACK.${decoderStream}.decoder.1.1.1.1.0`,

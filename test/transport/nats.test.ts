@@ -135,7 +135,7 @@ describe('nats only', () => {
     const clientT = natsTransport(await conn('client'));
     try {
       let calls = 0;
-      await replicaT.serve(
+      const srv = await replicaT.serve(
         DenoiserDefinition,
         {
           denoise: async () => {
@@ -148,10 +148,14 @@ describe('nats only', () => {
         { scope: 'restart', queueSettings: TEST_QUEUE },
       );
       const resent: number[] = [];
+      const fallbacks: string[] = [];
       const client = clientT.client(DenoiserDefinition, {
         scope: 'restart',
         queueSettings: TEST_QUEUE,
-        onWorkEvent: (e) => e.kind === 'resent' && resent.push(e.messages),
+        onWorkEvent: (e) => {
+          if (e.kind === 'resent') resent.push(e.messages);
+          if (e.kind === 'fallback') fallbacks.push(e.reason);
+        },
       });
       const waiting = Array.from({ length: 10 }, () => client.denoise(step, { timeoutMs: 30_000 }));
       // Observed below; this only keeps a failure here from adding unhandled rejections.
@@ -159,10 +163,14 @@ describe('nats only', () => {
       await current.stop();
       // The client notices the closed socket asynchronously, a moment after the server exits.
       await expect.poll(() => clientT.connected, { timeout: 10_000, interval: 20 }).toBe(false);
+      // A direct call made while NATS is away cannot be sent to its target: it waits for the queue.
+      const direct = client.denoise(step, { timeoutMs: 30_000, target: srv.instance });
+      direct.catch(() => undefined);
       await new Promise((r) => setTimeout(r, 1_000));
       current = await startNatsServer({ port });
-      const results = await Promise.all(waiting);
-      expect(results.map((r) => r.batchRows)).toEqual(Array(10).fill(1));
+      const results = await Promise.all([...waiting, direct]);
+      expect(results.map((r) => r.batchRows)).toEqual(Array(11).fill(1));
+      expect(fallbacks).toEqual(['unsent']);
       expect(clientT.connected).toBe(true);
       expect(calls).toBeGreaterThanOrEqual(10);
       // New work after the restart is served without restarting anything.
@@ -355,9 +363,18 @@ describe('nats authentication', () => {
       const scheduler = natsTransport(
         await connectNats({ servers: secured.url, credsFile: await creds('scheduler'), service: 'scheduler' }),
       );
-      await replica.serve(DenoiserDefinition, echoImpl, { scope: 'jwt', queueSettings: TEST_QUEUE });
-      const client = scheduler.client(DenoiserDefinition, { scope: 'jwt', queueSettings: TEST_QUEUE, timeoutMs: 10_000 });
+      const srv = await replica.serve(DenoiserDefinition, echoImpl, { scope: 'jwt', queueSettings: TEST_QUEUE });
+      const fallbacks: string[] = [];
+      const client = scheduler.client(DenoiserDefinition, {
+        scope: 'jwt',
+        queueSettings: TEST_QUEUE,
+        timeoutMs: 10_000,
+        onWorkEvent: (e) => e.kind === 'fallback' && fallbacks.push(e.reason),
+      });
       expect((await client.denoise(step)).batchRows).toBe(7);
+      // Direct calls: the scheduler may send to any replica's instance, the replica listen on its own.
+      expect((await client.denoise(step, { target: srv.instance })).batchRows).toBe(7);
+      expect(fallbacks).toEqual([]);
       // The permissions in the JWT hold: the denoiser's user cannot enqueue work.
       const intruder = natsTransport(await connectNats({ servers: secured.url, credsFile: await creds('denoiser'), service: 'denoiser' }));
       const denied = await intruder

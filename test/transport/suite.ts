@@ -421,6 +421,150 @@ export function transportSuite(name: string, getHarness: () => Harness): void {
       expect(alone.calls).toBe(QUEUE.maxDeliver);
     });
 
+    it('a call with a target goes straight to that replica, not through the queue, while another replica is idle', async () => {
+      fresh();
+      const a = doubler('a');
+      const b = doubler('b');
+      await (await connect('a')).serve(DenoiserDefinition, a, serveOpts());
+      const srvB = await (await connect('b')).serve(DenoiserDefinition, b, serveOpts());
+      const events: ClientWorkEvent[] = [];
+      const client = (await connect('client')).client(
+        DenoiserDefinition,
+        clientOpts({ timeoutMs: 5_000, onWorkEvent: (e) => events.push(e) }),
+      );
+      await client.denoise(request(1)); // the queue exists and both replicas pull
+      const queued = a.calls + b.calls;
+      for (let i = 0; i < 6; i++) expect((await client.denoise(request(2), { target: srvB.instance })).batchRows).toBe(2);
+      // Two calls to one target ready in one turn share a message.
+      await Promise.all([client.denoise(request(1), { target: srvB.instance }), client.denoise(request(1), { target: srvB.instance })]);
+      expect(a.calls + b.calls).toBe(queued + 8);
+      expect(b.calls - (queued - a.calls)).toBe(8);
+      expect(events.filter((e) => e.kind === 'fallback')).toEqual([]);
+      expect(events.filter((e) => e.kind === 'direct')).toEqual([
+        ...Array(6).fill({ kind: 'direct', method: 'Denoise', calls: 1 }),
+        { kind: 'direct', method: 'Denoise', calls: 2 },
+      ]);
+      await expect.poll(() => client.queueOf('denoise').info()).toMatchObject({ pending: 0, ackPending: 0 });
+      await expect(client.denoise(request(1), { target: 'a.b' })).rejects.toMatchObject({ code: Code.INVALID_ARGUMENT, field: 'target' });
+    });
+
+    it('a direct call its target says nothing of (gone, or no such replica) falls back to the queue after about an ack wait', async () => {
+      fresh();
+      const frozenTransport = await connect('frozen');
+      const received = deferred();
+      const frozen = doubler('frozen', async () => {
+        received.resolve();
+        await new Promise<never>(() => undefined);
+      });
+      const srvFrozen = await frozenTransport.serve(DenoiserDefinition, frozen, serveOpts());
+      const events: ClientWorkEvent[] = [];
+      const client = (await connect('client')).client(
+        DenoiserDefinition,
+        clientOpts({ timeoutMs: 10_000, onWorkEvent: (e) => events.push(e) }),
+      );
+      const call = client.denoise(request(1), { target: srvFrozen.instance });
+      await received.promise;
+      // Gone without a word: no answer, no heartbeat, no give-back.
+      await getHarness().kill(frozenTransport);
+      const ok = doubler('ok');
+      await (await connect('ok')).serve(DenoiserDefinition, ok, serveOpts());
+      expect((await call).batchRows).toBe(1);
+      expect([frozen.calls, ok.calls]).toEqual([1, 1]);
+      expect(events).toContainEqual({ kind: 'fallback', method: 'Denoise', reason: 'silent' });
+      // A target no replica serves: silent for an ack wait (400 ms here), then the queue.
+      const started = performance.now();
+      expect((await client.denoise(request(3), { target: 'nobody' })).batchRows).toBe(3);
+      const waited = performance.now() - started;
+      expect(waited).toBeGreaterThanOrEqual(QUEUE.ackWaitMs! - 50);
+      expect(waited).toBeLessThan(5_000);
+      expect(ok.calls).toBe(2);
+      expect(events.filter((e) => e.kind === 'fallback')).toEqual(Array(2).fill({ kind: 'fallback', method: 'Denoise', reason: 'silent' }));
+    });
+
+    it('a target that is stopping or cannot serve gives a direct call back: it is answered elsewhere at once', async () => {
+      fresh();
+      const gate = deferred();
+      const received = deferred();
+      const stopping = doubler('stopping', async (_req, _ctx, call) => {
+        received.resolve();
+        if (call === 1) await gate.promise;
+      });
+      const srvStopping = await (await connect('stopping')).serve(DenoiserDefinition, stopping, serveOpts());
+      const ok = doubler('ok');
+      await (await connect('ok')).serve(DenoiserDefinition, ok, serveOpts());
+      const events: ClientWorkEvent[] = [];
+      const client = (await connect('client')).client(
+        DenoiserDefinition,
+        clientOpts({ timeoutMs: 10_000, onWorkEvent: (e) => events.push(e) }),
+      );
+      const first = client.denoise(request(1), { target: srvStopping.instance });
+      await received.promise;
+      const stopped = srvStopping.stop(10_000); // waits for the call it holds
+      const started = performance.now();
+      expect((await client.denoise(request(2), { target: srvStopping.instance })).batchRows).toBe(2);
+      // Given back, not silent: well before an ack wait would have passed (generous bound for slow CI).
+      expect(performance.now() - started).toBeLessThan(QUEUE.ackWaitMs! * 4);
+      expect(events.filter((e) => e.kind === 'fallback')).toEqual([{ kind: 'fallback', method: 'Denoise', reason: 'given-back' }]);
+      expect([stopping.calls, ok.calls]).toEqual([1, 1]);
+      gate.resolve();
+      expect((await first).batchRows).toBe(1);
+      await stopped;
+      // A handler that says it cannot serve (UNAVAILABLE) gives a direct call back too.
+      const refusing = doubler('refusing', () => {
+        throw new UnavailableError('model worker died');
+      });
+      const srvRefusing = await (await connect('refusing')).serve(DenoiserDefinition, refusing, serveOpts());
+      expect((await client.denoise(request(1), { target: srvRefusing.instance })).batchRows).toBe(1);
+      expect(refusing.calls).toBe(1);
+      expect(ok.calls).toBe(2);
+      expect(events.filter((e) => e.kind === 'fallback')).toEqual(
+        Array(2).fill({ kind: 'fallback', method: 'Denoise', reason: 'given-back' }),
+      );
+    });
+
+    it('a direct call held past its attempt time falls back; the first answer wins and the late one is discarded', async () => {
+      fresh();
+      const received = deferred();
+      const release = deferred();
+      const slow = doubler('slow', async () => {
+        received.resolve();
+        await release.promise;
+      });
+      // A driver that never takes from the queue: this replica serves only what is sent to it directly.
+      const srvSlow = await (await connect('slow')).serve(DenoiserDefinition, slow, serveOpts({ drivers: { denoise: () => undefined } }));
+      const healthy = doubler('healthy');
+      await (await connect('healthy')).serve(DenoiserDefinition, healthy, serveOpts());
+      const events: ClientWorkEvent[] = [];
+      const client = (await connect('client')).client(DenoiserDefinition, clientOpts({ onWorkEvent: (e) => events.push(e) }));
+      // Past its attempt time the target stops its heartbeats, so the call goes to the queue.
+      const call = client.denoise(request(1), { timeoutMs: 10_000, attemptTimeoutMs: 300, target: srvSlow.instance });
+      await received.promise;
+      const res = await call;
+      expect(floats(res.out)).toEqual([0, 0.5, 1, 1.5]);
+      expect(healthy.calls).toBe(1);
+      expect(events).toContainEqual({ kind: 'fallback', method: 'Denoise', reason: 'silent' });
+      release.resolve();
+      await expect.poll(() => events).toContainEqual({ kind: 'discarded', method: 'Denoise', reason: 'duplicate' });
+      expect(slow.calls).toBe(1);
+      await expect.poll(() => srvSlow.inFlight).toBe(0);
+    });
+
+    it('heartbeats keep a direct call longer than the ack wait on its target', async () => {
+      fresh();
+      const long = doubler('long', () => sleep(3 * QUEUE.ackWaitMs!));
+      const srvLong = await (await connect('long')).serve(DenoiserDefinition, long, serveOpts());
+      const other = doubler('other');
+      await (await connect('other')).serve(DenoiserDefinition, other, serveOpts());
+      const events: ClientWorkEvent[] = [];
+      const client = (await connect('client')).client(
+        DenoiserDefinition,
+        clientOpts({ timeoutMs: 10_000, onWorkEvent: (e) => events.push(e) }),
+      );
+      expect((await client.denoise(request(2), { target: srvLong.instance })).batchRows).toBe(2);
+      expect([long.calls, other.calls]).toEqual([1, 0]);
+      expect(events.filter((e) => e.kind !== 'direct')).toEqual([]);
+    });
+
     it('calls that become ready in one turn travel as one message while their cost fits', async () => {
       fresh();
       const client = (await connect('client')).client(DenoiserDefinition, clientOpts({ timeoutMs: 10_000 }));
