@@ -933,7 +933,10 @@ export class WorkServer implements WorkSource {
       const publish = (): void => {
         if (part.length === 0) return;
         try {
-          this.bus.publish(reply, { data: WorkResults.encode({ results: part, working: [], givenBack: [] }, scratch).finish(), headers: {} });
+          this.bus.publish(reply, {
+            data: WorkResults.encode({ results: part, working: [], givenBack: [] }, scratch).finish(),
+            headers: {},
+          });
         } catch (err) {
           this.opts.onError?.(err, this.method.name);
         }

@@ -75,7 +75,9 @@ describe('a dead inference worker', () => {
         guidanceChannels: 0,
         requestId: 'r',
         stepIndex: 0,
-        omitVariance: false, cacheKey: '', numSteps: 0,
+        omitVariance: false,
+        cacheKey: '',
+        numSteps: 0,
       };
       const direct = await victim.denoiser.denoise(step).catch((e: unknown) => e);
       expect(direct).toBeInstanceOf(UnavailableError);

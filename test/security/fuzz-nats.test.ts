@@ -79,7 +79,9 @@ describe('fuzzing the internal NATS subjects', () => {
         guidanceChannels: pick([0, 1, 2, 3, -7]) as GuidanceChannels,
         requestId: pick(['', 'r', '\u{1F600}'.repeat(int(200))]),
         stepIndex: pick([0, 1, 2 ** 32 - 1]),
-        omitVariance: rand() < 0.5, cacheKey: '', numSteps: 0,
+        omitVariance: rand() < 0.5,
+        cacheKey: '',
+        numSteps: 0,
       }).finish();
     };
     const decodeRequest = (): Uint8Array =>

@@ -54,7 +54,17 @@ const echoImpl = {
   denoise: () => DenoiseResponse.create({ batchRows: 3 }),
   info: () => DenoiserInfo.create({ model: 'm' }),
 };
-const step = { model: 'm', t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false, cacheKey: '', numSteps: 0 };
+const step = {
+  model: 'm',
+  t: [1n],
+  y: [0],
+  guidanceChannels: 0,
+  requestId: '',
+  stepIndex: 0,
+  omitVariance: false,
+  cacheKey: '',
+  numSteps: 0,
+};
 
 /** A replica and a caller on two TLS connections: work and a control call go through. */
 async function serveAndCall(url: string, tlsOpts: { caFile: string; certFile?: string; keyFile?: string }, scope: string): Promise<void> {

@@ -128,7 +128,17 @@ describe('NATS permissions per service', () => {
       // Enqueueing Denoise work through the normal client: refused at once, naming the credential.
       const client = t.client(DenoiserDefinition, { scope: DIT_NAME, timeoutMs: 10_000 });
       const err = await client
-        .denoise({ model: DIT_NAME, t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false, cacheKey: '', numSteps: 0 })
+        .denoise({
+          model: DIT_NAME,
+          t: [1n],
+          y: [0],
+          guidanceChannels: 0,
+          requestId: '',
+          stepIndex: 0,
+          omitVariance: false,
+          cacheKey: '',
+          numSteps: 0,
+        })
         .catch((e: unknown) => e);
       expect(err).toBeInstanceOf(PermissionDeniedError);
       expect((err as Error).message).toBe(
@@ -285,7 +295,17 @@ describe('work queues are bounded, whoever sends', () => {
   }, 60_000);
 });
 
-const step = { model: 'm', t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false, cacheKey: '', numSteps: 0 };
+const step = {
+  model: 'm',
+  t: [1n],
+  y: [0],
+  guidanceChannels: 0,
+  requestId: '',
+  stepIndex: 0,
+  omitVariance: false,
+  cacheKey: '',
+  numSteps: 0,
+};
 
 function msgId(id: string): MsgHdrs {
   const h = natsHeaders();

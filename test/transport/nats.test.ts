@@ -61,7 +61,17 @@ const echoImpl = {
   denoise: () => DenoiseResponse.create({ batchRows: 7 }),
   info: () => DenoiserInfo.create({ model: 'm' }),
 };
-const step = { model: 'm', t: [1n], y: [0], guidanceChannels: 0, requestId: '', stepIndex: 0, omitVariance: false, cacheKey: '', numSteps: 0 };
+const step = {
+  model: 'm',
+  t: [1n],
+  y: [0],
+  guidanceChannels: 0,
+  requestId: '',
+  stepIndex: 0,
+  omitVariance: false,
+  cacheKey: '',
+  numSteps: 0,
+};
 
 describe('nats only', () => {
   it('reads the max_payload the server announced', async () => {
