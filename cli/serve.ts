@@ -191,6 +191,15 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
   )
   .addOption(
     new Option(
+      '--step-cache-mib <n>',
+      'MiB of step-cache state (block-stack residuals of requests that ask for step caching) kept between their steps; fractions allowed, 0 = off',
+    )
+      .env('DITPIPE_STEP_CACHE_MIB')
+      .default(denoiserConfigDefault('stepCacheMib'))
+      .argParser(numberArg('--step-cache-mib', 0, 1024 * 1024)),
+  )
+  .addOption(
+    new Option(
       '--simulate <base+perRow>',
       'do not run the model: sleep base + perRow × rows ms per pass and answer zeros (capacity tests)',
     ).env('DITPIPE_SIMULATE'),
@@ -204,6 +213,7 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
         threads: number;
         maxBatchRows: number;
         maxWait: number;
+        stepCacheMib: number;
         simulate?: string;
       },
       cmd: Command,
@@ -217,6 +227,7 @@ const denoiser = replicaOptions(new Command('denoiser'), 50052)
         intraOpThreads: userSet(cmd, o, 'threads'),
         maxBatchRows: userSet(cmd, o, 'maxBatchRows'),
         maxWaitMs: userSet(cmd, o, 'maxWait'),
+        stepCacheMib: userSet(cmd, o, 'stepCacheMib'),
         simulate: o.simulate ? parseSimulate(o.simulate) : undefined,
       });
       const grpc = o.grpcPort < 0 && o.healthPort < 0 ? null : grpcServerFromFlags(o, log);

@@ -84,6 +84,36 @@ export function denoiserMetrics(registry = new Registry()) {
       labelNames: ['model', 'reason'],
       registers: r,
     }),
+    stepCacheBytes: new Gauge({
+      name: 'ditpipe_denoiser_step_cache_bytes',
+      help: 'Bytes of step-cache state held (block-stack residuals, first-block residuals of adaptive requests, bookkeeping).',
+      labelNames: ['model'],
+      registers: r,
+    }),
+    stepCacheEntries: new Gauge({
+      name: 'ditpipe_denoiser_step_cache_entries',
+      help: 'Step-cache states held (one per cache key).',
+      labelNames: ['model'],
+      registers: r,
+    }),
+    stepCacheEvictions: new Counter({
+      name: 'ditpipe_denoiser_step_cache_evictions_total',
+      help: 'Step-cache states dropped before their last step: least recently used out of the byte budget, or idle past the TTL.',
+      labelNames: ['model'],
+      registers: r,
+    }),
+    stepCacheSteps: new Counter({
+      name: 'ditpipe_denoiser_step_cache_steps_total',
+      help: 'Steps of requests with a step-cache policy, by outcome: cached (block stack skipped), full (computed in full by the policy), miss (computed in full because no matching state was held).',
+      labelNames: ['model', 'outcome'],
+      registers: r,
+    }),
+    graphRows: new Counter({
+      name: 'ditpipe_denoiser_graph_rows_total',
+      help: 'Rows run per graph (guidance rows included): full (model.onnx), head, tail, skip (the step-cache graphs).',
+      labelNames: ['model', 'graph'],
+      registers: r,
+    }),
   };
 }
 export type DenoiserMetrics = ReturnType<typeof denoiserMetrics>;

@@ -19,6 +19,15 @@ const schema = z.object({
   /** Longest wait for more steps before a forward pass starts, in milliseconds. */
   maxWaitMs: z.number().min(0).max(1000).default(2),
   /**
+   * MiB of per-request step-cache state (block-stack residuals of requests that asked for step
+   * caching); fractions allowed, 0 = off (cached-policy steps then run as full steps).
+   */
+  stepCacheMib: z
+    .number()
+    .min(0)
+    .max(1024 * 1024)
+    .default(256),
+  /**
    * Simulation: instead of running the model, sleep `baseMs + perRowMs × rows` per forward pass and
    * answer zeros. For scheduler capacity and scale tests.
    */

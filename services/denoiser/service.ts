@@ -1,7 +1,7 @@
 // Starts a denoiser replica on a transport and, when the caller gives one, on its gRPC server (see
 // shared/server/replica.ts for the shutdown order).
 import { DenoiseRequest, DenoiserDefinition, DenoiserService } from '../../shared/gen/ditpipe/v1/denoiser.ts';
-import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
+import { GuidanceChannels, StepCachePolicy } from '../../shared/gen/ditpipe/v1/common.ts';
 import type { Logger } from '../../shared/log.ts';
 import { zeroReplicaWorkSeries, type DenoiserMetrics } from '../../shared/metrics.ts';
 import type { GrpcServer } from '../../shared/server/grpc.ts';
@@ -24,8 +24,17 @@ export function maxDenoiseRequestBytes(d: Denoiser): number {
     guidanceChannels: GuidanceChannels.GUIDANCE_CHANNELS_ALL,
     requestId: 'x'.repeat(128),
     omitVariance: true,
-    cacheKey: '',
-    numSteps: 0,
+    // Every step-cache field at its widest: the key's 256 characters as 3-byte UTF-8.
+    stepCache: {
+      preset: '',
+      policy: StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE,
+      interval: 0xffffffff,
+      threshold: Number.MAX_VALUE,
+      warmupSteps: 0xffffffff,
+      maxCachedSteps: 0xffffffff,
+    },
+    cacheKey: '\u0800'.repeat(256),
+    numSteps: 0xffffffff,
     stepIndex: 0xffffffff,
   }).finish().byteLength;
 }
@@ -40,6 +49,10 @@ export async function startDenoiserService(
     opts.log?.error({ err: err.message }, `${err.message}: this replica answers UNAVAILABLE and reports NOT_SERVING until it is restarted`),
   );
   zeroReplicaWorkSeries(denoiser.metrics, denoiser.name);
+  // Said once at start: requests asking for step caching are then served as full steps.
+  const sc = denoiser.stepCache;
+  if (!sc.enabled && config.stepCacheMib > 0 && !config.simulate)
+    opts.log?.warn({}, `step cache unavailable: ${sc.reason}; cached-policy steps run in full`);
   const replica = await mountReplica(transport, {
     definition: DenoiserDefinition,
     grpcDefinition: DenoiserService,
