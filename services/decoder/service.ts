@@ -41,6 +41,7 @@ export async function startDecoderService(
     grpcDefinition: DecoderService,
     impl: decoder.impl(),
     scope: decoder.name,
+    instance: decoder.info.instanceId,
     drivers: { decode: (source) => decoder.attach(source) },
     queueSettings: opts.queueSettings,
     log: opts.log,

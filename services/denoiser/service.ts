@@ -58,6 +58,8 @@ export async function startDenoiserService(
     grpcDefinition: DenoiserService,
     impl: denoiser.impl(),
     scope: denoiser.name,
+    // The instance its answers name as the step cache's holder is the one direct calls reach.
+    instance: denoiser.info.instanceId,
     drivers: { denoise: (source) => denoiser.attach(source) },
     queueSettings: opts.queueSettings,
     log: opts.log,

@@ -30,6 +30,8 @@ export interface ReplicaSpec<D extends ServiceDefinition> {
   impl: ServiceImpl<D>;
   /** Subject scope: the model or VAE name. */
   scope: string;
+  /** The replica's identifier on the bus (its Info's instance_id); see ServeOptions.instance. */
+  instance?: string;
   /** gRPC server (built and listened on by the caller) to add the service to; null or undefined: none. */
   grpc?: GrpcServer | null;
   /** Largest valid request over gRPC, in bytes (sizes the server's receive limit). */
@@ -52,6 +54,7 @@ export async function mountReplica<D extends ServiceDefinition>(transport: Trans
   const events = new RateLimitedLog(spec.log ?? silentLogger());
   const server = await transport.serve(spec.definition, spec.impl, {
     scope: spec.scope,
+    instance: spec.instance,
     drivers: spec.drivers,
     queueSettings: spec.queueSettings,
     onWorkEvent: spec.onWorkEvent,

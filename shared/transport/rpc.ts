@@ -239,7 +239,12 @@ export async function serveOnBus<D extends ServiceDefinition>(
     throw new InvalidArgumentError(`concurrency must be a positive integer, got ${String(opts.concurrency)}`, { field: 'concurrency' });
   }
   const settings = queueSettings(opts.queueSettings);
-  const instance = randomUUID().replaceAll('-', '');
+  const instance = opts.instance ?? randomUUID().replaceAll('-', '');
+  if (!/^[A-Za-z0-9_-]{1,128}$/.test(instance)) {
+    throw new InvalidArgumentError(`instance must be 1..128 letters, digits, "-" or "_", got "${instance.slice(0, 140)}"`, {
+      field: 'instance',
+    });
+  }
   const handlers = impl as unknown as Record<string, unknown>;
   const methods: Array<[string, MethodDefinition]> = Object.entries(definition.methods).filter(([, m]) => isUnary(m));
   for (const [key] of methods) {

@@ -230,6 +230,12 @@ export interface ServeOptions extends SubjectOptions {
   drivers?: Record<string, (source: WorkSource) => void>;
   /** Calls in flight per work method without a driver (default 1). */
   concurrency?: number;
+  /**
+   * This replica's identifier: answers carry it (WorkResult.instance) and callers address direct
+   * calls to it (CallOptions.target). Services pass their Info's instance_id, so what a replica
+   * reports is what reaches it. Default: a random one. Letters, digits, "-" and "_" only.
+   */
+  instance?: string;
   /** Work queue settings (default: shared/transport/work.ts DEFAULT_QUEUE_SETTINGS). */
   queueSettings?: Partial<QueueSettings>;
   /**

@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Code, type InvalidArgumentError, type ResourceExhaustedError } from '../../shared/errors.ts';
 import { decodePng } from '../../shared/image/png.ts';
-import { GuidanceChannels } from '../../shared/gen/ditpipe/v1/common.ts';
+import { GuidanceChannels, StepCacheOptions } from '../../shared/gen/ditpipe/v1/common.ts';
 import {
   OutputFormat,
   SamplerKind,
@@ -287,6 +287,29 @@ export function pipelineSuite(label: string, transport: () => TransportKind): vo
         for (const r of runs) r.images.forEach((img, k) => expect(same(img.png, ref.images[k].png)).toBe(true));
         for (const m of two.denoiserMetrics) expect(await counter(m.registry, 'ditpipe_denoiser_forward_rows_total')).toBeGreaterThan(0);
         expect((await two.api.listModels())[0].replicas).toBe(2);
+      } finally {
+        await two.stop();
+      }
+    });
+
+    it('keep a step-cached request on the replica holding its cache: every later step goes there directly and reuses it', async () => {
+      const two = await startPipeline({ transport: transport(), denoisers: 2, denoiser: { maxWaitMs: 0 } });
+      try {
+        const req = base({
+          numSteps: 12,
+          sampler: SamplerKind.SAMPLER_KIND_DDIM,
+          stepCache: StepCacheOptions.fromPartial({ preset: 'interval-2' }),
+        });
+        const [a, b] = await Promise.all([two.api.generate(req), two.api.generate(req)]);
+        a.images.forEach((img, k) => expect(same(img.png, b.images[k].png)).toBe(true));
+        const plain = await two.api.generate(base({ numSteps: 12, sampler: SamplerKind.SAMPLER_KIND_DDIM }));
+        expect(a.samplingGflops).toBeLessThan(plain.samplingGflops);
+        const calls = await two.schedulerMetrics.registry.getSingleMetricAsString('ditpipe_scheduler_step_cache_calls_total');
+        const n = (outcome: string, route: string): number =>
+          Number(new RegExp(`outcome="${outcome}",route="${route}"\\} (\\d+)`).exec(calls)?.[1] ?? 0);
+        // 12 steps, warmup 2, last full: steps 2, 4, …, 10 cached (5 per request); only step 0 goes through the queue.
+        expect([n('cached', 'direct'), n('cached', 'queue'), n('full', 'queue'), n('full', 'direct')]).toEqual([10, 0, 2, 12]);
+        expect(await counter(two.schedulerMetrics.registry, 'ditpipe_work_direct_fallbacks_total')).toBe(0);
       } finally {
         await two.stop();
       }
