@@ -23,6 +23,12 @@ try {
     intraOpNumThreads: intraOpThreads,
     interOpNumThreads: 1,
     graphOptimizationLevel: 'all',
+    // Idle intra-op threads sleep instead of spinning: a replica runs several sessions one after
+    // another (the step cache's head, tail and skip graphs beside model.onnx), and threads spinning
+    // after one session's pass steal the cores the next one needs. On the 2-core machine this took
+    // a step-cached Fashion-MNIST run from 8.0 to 18.9 images/s and the uncached one from 14.4 to
+    // 16.8 (BENCHMARKS.md §8).
+    extra: { session: { intra_op: { allow_spinning: '0' } } },
   });
   port.postMessage({ kind: 'ready', inputNames: [...session.inputNames], outputNames: [...session.outputNames] } satisfies WorkerReply);
 } catch (err) {
