@@ -154,6 +154,10 @@ export class Scheduler {
       },
     );
     zeroSchedulerWorkSeries(metrics);
+    // Step-cache calls are counted from the first scrape, before any request asked for caching.
+    for (const model of config.models)
+      for (const outcome of ['cached', 'full'])
+        for (const route of ['direct', 'queue']) metrics.stepCacheCalls.inc({ model, outcome, route }, 0);
     metrics.onCollectQueues(() => this.readQueues());
   }
 
