@@ -169,6 +169,20 @@ export function zeroReplicaWorkSeries(m: { redelivered: Counter<'model'>; droppe
   for (const reason of DROP_REASONS) m.dropped.inc({ model, reason }, 0);
 }
 
+/** A denoiser's step-cache series for its model, at 0 (state size, evictions, steps by outcome, rows by graph). */
+export function zeroStepCacheSeries(m: DenoiserMetrics, model: string): void {
+  for (const outcome of ['cached', 'full', 'miss']) m.stepCacheSteps.inc({ model, outcome }, 0);
+  for (const graph of ['full', 'head', 'tail', 'skip']) m.graphRows.inc({ model, graph }, 0);
+  m.stepCacheEvictions.inc({ model }, 0);
+  m.stepCacheBytes.set({ model }, 0);
+  m.stepCacheEntries.set({ model }, 0);
+}
+
+/** The scheduler's step-cache call series for a served model, at 0. */
+export function zeroSchedulerStepCacheSeries(m: SchedulerMetrics, model: string): void {
+  for (const outcome of ['cached', 'full']) for (const route of ['direct', 'queue']) m.stepCacheCalls.inc({ model, outcome, route }, 0);
+}
+
 /** The scheduler's discarded/resent/direct series for both worker services, at 0. */
 export function zeroSchedulerWorkSeries(m: {
   discardedAnswers: Counter<'service' | 'reason'>;

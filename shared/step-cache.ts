@@ -27,7 +27,8 @@ export const STEP_CACHE_PRESETS: Readonly<Record<string, StepCacheSettings>> = O
 
 export const STEP_CACHE_PRESET_NAMES = Object.keys(STEP_CACHE_PRESETS);
 
-const MAX_STEPS = 1000;
+/** Most steps a sampling loop runs, and so the most any step-cache count can usefully be. */
+export const MAX_STEPS = 1000;
 
 function checkRange(field: string, v: number, lo: number, hi: number): void {
   if (!(Number.isInteger(v) && v >= lo && v <= hi)) {
@@ -69,37 +70,56 @@ export function resolveStepCache(opts: StepCacheOptions | undefined): StepCacheS
     return found;
   }
   checkRange('warmup_steps', warmupSteps, 0, MAX_STEPS);
-  switch (policy) {
-    case StepCachePolicy.STEP_CACHE_POLICY_UNSPECIFIED:
-      if (interval !== 0 || threshold !== 0 || maxCachedSteps !== 0 || warmupSteps !== 0) {
-        throw new InvalidArgumentError('step_cache.policy: set a policy (or a preset) for these settings to apply', {
-          field: 'step_cache.policy',
-        });
-      }
-      return null;
-    case StepCachePolicy.STEP_CACHE_POLICY_INTERVAL:
-      checkRange('interval', interval, 1, MAX_STEPS);
-      if (threshold !== 0)
-        throw new InvalidArgumentError('step_cache.threshold: only the adaptive policy reads it', { field: 'step_cache.threshold' });
-      if (maxCachedSteps !== 0) {
-        throw new InvalidArgumentError('step_cache.max_cached_steps: only the adaptive policy reads it', {
-          field: 'step_cache.max_cached_steps',
-        });
-      }
-      return settings({ policy, interval, warmupSteps });
-    case StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE:
-      if (!(Number.isFinite(threshold) && threshold > 0 && threshold <= 10)) {
-        throw new InvalidArgumentError(`step_cache.threshold must be finite, > 0 and ≤ 10, got ${threshold}`, {
-          field: 'step_cache.threshold',
-        });
-      }
-      if (interval !== 0)
-        throw new InvalidArgumentError('step_cache.interval: only the interval policy reads it', { field: 'step_cache.interval' });
-      checkRange('max_cached_steps', maxCachedSteps, 0, MAX_STEPS);
-      return settings({ policy, threshold, warmupSteps, maxCachedSteps });
-    default:
-      throw new InvalidArgumentError(`step_cache.policy: unknown value ${String(policy)}`, { field: 'step_cache.policy' });
+  if (policy === StepCachePolicy.STEP_CACHE_POLICY_UNSPECIFIED) {
+    if (interval !== 0 || threshold !== 0 || maxCachedSteps !== 0 || warmupSteps !== 0) {
+      throw new InvalidArgumentError('step_cache.policy: set a policy (or a preset) for these settings to apply', {
+        field: 'step_cache.policy',
+      });
+    }
+    return null;
   }
+  // A client's setting the policy does not read is a mistake worth saying (the denoiser ignores them).
+  const unread =
+    policy === StepCachePolicy.STEP_CACHE_POLICY_INTERVAL
+      ? (
+          [
+            ['threshold', threshold],
+            ['max_cached_steps', maxCachedSteps],
+          ] as const
+        ).find(([, v]) => v !== 0)
+      : policy === StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE && interval !== 0
+        ? (['interval', interval] as const)
+        : undefined;
+  if (unread) {
+    const reader = policy === StepCachePolicy.STEP_CACHE_POLICY_INTERVAL ? 'adaptive' : 'interval';
+    throw new InvalidArgumentError(`step_cache.${unread[0]}: only the ${reader} policy reads it`, { field: `step_cache.${unread[0]}` });
+  }
+  return policySettings(opts);
+}
+
+/**
+ * The settings of an explicit policy (INTERVAL or ADAPTIVE), checked and normalised: the fields the
+ * policy does not read are 0, so two equal policies compare equal. Errors name the field
+ * (`step_cache.<field>`). The scheduler checks a client's request with it, and the denoiser
+ * each step it receives.
+ */
+export function policySettings(opts: StepCacheOptions): StepCacheSettings {
+  const { policy, interval, threshold, warmupSteps, maxCachedSteps } = opts;
+  if (policy !== StepCachePolicy.STEP_CACHE_POLICY_INTERVAL && policy !== StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE) {
+    throw new InvalidArgumentError(`step_cache.policy: unknown value ${String(policy)}`, { field: 'step_cache.policy' });
+  }
+  checkRange('warmup_steps', warmupSteps, 0, MAX_STEPS);
+  checkRange('max_cached_steps', maxCachedSteps, 0, MAX_STEPS);
+  if (policy === StepCachePolicy.STEP_CACHE_POLICY_INTERVAL) {
+    checkRange('interval', interval, 1, MAX_STEPS);
+    return settings({ policy, interval, warmupSteps });
+  }
+  if (!(Number.isFinite(threshold) && threshold > 0 && threshold <= 10)) {
+    throw new InvalidArgumentError(`step_cache.threshold must be finite, > 0 and ≤ 10, got ${threshold}`, {
+      field: 'step_cache.threshold',
+    });
+  }
+  return settings({ policy, threshold, warmupSteps, maxCachedSteps });
 }
 
 /** A short, stable description for logs and the repeat cache key, e.g. "interval:2:w2" or "adaptive:0.1:w2:m2". */

@@ -9,7 +9,7 @@ import { InvalidArgumentError, NotFoundError, UnavailableError } from '../../sha
 import { checkGuidance } from '../../shared/sampling-settings.ts';
 import { StepCachePolicy } from '../../shared/gen/ditpipe/v1/common.ts';
 import type { DenoiseRequest, DenoiseResponse, DenoiserDefinition, DenoiserInfo } from '../../shared/gen/ditpipe/v1/denoiser.ts';
-import { denoiserMetrics, type DenoiserMetrics } from '../../shared/metrics.ts';
+import { denoiserMetrics, zeroStepCacheSeries, type DenoiserMetrics } from '../../shared/metrics.ts';
 import { graphRevisionOf, ModelDirError, readDitModelDir, type DitModelJson } from '../../shared/model/modeldir.ts';
 import { openCacheSessions, type CacheSessions } from '../../shared/runtime/cache-sessions.ts';
 import { SessionError, WorkerSession, type SessionOptions } from '../../shared/runtime/session.ts';
@@ -92,14 +92,9 @@ export class Denoiser {
     this.outChannels = modelOutChannels(c.in_channels, c.learn_sigma);
     this.metrics = metrics;
     this.stepCache = stepCache;
-    const labels = { model: this.name };
-    metrics.modelGflops.set(labels, meta.gflops);
+    metrics.modelGflops.set({ model: this.name }, meta.gflops);
     // Every series at 0 from the start, so rate() works before the first cached request.
-    for (const outcome of ['cached', 'full', 'miss']) metrics.stepCacheSteps.inc({ ...labels, outcome }, 0);
-    for (const graph of ['full', 'head', 'tail', 'skip']) metrics.graphRows.inc({ ...labels, graph }, 0);
-    metrics.stepCacheEvictions.inc(labels, 0);
-    metrics.stepCacheBytes.set(labels, 0);
-    metrics.stepCacheEntries.set(labels, 0);
+    zeroStepCacheSeries(metrics, this.name);
     this.store = stepCache.enabled ? new StepCacheStore(stepCache.maxBytes, metrics, this.name) : null;
     this.batcher = new Batcher((jobs) => this.forward(jobs), {
       maxRows: config.maxBatchRows,

@@ -7,6 +7,7 @@ import { LRUCache } from 'lru-cache';
 import { StepCachePolicy, type StepCacheOptions } from '../../shared/gen/ditpipe/v1/common.ts';
 import { InvalidArgumentError } from '../../shared/errors.ts';
 import type { DenoiserMetrics } from '../../shared/metrics.ts';
+import { MAX_STEPS, policySettings, type StepCacheSettings } from '../../shared/step-cache.ts';
 
 /** Bytes counted per state besides its arrays: the key, the entry and the cache's bookkeeping. */
 export const STATE_OVERHEAD_BYTES = 256;
@@ -14,18 +15,9 @@ export const STATE_OVERHEAD_BYTES = 256;
 /** A state not touched for this long is dropped (its request was abandoned or went elsewhere). */
 export const STATE_IDLE_TTL_MS = 60_000;
 
-/** A request's step-cache settings as validated: policy set, numbers in range. */
-export interface StepPolicy {
-  policy: StepCachePolicy.STEP_CACHE_POLICY_INTERVAL | StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE;
-  interval: number;
-  threshold: number;
-  warmupSteps: number;
-  maxCachedSteps: number;
-}
-
 /** What a step of a request with a policy carries besides its rows. */
 export interface CacheStep {
-  policy: StepPolicy;
+  policy: StepCacheSettings;
   key: string;
   stepIndex: number;
   numSteps: number;
@@ -44,11 +36,10 @@ export interface CacheState {
   cachedInARow: number;
 }
 
-const MAX_STEPS = 1000;
-
 /**
  * Checks a DenoiseRequest's step-cache fields; null when no policy is set (the fields are then
- * ignored). Errors name the field.
+ * ignored). The policy's settings are checked as the scheduler checks a client's (policySettings);
+ * errors name the field.
  */
 export function validateStepCache(
   opts: StepCacheOptions | undefined,
@@ -64,42 +55,23 @@ export function validateStepCache(
       },
     );
   }
-  const p = opts.policy;
-  if (p === StepCachePolicy.STEP_CACHE_POLICY_UNSPECIFIED) return null;
-  if (p !== StepCachePolicy.STEP_CACHE_POLICY_INTERVAL && p !== StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE) {
-    throw new InvalidArgumentError(`step_cache.policy ${String(p)} is not a known policy`, { field: 'step_cache.policy' });
-  }
+  if (opts.policy === StepCachePolicy.STEP_CACHE_POLICY_UNSPECIFIED) return null;
+  const policy = policySettings(opts);
   const bad = (field: string, msg: string): never => {
     throw new InvalidArgumentError(`${field} ${msg}`, { field });
   };
-  if (p === StepCachePolicy.STEP_CACHE_POLICY_INTERVAL && (opts.interval < 1 || opts.interval > MAX_STEPS)) {
-    bad('step_cache.interval', `must be within 1..${MAX_STEPS}, got ${opts.interval}`);
-  }
-  if (
-    p === StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE &&
-    !(Number.isFinite(opts.threshold) && opts.threshold > 0 && opts.threshold <= 10)
-  ) {
-    bad('step_cache.threshold', `must be finite, > 0 and ≤ 10, got ${opts.threshold}`);
-  }
-  if (opts.warmupSteps > MAX_STEPS) bad('step_cache.warmup_steps', `must be within 0..${MAX_STEPS}, got ${opts.warmupSteps}`);
-  if (opts.maxCachedSteps > MAX_STEPS) bad('step_cache.max_cached_steps', `must be within 0..${MAX_STEPS}, got ${opts.maxCachedSteps}`);
   if (req.cacheKey.length < 1 || req.cacheKey.length > 256) bad('cache_key', `must have 1..256 characters, got ${req.cacheKey.length}`);
   if (req.numSteps < 1 || req.numSteps > MAX_STEPS) bad('num_steps', `must be within 1..${MAX_STEPS}, got ${req.numSteps}`);
   if (req.stepIndex >= req.numSteps) bad('step_index', `must be below num_steps (${req.numSteps}), got ${req.stepIndex}`);
-  // Fields the policy does not read are left out, so they cannot make two equal policies differ.
-  const interval = p === StepCachePolicy.STEP_CACHE_POLICY_INTERVAL ? opts.interval : 0;
-  const threshold = p === StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE ? opts.threshold : 0;
-  const maxCachedSteps = p === StepCachePolicy.STEP_CACHE_POLICY_ADAPTIVE ? opts.maxCachedSteps : 0;
-  const policy: StepPolicy = { policy: p, interval, threshold, warmupSteps: opts.warmupSteps, maxCachedSteps };
   const signature = JSON.stringify([
     signatureParts.rows,
     signatureParts.scale,
     signatureParts.channels,
-    p,
-    interval,
-    threshold,
-    opts.warmupSteps,
-    maxCachedSteps,
+    policy.policy,
+    policy.interval,
+    policy.threshold,
+    policy.warmupSteps,
+    policy.maxCachedSteps,
     req.numSteps,
   ]);
   return { policy, key: req.cacheKey, stepIndex: req.stepIndex, numSteps: req.numSteps, signature };

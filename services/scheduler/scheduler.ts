@@ -39,7 +39,7 @@ import {
 } from '../../shared/gen/ditpipe/v1/sampler.ts';
 import { servedImageSize } from '../../shared/image/crop.ts';
 import { RateLimitedLog, silentLogger, type Logger } from '../../shared/log.ts';
-import { schedulerMetrics, zeroSchedulerWorkSeries, type SchedulerMetrics } from '../../shared/metrics.ts';
+import { schedulerMetrics, zeroSchedulerStepCacheSeries, zeroSchedulerWorkSeries, type SchedulerMetrics } from '../../shared/metrics.ts';
 import { copyF32TensorInto, f32Tensor } from '../../shared/tensor.ts';
 import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
 import { queueSettings } from '../../shared/transport/work.ts';
@@ -155,9 +155,7 @@ export class Scheduler {
     );
     zeroSchedulerWorkSeries(metrics);
     // Step-cache calls are counted from the first scrape, before any request asked for caching.
-    for (const model of config.models)
-      for (const outcome of ['cached', 'full'])
-        for (const route of ['direct', 'queue']) metrics.stepCacheCalls.inc({ model, outcome, route }, 0);
+    for (const model of config.models) zeroSchedulerStepCacheSeries(metrics, model);
     metrics.onCollectQueues(() => this.readQueues());
   }
 

@@ -1097,14 +1097,7 @@ export class WorkServer implements WorkSource {
       let bytes = 0;
       const publish = (): void => {
         if (part.length === 0) return;
-        try {
-          this.bus.publish(reply, {
-            data: WorkResults.encode({ results: part, working: [], givenBack: [] }, scratch).finish(),
-            headers: {},
-          });
-        } catch (err) {
-          this.opts.onError?.(err, this.method.name);
-        }
+        this.publishStatus(reply, { results: part, working: [], givenBack: [] });
         part = [];
         bytes = 0;
       };
@@ -1136,6 +1129,7 @@ export class WorkServer implements WorkSource {
     this.givenBack.clear();
   }
 
+  /** Publishes a WorkResults to a caller (answers, heartbeats, give-backs); a failure is reported, not thrown. */
   private publishStatus(reply: string, results: WorkResults): void {
     try {
       this.bus.publish(reply, { data: WorkResults.encode(results, scratch).finish(), headers: {} });

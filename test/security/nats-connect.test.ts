@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import { resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FailedPreconditionError, UnavailableError } from '../../shared/errors.ts';
-import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { DenoiseRequest, DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import { probeNatsInfo } from '../../shared/transport/nats-diagnose.ts';
 import { makeTestPki, type TestPki } from '../helpers/certs.ts';
@@ -54,17 +54,8 @@ const echoImpl = {
   denoise: () => DenoiseResponse.create({ batchRows: 3 }),
   info: () => DenoiserInfo.create({ model: 'm' }),
 };
-const step = {
-  model: 'm',
-  t: [1n],
-  y: [0],
-  guidanceChannels: 0,
-  requestId: '',
-  stepIndex: 0,
-  omitVariance: false,
-  cacheKey: '',
-  numSteps: 0,
-};
+// Every other field at its default, so a new DenoiseRequest field needs no edit here.
+const step = DenoiseRequest.create({ model: 'm', t: [1n], y: [0] });
 
 /** A replica and a caller on two TLS connections: work and a control call go through. */
 async function serveAndCall(url: string, tlsOpts: { caFile: string; certFile?: string; keyFile?: string }, scope: string): Promise<void> {

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection, PermissionViolationError } from '@nats-io/transport-node';
 import { jetstreamManager, RetentionPolicy, StorageType } from '@nats-io/jetstream';
 import { PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError } from '../../shared/errors.ts';
-import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { DenoiseRequest, DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { connectNats, natsTransport } from '../../shared/transport/nats.ts';
 import { makeServiceNkeys, type ServiceNkey, writeSeedFiles } from '../../shared/transport/nats-credentials.ts';
 import { NATS_SERVICES, type NatsService } from '../../shared/transport/nats-permissions.ts';
@@ -130,19 +130,7 @@ describe('NATS permissions per service', () => {
     try {
       // Enqueueing Denoise work through the normal client: refused at once, naming the credential.
       const client = t.client(DenoiserDefinition, { scope: DIT_NAME, timeoutMs: 10_000 });
-      const err = await client
-        .denoise({
-          model: DIT_NAME,
-          t: [1n],
-          y: [0],
-          guidanceChannels: 0,
-          requestId: '',
-          stepIndex: 0,
-          omitVariance: false,
-          cacheKey: '',
-          numSteps: 0,
-        })
-        .catch((e: unknown) => e);
+      const err = await client.denoise(DenoiseRequest.create({ model: DIT_NAME, t: [1n], y: [0] })).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(PermissionDeniedError);
       expect((err as Error).message).toBe(
         `NATS permission denied for publish on ditpipe.v1.denoiser.${DIT_NAME}.denoise: this connection is the denoiser's, and the denoiser's permissions do not allow it; check that this process has the denoiser's credential (permissions: shared/transport/nats-permissions.ts)`,
@@ -300,17 +288,8 @@ describe('work queues are bounded, whoever sends', () => {
   }, 60_000);
 });
 
-const step = {
-  model: 'm',
-  t: [1n],
-  y: [0],
-  guidanceChannels: 0,
-  requestId: '',
-  stepIndex: 0,
-  omitVariance: false,
-  cacheKey: '',
-  numSteps: 0,
-};
+// Every other field at its default, so a new DenoiseRequest field needs no edit here.
+const step = DenoiseRequest.create({ model: 'm', t: [1n], y: [0] });
 
 function msgId(id: string): MsgHdrs {
   const h = natsHeaders();

@@ -17,7 +17,7 @@ import {
   UnauthenticatedError,
   UnavailableError,
 } from '../../shared/errors.ts';
-import { DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
+import { DenoiseRequest, DenoiserDefinition, DenoiserInfo, DenoiseResponse } from '../../shared/gen/ditpipe/v1/denoiser.ts';
 import { H_KIND, H_MESSAGE, H_STATUS } from '../../shared/transport/bus.ts';
 import { connectNats, NatsBus, natsTransport } from '../../shared/transport/nats.ts';
 import { pino } from 'pino';
@@ -61,17 +61,8 @@ const echoImpl = {
   denoise: () => DenoiseResponse.create({ batchRows: 7 }),
   info: () => DenoiserInfo.create({ model: 'm' }),
 };
-const step = {
-  model: 'm',
-  t: [1n],
-  y: [0],
-  guidanceChannels: 0,
-  requestId: '',
-  stepIndex: 0,
-  omitVariance: false,
-  cacheKey: '',
-  numSteps: 0,
-};
+// Every other field at its default, so a new DenoiseRequest field needs no edit here.
+const step = DenoiseRequest.create({ model: 'm', t: [1n], y: [0] });
 
 describe('nats only', () => {
   it('reads the max_payload the server announced', async () => {
