@@ -13,6 +13,7 @@ import copy
 import csv
 import gzip
 import json
+import math
 import os
 import struct
 import sys
@@ -113,10 +114,13 @@ class Run:
         self.max_s = args.max_minutes * 60 if args.max_minutes else None
         self.until = None
         if args.until:
-            # HH:MM local clock time today: lets the last stage absorb whatever time earlier stages left
+            # HH:MM local clock time (today, or tomorrow when it is after midnight): lets the last stage
+            # absorb whatever time earlier stages left
             hh, mm = (int(v) for v in args.until.split(":"))
             lt = time.localtime()
             self.until = time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday, hh, mm, 0, 0, 0, -1))
+            if self.until <= time.time() - 12 * 3600:
+                self.until += 24 * 3600  # a time after midnight: tomorrow's
         self.step = 0
         self.prior_s = 0.0  # wall time spent before a resume
         self.t0 = time.time()
@@ -193,6 +197,17 @@ def step_gen(seed, step):
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def cosine_lr(args, step):
+    """--cosine: lr decays from --lr to --lr * --min-lr-ratio over --steps (half a cosine), after
+    --warmup linear steps; without it the rate stays at --lr (what the original DiT training does)."""
+    if args.warmup and step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if not args.cosine:
+        return args.lr
+    frac = min(max(step - args.warmup, 0) / max(args.steps - args.warmup, 1), 1.0)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def vae_config(args):
     return {"latent_channels": 4, "block_out_channels": args.vae_channels, "layers_per_block": args.vae_layers,
             "in_channels": 1, "out_channels": 1, "norm_num_groups": args.vae_groups, "latent_size": 8,
@@ -231,6 +246,13 @@ def cmd_vae(args):
     if st:
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
+    # Held-out curve: the first 1,000 test images through the autoencoder every --eval-every steps
+    # (posterior mean), so convergence is judged on images the autoencoder never trains on.
+    xt = pad32(load_split("test")[0][:1000])
+    eval_csv = os.path.join(args.logs, "vae_eval.csv")
+    if not st or not os.path.exists(eval_csv):
+        with open(eval_csv, "w", newline="") as f:
+            csv.writer(f).writerow(["step", "test_l1", "test_mse", "elapsed_s"])
     print(f"[vae] params {nparams(vae)} (decoder+post_quant_conv "
           f"{nparams(vae.decoder) + nparams(vae.post_quant_conv)}) config {cfg}", flush=True)
     state = lambda: {"model": vae.state_dict(), "opt": opt.state_dict(), "config": cfg}  # noqa: E731
@@ -242,6 +264,8 @@ def cmd_vae(args):
         mean, logvar = vae.encode(xb)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         rec = vae.decode(z)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(args, run.step)
         # per-image sums averaged over the batch, as SD's autoencoder loss does
         l1 = (rec - xb).abs().sum(dim=(1, 2, 3)).mean()
         l2 = ((rec - xb) ** 2).sum(dim=(1, 2, 3)).mean()
@@ -253,14 +277,29 @@ def cmd_vae(args):
         run.step += 1
         n = xb[0].numel()
         run.record(args.log_every, loss=loss.item() / n, l1=l1.item() / n, l2=l2.item() / n, kl=kl.item())
+        if args.eval_every and (run.step % args.eval_every == 0 or run.done()):
+            held_out(vae, xt, run.step, run.elapsed(), eval_csv)
         run.maybe_ckpt(args.ckpt_every, state)
     run.save(state())
     out = os.path.join(args.out, "vae.safetensors")
     save_safetensors(out, vae.state_dict(), {"format": "pt", "config": json.dumps(cfg)})
     with open(os.path.join(args.out, "vae.json"), "w") as f:
-        json.dump({"config": cfg, "params": nparams(vae), "train_steps": run.step,
+        json.dump({"config": cfg, "params": nparams(vae), "train_steps": run.step, "batch_size": args.batch,
+                   "lr": args.lr, "lr_schedule": f"cosine to {args.min_lr_ratio} x lr" if args.cosine else "constant",
                    "train_minutes": round(run.elapsed() / 60, 1)}, f, indent=1)
     print(f"[vae] wrote {out} after {run.step} steps, {run.elapsed() / 60:.1f} min", flush=True)
+
+
+@torch.no_grad()
+def held_out(vae, xt, step, elapsed, path):
+    vae.eval()
+    mean, _ = vae.encode(xt)
+    rec = vae.decode(mean)
+    vae.train()
+    l1, mse = float((rec - xt).abs().mean()), float(((rec - xt) ** 2).mean())
+    print(f"[vae] step {step} held-out test L1 {l1:.5f} MSE {mse:.5f}", flush=True)
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow([step, f"{l1:.6f}", f"{mse:.6f}", f"{elapsed:.1f}"])
 
 
 @torch.no_grad()
@@ -439,6 +478,10 @@ def main():
     sp.add_argument("--vae-layers", type=int, default=1)
     sp.add_argument("--vae-groups", type=int, default=32)
     sp.add_argument("--kl-weight", type=float, default=1e-6)
+    sp.add_argument("--cosine", action="store_true", help="decay the learning rate over --steps (half a cosine)")
+    sp.add_argument("--min-lr-ratio", type=float, default=0.05, help="with --cosine: the last step's rate / --lr")
+    sp.add_argument("--warmup", type=int, default=0, help="linear warm-up steps of the learning rate")
+    sp.add_argument("--eval-every", type=int, default=200, help="steps between held-out reconstruction checks (0: none)")
     sp = sub.add_parser("encode")
     common(sp, 0, 500, 0.0, 1)
     sp = sub.add_parser("dit")
