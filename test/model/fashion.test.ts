@@ -33,7 +33,8 @@ function ditpipe(args: string[]): Promise<{ code: number; stdout: string; stderr
 afterAll(() => rmSync(cache, { recursive: true, force: true }));
 
 // The committed autoencoder's latent scaling factor (1/std of its encoded training set), not SD's 0.18215.
-const SCALING = (JSON.parse(readFileSync(join(ROOT, 'models/fashion-mnist/vae.json'), 'utf8')) as { scaling_factor: number }).scaling_factor;
+const SCALING = (JSON.parse(readFileSync(join(ROOT, 'models/fashion-mnist/vae.json'), 'utf8')) as { scaling_factor: number })
+  .scaling_factor;
 const FASHION = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'];
 
 async function generateOnce(ditDir: string, vaeDir: string): Promise<{ pngs: Uint8Array[]; models: ModelInfo[] }> {
