@@ -72,8 +72,8 @@ function startChild(name: string, args: string[], env: Record<string, string>, o
     if (!stream) continue;
     createInterface({ input: stream }).on('line', (line) => {
       if (!child.ready && READY.test(line)) child.ready = true;
-      onLine?.(line);
       process.stderr.write(`[${name}] ${line}\n`);
+      onLine?.(line);
     });
   }
   child.exited = new Promise<string>((res) =>
@@ -206,10 +206,20 @@ export const command = new Command('up')
         String(metrics[1 + i]),
       ];
       if (denoiser && o.simulate) args.push('--simulate', o.simulate);
-      replicas.push(startChild(name, args, credentials(denoiser ? 'denoiser' : 'decoder')));
+      replicas.push(startChild(name, args, credentials(denoiser ? 'denoiser' : 'decoder'), () => announceWhenReady()));
       banner.push(`[up]   ${name.padEnd(12)} health 127.0.0.1:${health[i]}  ${metricsUrl(metrics[1 + i])}`);
     }
+    // The ready line comes once the scheduler serves and every replica has logged that it serves,
+    // so whatever waits for it (a script, a person) can send work straight away.
     let announced = false;
+    let schedulerAddress: string | undefined;
+    const announceWhenReady = (): void => {
+      if (announced || schedulerAddress === undefined || !replicas.every((c) => c.ready)) return;
+      announced = true;
+      process.stderr.write(
+        `[up] scheduler gRPC on ${schedulerAddress}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s) serving; Ctrl-C to stop\n`,
+      );
+    };
     const scheduler = startChild(
       'scheduler',
       [
@@ -232,12 +242,8 @@ export const command = new Command('up')
       (line) => {
         // Print the address the scheduler bound, as it logged it.
         const m = /Sampler API on (\S+)/.exec(line);
-        if (m && !announced) {
-          announced = true;
-          process.stderr.write(
-            `[up] scheduler gRPC on ${m[1]}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s); Ctrl-C to stop\n`,
-          );
-        }
+        if (m && schedulerAddress === undefined) schedulerAddress = m[1];
+        announceWhenReady();
       },
     );
     process.stderr.write(

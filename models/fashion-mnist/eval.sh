@@ -20,11 +20,10 @@ node bin/ditpipe.js up --denoisers 1 --decoders 1 --grpc-port "$PORT" --nats-por
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
 i=0
-until grep -q "Sampler API on" "$OUT/up.log"; do
+until grep -q "Ctrl-C to stop" "$OUT/up.log"; do
   i=$((i + 1)); [ $i -gt 180 ] && { echo "ditpipe up did not start; see $OUT/up.log" >&2; exit 1; }
   sleep 1
 done
-sleep 2
 date
 node --import tsx models/fashion-mnist/eval_generate.ts --server 127.0.0.1:"$PORT" --per-class "$PER_CLASS" --configs "$CONFIGS" --out "$OUT"
 date
