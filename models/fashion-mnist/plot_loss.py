@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Draws the training loss curves of logs/*_loss.csv as one SVG (no plotting library needed).
+"""Draws the training curves of logs/*.csv (losses, the VAE's held-out reconstruction) as one SVG (no plotting library needed).
 
   /usr/bin/python3 models/fashion-mnist/plot_loss.py   ->  models/fashion-mnist/loss.svg
 """
@@ -8,14 +8,17 @@ import math
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PANELS = [("dit", ["loss", "mse"], "DiT: hybrid loss and its MSE term"), ("vae", ["loss"], "VAE: reconstruction + KL loss"),
-          ("classifier", ["loss"], "classifier: cross-entropy")]
+# (csv in logs/, columns, title)
+PANELS = [("dit_loss", ["loss", "mse"], "DiT: hybrid loss and its MSE term"),
+          ("vae_loss", ["l1", "l2"], "VAE: training reconstruction (per pixel)"),
+          ("vae_eval", ["test_l1", "test_mse"], "VAE: 1,000 held-out test images"),
+          ("classifier_loss", ["loss"], "classifier: cross-entropy")]
 COLORS = ["#1f77b4", "#d62728", "#2ca02c"]
 W, H, PAD = 420, 220, 40
 
 
-def panel(stage, keys, title, ox):
-    with open(os.path.join(HERE, "logs", f"{stage}_loss.csv")) as f:
+def panel(name, keys, title, ox):
+    with open(os.path.join(HERE, "logs", f"{name}.csv")) as f:
         rows = list(csv.DictReader(f))
     steps = [float(r["step"]) for r in rows]
     out = [f'<text x="{ox + W / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>']
@@ -38,8 +41,8 @@ def panel(stage, keys, title, ox):
 
 def main():
     parts = []
-    for i, (stage, keys, title) in enumerate(PANELS):
-        parts += panel(stage, keys, title, i * W)
+    for i, (name, keys, title) in enumerate(PANELS):
+        parts += panel(name, keys, title, i * W)
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W * len(PANELS)}" height="{H}" font-family="sans-serif">'
            f'<rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
     out = os.path.join(HERE, "loss.svg")

@@ -6,6 +6,8 @@
 # at that time so the whole run meets a deadline; the other stages are capped by --steps and
 # --max-minutes of total (resumed) time. STAGES picks stages (default all, in this order); the
 # evaluation classifier is independent of the others, so a retrain of the generator skips it.
+# DIT_ARGS is appended to the DiT's flags (a later flag wins), e.g. to continue the committed DiT:
+#   STAGES="encode dit" DIT_UNTIL=07:20 DIT_ARGS="--warm-start --lr 2e-4 --cosine --steps 47500" ...
 # Steps actually reached are recorded in vae.json / dit.json / classifier.json.
 set -e
 cd "$(dirname "$0")"
@@ -28,7 +30,7 @@ for stage in $STAGES; do
     $PY train.py encode --seed 0 --batch 500 --max-minutes 6 --threads 2 ;;
   dit)
     $PY train.py dit --seed 0 --steps 60000 --batch 64 --lr 1e-4 --hidden 128 --depth 4 --heads 4 \
-      --ema-decay 0.998 --fp16 --threads ${DIT_THREADS:-1} $U $R ;;
+      --ema-decay 0.998 --fp16 --threads ${DIT_THREADS:-1} $U $R ${DIT_ARGS:-} ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -25,8 +25,9 @@ def main():
     print("|---|---|---|---|")
     print(f"| classifier | {cls['train_steps']} × {cls['batch_size']} | {cls['train_minutes']} min | "
           f"train loss {float(c.get('loss', 'nan')):.4f}, test accuracy {cls['test_accuracy'] * 100:.2f}% |")
-    print(f"| vae | {vae['train_steps']} × 64 | {vae['train_minutes']} min | per-pixel L1 {float(v['l1']):.4f}, "
-          f"L2 {float(v['l2']):.4f}, KL {float(v['kl']):.1f}; test MSE {vae.get('test_mse_1000', float('nan')):.4f} |")
+    print(f"| vae | {vae['train_steps']} × {vae.get('batch_size', 64)} | {vae['train_minutes']} min | per-pixel L1 "
+          f"{float(v['l1']):.4f}, L2 {float(v['l2']):.4f}, KL {float(v['kl']):.1f}; test MSE "
+          f"{vae.get('test_mse_1000', float('nan')):.4f} |")
     print(f"| encode | {vae.get('encoded_images')} images | | scaling factor {vae.get('scaling_factor', float('nan')):.5f} |")
     print(f"| dit | {dit['train_steps']} × {dit['batch_size']} | {dit['train_minutes']} min | "
           f"loss {float(d['loss']):.4f} (mse {float(d['mse']):.4f}, vb {float(d['vb']):.4f}) |")

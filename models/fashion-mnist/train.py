@@ -147,6 +147,15 @@ class Run:
             csv.writer(f).writerow(["step", *self.fields, "elapsed_s"])
         return None
 
+    def continue_from(self, step, elapsed_s):
+        """A warm start: count on from an exported model's steps and time, appending to its loss log."""
+        self.step = self.win_step = step
+        self.prior_s = elapsed_s
+        print(f"[{self.stage}] warm start from the exported weights at step {step}", flush=True)
+        if not os.path.exists(self.csv):
+            with open(self.csv, "w", newline="") as f:
+                csv.writer(f).writerow(["step", *self.fields, "elapsed_s"])
+
     def save(self, state):
         state = dict(state, step=self.step, elapsed_s=self.elapsed())
         torch.save(state, self.ckpt + ".tmp")
@@ -360,14 +369,30 @@ def cmd_dit(args):
     mean, std, labels, sf = lat["mean"], lat["std"], lat["labels"], lat["scaling_factor"]
     diff = Diffusion(1000)
     run = Run(args, "dit", ["loss", "mse", "vb"])
-    st = run.load(args.resume)
+    warm = None
+    if args.warm_start and not (args.resume and os.path.exists(run.ckpt)):
+        with open(os.path.join(args.out, "dit.json")) as f:
+            prior = json.load(f)
+        if any(prior["config"][k] != cfg[k] for k in prior["config"]):
+            sys.exit(f"--warm-start: {args.out}/dit.json has config {prior['config']}, this run {cfg}")
+        w = load_safetensors(os.path.join(args.out, "dit.safetensors"))
+        model.load_state_dict({k: v.float() for k, v in w.items()})
+        ema.load_state_dict(model.state_dict())
+        warm = {k: prior[k] for k in ("train_steps", "train_minutes", "lr", "lr_schedule") if k in prior}
+        if "warm_start_from" in prior:
+            warm["earlier"] = prior["warm_start_from"]
+        run.continue_from(prior["train_steps"], prior["train_minutes"] * 60)
+        st = None
+    else:
+        st = run.load(args.resume)
     if st:
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
+        warm = st.get("warm")
     print(f"[dit] params {nparams(model)} config {cfg} ema_decay {args.ema_decay} scaling {sf:.5f}", flush=True)
     state = lambda: {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),  # noqa: E731
-                     "config": cfg}
+                     "config": cfg, "warm": warm}
     model.train()
     ema.eval()
     ema_params = [p for p in ema.parameters() if p.requires_grad is False]
@@ -379,6 +404,8 @@ def cmd_dit(args):
         x0 = (mean[idx] + std[idx] * torch.randn((args.batch, *mean.shape[1:]), generator=g)) * sf
         t = torch.randint(0, diff.num_timesteps, (args.batch,), generator=g)
         mse, vb = diff.training_losses(model, x0, t, labels[idx], g)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(args, run.step)
         loss = (mse + vb).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -401,6 +428,8 @@ def cmd_dit(args):
             "mlp_ratio": cfg["mlp_ratio"], "class_dropout_prob": cfg["class_dropout_prob"],
             "class_names": CLASS_NAMES, "params": nparams(model), "weights_dtype": "float16" if args.fp16 else "float32",
             "ema_decay": args.ema_decay, "train_steps": run.step, "batch_size": args.batch, "lr": args.lr,
+            "lr_schedule": f"cosine to {args.min_lr_ratio} x lr over {args.steps} steps" if args.cosine else "constant",
+            **({"warm_start_from": warm} if warm else {}),
             "train_minutes": round(run.elapsed() / 60, 1), "latent_scaling_factor": sf,
             "diffusion": {"schedule": "linear", "steps": 1000, "beta_start": 0.0001, "beta_end": 0.02}}
     with open(os.path.join(args.out, "dit.json"), "w") as f:
@@ -456,6 +485,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    def schedule(sp):
+        sp.add_argument("--cosine", action="store_true", help="decay the learning rate over --steps (half a cosine)")
+        sp.add_argument("--min-lr-ratio", type=float, default=0.05, help="with --cosine: the last step's rate / --lr")
+        sp.add_argument("--warmup", type=int, default=0, help="linear warm-up steps of the learning rate")
+
     def common(sp, steps, batch, lr, log_every):
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--steps", type=int, default=steps)
@@ -478,9 +512,7 @@ def main():
     sp.add_argument("--vae-layers", type=int, default=1)
     sp.add_argument("--vae-groups", type=int, default=32)
     sp.add_argument("--kl-weight", type=float, default=1e-6)
-    sp.add_argument("--cosine", action="store_true", help="decay the learning rate over --steps (half a cosine)")
-    sp.add_argument("--min-lr-ratio", type=float, default=0.05, help="with --cosine: the last step's rate / --lr")
-    sp.add_argument("--warmup", type=int, default=0, help="linear warm-up steps of the learning rate")
+    schedule(sp)
     sp.add_argument("--eval-every", type=int, default=200, help="steps between held-out reconstruction checks (0: none)")
     sp = sub.add_parser("encode")
     common(sp, 0, 500, 0.0, 1)
@@ -491,6 +523,10 @@ def main():
     sp.add_argument("--heads", type=int, default=4)
     sp.add_argument("--ema-decay", type=float, default=0.998)
     sp.add_argument("--fp16", action="store_true")
+    schedule(sp)
+    sp.add_argument("--warm-start", action="store_true",
+                    help="continue from the exported EMA weights in --out (dit.safetensors, dit.json): their steps "
+                         "and minutes count on, the loss log is appended to, the optimizer starts fresh")
     sp = sub.add_parser("classifier")
     common(sp, 1500, 128, 1e-3, 100)
     args = p.parse_args()
