@@ -17,7 +17,7 @@ describe('a lost NATS connection', () => {
     const port = nats.port;
     const common = ['--nats-url', nats.url, '--metrics-port', '-1', '--shutdown-grace', '1000'];
     const denoiser = spawnService('denoiser', ['denoiser', ...common, '--model-dir', ditDir, '--grpc-port', '-1', '--threads', '1']);
-    const scheduler = spawnService('scheduler', ['scheduler', ...common, '--models', 'dit-tiny', '--grpc-port', '0']);
+    const scheduler = spawnService('scheduler', ['scheduler', ...common, '--models', 'dit-tiny', '--grpc-port', '0', '--http-port', '-1']);
     try {
       await denoiser.waitFor(/^serving /);
       await scheduler.waitFor(/^Sampler API on/);
