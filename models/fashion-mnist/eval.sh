@@ -16,7 +16,7 @@ PORT=${PORT:-50091}
 THREADS=${THREADS:-2}
 export DITPIPE_MAX_BATCH_ROWS=${DITPIPE_MAX_BATCH_ROWS:-256}
 mkdir -p "$OUT"
-node bin/ditpipe.js up --denoisers 1 --decoders 1 --grpc-port "$PORT" --nats-port 0 --metrics-port -1 --threads "$THREADS" > "$OUT/up.log" 2>&1 &
+node bin/ditpipe.js up --denoisers 1 --decoders 1 --grpc-port "$PORT" --nats-port 0 --metrics-port -1 --http-port -1 --threads "$THREADS" > "$OUT/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
 i=0
