@@ -188,6 +188,17 @@ export const command = new Command('up')
     const replicas: Child[] = [];
     const banner: string[] = [];
     const metricsUrl = (port: number): string => (port < 0 ? 'metrics off' : `metrics http://127.0.0.1:${port}/metrics`);
+    // The ready line comes once the scheduler serves and every replica has logged that it serves,
+    // so whatever waits for it (a script, a person) can send work straight away.
+    let announced = false;
+    let schedulerAddress: string | undefined;
+    const announceWhenReady = (): void => {
+      if (announced || schedulerAddress === undefined || !replicas.every((c) => c.ready)) return;
+      announced = true;
+      process.stderr.write(
+        `[up] scheduler gRPC on ${schedulerAddress}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s) serving; Ctrl-C to stop\n`,
+      );
+    };
     for (let i = 0; i < n; i++) {
       const denoiser = i < o.denoisers;
       const name = denoiser ? `denoiser-${i}` : `decoder-${i - o.denoisers}`;
@@ -206,20 +217,9 @@ export const command = new Command('up')
         String(metrics[1 + i]),
       ];
       if (denoiser && o.simulate) args.push('--simulate', o.simulate);
-      replicas.push(startChild(name, args, credentials(denoiser ? 'denoiser' : 'decoder'), () => announceWhenReady()));
+      replicas.push(startChild(name, args, credentials(denoiser ? 'denoiser' : 'decoder'), announceWhenReady));
       banner.push(`[up]   ${name.padEnd(12)} health 127.0.0.1:${health[i]}  ${metricsUrl(metrics[1 + i])}`);
     }
-    // The ready line comes once the scheduler serves and every replica has logged that it serves,
-    // so whatever waits for it (a script, a person) can send work straight away.
-    let announced = false;
-    let schedulerAddress: string | undefined;
-    const announceWhenReady = (): void => {
-      if (announced || schedulerAddress === undefined || !replicas.every((c) => c.ready)) return;
-      announced = true;
-      process.stderr.write(
-        `[up] scheduler gRPC on ${schedulerAddress}, model ${dit.name}, ${o.denoisers} denoiser(s), ${o.decoders} decoder(s) serving; Ctrl-C to stop\n`,
-      );
-    };
     const scheduler = startChild(
       'scheduler',
       [

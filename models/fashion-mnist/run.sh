@@ -7,7 +7,7 @@
 # --max-minutes of total (resumed) time. STAGES picks stages (default all, in this order); the
 # evaluation classifier is independent of the others, so a retrain of the generator skips it.
 # DIT_ARGS is appended to the DiT's flags (a later flag wins), e.g. to continue the committed DiT:
-#   STAGES="encode dit" DIT_UNTIL=07:20 DIT_ARGS="--warm-start --lr 2e-4 --cosine --steps 47500" ...
+#   STAGES="encode dit" DIT_UNTIL=07:15 DIT_ARGS="--warm-start --lr 2e-4 --cosine --steps 60000" ...
 # Steps actually reached are recorded in vae.json / dit.json / classifier.json.
 set -e
 cd "$(dirname "$0")"

@@ -141,11 +141,13 @@ class Run:
             self.win_step = self.step
             print(f"[{self.stage}] resumed from {self.ckpt} at step {self.step}", flush=True)
             return st
-        if os.path.exists(self.csv):
-            os.remove(self.csv)
+        self.new_log()
+        return None
+
+    def new_log(self):
+        """Starts the loss CSV afresh (its header only)."""
         with open(self.csv, "w", newline="") as f:
             csv.writer(f).writerow(["step", *self.fields, "elapsed_s"])
-        return None
 
     def continue_from(self, step, elapsed_s):
         """A warm start: count on from an exported model's steps and time, appending to its loss log."""
@@ -153,8 +155,7 @@ class Run:
         self.prior_s = elapsed_s
         print(f"[{self.stage}] warm start from the exported weights at step {step}", flush=True)
         if not os.path.exists(self.csv):
-            with open(self.csv, "w", newline="") as f:
-                csv.writer(f).writerow(["step", *self.fields, "elapsed_s"])
+            self.new_log()
 
     def save(self, state):
         state = dict(state, step=self.step, elapsed_s=self.elapsed())
