@@ -8,6 +8,7 @@
 import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { SingleBar } from 'cli-progress';
 import { SamplerApi } from '../../shared/client.ts';
 import { SAMPLER_NAMES, samplerByName } from '../../shared/diffusion/sampler/registry.ts';
 import { StepCacheOptions } from '../../shared/gen/ditpipe/v1/common.ts';
@@ -108,12 +109,26 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
         images.set(px.data, (first + k) * SIZE * SIZE);
       });
       done += res.images.length;
-      process.stderr.write(`\r${cfg.name}: ${done}/${total} images, ${((Date.now() - started) / 1000).toFixed(0)} s`);
+      bar.update(done);
     }
   };
-  await Promise.all(Array.from({ length: inFlight }, worker));
+  // On a terminal the bar redraws in place; in a log (eval.sh is usually run in the background)
+  // it writes one line every 30 s.
+  const bar = new SingleBar({
+    format: `${cfg.name} [{bar}] {value}/{total} images | {duration}s`,
+    hideCursor: true,
+    noTTYOutput: true,
+    notTTYSchedule: 30_000,
+    stream: process.stderr,
+  });
+  bar.start(total, 0);
+  try {
+    await Promise.all(Array.from({ length: inFlight }, worker));
+  } finally {
+    bar.stop();
+  }
   const seconds = (Date.now() - started) / 1000;
-  process.stderr.write(`\n${cfg.name}: ${(total / seconds).toFixed(1)} images/s, ${(gflops / total).toFixed(3)} Gflops per image\n`);
+  process.stderr.write(`${cfg.name}: ${(total / seconds).toFixed(1)} images/s, ${(gflops / total).toFixed(3)} Gflops per image\n`);
   writeSafetensors(path, [
     { name: 'images', dtype: 'U8', shape: [total, SIZE, SIZE], data: images },
     { name: 'labels', dtype: 'I64', shape: [total], data: BigInt64Array.from(labels, (l) => BigInt(l)) },
