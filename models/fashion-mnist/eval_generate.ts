@@ -83,6 +83,15 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
   const started = Date.now();
   let done = 0;
   let gflops = 0;
+  // On a terminal the bar redraws in place; in a log (eval.sh is usually run in the background)
+  // it writes one line every 30 s.
+  const bar = new SingleBar({
+    format: `${cfg.name} [{bar}] {value}/{total} images | {duration}s`,
+    hideCursor: true,
+    noTTYOutput: true,
+    notTTYSchedule: 30_000,
+    stream: process.stderr,
+  });
   let next = 0;
   const worker = async (): Promise<void> => {
     while (next < total) {
@@ -112,15 +121,6 @@ for (const cfg of values.configs.split(',').map(parseConfig)) {
       bar.update(done);
     }
   };
-  // On a terminal the bar redraws in place; in a log (eval.sh is usually run in the background)
-  // it writes one line every 30 s.
-  const bar = new SingleBar({
-    format: `${cfg.name} [{bar}] {value}/{total} images | {duration}s`,
-    hideCursor: true,
-    noTTYOutput: true,
-    notTTYSchedule: 30_000,
-    stream: process.stderr,
-  });
   bar.start(total, 0);
   try {
     await Promise.all(Array.from({ length: inFlight }, worker));
