@@ -95,7 +95,9 @@ describe('ditpipe up + generate', () => {
   }
 
   it('starts a cluster of processes, serves generate, and drains on a terminal Ctrl-C (SIGINT to the whole process group)', async () => {
-    const { up, log, exited } = startUp(['--grpc-port', '0', '--metrics-port', '0', '--denoisers', '2']);
+    // The drain below waits out a 400-step request: the grace is as long as the request's deadline,
+    // since a loaded machine (CI runs the other test files beside this one) may take 10 s for it.
+    const { up, log, exited } = startUp(['--grpc-port', '0', '--metrics-port', '0', '--denoisers', '2', '--shutdown-grace', '60000']);
     let inFlight: Promise<number> | undefined;
     try {
       await expect.poll(() => log(), { timeout: 120_000, interval: 250 }).toMatch(/\[up\] scheduler gRPC on 127\.0\.0\.1:\d+/);
