@@ -82,6 +82,9 @@ export interface GenerateOptions {
   onEvent?: (event: GenerateEvent) => void;
 }
 
+/** How long requests stopped by a drain's end get to send their UNAVAILABLE before the server closes. */
+export const DRAIN_ABORT_MS = 2_000;
+
 /** Clock skew allowed between grpc-js's deadline timer and ours. */
 const DEADLINE_SLACK_MS = 50;
 
@@ -120,6 +123,8 @@ export class Scheduler {
   /** Latent-to-pixel maps for projection previews, per VAE and latent size, fitted on first use. */
   private readonly projections = new Map<string, Promise<Projection>>();
   private stopping = false;
+  /** Aborted when a drain's grace runs out: requests still in flight then fail UNAVAILABLE. */
+  private readonly shutdown = new AbortController();
   /** Deliveries a call gets from the work queue (its attempts). */
   private readonly maxDeliver: number;
   /** Moving average of completed requests' durations, for the RESOURCE_EXHAUSTED retry hint. */
@@ -261,14 +266,17 @@ export class Scheduler {
     const labels = { model: plan.model.name };
     this.metrics.requestsInFlight.inc();
     this.metrics.samplesInFlight.inc(n);
+    // A drain whose grace runs out stops the request at its next step or call, as a cancel would.
+    const signal = opts.signal ? AbortSignal.any([opts.signal, this.shutdown.signal]) : this.shutdown.signal;
     try {
-      const res = await this.sample(plan, hits, opts, arrived);
+      const res = await this.sample(plan, hits, { ...opts, signal }, arrived);
       this.metrics.requestSeconds.observe({ ...labels, outcome: 'OK' }, res.timings!.totalMs / 1000);
       // The retry hint is about capacity: a request answered wholly from the cache took none.
       if (n > 0) this.typicalRequestMs = 0.8 * this.typicalRequestMs + 0.2 * res.timings!.totalMs;
       return res;
     } catch (err) {
       let e = toDitpipeError(err);
+      if (this.shutdown.signal.aborted && !opts.signal?.aborted) e = toDitpipeError(this.shutdown.signal.reason);
       // gRPC reports a passed deadline as a cancellation of the call; name it for what it is.
       if (e instanceof CancelledError && opts.deadline !== undefined && Date.now() >= opts.deadline - DEADLINE_SLACK_MS) {
         e = new DeadlineExceededError('the request deadline passed', { cause: e });
@@ -760,17 +768,32 @@ export class Scheduler {
     return res.png[0];
   }
 
-  /** Refuses new requests and waits up to graceMs for those in flight. */
+  /**
+   * Refuses new requests and waits up to graceMs for those in flight. Any still running then fail
+   * UNAVAILABLE, saying so (a client retries them elsewhere: same seed, same images), and get a
+   * moment to send that answer before the caller closes the server.
+   */
   async drain(graceMs: number): Promise<void> {
     this.stopping = true;
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([
-      Promise.allSettled([...this.active]),
-      new Promise<void>((resolve) => {
-        timer = setTimeout(resolve, graceMs);
-      }),
-    ]);
-    clearTimeout(timer);
+    const settled = (ms: number): Promise<boolean> => {
+      let timer: NodeJS.Timeout | undefined;
+      return Promise.race([
+        Promise.allSettled([...this.active]).then(() => true),
+        new Promise<boolean>((resolve) => {
+          timer = setTimeout(() => resolve(false), ms);
+        }),
+      ]).finally(() => clearTimeout(timer));
+    };
+    if (!(await settled(graceMs))) {
+      const left = this.active.size;
+      this.shutdown.abort(
+        new UnavailableError(
+          `the scheduler shut down before this request finished (its drain grace of ${graceMs} ms passed); retry on another scheduler`,
+        ),
+      );
+      this.log.warn({ requests: left, graceMs }, `drain grace passed: ${left} request(s) still in flight fail UNAVAILABLE`);
+      await settled(DRAIN_ABORT_MS);
+    }
     this.events.flush();
   }
 }

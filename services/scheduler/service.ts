@@ -23,7 +23,7 @@ import type { QueueSettings, Transport } from '../../shared/transport/types.ts';
 import type { SchedulerConfig } from './config.ts';
 import type { HttpConfig } from './http/config.ts';
 import { startHttpApi, type HttpApiOptions, type RunningHttpApi } from './http/server.ts';
-import { MAX_CLASS_NAME_LENGTH, Scheduler } from './scheduler.ts';
+import { DRAIN_ABORT_MS, MAX_CLASS_NAME_LENGTH, Scheduler } from './scheduler.ts';
 
 export interface RunningScheduler {
   scheduler: Scheduler;
@@ -176,8 +176,9 @@ export async function startSchedulerService(
     stop(graceMs = 10_000) {
       stopped ??= (async () => {
         opts.grpc.setServing(false, [SERVICE_NAMES.sampler]);
-        // The HTTP server keeps its open streams while the scheduler drains them.
-        await Promise.all([scheduler.drain(graceMs), http?.stop(graceMs)]);
+        // The HTTP server keeps its open streams while the scheduler drains them, and long enough
+        // after to send the answers of requests the drain's end stopped.
+        await Promise.all([scheduler.drain(graceMs), http?.stop(graceMs + DRAIN_ABORT_MS)]);
       })();
       return stopped;
     },

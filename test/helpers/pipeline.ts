@@ -72,7 +72,8 @@ export interface Pipeline {
   /** The HTTP API, when asked for. */
   http: RunningHttpApi | null;
   connect(name: string): Promise<Transport>;
-  stop(): Promise<void>;
+  /** Stops everything; the scheduler drains its requests for up to schedulerGraceMs (2 s) first. */
+  stop(schedulerGraceMs?: number): Promise<void>;
 }
 
 export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
@@ -150,9 +151,9 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     denoiserGrpc,
     http: scheduler.http,
     connect,
-    async stop() {
+    async stop(schedulerGraceMs = 2_000) {
       api.close();
-      await scheduler.stop(2_000);
+      await scheduler.stop(schedulerGraceMs);
       await grpc.stop(1_000);
       await Promise.all([...denoisers, ...decoders].map((r) => r.stop(2_000)));
       await Promise.all(denoiserGrpc.map((g) => g.stop(500)));

@@ -40,7 +40,10 @@ export const protobufFileName = "ditpipe/v1/sampler.proto";
  * gets INVALID_ARGUMENT with a message naming the field, and the field path (e.g.
  * "cfg_scale", "class_labels[3]") also comes alone in the `ditpipe-field` trailer.
  * Every error carries its class in the `ditpipe-error` trailer. When the scheduler
- * has no room for more samples in flight it answers RESOURCE_EXHAUSTED.
+ * has no room for more samples in flight it answers RESOURCE_EXHAUSTED. While it
+ * shuts down it answers new requests RESOURCE_EXHAUSTED too, and those still running
+ * when its drain grace ends fail UNAVAILABLE; both are safe to retry on another
+ * scheduler (the same seed gives the same images).
  */
 
 /** Reverse-diffusion sampler. */
