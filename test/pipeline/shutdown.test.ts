@@ -1,31 +1,23 @@
 // A scheduler shutting down whose drain grace runs out before its requests finish: every request
 // still in flight, over gRPC and HTTP, fails UNAVAILABLE with a message that says why (so a client
 // retries it elsewhere), instead of a bare "Call cancelled" when the server is closed under it.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { SamplerApi } from '../../shared/client.ts';
 import { Code } from '../../shared/errors.ts';
-import { assertNoNatsServersRunning, startNatsServer, type NatsServerHandle } from '../helpers/nats.ts';
+import { assertNoNatsServersRunning, startNatsServer } from '../helpers/nats.ts';
 import { DIT_NAME } from '../helpers/models.ts';
 import { startPipeline, type TransportKind } from '../helpers/pipeline.ts';
 import { failureOf } from '../helpers/failure.ts';
 
-let nats: NatsServerHandle;
-beforeAll(async () => {
-  nats = await startNatsServer();
-});
-afterAll(async () => {
-  await nats?.stop();
-  assertNoNatsServersRunning();
-});
+afterAll(() => assertNoNatsServersRunning());
 
 const GRACE_MS = 500;
 
-describe.each<[string, () => TransportKind]>([
-  ['the in-process bus', () => ({ kind: 'inproc' })],
-  ['NATS', () => ({ kind: 'nats', url: nats.url })],
-])('a drain whose grace runs out, over %s', (_, transport) => {
+describe.each(['inproc', 'nats'] as const)('a drain whose grace runs out, over %s', (kind) => {
   it('fails the requests still in flight UNAVAILABLE, naming the grace, on gRPC and HTTP', async () => {
-    const p = await startPipeline({ transport: transport(), http: {} });
+    const nats = kind === 'nats' ? await startNatsServer() : null;
+    const transport: TransportKind = nats ? { kind: 'nats', url: nats.url } : { kind: 'inproc' };
+    const p = await startPipeline({ transport, http: {} });
     const api = new SamplerApi(p.address);
     let stopped: Promise<void> | undefined;
     try {
@@ -65,6 +57,7 @@ describe.each<[string, () => TransportKind]>([
     } finally {
       api.close();
       await (stopped ?? p.stop());
+      await nats?.stop();
     }
   });
 });
