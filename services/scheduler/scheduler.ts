@@ -51,6 +51,7 @@ import { Previews, type PreviewPlan } from './preview.ts';
 import { calibrationLatents, fitProjection, projectToPng, type Projection } from './projection.ts';
 import { RepeatCache, repeatKey, type CachedImage, type RepeatSettings } from './repeat-cache.ts';
 import { describeStepCache, resolveStepCache, type StepCacheSettings } from '../../shared/step-cache.ts';
+import { settledWithin } from '../../shared/wait.ts';
 
 /** A request after validation: everything the loop needs, nothing left to check. */
 interface Plan {
@@ -775,15 +776,7 @@ export class Scheduler {
    */
   async drain(graceMs: number): Promise<void> {
     this.stopping = true;
-    const settled = (ms: number): Promise<boolean> => {
-      let timer: NodeJS.Timeout | undefined;
-      return Promise.race([
-        Promise.allSettled([...this.active]).then(() => true),
-        new Promise<boolean>((resolve) => {
-          timer = setTimeout(() => resolve(false), ms);
-        }),
-      ]).finally(() => clearTimeout(timer));
-    };
+    const settled = (ms: number): Promise<boolean> => settledWithin(Promise.allSettled([...this.active]), ms);
     if (!(await settled(graceMs))) {
       const left = this.active.size;
       this.shutdown.abort(

@@ -60,6 +60,7 @@ import type {
   WorkQueue,
 } from './types.ts';
 import { isWorkMethod, queueSettings, queueSpec, runSimpleDriver, WorkClient, WorkServer } from './work.ts';
+import { settledWithin } from '../wait.ts';
 
 export const DEFAULT_PREFIX = 'ditpipe.v1';
 export const DEFAULT_TIMEOUT_MS = 30_000;
@@ -391,16 +392,7 @@ export async function serveOnBus<D extends ServiceDefinition>(
       // subscriptions drain are given back rather than started.
       const workDone = Promise.all(works.map((w) => w.stop(graceMs)));
       await Promise.allSettled(subs.map((s) => s.drain()));
-      if (active.size > 0) {
-        let timer: NodeJS.Timeout | undefined;
-        await Promise.race([
-          new Promise<void>((resolve) => idleWaiters.push(resolve)),
-          new Promise<void>((resolve) => {
-            timer = setTimeout(resolve, graceMs);
-          }),
-        ]);
-        clearTimeout(timer);
-      }
+      if (active.size > 0) await settledWithin(new Promise<void>((resolve) => idleWaiters.push(resolve)), graceMs);
       for (const entry of active) {
         const err = new UnavailableError(`${definition.name} replica stopped before answering (grace ${graceMs} ms)`);
         entry.controller.abort(err);

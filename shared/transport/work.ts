@@ -80,6 +80,7 @@ import type {
   WorkQueue,
   WorkSource,
 } from './types.ts';
+import { settledWithin } from '../wait.ts';
 
 /** Defaults of the queue settings (QueueSettings documents each). */
 export const DEFAULT_QUEUE_SETTINGS: Readonly<QueueSettings> = Object.freeze({
@@ -1203,16 +1204,7 @@ export class WorkServer implements WorkSource {
     // Unsubscribing ends the pull in progress: the server no longer delivers to it.
     await this.puller?.close();
     await this.pulling?.catch(() => undefined);
-    if (this.held.size > 0) {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([
-        new Promise<void>((resolve) => this.idleWaiters.push(resolve)),
-        new Promise<void>((resolve) => {
-          timer = setTimeout(resolve, graceMs);
-        }),
-      ]);
-      clearTimeout(timer);
-    }
+    if (this.held.size > 0) await settledWithin(new Promise<void>((resolve) => this.idleWaiters.push(resolve)), graceMs);
     let given = 0;
     for (const h of this.held) {
       for (const [id, entry] of h.items) {

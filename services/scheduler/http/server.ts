@@ -30,6 +30,7 @@ import {
   timingsJson,
   toGenerateRequest,
 } from './openai.ts';
+import { settledWithin } from '../../../shared/wait.ts';
 
 export interface HttpApiOptions {
   /** Serve HTTPS with these PEM credentials instead of plain HTTP. */
@@ -303,9 +304,7 @@ export async function startHttpApi(scheduler: Scheduler, config: HttpConfig, opt
       stopped ??= (async () => {
         // Like gRPC: still listening while requests drain (new ones get the scheduler's refusal), then closed.
         stopping = true;
-        let timer: NodeJS.Timeout | undefined;
-        await Promise.race([Promise.allSettled([...inFlight]), new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs)))]);
-        clearTimeout(timer);
+        await settledWithin(Promise.allSettled([...inFlight]), graceMs);
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
         server.closeAllConnections();
         await closed;
